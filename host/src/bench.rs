@@ -1,0 +1,305 @@
+//! `headshot bench`: timing harnesses whose output lines (`RESULT name: median X ms`) compare by
+//! name with the PyTorch/diffusers twin in `shared/gpu/flux_bench_torch.py`.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::flux::WithForward;
+use candle_transformers::models::flux::autoencoder::{AutoEncoder, Config as AeConfig};
+use candle_transformers::models::flux::model::{Config as FluxConfig, Flux};
+use candle_transformers::models::flux::sampling;
+
+use crate::pipeline::demo::{demo_ae_config, demo_flux_config};
+use crate::pipeline::device::{DeviceSpec, device_name};
+use crate::pipeline::random_weights::RandomWeights;
+use crate::pipeline::rng::Rng;
+use crate::pipeline::{
+    FluxPipeline, GenerateError, GenerationParams, LoadError, LoadOptions, Variant,
+};
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Loading the pipeline failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A generation failed.
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    /// Writing the report failed.
+    #[error("writing the report: {0}")]
+    Io(#[from] std::io::Error),
+    /// The options make no sense.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Median, min and max of a sample, in the twin's `RESULT` format.
+pub fn result_line(name: &str, samples: &[f64]) -> String {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let median = if v.is_empty() {
+        f64::NAN
+    } else if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    let (min, max) = (
+        v.first().copied().unwrap_or(f64::NAN),
+        v.last().copied().unwrap_or(f64::NAN),
+    );
+    format!(
+        "RESULT {name}: median {median:.3} ms (min {min:.3}, max {max:.3}, n={})",
+        v.len()
+    )
+}
+
+fn time_ms(
+    device: &Device,
+    f: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<(f64, Tensor)> {
+    let t = Instant::now();
+    let out = f()?;
+    device.synchronize()?;
+    Ok((t.elapsed().as_secs_f64() * 1e3, out))
+}
+
+/// Runs `f` `warmup` times untimed and `iters` times timed, writes the `RESULT` line, and
+/// returns the last output.
+fn timed(
+    device: &Device,
+    warmup: usize,
+    iters: usize,
+    out: &mut dyn Write,
+    name: &str,
+    f: &dyn Fn() -> candle_core::Result<Tensor>,
+) -> Result<Tensor, BenchError> {
+    let mut last = None;
+    for _ in 0..warmup {
+        last = Some(time_ms(device, f)?.1);
+    }
+    let mut samples = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let (ms, o) = time_ms(device, f)?;
+        samples.push(ms);
+        last = Some(o);
+    }
+    writeln!(out, "{}", result_line(name, &samples))?;
+    last.ok_or_else(|| BenchError::Usage("no runs".into()))
+}
+
+/// Options of `headshot bench gpu`.
+#[derive(Debug, Clone)]
+pub struct GpuBenchOptions {
+    /// Tiny configs in f32 (a smoke test that runs on the CPU).
+    pub tiny: bool,
+    /// Device to run on.
+    pub device: DeviceSpec,
+    /// Image width.
+    pub width: usize,
+    /// Image height.
+    pub height: usize,
+    /// T5 tokens.
+    pub txt_len: usize,
+    /// Timed runs per figure.
+    pub iters: usize,
+    /// Untimed runs first.
+    pub warmup: usize,
+    /// Skip the autoencoder figure.
+    pub skip_vae: bool,
+}
+
+/// Full-size FLUX.1-schnell transformer and autoencoder with random bf16 weights (or tiny f32
+/// ones): one step, four steps and one decode, like the diffusers twin.
+pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError> {
+    if opts.width % 16 != 0 || opts.height % 16 != 0 || opts.iters == 0 {
+        return Err(BenchError::Usage(
+            "width and height must be multiples of 16 and iters at least 1".into(),
+        ));
+    }
+    let device = opts.device.open()?;
+    let dtype = if opts.tiny || !device.is_cuda() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
+    let (flux_cfg, ae_cfg) = if opts.tiny {
+        (demo_flux_config(Variant::Schnell), demo_ae_config())
+    } else {
+        (FluxConfig::schnell(), AeConfig::schnell())
+    };
+    writeln!(
+        out,
+        "candle {} device {} dtype {dtype:?} {}x{} image tokens {} text tokens {}",
+        if opts.tiny { "tiny" } else { "full" },
+        device_name(&device),
+        opts.height,
+        opts.width,
+        (opts.height / 16) * (opts.width / 16),
+        opts.txt_len
+    )?;
+
+    let t = Instant::now();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights::on_device()), dtype, device.clone());
+    let model = Flux::new(&flux_cfg, vb)?;
+    device.synchronize()?;
+    writeln!(
+        out,
+        "RESULT build_transformer: {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    )?;
+
+    let mut rng = Rng::new(0);
+    let mut randn = |shape: &[usize]| -> candle_core::Result<Tensor> {
+        let n = shape.iter().product();
+        Tensor::from_vec(rng.normals(n), shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&device)
+    };
+    let noise = randn(&[1, 16, opts.height / 8, opts.width / 8])?;
+    let txt = randn(&[1, opts.txt_len, flux_cfg.context_in_dim])?;
+    let pooled = randn(&[1, flux_cfg.vec_in_dim])?;
+    let state = sampling::State::new(&txt, &pooled, &noise)?;
+    let forward = |x: &Tensor, t: f32| -> candle_core::Result<Tensor> {
+        let tt = Tensor::full(t, 1, &device)?;
+        model.forward(
+            x,
+            &state.img_ids,
+            &state.txt,
+            &state.txt_ids,
+            &tt,
+            &state.vec,
+            None,
+        )
+    };
+    let four_steps = || -> candle_core::Result<Tensor> {
+        let sigmas = [1.0f32, 0.75, 0.5, 0.25, 0.0];
+        let mut x = state.img.clone();
+        for w in sigmas.windows(2) {
+            x = (&x + (forward(&x, w[0])? * f64::from(w[1] - w[0]))?)?;
+        }
+        Ok(x)
+    };
+
+    let bench = |out: &mut dyn Write, name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| {
+        timed(&device, opts.warmup, opts.iters, out, name, f)
+    };
+    bench(out, "one_step", &|| forward(&state.img, 1.0))?;
+    let latents = bench(out, "four_steps", &four_steps)?;
+    let latents = sampling::unpack(&latents, opts.height, opts.width)?;
+    drop(state);
+    drop(model);
+
+    if !opts.skip_vae {
+        let t = Instant::now();
+        let vb =
+            VarBuilder::from_backend(Box::new(RandomWeights::on_device()), dtype, device.clone());
+        let vae = AutoEncoder::new(&ae_cfg, vb)?;
+        device.synchronize()?;
+        writeln!(
+            out,
+            "RESULT build_vae: {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        )?;
+        let img = bench(out, "vae_decode", &|| vae.decode(&latents))?;
+        writeln!(out, "decoded image {:?}", img.dims())?;
+    }
+    Ok(())
+}
+
+/// Options of `headshot bench demo`.
+#[derive(Debug, Clone)]
+pub struct DemoBenchOptions {
+    /// How the pipeline loads (normally the demo source on the CPU).
+    pub load: LoadOptions,
+    /// Image width.
+    pub width: u32,
+    /// Image height.
+    pub height: u32,
+    /// Images per generation.
+    pub num_images: u32,
+    /// Timed generations.
+    pub iters: usize,
+}
+
+/// Per-stage timings of demo-model generations, so regressions in the pipeline's own code show.
+pub fn demo(opts: &DemoBenchOptions, out: &mut dyn Write) -> Result<(), BenchError> {
+    let t = Instant::now();
+    let mut pipeline = FluxPipeline::load(&opts.load)?;
+    let status = pipeline.status();
+    writeln!(
+        out,
+        "demo pipeline: variant {} device {} dtype {} weights {} bytes, loaded in {:.1} ms ({:.1} ms with first-use weight generation)",
+        status.variant,
+        status.device,
+        status.dtype,
+        status.weight_bytes,
+        status.load_ms,
+        t.elapsed().as_secs_f64() * 1e3
+    )?;
+    let params = |prompt: String, seed: u64| GenerationParams {
+        seed: Some(seed),
+        num_images: opts.num_images,
+        ..GenerationParams::new(prompt, opts.width, opts.height)
+    };
+    let mut none = |_| ControlFlow::Continue(());
+    for i in 0..2 {
+        pipeline.generate(&params(format!("warm-up {i}"), i), &mut none)?;
+    }
+    let mut encode_new = Vec::new();
+    let mut encode_cached = Vec::new();
+    let (mut step, mut decode, mut png, mut total, mut total_cached) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..opts.iters {
+        let prompt = format!("portrait of founder number {i} in a navy blazer");
+        let fresh = pipeline.generate(&params(prompt.clone(), i as u64), &mut none)?;
+        let again = pipeline.generate(&params(prompt, i as u64 + 1), &mut none)?;
+        encode_new.push(fresh.timings.encode_ms);
+        encode_cached.push(again.timings.encode_ms);
+        for g in [&fresh, &again] {
+            step.extend(g.timings.step_ms.iter().copied());
+            decode.push(g.timings.decode_ms);
+            png.push(g.timings.png_ms);
+        }
+        total.push(fresh.timings.total_ms);
+        total_cached.push(again.timings.total_ms);
+    }
+    let size = format!("{}x{}x{}", opts.width, opts.height, opts.num_images);
+    for (name, samples) in [
+        ("encode", &encode_new),
+        ("encode_cached", &encode_cached),
+        ("denoise_step", &step),
+        ("decode", &decode),
+        ("png", &png),
+        ("total", &total),
+        ("total_cached_prompt", &total_cached),
+    ] {
+        writeln!(
+            out,
+            "{}",
+            result_line(&format!("demo_{name}_{size}"), samples)
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_line_reports_median() {
+        assert_eq!(
+            result_line("x", &[3.0, 1.0, 2.0]),
+            "RESULT x: median 2.000 ms (min 1.000, max 3.000, n=3)"
+        );
+        assert!(result_line("y", &[1.0, 2.0]).contains("median 1.500"));
+    }
+}

@@ -1,0 +1,561 @@
+//! Typed configuration, layered as defaults < file < environment < CLI flags.
+//!
+//! `config/default.toml` is compiled in and *is* the defaults, so the documented file and the
+//! behaviour cannot drift apart. Layers are merged as TOML tables before deserialising; the
+//! merge refuses keys the defaults do not have and values of the wrong type, naming the key and
+//! where it came from, so a typo in a file or an environment variable never passes silently.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::{Table, Value};
+
+use crate::pipeline::device::{DTypeSpec, DeviceSpec};
+use crate::pipeline::params::Limits;
+use crate::pipeline::source::ModelSource;
+use crate::pipeline::variant::Variant;
+
+/// The documented defaults, exactly as shipped in `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Prefix of environment variables that override config keys (`HEADSHOT__MODEL__SOURCE`).
+pub const ENV_PREFIX: &str = "HEADSHOT__";
+
+/// Tables whose keys are user-defined (so new keys are allowed there).
+const FREEFORM_TABLES: &[&str] = &["styles"];
+
+/// Why a configuration could not be used. Every variant names the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading config file {}: {source}", path.display())]
+    Read {
+        /// The file given with `--config`.
+        path: PathBuf,
+        /// The I/O failure.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML.
+    #[error("config file {origin} is not valid TOML: {message}")]
+    Syntax {
+        /// Where the text came from.
+        origin: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key that the configuration does not have.
+    #[error("unknown config key `{key}` (from {origin}); see config/default.toml for every key")]
+    UnknownKey {
+        /// Dotted key path.
+        key: String,
+        /// File or environment variable it came from.
+        origin: String,
+    },
+    /// A value of the wrong TOML type.
+    #[error("config key `{key}` (from {origin}) must be {expected}, got {found}")]
+    WrongType {
+        /// Dotted key path.
+        key: String,
+        /// File or environment variable it came from.
+        origin: String,
+        /// The type the defaults have.
+        expected: &'static str,
+        /// What was given.
+        found: String,
+    },
+    /// A value of the right type that is out of range or malformed.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted key path.
+        key: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+}
+
+/// The whole worker configuration. Later sections (server, storage, policies) join here.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Folder for demo weights, state and local images.
+    pub data_dir: PathBuf,
+    /// The `[model]` section.
+    pub model: ModelConfig,
+    /// Named prompt templates with a `{subject}` placeholder.
+    pub styles: BTreeMap<String, String>,
+}
+
+/// The `[model]` section: which weights, on which device, and the request limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Where weights come from (`demo`, `hub:…`, `dir:…`).
+    pub source: ModelSource,
+    /// FLUX.1 variant.
+    pub variant: Variant,
+    /// Compute device.
+    pub device: DeviceSpec,
+    /// Activation and weight dtype.
+    pub dtype: DTypeSpec,
+    /// Smallest accepted side, pixels.
+    pub min_size: u32,
+    /// Largest accepted width, pixels.
+    pub max_width: u32,
+    /// Largest accepted height, pixels.
+    pub max_height: u32,
+    /// Largest accepted step count.
+    pub max_steps: u32,
+    /// Largest accepted batch.
+    pub max_num_images: u32,
+    /// Largest accepted guidance (dev only).
+    pub max_guidance: f64,
+    /// Longest accepted prompt, characters.
+    pub max_prompt_chars: usize,
+    /// Entries in the prompt-embedding LRU cache.
+    pub embedding_cache_size: usize,
+    /// Attempts in all for transient load failures.
+    pub load_attempts: u32,
+    /// First backoff between load attempts, doubled each time.
+    pub load_backoff_ms: u64,
+}
+
+impl ModelConfig {
+    /// The request limits this section sets, in the form the pipeline checks them.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            min_size: self.min_size,
+            max_width: self.max_width,
+            max_height: self.max_height,
+            max_steps: self.max_steps,
+            max_num_images: self.max_num_images,
+            max_guidance: self.max_guidance,
+            max_prompt_chars: self.max_prompt_chars,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The compiled-in defaults are checked by a unit test, so this cannot fail at run time
+        // unless the binary itself was built from a broken default.toml.
+        Self::from_layers(None, std::iter::empty()).unwrap_or_else(|e| {
+            panic!("config/default.toml compiled into this binary is invalid: {e}")
+        })
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then `HEADSHOT__*` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let file_layer = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Some((text, path.display().to_string()))
+            }
+            None => None,
+        };
+        Self::from_layers(
+            file_layer.as_ref().map(|(t, o)| (t.as_str(), o.as_str())),
+            env,
+        )
+    }
+
+    /// Merges the defaults with an optional TOML text (and its origin) and env overrides.
+    pub fn from_layers(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut merged = parse_table(DEFAULT_TOML, "config/default.toml")?;
+        if let Some((text, origin)) = file {
+            let layer = parse_table(text, origin)?;
+            merge_into(&mut merged, layer, "", origin)?;
+        }
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            let layer = env_layer(&merged, &path, &raw, &name)?;
+            merge_into(
+                &mut merged,
+                layer,
+                "",
+                &format!("environment variable {name}"),
+            )?;
+        }
+        let config =
+            Config::deserialize(Value::Table(merged)).map_err(|e| ConfigError::Invalid {
+                key: "(config)".into(),
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and relations between keys; run again after CLI flags change fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.into(),
+            message,
+        };
+        if m.min_size < 16 || m.min_size % 16 != 0 {
+            return Err(invalid(
+                "model.min_size",
+                format!(
+                    "must be a multiple of 16 and at least 16, got {}",
+                    m.min_size
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("model.max_width", m.max_width),
+            ("model.max_height", m.max_height),
+        ] {
+            if v % 16 != 0 || v < m.min_size || v > 8192 {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "must be a multiple of 16 between model.min_size ({}) and 8192, got {v}",
+                        m.min_size
+                    ),
+                ));
+            }
+        }
+        if !(1..=1000).contains(&m.max_steps) {
+            return Err(invalid(
+                "model.max_steps",
+                format!("must be between 1 and 1000, got {}", m.max_steps),
+            ));
+        }
+        if !(1..=16).contains(&m.max_num_images) {
+            return Err(invalid(
+                "model.max_num_images",
+                format!("must be between 1 and 16, got {}", m.max_num_images),
+            ));
+        }
+        if !(m.max_guidance.is_finite() && m.max_guidance >= 0.0) {
+            return Err(invalid(
+                "model.max_guidance",
+                format!("must be a finite number >= 0, got {}", m.max_guidance),
+            ));
+        }
+        if m.max_prompt_chars == 0 {
+            return Err(invalid(
+                "model.max_prompt_chars",
+                "must be at least 1".into(),
+            ));
+        }
+        if m.load_attempts == 0 {
+            return Err(invalid("model.load_attempts", "must be at least 1".into()));
+        }
+        for (name, template) in &self.styles {
+            let key = format!("styles.{name}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+            {
+                return Err(invalid(
+                    &key,
+                    "style names use only a-z, 0-9, '_' and '-'".into(),
+                ));
+            }
+            if !template.contains("{subject}") {
+                return Err(invalid(
+                    &key,
+                    "the template must contain `{subject}`".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_table(text: &str, origin: &str) -> Result<Table, ConfigError> {
+    text.parse::<Table>().map_err(|e| ConfigError::Syntax {
+        origin: origin.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a number",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a date-time",
+        Value::Array(_) => "an array",
+        Value::Table(_) => "a table",
+    }
+}
+
+/// Overlays `over` onto `base`, refusing unknown keys and type changes.
+fn merge_into(
+    base: &mut Table,
+    over: Table,
+    prefix: &str,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    let freeform = FREEFORM_TABLES.contains(&prefix);
+    for (k, v) in over {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match base.get_mut(&k) {
+            None if freeform => {
+                base.insert(k, v);
+            }
+            None => {
+                return Err(ConfigError::UnknownKey {
+                    key,
+                    origin: origin.into(),
+                });
+            }
+            Some(slot) => match (slot, v) {
+                (Value::Table(b), Value::Table(o)) => merge_into(b, o, &key, origin)?,
+                (slot @ Value::Float(_), Value::Integer(i)) => *slot = Value::Float(i as f64),
+                (slot, v) if std::mem::discriminant(slot) == std::mem::discriminant(&v) => {
+                    *slot = v
+                }
+                (slot, v) => {
+                    return Err(ConfigError::WrongType {
+                        key,
+                        origin: origin.into(),
+                        expected: type_name(slot),
+                        found: format!("{} ({v})", type_name(&v)),
+                    });
+                }
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Builds a one-key table from an environment variable, typed like the default at that path.
+fn env_layer(base: &Table, path: &[String], raw: &str, var: &str) -> Result<Table, ConfigError> {
+    let key = path.join(".");
+    let origin = format!("environment variable {var}");
+    let mut cursor = Some(base);
+    let mut default: Option<&Value> = None;
+    for (i, part) in path.iter().enumerate() {
+        let table = cursor.take();
+        let found = table.and_then(|t| t.get(part));
+        if i + 1 == path.len() {
+            default = found;
+        } else {
+            cursor = found.and_then(Value::as_table);
+        }
+    }
+    let parent = path[..path.len().saturating_sub(1)].join(".");
+    let value = match default {
+        Some(Value::String(_)) => Value::String(raw.to_string()),
+        None if FREEFORM_TABLES.contains(&parent.as_str()) => Value::String(raw.to_string()),
+        None => {
+            return Err(ConfigError::UnknownKey { key, origin });
+        }
+        Some(Value::Integer(_)) => {
+            raw.trim()
+                .parse::<i64>()
+                .map(Value::Integer)
+                .map_err(|_| ConfigError::WrongType {
+                    key: key.clone(),
+                    origin: origin.clone(),
+                    expected: "an integer",
+                    found: format!("`{raw}`"),
+                })?
+        }
+        Some(Value::Float(_)) => {
+            raw.trim()
+                .parse::<f64>()
+                .map(Value::Float)
+                .map_err(|_| ConfigError::WrongType {
+                    key: key.clone(),
+                    origin: origin.clone(),
+                    expected: "a number",
+                    found: format!("`{raw}`"),
+                })?
+        }
+        Some(Value::Boolean(_)) => match raw.trim() {
+            "true" | "1" => Value::Boolean(true),
+            "false" | "0" => Value::Boolean(false),
+            _ => {
+                return Err(ConfigError::WrongType {
+                    key,
+                    origin,
+                    expected: "a boolean (true/false)",
+                    found: format!("`{raw}`"),
+                });
+            }
+        },
+        Some(other) => {
+            // Arrays and tables: accept a TOML literal.
+            let parsed = format!("v = {raw}")
+                .parse::<Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"));
+            match parsed {
+                Some(v) => v,
+                None => {
+                    return Err(ConfigError::WrongType {
+                        key,
+                        origin,
+                        expected: type_name(other),
+                        found: format!("`{raw}`"),
+                    });
+                }
+            }
+        }
+    };
+    let mut layer = Table::new();
+    let mut current = &mut layer;
+    for part in &path[..path.len() - 1] {
+        current = current
+            .entry(part.clone())
+            .or_insert_with(|| Value::Table(Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Invalid {
+                key: key.clone(),
+                message: "conflicting path".into(),
+            })?;
+    }
+    if let Some(last) = path.last() {
+        current.insert(last.clone(), value);
+    }
+    Ok(layer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_defaults_parse_and_validate() {
+        let c = Config::from_layers(None, env(&[])).unwrap();
+        assert_eq!(c.model.source, ModelSource::Demo);
+        assert_eq!(c.model.variant, Variant::Schnell);
+        for style in ["corporate", "casual", "studio", "outdoor"] {
+            assert!(c.styles[style].contains("{subject}"), "{style}");
+        }
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn file_layer_overrides_and_keeps_other_defaults() {
+        let c = Config::from_layers(
+            Some(("[model]\nmax_steps = 8\nmax_guidance = 7\n", "test.toml")),
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(c.model.max_steps, 8);
+        assert_eq!(c.model.max_guidance, 7.0);
+        assert_eq!(c.model.max_width, 1536);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_origin() {
+        let e = Config::from_layers(Some(("[model]\nmax_stpes = 8\n", "my.toml")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.max_stpes") && e.contains("my.toml"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = Config::from_layers(Some(("[model]\nmax_width = \"big\"\n", "f.toml")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.max_width") && e.contains("integer"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn env_overrides_file_and_names_bad_values() {
+        let c = Config::from_layers(
+            Some(("[model]\nmax_steps = 8\n", "f.toml")),
+            env(&[("HEADSHOT__MODEL__MAX_STEPS", "9"), ("UNRELATED", "x")]),
+        )
+        .unwrap();
+        assert_eq!(c.model.max_steps, 9);
+        let c = Config::from_layers(None, env(&[("HEADSHOT__MODEL__SOURCE", "dir:/w")])).unwrap();
+        assert_eq!(c.model.source, ModelSource::Dir("/w".into()));
+        let e = Config::from_layers(None, env(&[("HEADSHOT__MODEL__MAX_STEPS", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.max_steps") && e.contains("HEADSHOT__MODEL__MAX_STEPS"),
+            "{e}"
+        );
+        let e = Config::from_layers(None, env(&[("HEADSHOT__MODEL__NOPE", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.nope"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_values_name_the_key() {
+        for (toml, key) in [
+            ("[model]\ndevice = \"gpu\"\n", "model.device"),
+            ("[model]\nvariant = \"pro\"\n", "model.variant"),
+            ("[model]\nsource = \"s3:x\"\n", "model.source"),
+            ("[model]\ndtype = \"int4\"\n", "model.dtype"),
+        ] {
+            let e = Config::from_layers(Some((toml, "f.toml")), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn range_checks_name_the_key() {
+        for (toml, key) in [
+            ("[model]\nmin_size = 20\n", "model.min_size"),
+            ("[model]\nmax_width = 1000\n", "model.max_width"),
+            ("[model]\nmax_num_images = 0\n", "model.max_num_images"),
+            ("[model]\nload_attempts = 0\n", "model.load_attempts"),
+            ("[styles]\nplain = \"no placeholder\"\n", "styles.plain"),
+        ] {
+            let e = Config::from_layers(Some((toml, "f.toml")), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn styles_accept_new_keys() {
+        let c = Config::from_layers(
+            Some((
+                "[styles]\nnoir = \"black and white photo of {subject}\"\n",
+                "f.toml",
+            )),
+            env(&[("HEADSHOT__STYLES__BEACH", "beach photo of {subject}")]),
+        )
+        .unwrap();
+        assert!(c.styles.contains_key("noir") && c.styles.contains_key("beach"));
+        assert!(c.styles.contains_key("corporate"));
+    }
+}

@@ -1,0 +1,7 @@
+//! The headshot worker: FLUX text-to-image on candle behind a fail-soft job pipeline.
+//!
+//! `main.rs` is the CLI; everything it runs lives here so tests and benches use the same code.
+
+pub mod bench;
+pub mod config;
+pub mod pipeline;

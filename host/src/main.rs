@@ -1,0 +1,307 @@
+//! `headshot`: the command-line entry point.
+
+use std::io::IsTerminal;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use headshot_host::bench;
+use headshot_host::config::Config;
+use headshot_host::pipeline::device::DeviceSpec;
+use headshot_host::pipeline::style::apply_style;
+use headshot_host::pipeline::{FluxPipeline, GenerationParams, LoadOptions, ModelSource, Variant};
+
+#[derive(Parser)]
+#[command(
+    name = "headshot",
+    version,
+    about = "AI headshot worker: FLUX on candle, fail-soft"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Common {
+    /// TOML config file layered over the defaults (see config/default.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data folder (demo weights, state, local images); overrides `data_dir`.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate headshot images from a prompt and write them as PNG files.
+    Generate(GenerateArgs),
+    /// Benchmarks (figures print as `RESULT name: median X ms`).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The prompt, or the subject when --style is given.
+    #[arg(long)]
+    prompt: String,
+    /// Named style template from the config (corporate, casual, studio, outdoor, …).
+    #[arg(long)]
+    style: Option<String>,
+    /// Weight source: demo, hub:<repo>[@rev] or dir:<path>; overrides model.source.
+    #[arg(long)]
+    model: Option<String>,
+    /// FLUX variant: schnell or dev; overrides model.variant.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Device: auto, cpu, cuda or cuda:N; overrides model.device.
+    #[arg(long)]
+    device: Option<String>,
+    /// Image width in pixels (multiple of 16).
+    #[arg(long, default_value_t = 1024)]
+    width: u32,
+    /// Image height in pixels (multiple of 16).
+    #[arg(long, default_value_t = 1024)]
+    height: u32,
+    /// Denoising steps (default: 4 for schnell, 28 for dev).
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Guidance (dev only; default 3.5).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Seed of the first image (random when absent; always printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Images to generate in one batch.
+    #[arg(long, default_value_t = 1)]
+    num_images: u32,
+    /// Output folder for the PNG files.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Per-stage timings of the demo model (encode, step, decode, PNG).
+    Demo {
+        /// Timed generations (each also runs once more with a cached prompt).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value_t = 64)]
+        width: u32,
+        #[arg(long, default_value_t = 64)]
+        height: u32,
+        #[arg(long, default_value_t = 1)]
+        num_images: u32,
+    },
+    /// Full-size FLUX.1-schnell transformer and autoencoder with random bf16 weights on the GPU.
+    Gpu {
+        /// Tiny f32 configs (runs anywhere; a smoke test of the harness).
+        #[arg(long)]
+        tiny: bool,
+        /// Device: auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        width: Option<usize>,
+        #[arg(long)]
+        height: Option<usize>,
+        #[arg(long, default_value_t = 256)]
+        txt_len: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long)]
+        skip_vae: bool,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("HEADSHOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match std::env::var("HEADSHOT_LOG_FORMAT").ok().as_deref() {
+        Some("json") => true,
+        Some("pretty") => false,
+        _ => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(common: &Common) -> Result<Config> {
+    let mut config = Config::load(common.config.as_deref(), std::env::vars())?;
+    if let Some(dir) = &common.data_dir {
+        config.data_dir = dir.clone();
+    }
+    Ok(config)
+}
+
+fn generate(mut config: Config, args: GenerateArgs) -> Result<()> {
+    if let Some(m) = &args.model {
+        config.model.source = m
+            .parse::<ModelSource>()
+            .map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+    }
+    if let Some(v) = &args.variant {
+        config.model.variant = v
+            .parse::<Variant>()
+            .map_err(|e| anyhow::anyhow!("--variant: {e}"))?;
+    }
+    if let Some(d) = &args.device {
+        config.model.device = d
+            .parse::<DeviceSpec>()
+            .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    }
+    config.validate()?;
+    let prompt = apply_style(&config.styles, args.style.as_deref(), &args.prompt)?;
+    let params = GenerationParams {
+        prompt,
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        guidance: args.guidance,
+        seed: args.seed,
+        num_images: args.num_images,
+    };
+    // Refuse bad parameters before spending time on loading weights.
+    params.resolve(config.model.variant, &config.model.limits())?;
+
+    let mut pipeline = FluxPipeline::load(&LoadOptions::from_config(&config))?;
+    let mut on_step = |p: headshot_host::pipeline::StepProgress| {
+        tracing::debug!(
+            step = p.step,
+            total = p.total,
+            elapsed_ms = p.elapsed_ms,
+            "denoising"
+        );
+        ControlFlow::Continue(())
+    };
+    let generation = pipeline.generate(&params, &mut on_step)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut written = Vec::new();
+    for (i, img) in generation.images.iter().enumerate() {
+        let path = args.out.join(format!("headshot-{}-{i}.png", img.seed));
+        std::fs::write(&path, &img.png).with_context(|| format!("writing {}", path.display()))?;
+        written.push((path, img));
+    }
+    let t = &generation.timings;
+    if args.json {
+        let summary = serde_json::json!({
+            "images": written.iter().map(|(p, img)| serde_json::json!({
+                "path": p, "seed": img.seed, "width": img.width, "height": img.height})).collect::<Vec<_>>(),
+            "prompt": generation.params.prompt,
+            "steps": generation.params.steps,
+            "guidance": generation.params.guidance,
+            "timings_ms": t,
+            "model": pipeline.status(),
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        for (path, img) in &written {
+            println!(
+                "wrote {} ({}x{}, seed {})",
+                path.display(),
+                img.width,
+                img.height,
+                img.seed
+            );
+        }
+        let per_step = t.step_ms.iter().sum::<f64>() / t.step_ms.len().max(1) as f64;
+        println!(
+            "timings: encode {:.1} ms, denoise {:.1} ms ({} steps, {:.1} ms/step), decode {:.1} ms, png {:.1} ms, total {:.1} ms",
+            t.encode_ms,
+            t.denoise_ms,
+            t.step_ms.len(),
+            per_step,
+            t.decode_ms,
+            t.png_ms,
+            t.total_ms
+        );
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let config = load_config(&cli.common)?;
+    match cli.command {
+        Command::Generate(args) => generate(config, args),
+        Command::Bench(BenchCommand::Demo {
+            iters,
+            width,
+            height,
+            num_images,
+        }) => {
+            let mut load = LoadOptions::from_config(&config);
+            load.source = ModelSource::Demo;
+            let opts = bench::DemoBenchOptions {
+                load,
+                width,
+                height,
+                num_images,
+                iters,
+            };
+            bench::demo(&opts, &mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Gpu {
+            tiny,
+            device,
+            width,
+            height,
+            txt_len,
+            iters,
+            warmup,
+            skip_vae,
+        }) => {
+            let device = device
+                .parse::<DeviceSpec>()
+                .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+            let side = if tiny { 64 } else { 1024 };
+            let opts = bench::GpuBenchOptions {
+                tiny,
+                device,
+                width: width.unwrap_or(side),
+                height: height.unwrap_or(side),
+                txt_len: if tiny { txt_len.min(16) } else { txt_len },
+                iters,
+                warmup,
+                skip_vae,
+            };
+            if !tiny && matches!(device, DeviceSpec::Cpu) {
+                bail!(
+                    "a full-size benchmark on the CPU would take hours; use --tiny or a CUDA device"
+                );
+            }
+            bench::gpu(&opts, &mut std::io::stdout())?;
+            Ok(())
+        }
+    }
+}
