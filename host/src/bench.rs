@@ -119,7 +119,7 @@ pub struct GpuBenchOptions {
 /// Full-size FLUX.1-schnell transformer and autoencoder with random bf16 weights (or tiny f32
 /// ones): one step, four steps and one decode, like the diffusers twin.
 pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError> {
-    if opts.width % 16 != 0 || opts.height % 16 != 0 || opts.iters == 0 {
+    if !opts.width.is_multiple_of(16) || !opts.height.is_multiple_of(16) || opts.iters == 0 {
         return Err(BenchError::Usage(
             "width and height must be multiples of 16 and iters at least 1".into(),
         ));

@@ -206,7 +206,7 @@ impl Config {
             key: key.into(),
             message,
         };
-        if m.min_size < 16 || m.min_size % 16 != 0 {
+        if m.min_size < 16 || !m.min_size.is_multiple_of(16) {
             return Err(invalid(
                 "model.min_size",
                 format!(
@@ -219,7 +219,7 @@ impl Config {
             ("model.max_width", m.max_width),
             ("model.max_height", m.max_height),
         ] {
-            if v % 16 != 0 || v < m.min_size || v > 8192 {
+            if !v.is_multiple_of(16) || v < m.min_size || v > 8192 {
                 return Err(invalid(
                     key,
                     format!(
@@ -517,7 +517,7 @@ mod tests {
     #[test]
     fn bad_enum_values_name_the_key() {
         for (toml, key) in [
-            ("[model]\ndevice = \"gpu\"\n", "model.device"),
+            ("[model]\ndevice = \"tpu\"\n", "model.device"),
             ("[model]\nvariant = \"pro\"\n", "model.variant"),
             ("[model]\nsource = \"s3:x\"\n", "model.source"),
             ("[model]\ndtype = \"int4\"\n", "model.dtype"),

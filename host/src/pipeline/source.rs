@@ -110,7 +110,7 @@ pub enum ModelFiles {
     /// A folder on disk (also what the demo source becomes).
     Dir(PathBuf),
     /// A hub repo; files download into the HF cache on first `get`.
-    Hub(HubFiles),
+    Hub(Box<HubFiles>),
 }
 
 /// A hub repo with its file listing, fetched once.
@@ -165,10 +165,10 @@ impl HubFiles {
                 source,
             })?;
         let mut builder = hf_hub::api::tokio::ApiBuilder::from_env().with_progress(true);
-        if let Ok(token) = std::env::var("HF_TOKEN") {
-            if !token.trim().is_empty() {
-                builder = builder.with_token(Some(token.trim().to_string()));
-            }
+        if let Ok(token) = std::env::var("HF_TOKEN")
+            && !token.trim().is_empty()
+        {
+            builder = builder.with_token(Some(token.trim().to_string()));
         }
         let api = builder
             .build()
@@ -207,7 +207,7 @@ impl ModelFiles {
                 Ok(ModelFiles::Dir(path.clone()))
             }
             ModelSource::Hub { repo, revision } => {
-                Ok(ModelFiles::Hub(HubFiles::open(repo, revision.as_deref())?))
+                Ok(ModelFiles::Hub(Box::new(HubFiles::open(repo, revision.as_deref())?)))
             }
         }
     }

@@ -1,0 +1,196 @@
+//! The `headshot` binary as a user runs it: no GPU, no network, demo weights.
+
+use std::process::{Command, Output};
+
+fn headshot(data_dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_headshot"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("HEADSHOT_LOG", "warn")
+        .env_remove("HEADSHOT__MODEL__SOURCE")
+        .output()
+        .expect("headshot runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn generate_writes_a_png_of_the_requested_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+    let out = headshot(
+        tmp.path(),
+        &[
+            "generate",
+            "--model",
+            "demo",
+            "--prompt",
+            "a founder in a navy blazer",
+            "--style",
+            "corporate",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--seed",
+            "1234",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("seed 1234") && stdout.contains("timings:"),
+        "{stdout}"
+    );
+    let png = std::fs::read(out_dir.join("headshot-1234-0.png")).unwrap();
+    let reader = png::Decoder::new(std::io::Cursor::new(png))
+        .read_info()
+        .unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (96, 64));
+}
+
+#[test]
+fn generate_json_reports_every_image_and_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+    let out = headshot(
+        tmp.path(),
+        &[
+            "generate",
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--num-images",
+            "2",
+            "--json",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let images = v["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    let s0 = images[0]["seed"].as_u64().unwrap();
+    assert_eq!(images[1]["seed"].as_u64().unwrap(), s0 + 1);
+    assert_eq!(v["model"]["components"].as_array().unwrap().len(), 4);
+    assert_eq!(v["timings_ms"]["step_ms"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn bad_input_fails_with_the_field_named_and_nothing_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+    for (args, needle) in [
+        (vec!["--width", "100"], "width: must be a multiple of 16"),
+        (
+            vec!["--num-images", "5"],
+            "num_images: must be between 1 and 4",
+        ),
+        (vec!["--style", "noir"], "style: unknown style `noir`"),
+        (
+            vec!["--model", "s3:bucket"],
+            "--model: unknown model source",
+        ),
+        (vec!["--guidance", "2"], "guidance"),
+    ] {
+        let mut all = vec![
+            "generate",
+            "--prompt",
+            "p",
+            "--height",
+            "64",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ];
+        if !args.contains(&"--width") {
+            all.extend(["--width", "64"]);
+        }
+        all.extend(args.iter().copied());
+        let out = headshot(tmp.path(), &all);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!out_dir.exists());
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_headshot"))
+        .args([
+            "--data-dir",
+            tmp.path().to_str().unwrap(),
+            "bench",
+            "demo",
+            "--iters",
+            "1",
+        ])
+        .env("HEADSHOT__MODEL__MAX_STEPS", "lots")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("model.max_steps") && err.contains("HEADSHOT__MODEL__MAX_STEPS"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_demo_reports_each_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = headshot(tmp.path(), &["bench", "demo", "--iters", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for stage in [
+        "encode",
+        "encode_cached",
+        "denoise_step",
+        "decode",
+        "png",
+        "total",
+    ] {
+        assert!(
+            stdout.contains(&format!("RESULT demo_{stage}_64x64x1: median ")),
+            "{stage}: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = headshot(
+        tmp.path(),
+        &[
+            "bench", "gpu", "--tiny", "--device", "cpu", "--iters", "2", "--warmup", "1",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for name in [
+        "build_transformer",
+        "one_step",
+        "four_steps",
+        "build_vae",
+        "vae_decode",
+    ] {
+        assert!(
+            stdout.contains(&format!("RESULT {name}: ")),
+            "{name}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("decoded image [1, 3, 64, 64]"), "{stdout}");
+    let full_on_cpu = headshot(tmp.path(), &["bench", "gpu", "--device", "cpu"]);
+    assert!(!full_on_cpu.status.success());
+}
