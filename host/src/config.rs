@@ -11,10 +11,14 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::{Table, Value};
 
+use headshot_plugin_sdk::rules::breaker::BreakerConfig;
+use headshot_plugin_sdk::rules::retry::RetryConfig;
+
 use crate::pipeline::device::{DTypeSpec, DeviceSpec};
 use crate::pipeline::params::Limits;
 use crate::pipeline::source::ModelSource;
 use crate::pipeline::variant::Variant;
+use crate::policy::OnError;
 
 /// The documented defaults, exactly as shipped in `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -23,7 +27,21 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 pub const ENV_PREFIX: &str = "HEADSHOT__";
 
 /// Tables whose keys are user-defined (so new keys are allowed there).
-const FREEFORM_TABLES: &[&str] = &["styles"];
+const FREEFORM_TABLES: &[&str] = &[
+    "styles",
+    "policies.validator.custom",
+    "policies.sanitizer.custom",
+    "policies.resilience.custom",
+];
+
+fn is_freeform(prefix: &str) -> bool {
+    FREEFORM_TABLES.iter().any(|t| {
+        prefix == *t
+            || prefix
+                .strip_prefix(t)
+                .is_some_and(|rest| rest.starts_with('.'))
+    })
+}
 
 /// Why a configuration could not be used. Every variant names the key or file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +102,78 @@ pub struct Config {
     pub model: ModelConfig,
     /// Named prompt templates with a `{subject}` placeholder.
     pub styles: BTreeMap<String, String>,
+    /// The `[policies]` section.
+    pub policies: PoliciesConfig,
+}
+
+/// The `[policies]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoliciesConfig {
+    /// Largest accepted upload, bytes.
+    pub max_upload_bytes: usize,
+    /// Memory cap per instance, bytes.
+    pub memory_limit_bytes: usize,
+    /// Fuel per call; 0 = off.
+    pub fuel: u64,
+    /// Live instance ceiling.
+    pub max_instances: u32,
+    /// Ready instances per version.
+    pub prewarm: usize,
+    /// Parallel Cranelift compilation.
+    pub parallel_compile: bool,
+    /// Log lines per call.
+    pub log_lines_per_call: u32,
+    /// `[policies.validator]`.
+    pub validator: ValidatorSlotConfig,
+    /// `[policies.sanitizer]`.
+    pub sanitizer: SanitizerSlotConfig,
+    /// `[policies.resilience]`.
+    pub resilience: ResilienceSlotConfig,
+}
+
+/// `[policies.validator]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidatorSlotConfig {
+    /// Per-call deadline, ms.
+    pub deadline_ms: u64,
+    /// Failure behaviour.
+    pub on_error: OnError,
+    /// Longest user id.
+    pub max_user_id_chars: u32,
+    /// Settings for a custom validator.
+    pub custom: toml::Table,
+}
+
+/// `[policies.sanitizer]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SanitizerSlotConfig {
+    /// Per-call deadline, ms.
+    pub deadline_ms: u64,
+    /// Failure behaviour.
+    pub on_error: OnError,
+    /// Refused terms.
+    pub blocked_terms: Vec<String>,
+    /// Settings for a custom sanitizer.
+    pub custom: toml::Table,
+}
+
+/// `[policies.resilience]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResilienceSlotConfig {
+    /// Per-call deadline, ms.
+    pub deadline_ms: u64,
+    /// Failure behaviour.
+    pub on_error: OnError,
+    /// Breaker thresholds.
+    pub breaker: BreakerConfig,
+    /// Retry schedule.
+    pub retry: RetryConfig,
+    /// Settings for a custom resilience policy.
+    pub custom: toml::Table,
 }
 
 /// The `[model]` section: which weights, on which device, and the request limits.
@@ -104,6 +194,10 @@ pub struct ModelConfig {
     pub max_width: u32,
     /// Largest accepted height, pixels.
     pub max_height: u32,
+    /// Width used when a job gives none.
+    pub default_width: u32,
+    /// Height used when a job gives none.
+    pub default_height: u32,
     /// Largest accepted step count.
     pub max_steps: u32,
     /// Largest accepted batch.
@@ -229,6 +323,20 @@ impl Config {
                 ));
             }
         }
+        for (key, v, max) in [
+            ("model.default_width", m.default_width, m.max_width),
+            ("model.default_height", m.default_height, m.max_height),
+        ] {
+            if !v.is_multiple_of(16) || v < m.min_size || v > max {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "must be a multiple of 16 between model.min_size ({}) and {max}, got {v}",
+                        m.min_size
+                    ),
+                ));
+            }
+        }
         if !(1..=1000).contains(&m.max_steps) {
             return Err(invalid(
                 "model.max_steps",
@@ -256,6 +364,7 @@ impl Config {
         if m.load_attempts == 0 {
             return Err(invalid("model.load_attempts", "must be at least 1".into()));
         }
+        self.validate_policies()?;
         for (name, template) in &self.styles {
             let key = format!("styles.{name}");
             if name.is_empty()
@@ -275,6 +384,87 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_policies(&self) -> Result<(), ConfigError> {
+        let p = &self.policies;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.into(),
+            message,
+        };
+        if !(1 << 20..=4 << 30).contains(&p.memory_limit_bytes) {
+            return Err(invalid(
+                "policies.memory_limit_bytes",
+                format!(
+                    "must be between 1 MiB and 4 GiB, got {}",
+                    p.memory_limit_bytes
+                ),
+            ));
+        }
+        if !(4..=10_000).contains(&p.max_instances) {
+            return Err(invalid(
+                "policies.max_instances",
+                format!("must be between 4 and 10000, got {}", p.max_instances),
+            ));
+        }
+        if p.prewarm > 64 {
+            return Err(invalid(
+                "policies.prewarm",
+                format!("must be at most 64, got {}", p.prewarm),
+            ));
+        }
+        if !(1024..=100 << 20).contains(&p.max_upload_bytes) {
+            return Err(invalid(
+                "policies.max_upload_bytes",
+                format!(
+                    "must be between 1 KiB and 100 MiB, got {}",
+                    p.max_upload_bytes
+                ),
+            ));
+        }
+        for (key, ms) in [
+            ("policies.validator.deadline_ms", p.validator.deadline_ms),
+            ("policies.sanitizer.deadline_ms", p.sanitizer.deadline_ms),
+            ("policies.resilience.deadline_ms", p.resilience.deadline_ms),
+        ] {
+            if !(1..=10_000).contains(&ms) {
+                return Err(invalid(
+                    key,
+                    format!("must be between 1 and 10000, got {ms}"),
+                ));
+            }
+        }
+        if !(1..=256).contains(&p.validator.max_user_id_chars) {
+            return Err(invalid(
+                "policies.validator.max_user_id_chars",
+                format!(
+                    "must be between 1 and 256, got {}",
+                    p.validator.max_user_id_chars
+                ),
+            ));
+        }
+        if let Some(bad) = p
+            .sanitizer
+            .blocked_terms
+            .iter()
+            .find(|t| t.trim().is_empty())
+        {
+            return Err(invalid(
+                "policies.sanitizer.blocked_terms",
+                format!("terms must not be blank, got {bad:?}"),
+            ));
+        }
+        p.resilience
+            .breaker
+            .check()
+            .map_err(|e| invalid("policies.resilience.breaker", e))?;
+        p.resilience
+            .retry
+            .check()
+            .map_err(|e| invalid("policies.resilience.retry", e))?;
         Ok(())
     }
 }
@@ -305,7 +495,7 @@ fn merge_into(
     prefix: &str,
     origin: &str,
 ) -> Result<(), ConfigError> {
-    let freeform = FREEFORM_TABLES.contains(&prefix);
+    let freeform = is_freeform(prefix);
     for (k, v) in over {
         let key = if prefix.is_empty() {
             k.clone()
@@ -360,7 +550,7 @@ fn env_layer(base: &Table, path: &[String], raw: &str, var: &str) -> Result<Tabl
     let parent = path[..path.len().saturating_sub(1)].join(".");
     let value = match default {
         Some(Value::String(_)) => Value::String(raw.to_string()),
-        None if FREEFORM_TABLES.contains(&parent.as_str()) => Value::String(raw.to_string()),
+        None if is_freeform(&parent) => Value::String(raw.to_string()),
         None => {
             return Err(ConfigError::UnknownKey { key, origin });
         }

@@ -5,3 +5,5 @@
 pub mod bench;
 pub mod config;
 pub mod pipeline;
+pub mod policy;
+pub mod state;

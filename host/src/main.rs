@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+mod policy_cmd;
+
 use headshot_host::bench;
 use headshot_host::config::Config;
 use headshot_host::pipeline::device::DeviceSpec;
@@ -43,6 +45,9 @@ enum Command {
     /// Benchmarks (figures print as `RESULT name: median X ms`).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// WebAssembly policies in the local state: test, list, push, activate, rollback.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
 }
 
 #[derive(Args)]
@@ -253,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
     let config = load_config(&cli.common)?;
     match cli.command {
         Command::Generate(args) => generate(config, args),
+        Command::Policy(cmd) => policy_cmd::run(&config, cmd),
         Command::Bench(BenchCommand::Demo {
             iters,
             width,

@@ -206,9 +206,10 @@ impl ModelFiles {
                 }
                 Ok(ModelFiles::Dir(path.clone()))
             }
-            ModelSource::Hub { repo, revision } => {
-                Ok(ModelFiles::Hub(Box::new(HubFiles::open(repo, revision.as_deref())?)))
-            }
+            ModelSource::Hub { repo, revision } => Ok(ModelFiles::Hub(Box::new(HubFiles::open(
+                repo,
+                revision.as_deref(),
+            )?))),
         }
     }
 

@@ -1,0 +1,140 @@
+//! Durable worker state in sled: one database under the data dir, one tree per concern,
+//! a schema version in `meta`. Records are versioned serde structs (JSON), so a newer worker
+//! can read what an older one wrote, and an older one refuses what it cannot understand.
+
+mod policies;
+
+pub use policies::{ActiveRecord, BlobMeta, PolicyEntry, PolicyStore};
+
+use std::path::{Path, PathBuf};
+
+/// The schema this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Why state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The database could not be opened (locked by another process, unreadable, corrupt).
+    #[error("opening the state database at {}: {source}", path.display())]
+    Open {
+        /// Database folder.
+        path: PathBuf,
+        /// sled's error.
+        source: sled::Error,
+    },
+    /// A read or write failed.
+    #[error("state database: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record could not be decoded.
+    #[error("state record {tree}/{key} is unreadable: {message}")]
+    Corrupt {
+        /// Tree name.
+        tree: &'static str,
+        /// Record key.
+        key: String,
+        /// Decoder message.
+        message: String,
+    },
+    /// Written by a newer worker.
+    #[error(
+        "the state database has schema version {found}; this worker reads up to {supported}. Upgrade the worker or point --data-dir elsewhere"
+    )]
+    NewerSchema {
+        /// Version on disk.
+        found: u32,
+        /// [`SCHEMA_VERSION`].
+        supported: u32,
+    },
+}
+
+/// The open database.
+#[derive(Clone)]
+pub struct StateDb {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl StateDb {
+    /// Opens (or creates) the database in `dir` and checks the schema version.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| StateError::Open {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema_version")? {
+            Some(raw) => {
+                let found = <[u8; 4]>::try_from(raw.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StateError::Corrupt {
+                        tree: "meta",
+                        key: "schema_version".into(),
+                        message: format!("{} bytes, expected 4", raw.len()),
+                    })?;
+                if found > SCHEMA_VERSION {
+                    return Err(StateError::NewerSchema {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+            None => {
+                meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+        }
+        Ok(Self {
+            db,
+            path: dir.to_path_buf(),
+        })
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A named tree.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StateError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// Writes everything to disk; called before acknowledging anything durable.
+    pub fn flush(&self) -> Result<(), StateError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The policy trees.
+    pub fn policies(&self) -> Result<PolicyStore, StateError> {
+        PolicyStore::open(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_version_is_written_and_newer_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = StateDb::open(dir.path()).unwrap();
+            db.flush().unwrap();
+        }
+        {
+            let db = StateDb::open(dir.path()).unwrap();
+            db.tree("meta")
+                .unwrap()
+                .insert("schema_version", &99u32.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let err = StateDb::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("schema version 99"), "{err}");
+    }
+}

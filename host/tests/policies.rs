@@ -1,0 +1,474 @@
+//! The policy engine through real components built from this repo: the built-in rules, the
+//! SDK example, containment of hostile guests, upload refusals, hot swap under load,
+//! rollback and restart.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use headshot_host::config::Config;
+use headshot_host::policy::{
+    CallError, PolicyKind, PolicySettings, PolicySource, Registry, UploadError, ValidateError,
+    builtin_bytes, sha256_hex, test_component,
+};
+use headshot_host::state::StateDb;
+use headshot_plugin_sdk::rules::breaker::{self, Admission, Breaker, CallResult, Outcome};
+use headshot_plugin_sdk::rules::retry::{Attempt, ErrorKind, RetryDecision};
+use headshot_plugin_sdk::rules::sanitize::Sanitized;
+
+const EXAMPLE: &str = env!("HEADSHOT_EXAMPLE_VALIDATOR_WASM");
+const HOSTILE: &str = env!("HEADSHOT_TEST_HOSTILE_WASM");
+const FORBIDDEN: &str = env!("HEADSHOT_TEST_FORBIDDEN_IMPORT_WASM");
+
+fn settings() -> PolicySettings {
+    PolicySettings::from_config(&Config::default())
+}
+
+/// Compiled code is keyed by content and engine, so tests can share one cache.
+fn shared_cache() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("policy-cache")
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    state_dir: PathBuf,
+    registry: Registry,
+}
+
+fn open(settings: PolicySettings) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let state = StateDb::open(&state_dir).unwrap();
+    let registry = Registry::open(settings, &state, &shared_cache()).unwrap();
+    Fixture {
+        _dir: dir,
+        state_dir,
+        registry,
+    }
+}
+
+fn read(path: &str) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn request(prompt: &str, width: u32, height: u32) -> String {
+    serde_json::json!({"prompt": prompt, "user_id": "user-1", "width": width, "height": height})
+        .to_string()
+}
+
+#[test]
+fn builtin_validator_fills_defaults_and_names_every_bad_field() {
+    let f = open(settings());
+    let (result, used) = f
+        .registry
+        .validate(r#"{"prompt":"a portrait of an engineer","user_id":"u-42"}"#);
+    let req = result.unwrap();
+    assert_eq!(
+        (req.width, req.height, req.steps, req.num_images),
+        (1024, 1024, 4, 1)
+    );
+    assert_eq!(req.guidance, None);
+    assert_eq!(
+        used.sha256,
+        sha256_hex(builtin_bytes(PolicyKind::Validator))
+    );
+    assert!(!used.fallback);
+
+    let (result, _) = f.registry.validate(
+        r#"{"prompt":"","user_id":"../x","width":500,"height":99999,"num_images":9,"style":"gothic","colour":"red"}"#,
+    );
+    let Err(ValidateError::Invalid(errors)) = result else {
+        panic!("expected field errors, got {result:?}")
+    };
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    for field in [
+        "/input/prompt",
+        "/input/user_id",
+        "/input/width",
+        "/input/height",
+        "/input/num_images",
+        "/input/style",
+        "/input/colour",
+    ] {
+        assert!(fields.contains(&field), "no error for {field}: {errors:?}");
+    }
+    let width = errors.iter().find(|e| e.field == "/input/width").unwrap();
+    assert!(width.message.contains("16"), "{width:?}");
+}
+
+#[test]
+fn builtin_sanitizer_cleans_and_blocks_obfuscated_terms() {
+    let f = open(settings());
+    let (result, _) = f
+        .registry
+        .sanitize("a\u{200B} portrait\u{202E}   of a\tchef");
+    match result.unwrap() {
+        Sanitized::Cleaned { text, changes } => {
+            assert_eq!(text, "a portrait of a chef");
+            assert!(!changes.is_empty());
+        }
+        other => panic!("expected cleaned, got {other:?}"),
+    }
+    assert_eq!(
+        f.registry.sanitize("a portrait of a chef").0.unwrap(),
+        Sanitized::Unchanged
+    );
+    for bad in [
+        "a NUDE portrait",
+        "n.u.d.e portrait",
+        "nud3 portrait",
+        "a naked chef",
+    ] {
+        match f.registry.sanitize(bad).0.unwrap() {
+            Sanitized::Reject(e) => {
+                assert_eq!(e.code, "unsafe_content");
+                assert!(
+                    !e.message.to_lowercase().contains("nud"),
+                    "the term must not be echoed: {e:?}"
+                );
+            }
+            other => panic!("{bad:?} was not rejected: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn builtin_resilience_opens_breaker_and_schedules_retries() {
+    let f = open(settings());
+    let mut state = Breaker::default();
+    for i in 0..10 {
+        let (next, _) = f.registry.record_outcome(
+            &state,
+            &CallResult {
+                outcome: Outcome::Failure,
+                duration_ms: 5,
+            },
+            1000 + i,
+        );
+        state = next.unwrap();
+    }
+    assert_eq!(state.state, breaker::State::Open);
+    let (decision, _) = f.registry.admit(&state, 2000);
+    assert!(
+        matches!(decision.unwrap().0, Admission::Reject { retry_after_ms } if retry_after_ms > 0)
+    );
+    let attempt = Attempt {
+        number: 1,
+        kind: ErrorKind::ServerError,
+        status: Some(503),
+        retry_after_ms: None,
+        elapsed_ms: 0,
+        previous_delay_ms: 0,
+    };
+    assert!(
+        matches!(f.registry.retry(&attempt, 0.5).0.unwrap(), RetryDecision::RetryAfter(ms) if ms <= 200)
+    );
+    let client = Attempt {
+        kind: ErrorKind::ClientError,
+        status: Some(400),
+        ..attempt
+    };
+    assert!(matches!(
+        f.registry.retry(&client, 0.5).0.unwrap(),
+        RetryDecision::GiveUp(_)
+    ));
+}
+
+#[test]
+fn sdk_example_passes_policy_test_then_swaps_in_and_rolls_back() {
+    let bytes = read(EXAMPLE);
+    let report =
+        test_component(&settings(), &shared_cache(), PolicyKind::Validator, &bytes).unwrap();
+    assert_eq!(report.policy.name, "square-only");
+    assert_eq!(report.policy.sdk_version, headshot_plugin_sdk::SDK_VERSION);
+    assert!(report.cases.iter().all(|c| c.passed));
+
+    let f = open(settings());
+    assert!(
+        f.registry
+            .validate(&request("a portrait", 512, 768))
+            .0
+            .is_ok()
+    );
+    let (_, activation) = f.registry.push(PolicyKind::Validator, &bytes).unwrap();
+    assert_eq!(activation.active.source, PolicySource::Upload);
+    let (result, used) = f.registry.validate(&request("a portrait", 512, 768));
+    let Err(ValidateError::Invalid(errors)) = result else {
+        panic!("{result:?}")
+    };
+    assert_eq!(errors[0].code, "not_square");
+    assert_eq!(used.sha256, sha256_hex(&bytes));
+
+    let back = f.registry.rollback(PolicyKind::Validator).unwrap();
+    assert_eq!(back.active.source, PolicySource::Builtin);
+    assert!(
+        f.registry
+            .validate(&request("a portrait", 512, 768))
+            .0
+            .is_ok()
+    );
+    let err = f.registry.rollback(PolicyKind::Validator).unwrap_err();
+    assert!(
+        matches!(err, UploadError::NoPrevious(PolicyKind::Validator)),
+        "{err}"
+    );
+}
+
+#[test]
+fn hostile_guest_is_contained_per_call_and_the_slot_keeps_serving() {
+    // A roomy deadline, so the memory and stack limits (not the clock) are what stop those
+    // attacks even on a loaded machine; the loop still ends on the deadline.
+    let mut s = settings();
+    s.slots[PolicyKind::Validator.index()].deadline = Duration::from_millis(500);
+    let f = open(s);
+    f.registry
+        .push(PolicyKind::Validator, &read(HOSTILE))
+        .unwrap();
+    let cases: [(&str, fn(&CallError) -> bool); 5] = [
+        ("loop", |e| *e == CallError::Deadline),
+        ("memory", |e| *e == CallError::Memory),
+        ("recursion", |e| *e == CallError::StackOverflow),
+        ("huge-output", |e| {
+            matches!(
+                e,
+                CallError::Output(_) | CallError::Memory | CallError::Deadline
+            )
+        }),
+        ("trap", |e| matches!(e, CallError::Trap(_))),
+    ];
+    for (attack, expected) in cases {
+        let start = Instant::now();
+        let (result, _) = f
+            .registry
+            .validate(&request(&format!("attack:{attack}"), 512, 512));
+        let took = start.elapsed();
+        match result {
+            Err(ValidateError::Policy(failure)) => {
+                assert!(expected(&failure.error), "{attack}: {failure}")
+            }
+            other => panic!("{attack}: expected a contained policy error, got {other:?}"),
+        }
+        assert!(took < Duration::from_secs(5), "{attack} took {took:?}");
+        // The next ordinary call is served normally.
+        assert!(
+            f.registry
+                .validate(&request("a portrait", 512, 512))
+                .0
+                .is_ok(),
+            "after {attack}"
+        );
+    }
+    // Log spam is truncated by the host, the call itself succeeds.
+    assert!(
+        f.registry
+            .validate(&request("attack:log-spam", 512, 512))
+            .0
+            .is_ok()
+    );
+    let status = f.registry.status().unwrap();
+    assert_eq!(status[0].failures, 5);
+}
+
+#[test]
+fn fail_open_slot_falls_back_to_the_builtin_rules() {
+    let mut s = settings();
+    s.slots[PolicyKind::Validator.index()].on_error = headshot_host::policy::OnError::FailOpen;
+    let f = open(s);
+    f.registry
+        .push(PolicyKind::Validator, &read(HOSTILE))
+        .unwrap();
+    let (result, used) = f.registry.validate(&request("attack:trap", 512, 512));
+    assert!(result.is_ok(), "{result:?}");
+    assert!(used.fallback);
+}
+
+#[test]
+fn bad_uploads_are_refused_with_reasons_and_the_active_policy_stays() {
+    let f = open(settings());
+    let before = f
+        .registry
+        .active(PolicyKind::Validator)
+        .meta()
+        .sha256
+        .clone();
+
+    let err = f
+        .registry
+        .upload(PolicyKind::Validator, b"definitely not wasm")
+        .unwrap_err();
+    assert!(matches!(err, UploadError::NotAComponent(_)), "{err}");
+
+    let err = f
+        .registry
+        .upload(PolicyKind::Validator, builtin_bytes(PolicyKind::Sanitizer))
+        .unwrap_err();
+    assert!(matches!(err, UploadError::WrongWorld { .. }), "{err}");
+
+    let err = f
+        .registry
+        .upload(PolicyKind::Validator, &read(FORBIDDEN))
+        .unwrap_err();
+    match &err {
+        UploadError::ForbiddenImport(names) => {
+            assert!(names.contains("wasi:filesystem/"), "{names}")
+        }
+        other => panic!("expected a forbidden import, got {other}"),
+    }
+
+    let err = f
+        .registry
+        .upload(PolicyKind::Validator, &vec![0u8; 11 << 20])
+        .unwrap_err();
+    assert!(matches!(err, UploadError::TooLarge { .. }), "{err}");
+
+    let err = f
+        .registry
+        .activate(PolicyKind::Validator, &"0".repeat(64))
+        .unwrap_err();
+    assert!(matches!(err, UploadError::UnknownHash { .. }), "{err}");
+
+    assert_eq!(
+        f.registry.active(PolicyKind::Validator).meta().sha256,
+        before
+    );
+    assert!(
+        f.registry
+            .validate(&request("a portrait", 512, 512))
+            .0
+            .is_ok()
+    );
+}
+
+#[test]
+fn guests_that_always_misbehave_fail_conformance() {
+    // A memory bomb fills 32 MiB in ~16 ms, so on a loaded machine the 20 ms deadline may
+    // fire first; either limit contains it.
+    for (attack, needles) in [
+        ("loop", &["deadline"][..]),
+        ("reject-all", &["accepts a standard request"][..]),
+        ("memory", &["memory", "deadline"][..]),
+    ] {
+        let mut s = settings();
+        s.slots[PolicyKind::Validator.index()].custom = serde_json::json!({ "always": attack });
+        let f = open(s);
+        let start = Instant::now();
+        let err = f
+            .registry
+            .upload(PolicyKind::Validator, &read(HOSTILE))
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, UploadError::Conformance { .. } | UploadError::Start(_)),
+            "{attack}: {text}"
+        );
+        assert!(needles.iter().any(|n| text.contains(n)), "{attack}: {text}");
+        assert!(start.elapsed() < Duration::from_secs(10), "{attack}");
+        assert!(
+            f.registry
+                .validate(&request("a portrait", 512, 512))
+                .0
+                .is_ok()
+        );
+    }
+}
+
+#[test]
+fn swapping_while_threads_call_the_slot_fails_no_call() {
+    let f = open(settings());
+    let registry = Arc::new(f.registry);
+    let example = read(EXAMPLE);
+    let example_sha = registry
+        .upload(PolicyKind::Validator, &example)
+        .unwrap()
+        .policy
+        .sha256;
+    let builtin_sha = sha256_hex(builtin_bytes(PolicyKind::Validator));
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (registry, stop, calls) =
+                (Arc::clone(&registry), Arc::clone(&stop), Arc::clone(&calls));
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let (result, _) = registry.validate(&request("a portrait", 512, 512));
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = result {
+                        failures.push(format!("{e:?}"));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    for i in 0..10 {
+        let sha = if i % 2 == 0 {
+            &example_sha
+        } else {
+            &builtin_sha
+        };
+        let report = registry.activate(PolicyKind::Validator, sha).unwrap();
+        assert!(!report.unchanged);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let failures: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed calls: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(calls.load(Ordering::Relaxed) > 10);
+}
+
+#[test]
+fn restart_keeps_the_active_version_and_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let example = read(EXAMPLE);
+    {
+        let state = StateDb::open(&state_dir).unwrap();
+        let registry = Registry::open(settings(), &state, &shared_cache()).unwrap();
+        registry.push(PolicyKind::Validator, &example).unwrap();
+    }
+    let state = StateDb::open(&state_dir).unwrap();
+    let registry = Registry::open(settings(), &state, &shared_cache()).unwrap();
+    assert_eq!(
+        registry.active(PolicyKind::Validator).meta().sha256,
+        sha256_hex(&example)
+    );
+    assert_eq!(
+        registry.active(PolicyKind::Validator).meta().source,
+        PolicySource::Upload
+    );
+    let status = registry.status().unwrap();
+    assert_eq!(status[0].previous.len(), 1);
+    assert!(matches!(
+        registry.validate(&request("a portrait", 512, 768)).0,
+        Err(ValidateError::Invalid(_))
+    ));
+    drop(registry);
+    drop(state);
+    let f = Fixture {
+        state_dir,
+        registry: Registry::open(
+            settings(),
+            &StateDb::open(&dir.path().join("state")).unwrap(),
+            &shared_cache(),
+        )
+        .unwrap(),
+        _dir: dir,
+    };
+    assert!(f.state_dir.exists());
+    f.registry.rollback(PolicyKind::Validator).unwrap();
+    assert_eq!(
+        f.registry.active(PolicyKind::Validator).meta().source,
+        PolicySource::Builtin
+    );
+}

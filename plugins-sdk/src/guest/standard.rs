@@ -1,0 +1,106 @@
+//! The built-in rules, callable from any guest with the settings the host configured.
+
+use std::sync::Mutex;
+
+use super::decisions::{AdmitResult, Attempt, Breaker, CallResult, RetryDecision};
+use super::sanitization::Sanitized;
+use super::{FieldError, GenerationRequest};
+use crate::envelope::{self, ResilienceConfig};
+use crate::rules::request::ValidatorConfig;
+use crate::rules::sanitize::SanitizerConfig;
+use crate::rules::{breaker, request, retry, sanitize};
+
+/// Settings stored by `configure`; an instance serves one configuration for its lifetime.
+struct Stored {
+    validator: ValidatorConfig,
+    sanitizer: SanitizerConfig,
+    resilience: ResilienceConfig,
+    custom: String,
+}
+
+static STORED: Mutex<Option<Stored>> = Mutex::new(None);
+
+fn with_stored<R>(f: impl FnOnce(&mut Stored) -> R) -> R {
+    let mut guard = STORED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let stored = guard.get_or_insert_with(|| Stored {
+        validator: ValidatorConfig::default(),
+        sanitizer: SanitizerConfig::default(),
+        resilience: ResilienceConfig::default(),
+        custom: "null".into(),
+    });
+    f(stored)
+}
+
+#[doc(hidden)]
+pub fn configure_validator(json: &str) -> Result<(), String> {
+    let env = envelope::parse::<ValidatorConfig>(json, ValidatorConfig::check)?;
+    with_stored(|s| {
+        s.validator = env.standard;
+        s.custom = env.custom.to_string();
+    });
+    Ok(())
+}
+
+#[doc(hidden)]
+pub fn configure_sanitizer(json: &str) -> Result<(), String> {
+    let env = envelope::parse::<SanitizerConfig>(json, SanitizerConfig::check)?;
+    with_stored(|s| {
+        s.sanitizer = env.standard;
+        s.custom = env.custom.to_string();
+    });
+    Ok(())
+}
+
+#[doc(hidden)]
+pub fn configure_resilience(json: &str) -> Result<(), String> {
+    let env = envelope::parse::<ResilienceConfig>(json, ResilienceConfig::check)?;
+    with_stored(|s| {
+        s.resilience = env.standard;
+        s.custom = env.custom.to_string();
+    });
+    Ok(())
+}
+
+#[doc(hidden)]
+pub fn custom_config() -> String {
+    with_stored(|s| s.custom.clone())
+}
+
+/// The built-in validation rules with the host's limits: a custom validator calls this first
+/// and adds its own checks to the result.
+pub fn standard_request(input_json: &str) -> Result<GenerationRequest, Vec<FieldError>> {
+    let cfg = with_stored(|s| s.validator.clone());
+    request::validate_input(input_json, &cfg)
+        .map(Into::into)
+        .map_err(|errors| errors.into_iter().map(Into::into).collect())
+}
+
+/// The built-in sanitizer with the host's settings.
+pub fn standard_sanitize(prompt: &str) -> Sanitized {
+    let cfg = with_stored(|s| s.sanitizer.clone());
+    sanitize::sanitize(prompt, &cfg).into()
+}
+
+/// The built-in circuit-breaker admission.
+pub fn standard_admit(current: Breaker, now_ms: u64) -> AdmitResult {
+    let cfg = with_stored(|s| s.resilience.breaker.clone());
+    let (decision, next) = breaker::admit(&current.into(), &cfg, now_ms);
+    AdmitResult {
+        decision: decision.into(),
+        next: next.into(),
+    }
+}
+
+/// The built-in circuit-breaker bookkeeping.
+pub fn standard_record_outcome(current: Breaker, seen: CallResult, now_ms: u64) -> Breaker {
+    let cfg = with_stored(|s| s.resilience.breaker.clone());
+    breaker::record_outcome(&current.into(), &cfg, &seen.into(), now_ms).into()
+}
+
+/// The built-in retry schedule.
+pub fn standard_retry(failed: Attempt, jitter: f64) -> RetryDecision {
+    let cfg = with_stored(|s| s.resilience.retry.clone());
+    retry::decide(&failed.into(), jitter, &cfg).into()
+}
