@@ -94,7 +94,7 @@ fn main() {
         time(n, Duration::ZERO, || {
             let r = request::validate_input(INPUT, &settings.validator);
             let s = sanitize::sanitize(PROMPT, &settings.sanitizer);
-            std::hint::black_box((r, s));
+            let _ = std::hint::black_box((r, s));
         }),
     );
     // Paced like a busy worker (one job every 200 µs) so the background refill keeps up.
@@ -104,7 +104,7 @@ fn main() {
         time(n, pace, || {
             let r = registry.validate(INPUT).0.expect("valid");
             let s = registry.sanitize(PROMPT).0.expect("sanitized");
-            std::hint::black_box((r, s));
+            let _ = std::hint::black_box((r, s));
         }),
     );
     report(
@@ -136,7 +136,7 @@ fn main() {
         time(n / 4, Duration::ZERO, || {
             let r = cold.validate(INPUT).0.expect("valid");
             let s = cold.sanitize(PROMPT).0.expect("sanitized");
-            std::hint::black_box((r, s));
+            let _ = std::hint::black_box((r, s));
         }),
     );
     println!(

@@ -225,7 +225,8 @@ fn hostile_guest_is_contained_per_call_and_the_slot_keeps_serving() {
     f.registry
         .push(PolicyKind::Validator, &read(HOSTILE))
         .unwrap();
-    let cases: [(&str, fn(&CallError) -> bool); 5] = [
+    type Expect = fn(&CallError) -> bool;
+    let cases: [(&str, Expect); 5] = [
         ("loop", |e| *e == CallError::Deadline),
         ("memory", |e| *e == CallError::Memory),
         ("recursion", |e| *e == CallError::StackOverflow),
