@@ -194,3 +194,62 @@ fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
     let full_on_cpu = headshot(tmp.path(), &["bench", "gpu", "--device", "cpu"]);
     assert!(!full_on_cpu.status.success());
 }
+
+#[test]
+fn policy_test_push_list_and_rollback_the_sdk_example() {
+    let tmp = tempfile::tempdir().unwrap();
+    let example = env!("HEADSHOT_EXAMPLE_VALIDATOR_WASM");
+
+    let out = headshot(
+        tmp.path(),
+        &["policy", "test", example, "--kind", "validator"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("square-only"), "{stdout}");
+    assert!(stdout.contains("passed: 7 conformance cases"), "{stdout}");
+
+    // The same file is not a sanitizer: refused, with the reason.
+    let out = headshot(
+        tmp.path(),
+        &["policy", "test", example, "--kind", "sanitizer"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("does not implement the `sanitizer` world"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = headshot(
+        tmp.path(),
+        &["policy", "push", example, "--kind", "validator"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = headshot(tmp.path(), &["policy", "list"]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("validator")
+            && l.contains("square-only")
+            && l.contains("1 earlier")),
+        "{stdout}"
+    );
+
+    let out = headshot(tmp.path(), &["policy", "rollback", "--kind", "validator"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = headshot(tmp.path(), &["policy", "list"]);
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("validator") && l.contains("builtin-validator"))
+    );
+
+    let out = headshot(
+        tmp.path(),
+        &["policy", "test", "/nonexistent.wasm", "--kind", "validator"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("/nonexistent.wasm"));
+    let out = headshot(tmp.path(), &["policy", "list", "--kind", "nope"]);
+    assert!(!out.status.success());
+}
