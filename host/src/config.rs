@@ -104,6 +104,118 @@ pub struct Config {
     pub styles: BTreeMap<String, String>,
     /// The `[policies]` section.
     pub policies: PoliciesConfig,
+    /// The `[server]` section.
+    pub server: ServerConfig,
+    /// The `[jobs]` section.
+    pub jobs: JobsConfig,
+    /// The `[storage]` section.
+    pub storage: StorageConfig,
+}
+
+/// Result delivery mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputMode {
+    /// Signed URLs.
+    Url,
+    /// PNG bytes inline, base64.
+    Base64,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub host: String,
+    /// Local API port.
+    pub port: u16,
+    /// Admin API port.
+    pub admin_port: u16,
+    /// Admin token; empty = generated.
+    pub admin_token: String,
+    /// Body cap on job routes.
+    pub max_body_bytes: usize,
+    /// Accepted endpoint id (`*` = any).
+    pub endpoint_id: String,
+    /// Longest runsync wait, ms.
+    pub runsync_wait_ms: u64,
+    /// Result delivery.
+    pub output: OutputMode,
+}
+
+/// What to do with jobs a crash left unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRestart {
+    /// Run them again.
+    Requeue,
+    /// Mark them failed, with the reason.
+    Fail,
+}
+
+/// `[jobs]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Waiting jobs beyond which /run answers 503.
+    pub queue_capacity: usize,
+    /// Crash recovery.
+    pub on_restart: OnRestart,
+    /// History count cap.
+    pub retention_count: usize,
+    /// History age cap, hours.
+    pub retention_hours: u64,
+}
+
+/// Storage backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageBackend {
+    /// Files under the data dir.
+    Local,
+    /// Supabase Storage.
+    Supabase,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Which backend.
+    pub backend: StorageBackend,
+    /// Signed URL lifetime, seconds.
+    pub url_ttl_secs: u64,
+    /// `[storage.local]`.
+    pub local: LocalStorageConfig,
+    /// `[storage.supabase]`.
+    pub supabase: SupabaseStorageConfig,
+}
+
+/// `[storage.local]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalStorageConfig {
+    /// URL base; empty = from `[server]`.
+    pub public_base_url: String,
+    /// HMAC key; empty = generated.
+    pub signing_key: String,
+}
+
+/// `[storage.supabase]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupabaseStorageConfig {
+    /// Project URL.
+    pub url: String,
+    /// Service key.
+    pub service_key: String,
+    /// Bucket.
+    pub bucket: String,
+    /// Request timeout, ms.
+    pub timeout_ms: u64,
+    /// Cache-Control max-age, seconds.
+    pub cache_max_age_secs: u64,
 }
 
 /// The `[policies]` section.
@@ -271,7 +383,20 @@ impl Config {
             let layer = parse_table(text, origin)?;
             merge_into(&mut merged, layer, "", origin)?;
         }
+        // Well-known names (SUPABASE_URL, ...) first, so HEADSHOT__* overrides them.
+        let mut env: Vec<(String, String)> = env.into_iter().collect();
+        env.sort_by_key(|(name, _)| name.starts_with(ENV_PREFIX));
         for (name, raw) in env {
+            let well_known = match name.as_str() {
+                "SUPABASE_URL" => Some("HEADSHOT__STORAGE__SUPABASE__URL"),
+                "SUPABASE_SERVICE_ROLE_KEY" => Some("HEADSHOT__STORAGE__SUPABASE__SERVICE_KEY"),
+                "SUPABASE_BUCKET" => Some("HEADSHOT__STORAGE__SUPABASE__BUCKET"),
+                _ => None,
+            };
+            let name = match well_known {
+                Some(mapped) => mapped.to_string(),
+                None => name,
+            };
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
@@ -365,6 +490,7 @@ impl Config {
             return Err(invalid("model.load_attempts", "must be at least 1".into()));
         }
         self.validate_policies()?;
+        self.validate_service()?;
         for (name, template) in &self.styles {
             let key = format!("styles.{name}");
             if name.is_empty()
@@ -389,6 +515,69 @@ impl Config {
 }
 
 impl Config {
+    fn validate_service(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.into(),
+            message,
+        };
+        let s = &self.server;
+        if s.host.trim().is_empty() {
+            return Err(invalid("server.host", "must not be empty".into()));
+        }
+        if s.port != 0 && s.port == s.admin_port {
+            return Err(invalid(
+                "server.admin_port",
+                format!("must differ from server.port ({})", s.port),
+            ));
+        }
+        if !(1024..=256 << 20).contains(&s.max_body_bytes) {
+            return Err(invalid(
+                "server.max_body_bytes",
+                format!(
+                    "must be between 1 KiB and 256 MiB, got {}",
+                    s.max_body_bytes
+                ),
+            ));
+        }
+        if s.endpoint_id.is_empty() {
+            return Err(invalid(
+                "server.endpoint_id",
+                "use \"*\" to accept any".into(),
+            ));
+        }
+        if !s.admin_token.is_empty() && s.admin_token.len() < 16 {
+            // Short tokens are guessable.
+            return Err(invalid(
+                "server.admin_token",
+                "must be at least 16 characters (or empty to generate one)".into(),
+            ));
+        }
+        let j = &self.jobs;
+        if j.queue_capacity == 0 {
+            return Err(invalid("jobs.queue_capacity", "must be at least 1".into()));
+        }
+        if j.retention_count == 0 || j.retention_hours == 0 {
+            return Err(invalid(
+                "jobs.retention_count",
+                "retention_count and retention_hours must be at least 1".into(),
+            ));
+        }
+        let st = &self.storage;
+        if !(1..=7 * 24 * 3600).contains(&st.url_ttl_secs) {
+            return Err(invalid(
+                "storage.url_ttl_secs",
+                format!("must be between 1 and 604800, got {}", st.url_ttl_secs),
+            ));
+        }
+        if st.supabase.timeout_ms == 0 {
+            return Err(invalid(
+                "storage.supabase.timeout_ms",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_policies(&self) -> Result<(), ConfigError> {
         let p = &self.policies;
         let invalid = |key: &str, message: String| ConfigError::Invalid {

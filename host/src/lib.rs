@@ -4,6 +4,10 @@
 
 pub mod bench;
 pub mod config;
+pub mod error;
+pub mod ingress;
+pub mod jobs;
 pub mod pipeline;
 pub mod policy;
 pub mod state;
+pub mod storage;

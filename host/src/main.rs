@@ -45,9 +45,24 @@ enum Command {
     /// Benchmarks (figures print as `RESULT name: median X ms`).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve the Runpod-compatible local API and the admin API.
+    Serve(ServeArgs),
     /// WebAssembly policies in the local state: test, list, push, activate, rollback.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Listen address; overrides server.host.
+    #[arg(long)]
+    host: Option<String>,
+    /// Local API port (0 = any free port); overrides server.port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Admin API port (0 = any free port); overrides server.admin_port.
+    #[arg(long)]
+    admin_port: Option<u16>,
 }
 
 #[derive(Args)]
@@ -242,6 +257,61 @@ fn generate(mut config: Config, args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve(mut config: Config, args: ServeArgs) -> Result<()> {
+    if let Some(h) = args.host {
+        config.server.host = h;
+    }
+    if let Some(p) = args.port {
+        config.server.port = p;
+    }
+    if let Some(p) = args.admin_port {
+        config.server.admin_port = p;
+    }
+    config.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let running = headshot_host::ingress::server::start(config).await?;
+        // One line on stdout that scripts (and tests) can read.
+        println!(
+            "{}",
+            serde_json::json!({
+                "api": format!("http://{}", running.api_addr),
+                "admin": format!("http://{}", running.admin_addr),
+                "admin_token_file": running.admin_token_file,
+            })
+        );
+        wait_for_shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        running.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+async fn wait_for_shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing();
@@ -259,6 +329,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(config, args),
         Command::Policy(cmd) => policy_cmd::run(&config, cmd),
+        Command::Serve(args) => serve(config, args),
         Command::Bench(BenchCommand::Demo {
             iters,
             width,

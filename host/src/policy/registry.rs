@@ -134,6 +134,7 @@ pub struct Registry {
     /// Recently loaded versions by sha256, so rollback and re-activation skip compiling.
     recent: Mutex<HashMap<String, Arc<LoadedPolicy>>>,
     change: Mutex<()>,
+    native_sanitizer: sanitize::Sanitizer,
 }
 
 impl Registry {
@@ -163,6 +164,7 @@ impl Registry {
         let [v, s, r]: [Arc<LoadedPolicy>; 3] = loaded
             .try_into()
             .map_err(|_| UploadError::Start("slot count".into()))?;
+        let settings_sanitizer = settings.sanitizer.clone();
         let recent = [&v, &s, &r]
             .iter()
             .map(|p| (p.meta().sha256.clone(), Arc::clone(p)))
@@ -175,6 +177,7 @@ impl Registry {
             slots: [ArcSwap::new(v), ArcSwap::new(s), ArcSwap::new(r)],
             recent: Mutex::new(recent),
             change: Mutex::new(()),
+            native_sanitizer: sanitize::Sanitizer::new(settings_sanitizer),
         })
     }
 
@@ -429,7 +432,7 @@ impl Registry {
             Err(error) => match self.settings.slot(PolicyKind::Sanitizer).on_error {
                 OnError::FailClosed => (Err(self.failure(&p, error)), Self::used(&p, false)),
                 OnError::FailOpen => (
-                    Ok(sanitize::sanitize(prompt, &self.settings.sanitizer)),
+                    Ok(self.native_sanitizer.sanitize(prompt)),
                     Self::used(&p, true),
                 ),
             },
@@ -534,6 +537,7 @@ impl Partial<'_> {
             kind,
             bytes,
             source,
+            true,
         )?;
         let m = loaded.meta();
         self.store.put_blob(
@@ -562,6 +566,8 @@ impl Partial<'_> {
                 rec.current.source == PolicySource::Builtin && rec.current.sha256 != builtin_sha;
             if !upgraded_builtin {
                 match self.store.blob(&rec.current.sha256)? {
+                    // It passed conformance when it was activated, and `configure` still
+                    // checks today's settings: skip the cases so restarts stay fast.
                     Some(bytes) => match prepare(
                         self.engine,
                         self.compiler,
@@ -569,6 +575,7 @@ impl Partial<'_> {
                         kind,
                         &bytes,
                         rec.current.source,
+                        false,
                     ) {
                         Ok((_, loaded)) => return Ok(loaded),
                         Err(e) => tracing::error!(
@@ -605,6 +612,7 @@ fn prepare(
     kind: PolicyKind,
     bytes: &[u8],
     source: PolicySource,
+    conformance_cases: bool,
 ) -> Result<(UploadReport, Arc<LoadedPolicy>), UploadError> {
     let start = Instant::now();
     if bytes.len() > settings.max_upload_bytes {
@@ -631,7 +639,11 @@ fn prepare(
         meta,
         settings.run_settings(kind),
     )?;
-    let cases = conformance::run(&loaded, &settings.standard(kind));
+    let cases = if conformance_cases {
+        conformance::run(&loaded, &settings.standard(kind))
+    } else {
+        Vec::new()
+    };
     let failed = conformance::failures(&cases);
     if !failed.is_empty() {
         return Err(UploadError::Conformance { failed });
@@ -666,6 +678,7 @@ pub fn test_component(
         kind,
         bytes,
         PolicySource::Upload,
+        true,
     )
     .map(|(report, _)| report)
 }

@@ -2,8 +2,12 @@
 //! a schema version in `meta`. Records are versioned serde structs (JSON), so a newer worker
 //! can read what an older one wrote, and an older one refuses what it cannot understand.
 
+mod breakers;
+mod jobs;
 mod policies;
 
+pub use breakers::BreakerStore;
+pub use jobs::{JobFilter, JobRecord, JobStatus, JobStore};
 pub use policies::{ActiveRecord, BlobMeta, PolicyEntry, PolicyStore};
 
 use std::path::{Path, PathBuf};
@@ -112,6 +116,21 @@ impl StateDb {
     /// The policy trees.
     pub fn policies(&self) -> Result<PolicyStore, StateError> {
         PolicyStore::open(self)
+    }
+
+    /// The job trees.
+    pub fn jobs(&self) -> Result<JobStore, StateError> {
+        JobStore::open(self)
+    }
+
+    /// The breaker tree.
+    pub fn breakers(&self) -> Result<BreakerStore, StateError> {
+        BreakerStore::open(self)
+    }
+
+    /// A unique, increasing id (sled's monotonic counter, persisted).
+    pub fn generate_id(&self) -> Result<u64, StateError> {
+        Ok(self.db.generate_id()?)
     }
 }
 

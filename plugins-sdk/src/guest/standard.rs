@@ -7,13 +7,13 @@ use super::sanitization::Sanitized;
 use super::{FieldError, GenerationRequest};
 use crate::envelope::{self, ResilienceConfig};
 use crate::rules::request::ValidatorConfig;
-use crate::rules::sanitize::SanitizerConfig;
-use crate::rules::{breaker, request, retry, sanitize};
+use crate::rules::sanitize::{Sanitizer as PreparedSanitizer, SanitizerConfig};
+use crate::rules::{breaker, request, retry};
 
 /// Settings stored by `configure`; an instance serves one configuration for its lifetime.
 struct Stored {
     validator: ValidatorConfig,
-    sanitizer: SanitizerConfig,
+    sanitizer: PreparedSanitizer,
     resilience: ResilienceConfig,
     custom: String,
 }
@@ -26,7 +26,7 @@ fn with_stored<R>(f: impl FnOnce(&mut Stored) -> R) -> R {
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let stored = guard.get_or_insert_with(|| Stored {
         validator: ValidatorConfig::default(),
-        sanitizer: SanitizerConfig::default(),
+        sanitizer: PreparedSanitizer::new(SanitizerConfig::default()),
         resilience: ResilienceConfig::default(),
         custom: "null".into(),
     });
@@ -47,7 +47,7 @@ pub fn configure_validator(json: &str) -> Result<(), String> {
 pub fn configure_sanitizer(json: &str) -> Result<(), String> {
     let env = envelope::parse::<SanitizerConfig>(json, SanitizerConfig::check)?;
     with_stored(|s| {
-        s.sanitizer = env.standard;
+        s.sanitizer = PreparedSanitizer::new(env.standard);
         s.custom = env.custom.to_string();
     });
     Ok(())
@@ -71,16 +71,14 @@ pub fn custom_config() -> String {
 /// The built-in validation rules with the host's limits: a custom validator calls this first
 /// and adds its own checks to the result.
 pub fn standard_request(input_json: &str) -> Result<GenerationRequest, Vec<FieldError>> {
-    let cfg = with_stored(|s| s.validator.clone());
-    request::validate_input(input_json, &cfg)
+    with_stored(|s| request::validate_input(input_json, &s.validator))
         .map(Into::into)
         .map_err(|errors| errors.into_iter().map(Into::into).collect())
 }
 
 /// The built-in sanitizer with the host's settings.
 pub fn standard_sanitize(prompt: &str) -> Sanitized {
-    let cfg = with_stored(|s| s.sanitizer.clone());
-    sanitize::sanitize(prompt, &cfg).into()
+    with_stored(|s| s.sanitizer.sanitize(prompt)).into()
 }
 
 /// The built-in circuit-breaker admission.

@@ -75,8 +75,47 @@ pub enum Sanitized {
 /// Cleans `prompt`: NFKC, invisible/bidi/control characters removed, whitespace collapsed,
 /// length capped; then screens the result for blocked terms. Never echoes a matched term.
 pub fn sanitize(prompt: &str, cfg: &SanitizerConfig) -> Sanitized {
+    Sanitizer::new(cfg.clone()).sanitize(prompt)
+}
+
+/// A sanitizer with its blocked terms prepared once, for callers that clean many prompts
+/// with one configuration (policy instances, the host's native fallback).
+pub struct Sanitizer {
+    cfg: SanitizerConfig,
+    terms: Vec<Term>,
+}
+
+impl Sanitizer {
+    /// Prepares `cfg`'s blocked terms.
+    pub fn new(cfg: SanitizerConfig) -> Self {
+        let terms = cfg
+            .blocked_terms
+            .iter()
+            .map(|t| Term::new(t))
+            .filter(|t| !t.letters.is_empty())
+            .collect();
+        Self { cfg, terms }
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &SanitizerConfig {
+        &self.cfg
+    }
+
+    /// Cleans one prompt; see [`sanitize`].
+    pub fn sanitize(&self, prompt: &str) -> Sanitized {
+        sanitize_prepared(prompt, &self.cfg, &self.terms)
+    }
+}
+
+fn sanitize_prepared(prompt: &str, cfg: &SanitizerConfig, terms: &[Term]) -> Sanitized {
     let mut changes = Vec::new();
-    let nfkc: String = prompt.nfkc().collect();
+    // ASCII is its own NFKC form: skip the table walk for the common case.
+    let nfkc: String = if prompt.is_ascii() {
+        prompt.to_string()
+    } else {
+        prompt.nfkc().collect()
+    };
     if nfkc != prompt {
         changes.push("normalized Unicode (NFKC)".to_string());
     }
@@ -138,10 +177,7 @@ pub fn sanitize(prompt: &str, cfg: &SanitizerConfig) -> Sanitized {
     }
 
     let units = units(&text);
-    let blocked = cfg
-        .blocked_terms
-        .iter()
-        .any(|t| Term::new(t).found_in(&units));
+    let blocked = terms.iter().any(|t| t.found_in(&units));
     if blocked {
         return Sanitized::Reject(FieldError::new(
             "/input/prompt",
@@ -211,7 +247,13 @@ fn is_mark(c: char) -> bool {
 /// Lowercases, decomposes (NFKD) and drops combining marks, then classifies each character,
 /// folding leetspeak digits and symbols.
 fn units(text: &str) -> Vec<Unit> {
-    text.nfkd()
+    // ASCII has no decompositions or combining marks: skip NFKD for it.
+    let decomposed: Box<dyn Iterator<Item = char> + '_> = if text.is_ascii() {
+        Box::new(text.chars())
+    } else {
+        Box::new(text.nfkd())
+    };
+    decomposed
         .flat_map(char::to_lowercase)
         .filter(|&c| !is_mark(c))
         .map(|c| match c {

@@ -1,0 +1,313 @@
+//! `headshot serve`: opens the state, policies, storage and job service, and serves the
+//! local API and the admin API until shutdown.
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, StorageBackend};
+use crate::jobs::JobService;
+use crate::policy::{PolicyKind, PolicySettings, Registry};
+use crate::state::StateDb;
+use crate::storage::{LocalStore, Store, SupabaseStore};
+
+/// Why the server could not start. Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Data dir, token file, key file.
+    #[error("{what} ({}): {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A port could not be bound.
+    #[error(
+        "cannot listen on {addr}: {source} (change server.port / server.admin_port or use --port/--admin-port)"
+    )]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Anything else, with its message.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A running server.
+pub struct Running {
+    /// Where the local API listens.
+    pub api_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// The admin bearer token.
+    pub admin_token: String,
+    /// Where the token was written when generated.
+    pub admin_token_file: Option<PathBuf>,
+    /// The job service.
+    pub service: JobService,
+    state: StateDb,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting requests, lets in-flight ones finish, and flushes the state.
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = self.state.flush() {
+            tracing::error!(error = %e, "flushing state at shutdown failed");
+        }
+    }
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServeError + 'a {
+    move |source| ServeError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `n` random bytes from the OS, hex-encoded.
+pub fn random_hex(n: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `contents` to `path` readable by the owner only.
+pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn admin_token(config: &Config) -> Result<(String, Option<PathBuf>), ServeError> {
+    if !config.server.admin_token.is_empty() {
+        return Ok((config.server.admin_token.clone(), None));
+    }
+    let path = config.data_dir.join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), Some(path))),
+        _ => {}
+    }
+    let token = random_hex(32).map_err(io("generating the admin token", &path))?;
+    write_private(&path, token.as_bytes()).map_err(io("writing the admin token", &path))?;
+    Ok((token, Some(path)))
+}
+
+/// Starts everything on the current Tokio runtime.
+pub async fn start(config: Config) -> Result<Running, ServeError> {
+    let data = config.data_dir.clone();
+    std::fs::create_dir_all(&data).map_err(io("creating the data dir", &data))?;
+    let state = StateDb::open(&data.join("state")).map_err(|e| ServeError::Other(e.to_string()))?;
+    let settings = PolicySettings::from_config(&config);
+    let cache = data.join("policy-cache");
+    let st = state.clone();
+    let registry = tokio::task::spawn_blocking(move || Registry::open(settings, &st, &cache))
+        .await
+        .map_err(|e| ServeError::Other(e.to_string()))?
+        .map_err(|e| ServeError::Other(format!("loading policies: {e}")))?;
+    let (token, token_file) = admin_token(&config)?;
+
+    let api_addr = format!("{}:{}", config.server.host, config.server.port);
+    let api_listener = tokio::net::TcpListener::bind(&api_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: api_addr.clone(),
+            source,
+        })?;
+    let api_local = api_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            addr: api_addr,
+            source,
+        })?;
+    let admin_addr = format!("{}:{}", config.server.host, config.server.admin_port);
+    let admin_listener = tokio::net::TcpListener::bind(&admin_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: admin_addr.clone(),
+            source,
+        })?;
+    let admin_local = admin_listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind {
+            addr: admin_addr,
+            source,
+        })?;
+
+    let store = match config.storage.backend {
+        StorageBackend::Local => {
+            let base = if config.storage.local.public_base_url.is_empty() {
+                format!("http://{api_local}")
+            } else {
+                config
+                    .storage
+                    .local
+                    .public_base_url
+                    .trim_end_matches('/')
+                    .to_string()
+            };
+            let key = LocalStore::load_or_create_key(
+                &config.storage.local.signing_key,
+                &data.join("signing.key"),
+            )
+            .map_err(|e| ServeError::Other(e.to_string()))?;
+            Store::Local(
+                LocalStore::new(data.join("images"), base, key)
+                    .map_err(|e| ServeError::Other(e.to_string()))?,
+            )
+        }
+        StorageBackend::Supabase => Store::Supabase(
+            SupabaseStore::new(&config.storage.supabase)
+                .map_err(|e| ServeError::Other(e.to_string()))?,
+        ),
+    };
+    let service = JobService::start(
+        Arc::new(config),
+        &state,
+        Arc::new(registry),
+        Arc::new(store),
+    )
+    .map_err(|e| ServeError::Other(e.message))?;
+
+    let (stop, _) = watch::channel(false);
+    let api = super::api::router(super::api::ApiState {
+        service: service.clone(),
+    });
+    let admin = super::admin::router(super::admin::AdminState {
+        service: service.clone(),
+        token: token.clone().into(),
+    });
+    let mut tasks = Vec::new();
+    for (listener, app, name) in [
+        (api_listener, api, "local API"),
+        (admin_listener, admin, "admin API"),
+    ] {
+        let mut rx = stop.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let graceful = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(graceful)
+                .await
+            {
+                tracing::error!(server = name, error = %e, "server stopped with an error");
+            }
+        }));
+    }
+    tracing::info!(api = %api_local, admin = %admin_local, "serving");
+    Ok(Running {
+        api_addr: api_local,
+        admin_addr: admin_local,
+        admin_token: token,
+        admin_token_file: token_file,
+        service,
+        state,
+        stop,
+        tasks,
+    })
+}
+
+/// Prometheus text exposition of the worker's counters and gauges.
+pub fn metrics_text(service: &JobService) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP headshot_jobs Jobs in the history by status.\n# TYPE headshot_jobs gauge"
+    );
+    if let Ok(c) = service.counts() {
+        for (status, n) in [
+            ("completed", c.completed),
+            ("failed", c.failed),
+            ("in_progress", c.in_progress),
+            ("in_queue", c.in_queue),
+            ("cancelled", c.cancelled),
+        ] {
+            let _ = writeln!(out, "headshot_jobs{{status=\"{status}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP headshot_jobs_retried_total Runs restarted after a crash.\n# TYPE headshot_jobs_retried_total counter\nheadshot_jobs_retried_total {}",
+            c.retried
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP headshot_queue_depth Jobs waiting to run.\n# TYPE headshot_queue_depth gauge\nheadshot_queue_depth {}",
+        service.queued()
+    );
+    let model = service.inference().state();
+    let _ = writeln!(
+        out,
+        "# HELP headshot_model_loaded Whether the model is loaded.\n# TYPE headshot_model_loaded gauge\nheadshot_model_loaded {}",
+        u8::from(model.loaded)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP headshot_policy_calls_total Policy calls on the active version.\n# TYPE headshot_policy_calls_total counter"
+    );
+    if let Ok(slots) = service.registry().status() {
+        for s in &slots {
+            let _ = writeln!(
+                out,
+                "headshot_policy_calls_total{{slot=\"{}\"}} {}",
+                s.kind, s.calls
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP headshot_policy_failures_total Policy calls that trapped or broke a limit.\n# TYPE headshot_policy_failures_total counter"
+        );
+        for s in &slots {
+            let _ = writeln!(
+                out,
+                "headshot_policy_failures_total{{slot=\"{}\"}} {}",
+                s.kind, s.failures
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP headshot_breaker_open Whether a circuit breaker refuses calls (open or forced open).\n# TYPE headshot_breaker_open gauge"
+    );
+    if let Ok(all) = service.breakers().all() {
+        use headshot_plugin_sdk::rules::breaker::State;
+        for (name, b) in all {
+            let open = matches!(b.state, State::Open | State::ForcedOpen);
+            let _ = writeln!(
+                out,
+                "headshot_breaker_open{{breaker=\"{name}\"}} {}",
+                u8::from(open)
+            );
+        }
+    }
+    let _ = PolicyKind::ALL;
+    out
+}

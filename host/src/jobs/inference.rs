@@ -1,0 +1,208 @@
+//! The one thread that owns the model. Jobs send it work over a channel and await the reply;
+//! HTTP handlers never touch the pipeline and never block on it.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::pipeline::{
+    FluxPipeline, GenerateError, Generation, GenerationParams, LoadOptions, PipelineStatus,
+    StepProgress,
+};
+
+/// Why the inference thread could not produce images.
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    /// The model could not be loaded; the next job tries again.
+    #[error("the model could not be loaded: {0}")]
+    Load(String),
+    /// Generation failed (or was cancelled).
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    /// The inference thread is gone.
+    #[error("the inference thread has stopped")]
+    Stopped,
+}
+
+/// What `/readyz` and the admin API show about the model.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ModelState {
+    /// Loaded and ready.
+    pub loaded: bool,
+    /// Generating now.
+    pub busy: bool,
+    /// Last load failure, if the model is not loaded.
+    pub last_error: Option<String>,
+    /// Components, device, dtype, memory (when loaded).
+    pub status: Option<PipelineStatus>,
+    /// Loads so far.
+    pub loads: u32,
+}
+
+type Progress = Box<dyn FnMut(StepProgress) + Send>;
+
+enum Work {
+    Generate {
+        params: GenerationParams,
+        cancel: Arc<AtomicBool>,
+        progress: Progress,
+        reply: oneshot::Sender<Result<Generation, InferError>>,
+    },
+    Load {
+        reload: bool,
+        reply: oneshot::Sender<Result<(), InferError>>,
+    },
+}
+
+/// Handle to the inference thread.
+#[derive(Clone)]
+pub struct Inference {
+    tx: mpsc::Sender<Work>,
+    state: Arc<Mutex<ModelState>>,
+}
+
+impl Inference {
+    /// Starts the thread. The model loads on the first job or [`Inference::load`].
+    pub fn start(options: LoadOptions) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Work>();
+        let state = Arc::new(Mutex::new(ModelState::default()));
+        let shared = Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || run(options, rx, shared))?;
+        Ok(Self { tx, state })
+    }
+
+    /// A snapshot of the model state.
+    pub fn state(&self) -> ModelState {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Loads the model (or reloads it when `reload`).
+    pub async fn load(&self, reload: bool) -> Result<(), InferError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Work::Load { reload, reply })
+            .map_err(|_| InferError::Stopped)?;
+        answer.await.map_err(|_| InferError::Stopped)?
+    }
+
+    /// Generates; `progress` is called on the inference thread after every step, and
+    /// setting `cancel` stops at the next step boundary.
+    pub async fn generate(
+        &self,
+        params: GenerationParams,
+        cancel: Arc<AtomicBool>,
+        progress: Progress,
+    ) -> Result<Generation, InferError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Work::Generate {
+                params,
+                cancel,
+                progress,
+                reply,
+            })
+            .map_err(|_| InferError::Stopped)?;
+        answer.await.map_err(|_| InferError::Stopped)?
+    }
+}
+
+fn set(state: &Mutex<ModelState>, f: impl FnOnce(&mut ModelState)) {
+    if let Ok(mut s) = state.lock() {
+        f(&mut s);
+    }
+}
+
+fn ensure_loaded(
+    options: &LoadOptions,
+    pipeline: &mut Option<FluxPipeline>,
+    state: &Mutex<ModelState>,
+) -> Result<(), InferError> {
+    if pipeline.is_some() {
+        return Ok(());
+    }
+    match FluxPipeline::load(options) {
+        Ok(p) => {
+            let status = p.status();
+            *pipeline = Some(p);
+            set(state, |s| {
+                s.loaded = true;
+                s.last_error = None;
+                s.status = Some(status);
+                s.loads += 1;
+            });
+            Ok(())
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            tracing::error!(error = %msg, "model load failed");
+            set(state, |s| {
+                s.loaded = false;
+                s.last_error = Some(msg.clone());
+            });
+            Err(InferError::Load(msg))
+        }
+    }
+}
+
+fn run(options: LoadOptions, rx: mpsc::Receiver<Work>, state: Arc<Mutex<ModelState>>) {
+    let mut pipeline: Option<FluxPipeline> = None;
+    while let Ok(work) = rx.recv() {
+        match work {
+            Work::Load { reload, reply } => {
+                if reload {
+                    pipeline = None;
+                    set(&state, |s| s.loaded = false);
+                }
+                let _ = reply.send(ensure_loaded(&options, &mut pipeline, &state));
+            }
+            Work::Generate {
+                params,
+                cancel,
+                mut progress,
+                reply,
+            } => {
+                if cancel.load(Ordering::Acquire) {
+                    let total = params.steps.unwrap_or(0);
+                    let _ = reply.send(Err(InferError::Generate(GenerateError::Cancelled {
+                        completed: 0,
+                        total,
+                    })));
+                    continue;
+                }
+                let result = ensure_loaded(&options, &mut pipeline, &state).and_then(|()| {
+                    let Some(p) = pipeline.as_mut() else {
+                        return Err(InferError::Stopped);
+                    };
+                    set(&state, |s| s.busy = true);
+                    let mut on_step = |step: StepProgress| {
+                        progress(step);
+                        if cancel.load(Ordering::Acquire) {
+                            ControlFlow::Break(())
+                        } else {
+                            ControlFlow::Continue(())
+                        }
+                    };
+                    let out = p.generate(&params, &mut on_step).map_err(InferError::from);
+                    set(&state, |s| {
+                        s.busy = false;
+                        s.status = Some(p.status());
+                    });
+                    out
+                });
+                if let Err(InferError::Generate(e)) = &result
+                    && e.is_out_of_memory()
+                {
+                    // The pipeline's state is suspect after an OOM: reload on the next job.
+                    pipeline = None;
+                    set(&state, |s| s.loaded = false);
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+}

@@ -1,0 +1,788 @@
+//! The orchestrator: one job through accept → validate → sanitize → admit → generate →
+//! store → finish (DESIGN §3), with per-stage timings and the policy versions used.
+//!
+//! Jobs are accepted durably (flushed to sled) before the caller hears "IN_QUEUE", run one at
+//! a time by a dispatcher task (generation itself happens on the inference thread), and
+//! recorded durably when they end. A job id seen before returns its record and never runs
+//! twice; storage keys are per job, so a job rerun after a crash never uploads twice either.
+
+pub mod inference;
+pub mod live;
+pub mod upload;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use headshot_plugin_sdk::rules::request::{FieldError, Request};
+use headshot_plugin_sdk::rules::sanitize::Sanitized;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, OnRestart, OutputMode};
+use crate::error::{ErrorResponse, ErrorType};
+use crate::pipeline::rng::Rng;
+use crate::pipeline::style::apply_style;
+use crate::pipeline::{GenerateError, GenerationParams, LoadOptions};
+use crate::policy::{PolicyKind, Registry, ValidateError};
+use crate::state::{BreakerStore, JobFilter, JobRecord, JobStatus, JobStore, StateDb};
+use crate::storage::{ImageStore, ObjectKey, Store};
+use inference::{InferError, Inference};
+use live::LiveJobs;
+use upload::now_ms;
+
+/// Longest accepted job id (also a storage path segment).
+pub const MAX_JOB_ID_CHARS: usize = 128;
+
+/// Answer to a submission.
+#[derive(Debug)]
+pub enum Submitted {
+    /// Stored and queued now.
+    Accepted(JobRecord),
+    /// The id was seen before: its record, untouched.
+    Existing(JobRecord),
+}
+
+impl Submitted {
+    /// The record either way.
+    pub fn record(&self) -> &JobRecord {
+        match self {
+            Self::Accepted(r) | Self::Existing(r) => r,
+        }
+    }
+}
+
+/// Job counts in Runpod's `/health` shape.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Counts {
+    /// Finished successfully.
+    pub completed: u64,
+    /// Finished with an error.
+    pub failed: u64,
+    /// Running.
+    #[serde(rename = "inProgress")]
+    pub in_progress: u64,
+    /// Waiting.
+    #[serde(rename = "inQueue")]
+    pub in_queue: u64,
+    /// Runs restarted after a crash.
+    pub retried: u64,
+    /// Cancelled.
+    pub cancelled: u64,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    jobs: JobStore,
+    breakers: BreakerStore,
+    registry: Arc<Registry>,
+    store: Arc<Store>,
+    inference: Inference,
+    live: LiveJobs,
+    queue: mpsc::UnboundedSender<String>,
+    queued: AtomicUsize,
+    retried: AtomicUsize,
+    worker_id: String,
+    unsent_dir: PathBuf,
+}
+
+/// The job service; cheap to clone.
+#[derive(Clone)]
+pub struct JobService {
+    inner: Arc<Inner>,
+}
+
+impl JobService {
+    /// Starts the dispatcher (on the current Tokio runtime) and the inference thread, and
+    /// deals with jobs a previous run left unfinished (`jobs.on_restart`).
+    pub fn start(
+        config: Arc<Config>,
+        state: &StateDb,
+        registry: Arc<Registry>,
+        store: Arc<Store>,
+    ) -> Result<Self, ErrorResponse> {
+        let init = |what: &str, e: String| {
+            ErrorResponse::new(
+                ErrorType::InitializationError,
+                format!("{what}: {e}"),
+                Value::Null,
+            )
+        };
+        let jobs = state
+            .jobs()
+            .map_err(|e| init("opening the job store", e.to_string()))?;
+        let breakers = state
+            .breakers()
+            .map_err(|e| init("opening the breaker store", e.to_string()))?;
+        let inference = Inference::start(LoadOptions::from_config(&config))
+            .map_err(|e| init("starting the inference thread", e.to_string()))?;
+        let (queue, rx) = mpsc::unbounded_channel();
+        let worker_id = std::env::var("RUNPOD_POD_ID").unwrap_or_else(|_| "local".into());
+        let unsent_dir = config.data_dir.join("unsent");
+        let service = Self {
+            inner: Arc::new(Inner {
+                config,
+                jobs,
+                breakers,
+                registry,
+                store,
+                inference,
+                live: LiveJobs::default(),
+                queue,
+                queued: AtomicUsize::new(0),
+                retried: AtomicUsize::new(0),
+                worker_id,
+                unsent_dir,
+            }),
+        };
+        service.recover()?;
+        let dispatcher = service.clone();
+        tokio::spawn(async move { dispatcher.dispatch(rx).await });
+        Ok(service)
+    }
+
+    fn recover(&self) -> Result<(), ErrorResponse> {
+        let i = &self.inner;
+        let ids = i.jobs.unfinished().map_err(internal)?;
+        for id in ids {
+            let Some(mut rec) = i.jobs.get(&id).map_err(internal)? else {
+                continue;
+            };
+            if rec.status.is_terminal() {
+                i.jobs.put(&rec, false).map_err(internal)?;
+                continue;
+            }
+            match i.config.jobs.on_restart {
+                OnRestart::Requeue => {
+                    if rec.status == JobStatus::InProgress {
+                        i.retried.fetch_add(1, Ordering::Relaxed);
+                    }
+                    rec.status = JobStatus::InQueue;
+                    i.jobs.put(&rec, false).map_err(internal)?;
+                    i.live.entry(&id);
+                    i.queued.fetch_add(1, Ordering::AcqRel);
+                    let _ = i.queue.send(id.clone());
+                    tracing::info!(job = %id, "re-queued a job left unfinished by the previous run");
+                }
+                OnRestart::Fail => {
+                    let err = ErrorResponse::new(
+                        ErrorType::Internal,
+                        "the worker stopped while this job was unfinished (jobs.on_restart = \"fail\")",
+                        Value::Null,
+                    );
+                    finish(&mut rec, JobStatus::Failed, None, Some(err));
+                    i.jobs.put(&rec, true).map_err(internal)?;
+                }
+            }
+        }
+        i.jobs.flush_now().map_err(internal)?;
+        let c = &i.config.jobs;
+        if let Err(e) = i.jobs.prune(
+            c.retention_count,
+            c.retention_hours.saturating_mul(3_600_000),
+            now_ms(),
+        ) {
+            tracing::warn!(error = %e, "job history pruning failed");
+        }
+        Ok(())
+    }
+
+    /// The registry (admin API).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
+    }
+
+    /// The job store (admin API).
+    pub fn jobs(&self) -> &JobStore {
+        &self.inner.jobs
+    }
+
+    /// The breaker store (admin API).
+    pub fn breakers(&self) -> &BreakerStore {
+        &self.inner.breakers
+    }
+
+    /// The model thread (admin API, readiness).
+    pub fn inference(&self) -> &Inference {
+        &self.inner.inference
+    }
+
+    /// The image store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    /// This worker's id in responses.
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Jobs waiting.
+    pub fn queued(&self) -> usize {
+        self.inner.queued.load(Ordering::Acquire)
+    }
+
+    /// Accepts a job: stored and flushed before this returns. `id` is the caller's
+    /// idempotency key (generated when absent).
+    pub fn submit(&self, id: Option<String>, input: Value) -> Result<Submitted, ErrorResponse> {
+        let i = &self.inner;
+        if !input.is_object() {
+            return Err(ErrorResponse::validation(
+                "`input` must be a JSON object",
+                &[FieldError::new(
+                    "/input",
+                    "not_object",
+                    "`input` must be a JSON object such as {\"prompt\": \"...\", \"user_id\": \"...\"}",
+                )],
+            ));
+        }
+        let id = match id {
+            Some(id) => {
+                if !headshot_plugin_sdk::rules::request::user_id_is_safe(&id, MAX_JOB_ID_CHARS) {
+                    return Err(ErrorResponse::validation(
+                        "invalid job id",
+                        &[FieldError::new(
+                            "/id",
+                            "invalid_format",
+                            format!(
+                                "job ids use [A-Za-z0-9][A-Za-z0-9_-]* and at most {MAX_JOB_ID_CHARS} characters"
+                            ),
+                        )],
+                    ));
+                }
+                id
+            }
+            None => new_job_id(),
+        };
+        if let Some(existing) = i.jobs.get(&id).map_err(internal)? {
+            return Ok(Submitted::Existing(existing));
+        }
+        if i.queued.load(Ordering::Acquire) >= i.config.jobs.queue_capacity {
+            return Err(ErrorResponse::new(
+                ErrorType::ResourceExhausted,
+                format!(
+                    "the queue is full ({} jobs waiting; jobs.queue_capacity)",
+                    i.config.jobs.queue_capacity
+                ),
+                json!({ "retry_after_ms": 1000 }),
+            ));
+        }
+        match i.jobs.accept(&id, input, now_ms()).map_err(internal)? {
+            Err(existing) => Ok(Submitted::Existing(existing)),
+            Ok(record) => {
+                i.live.entry(&id);
+                i.queued.fetch_add(1, Ordering::AcqRel);
+                if i.queue.send(id).is_err() {
+                    return Err(ErrorResponse::new(
+                        ErrorType::Internal,
+                        "the job dispatcher has stopped",
+                        Value::Null,
+                    ));
+                }
+                Ok(Submitted::Accepted(record))
+            }
+        }
+    }
+
+    /// A job's record and, while it runs, its latest progress.
+    pub fn get(&self, id: &str) -> Result<Option<(JobRecord, Option<Value>)>, ErrorResponse> {
+        let rec = self.inner.jobs.get(id).map_err(internal)?;
+        Ok(rec.map(|r| {
+            let progress = self.inner.live.get(id).and_then(|l| l.latest());
+            (r, progress)
+        }))
+    }
+
+    /// Progress chunks not handed out yet (each chunk is returned once).
+    pub fn drain_stream(&self, id: &str) -> Vec<Value> {
+        self.inner
+            .live
+            .get(id)
+            .map(|l| l.drain())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the job is finished or `timeout` passes; returns the latest record.
+    pub async fn wait(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Option<JobRecord>, ErrorResponse> {
+        let mut rx = self.inner.live.get(id).map(|l| l.subscribe());
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let rec = self.inner.jobs.get(id).map_err(internal)?;
+            match &rec {
+                Some(r) if !r.status.is_terminal() => {}
+                _ => return Ok(rec),
+            }
+            let Some(rx) = rx.as_mut() else {
+                // No live state (e.g. after eviction): poll.
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(rec);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            if *rx.borrow() {
+                continue;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return self.inner.jobs.get(id).map_err(internal),
+                Err(_) => return self.inner.jobs.get(id).map_err(internal),
+            }
+        }
+    }
+
+    /// Cancels a job: a queued one at once, a running one at its next step. Returns the
+    /// record (unchanged when already finished), or `None` for an unknown id.
+    pub fn cancel(&self, id: &str) -> Result<Option<JobRecord>, ErrorResponse> {
+        let i = &self.inner;
+        let Some(mut rec) = i.jobs.get(id).map_err(internal)? else {
+            return Ok(None);
+        };
+        if rec.status.is_terminal() {
+            return Ok(Some(rec));
+        }
+        let live = i.live.entry(id);
+        live.cancel.store(true, Ordering::Release);
+        if rec.status == JobStatus::InQueue {
+            let err = ErrorResponse::new(
+                ErrorType::Cancelled,
+                "cancelled before it started",
+                Value::Null,
+            );
+            finish(&mut rec, JobStatus::Cancelled, None, Some(err));
+            i.jobs.put(&rec, true).map_err(internal)?;
+            i.live.finish(id);
+        }
+        Ok(Some(rec))
+    }
+
+    /// Cancels every queued job; returns how many.
+    pub fn purge_queue(&self) -> Result<usize, ErrorResponse> {
+        let ids = self.inner.jobs.unfinished().map_err(internal)?;
+        let mut removed = 0;
+        for id in ids {
+            if let Some(rec) = self.inner.jobs.get(&id).map_err(internal)?
+                && rec.status == JobStatus::InQueue
+            {
+                self.cancel(&id)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Counts by state.
+    pub fn counts(&self) -> Result<Counts, ErrorResponse> {
+        let c = self.inner.jobs.counts().map_err(internal)?;
+        let get = |s| c.get(&s).copied().unwrap_or(0);
+        Ok(Counts {
+            completed: get(JobStatus::Completed),
+            failed: get(JobStatus::Failed),
+            in_progress: get(JobStatus::InProgress),
+            in_queue: get(JobStatus::InQueue),
+            retried: self.inner.retried.load(Ordering::Relaxed) as u64,
+            cancelled: get(JobStatus::Cancelled),
+        })
+    }
+
+    /// History page (admin API).
+    pub fn list(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<JobRecord>, Option<String>), ErrorResponse> {
+        self.inner
+            .jobs
+            .list(filter, cursor, limit)
+            .map_err(internal)
+    }
+
+    async fn dispatch(self, mut rx: mpsc::UnboundedReceiver<String>) {
+        let mut since_prune = 0u32;
+        while let Some(id) = rx.recv().await {
+            self.inner.queued.fetch_sub(1, Ordering::AcqRel);
+            if let Err(e) = self.run(&id).await {
+                tracing::error!(job = %id, error = %e.message, "job could not be recorded");
+            }
+            self.inner.live.finish(&id);
+            since_prune += 1;
+            if since_prune >= 256 {
+                since_prune = 0;
+                let c = &self.inner.config.jobs;
+                if let Err(e) = self.inner.jobs.prune(
+                    c.retention_count,
+                    c.retention_hours.saturating_mul(3_600_000),
+                    now_ms(),
+                ) {
+                    tracing::warn!(error = %e, "job history pruning failed");
+                }
+            }
+        }
+    }
+
+    /// Runs one job to its end and records the result.
+    async fn run(&self, id: &str) -> Result<(), ErrorResponse> {
+        let i = &self.inner;
+        let Some(mut rec) = i.jobs.get(id).map_err(internal)? else {
+            return Ok(());
+        };
+        if rec.status.is_terminal() {
+            return Ok(());
+        }
+        let live = i.live.entry(id);
+        if live.cancel.load(Ordering::Acquire) {
+            let err = ErrorResponse::new(
+                ErrorType::Cancelled,
+                "cancelled before it started",
+                Value::Null,
+            );
+            finish(&mut rec, JobStatus::Cancelled, None, Some(err));
+            return i.jobs.put(&rec, true).map_err(internal);
+        }
+        rec.status = JobStatus::InProgress;
+        rec.attempts += 1;
+        let started = now_ms();
+        rec.started_ms = Some(started);
+        rec.timings.insert(
+            "queue_ms".into(),
+            started.saturating_sub(rec.created_ms) as f64,
+        );
+        i.jobs.put(&rec, false).map_err(internal)?;
+        let t0 = Instant::now();
+        let outcome = self.stages(&mut rec, &live).await;
+        rec.timings.insert("total_ms".into(), ms(t0.elapsed()));
+        match outcome {
+            Ok(output) => finish(&mut rec, JobStatus::Completed, Some(output), None),
+            Err(err) if err.error_type == ErrorType::Cancelled => {
+                finish(&mut rec, JobStatus::Cancelled, None, Some(err))
+            }
+            Err(err) => finish(&mut rec, JobStatus::Failed, None, Some(err)),
+        }
+        i.jobs.put(&rec, true).map_err(internal)
+    }
+
+    async fn stages(&self, rec: &mut JobRecord, live: &live::Live) -> Result<Value, ErrorResponse> {
+        let i = &self.inner;
+        // validate
+        let t = Instant::now();
+        let request = match rec
+            .request
+            .clone()
+            .and_then(|v| serde_json::from_value::<Request>(v).ok())
+        {
+            // A rerun after a crash: the request (with its seed) was fixed by the first run.
+            Some(r) => r,
+            None => {
+                let input = rec.input.to_string();
+                let (result, used) = i.registry.validate(&input);
+                rec.policies
+                    .insert(PolicyKind::Validator.as_str().into(), used.sha256);
+                let mut req = match result {
+                    Ok(r) => r,
+                    Err(ValidateError::Invalid(fields)) => {
+                        return Err(ErrorResponse::validation(
+                            format!("the job input has {} problem(s)", fields.len()),
+                            &fields,
+                        ));
+                    }
+                    Err(ValidateError::Policy(f)) => return Err(policy_error(&f)),
+                };
+                rec.timings.insert("validate_ms".into(), ms(t.elapsed()));
+                // sanitize
+                let t = Instant::now();
+                let (result, used) = i.registry.sanitize(&req.prompt);
+                rec.policies
+                    .insert(PolicyKind::Sanitizer.as_str().into(), used.sha256);
+                match result {
+                    Ok(Sanitized::Unchanged) => {}
+                    Ok(Sanitized::Cleaned { text, changes }) => {
+                        req.prompt = text;
+                        rec.timings
+                            .insert("sanitize_changes".into(), changes.len() as f64);
+                    }
+                    Ok(Sanitized::Reject(field)) => {
+                        return Err(ErrorResponse::validation(
+                            format!("the prompt was refused: {}", field.message),
+                            &[field],
+                        ));
+                    }
+                    Err(f) => return Err(policy_error(&f)),
+                }
+                rec.timings.insert("sanitize_ms".into(), ms(t.elapsed()));
+                if req.seed.is_none() {
+                    req.seed = Some(crate::pipeline::params::random_seed());
+                }
+                rec.request = serde_json::to_value(&req).ok();
+                i.jobs.put(rec, false).map_err(internal)?;
+                req
+            }
+        };
+        // admit
+        let t = Instant::now();
+        let mode = i.config.server.output;
+        if mode == OutputMode::Url {
+            upload::admit(&i.registry, &i.breakers, upload::STORAGE_BREAKER)?;
+        }
+        rec.timings.insert("admit_ms".into(), ms(t.elapsed()));
+        // generate
+        let t = Instant::now();
+        let prompt = apply_style(&i.config.styles, request.style.as_deref(), &request.prompt)
+            .map_err(|e| {
+                ErrorResponse::validation(
+                    e.to_string(),
+                    &[FieldError::new(
+                        "/input/style",
+                        "unknown_style",
+                        e.to_string(),
+                    )],
+                )
+            })?;
+        let params = GenerationParams {
+            prompt,
+            width: request.width,
+            height: request.height,
+            steps: Some(request.steps),
+            guidance: request.guidance.map(f64::from),
+            seed: request.seed,
+            num_images: request.num_images,
+        };
+        let progress_live = i.live.entry(&rec.id);
+        let progress = Box::new(move |p: crate::pipeline::StepProgress| {
+            progress_live
+                .progress(json!({ "step": p.step, "total": p.total, "elapsed_ms": p.elapsed_ms }));
+        });
+        let generation = i
+            .inference
+            .generate(params, Arc::clone(&live.cancel), progress)
+            .await
+            .map_err(infer_error)?;
+        rec.timings.insert("generate_ms".into(), ms(t.elapsed()));
+        rec.timings
+            .insert("denoise_ms".into(), generation.timings.denoise_ms);
+        // store
+        let t = Instant::now();
+        let max_user = i.config.policies.validator.max_user_id_chars as usize;
+        let mut images = Vec::with_capacity(generation.images.len());
+        match mode {
+            OutputMode::Base64 => {
+                for img in &generation.images {
+                    images.push(json!({ "base64": base64(&img.png), "seed": img.seed, "width": img.width, "height": img.height }));
+                }
+            }
+            OutputMode::Url => {
+                let keys = generation
+                    .images
+                    .iter()
+                    .enumerate()
+                    .map(|(n, _)| ObjectKey::new(&request.user_id, &rec.id, n as u32, max_user))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        ErrorResponse::validation(
+                            e.to_string(),
+                            &[FieldError::new(
+                                "/input/user_id",
+                                "invalid_format",
+                                e.to_string(),
+                            )],
+                        )
+                    })?;
+                let mut rng = Rng::new(now_ms() ^ request.seed.unwrap_or(0));
+                for (key, img) in keys.iter().zip(&generation.images) {
+                    if let Err(mut err) = upload::upload_one(
+                        &i.registry,
+                        &i.breakers,
+                        &i.store,
+                        key,
+                        &img.png,
+                        &mut rng,
+                    )
+                    .await
+                    {
+                        let pngs: Vec<&[u8]> =
+                            generation.images.iter().map(|g| g.png.as_slice()).collect();
+                        match upload::keep_locally(&i.unsent_dir, &keys, &pngs) {
+                            Ok(dir) => {
+                                err.message = format!(
+                                    "{} The images are kept at {}.",
+                                    err.message,
+                                    dir.display()
+                                );
+                                if let Value::Object(m) = &mut err.details {
+                                    m.insert("kept_at".into(), json!(dir));
+                                }
+                            }
+                            Err(io) => {
+                                tracing::error!(job = %rec.id, error = %io, "could not keep images locally")
+                            }
+                        }
+                        return Err(err);
+                    }
+                }
+                let ttl = Duration::from_secs(i.config.storage.url_ttl_secs);
+                let urls = i.store.sign(&keys, ttl).await.map_err(|e| {
+                    ErrorResponse::new(
+                        ErrorType::StorageError,
+                        format!("signing the image URLs failed: {e}"),
+                        json!({ "error": e.to_string() }),
+                    )
+                })?;
+                for ((img, url), key) in generation.images.iter().zip(urls).zip(&keys) {
+                    images.push(json!({
+                        "url": url.url, "expires_at_ms": url.expires_at_ms, "key": key.path(),
+                        "seed": img.seed, "width": img.width, "height": img.height,
+                    }));
+                }
+            }
+        }
+        rec.timings.insert("store_ms".into(), ms(t.elapsed()));
+        let r = &generation.params;
+        Ok(json!({
+            "images": images,
+            "seed": request.seed,
+            "width": r.width,
+            "height": r.height,
+            "steps": r.steps,
+            "guidance": r.guidance,
+            "style": request.style,
+            "prompt": request.prompt,
+        }))
+    }
+}
+
+fn finish(
+    rec: &mut JobRecord,
+    status: JobStatus,
+    output: Option<Value>,
+    error: Option<ErrorResponse>,
+) {
+    rec.status = status;
+    rec.output = output;
+    rec.error = error;
+    rec.finished_ms = Some(now_ms());
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn internal(e: impl std::fmt::Display) -> ErrorResponse {
+    ErrorResponse::new(
+        ErrorType::Internal,
+        format!("state store: {e}"),
+        Value::Null,
+    )
+}
+
+fn policy_error(f: &crate::policy::PolicyFailure) -> ErrorResponse {
+    ErrorResponse::new(
+        ErrorType::PolicyError,
+        format!("the {} policy failed: {}", f.kind, f.error),
+        json!({ "policy": f.kind, "sha256": f.sha256, "error": f.error.to_string(), "limit": f.error.label() }),
+    )
+}
+
+fn infer_error(e: InferError) -> ErrorResponse {
+    match e {
+        InferError::Load(msg) => ErrorResponse::new(
+            ErrorType::InitializationError,
+            format!("the model is not available: {msg}"),
+            Value::Null,
+        ),
+        InferError::Stopped => ErrorResponse::new(
+            ErrorType::Internal,
+            "the inference thread has stopped",
+            Value::Null,
+        ),
+        InferError::Generate(g) => match &g {
+            GenerateError::Cancelled { completed, total } => ErrorResponse::new(
+                ErrorType::Cancelled,
+                format!("cancelled after {completed} of {total} steps"),
+                json!({ "completed_steps": completed, "total_steps": total }),
+            ),
+            GenerateError::InvalidParam { field, message } => ErrorResponse::validation(
+                g.to_string(),
+                &[FieldError::new(
+                    format!("/input/{field}"),
+                    "invalid",
+                    message.clone(),
+                )],
+            ),
+            _ if g.is_out_of_memory() => ErrorResponse::new(
+                ErrorType::ResourceExhausted,
+                format!("the device ran out of memory: {g}"),
+                json!({ "retry_after_ms": 5000 }),
+            ),
+            _ => ErrorResponse::new(ErrorType::GenerationError, g.to_string(), Value::Null),
+        },
+    }
+}
+
+/// A new job id: time-ordered and random enough not to collide.
+pub fn new_job_id() -> String {
+    let mut rng = Rng::new(now_ms() ^ crate::pipeline::params::random_seed());
+    format!("{:012x}-{:016x}", now_ms(), rng.next_u64())
+}
+
+/// Standard base64 (RFC 4648, padded).
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * k)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), expected);
+        }
+    }
+
+    #[test]
+    fn job_ids_are_safe_and_distinct() {
+        let a = new_job_id();
+        let b = new_job_id();
+        assert_ne!(a, b);
+        assert!(headshot_plugin_sdk::rules::request::user_id_is_safe(
+            &a,
+            MAX_JOB_ID_CHARS
+        ));
+    }
+}

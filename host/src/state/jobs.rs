@@ -1,0 +1,349 @@
+//! Trees `jobs` (id → record), `jobs_by_time` (created ms ‖ id → id) and `queue` (accepted
+//! but unfinished, seq → id). A job is written and flushed before it is acknowledged and
+//! again when it finishes, so a crash can lose neither.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{StateDb, StateError};
+use crate::error::ErrorResponse;
+
+/// Runpod's job states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobStatus {
+    /// Accepted, waiting.
+    InQueue,
+    /// Running.
+    InProgress,
+    /// Done, with output.
+    Completed,
+    /// Done, with an error.
+    Failed,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// Whether the job will not change any more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
+    /// The wire name (`IN_QUEUE`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InQueue => "IN_QUEUE",
+            Self::InProgress => "IN_PROGRESS",
+            Self::Completed => "COMPLETED",
+            Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::InQueue,
+            Self::InProgress,
+            Self::Completed,
+            Self::Failed,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|st| st.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+/// One job, as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Record format version.
+    pub record_version: u32,
+    /// Job id (the idempotency key).
+    pub id: String,
+    /// The job's `input`, as received.
+    pub input: serde_json::Value,
+    /// Current state.
+    pub status: JobStatus,
+    /// `input.user_id` when it was a string (for history queries; not validated).
+    pub user_id: Option<String>,
+    /// Unix ms.
+    pub created_ms: u64,
+    /// Unix ms, when a run started.
+    pub started_ms: Option<u64>,
+    /// Unix ms, when it ended.
+    pub finished_ms: Option<u64>,
+    /// The validated, sanitized request with its seed fixed (so a rerun after a crash
+    /// makes the same images).
+    pub request: Option<serde_json::Value>,
+    /// Result.
+    pub output: Option<serde_json::Value>,
+    /// Failure.
+    pub error: Option<ErrorResponse>,
+    /// Policy versions used, by slot.
+    pub policies: BTreeMap<String, String>,
+    /// Milliseconds per stage.
+    pub timings: BTreeMap<String, f64>,
+    /// Runs started (more than 1 after a crash).
+    pub attempts: u32,
+    /// Sequence number in the `queue` tree while unfinished.
+    pub queue_seq: Option<u64>,
+}
+
+/// A history query.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobFilter {
+    /// Only this state.
+    pub status: Option<JobStatus>,
+    /// Only this user.
+    pub user_id: Option<String>,
+    /// Created at or after (Unix ms).
+    pub since_ms: Option<u64>,
+    /// Created before (Unix ms).
+    pub until_ms: Option<u64>,
+}
+
+/// Access to the job trees.
+#[derive(Clone)]
+pub struct JobStore {
+    db: StateDb,
+    jobs: sled::Tree,
+    by_time: sled::Tree,
+    queue: sled::Tree,
+}
+
+fn time_key(created_ms: u64, id: &str) -> Vec<u8> {
+    let mut key = created_ms.to_be_bytes().to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+impl JobStore {
+    pub(super) fn open(db: &StateDb) -> Result<Self, StateError> {
+        Ok(Self {
+            db: db.clone(),
+            jobs: db.tree("jobs")?,
+            by_time: db.tree("jobs_by_time")?,
+            queue: db.tree("queue")?,
+        })
+    }
+
+    /// A job by id.
+    pub fn get(&self, id: &str) -> Result<Option<JobRecord>, StateError> {
+        self.jobs
+            .get(id)?
+            .map(|raw| {
+                serde_json::from_slice(&raw).map_err(|e| StateError::Corrupt {
+                    tree: "jobs",
+                    key: id.into(),
+                    message: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    /// Stores a new job as IN_QUEUE and flushes, unless the id exists: then returns the
+    /// existing record (idempotency) and writes nothing.
+    pub fn accept(
+        &self,
+        id: &str,
+        input: serde_json::Value,
+        now_ms: u64,
+    ) -> Result<Result<JobRecord, JobRecord>, StateError> {
+        if let Some(existing) = self.get(id)? {
+            return Ok(Err(existing));
+        }
+        let seq = self.db.generate_id()?;
+        let record = JobRecord {
+            record_version: 1,
+            id: id.into(),
+            user_id: input
+                .get("user_id")
+                .and_then(|v| v.as_str())
+                .map(|s| s.chars().take(256).collect()),
+            input,
+            status: JobStatus::InQueue,
+            created_ms: now_ms,
+            started_ms: None,
+            finished_ms: None,
+            request: None,
+            output: None,
+            error: None,
+            policies: BTreeMap::new(),
+            timings: BTreeMap::new(),
+            attempts: 0,
+            queue_seq: Some(seq),
+        };
+        let raw = encode(&record)?;
+        // Insert only if absent, so two concurrent submissions of one id cannot both win.
+        match self
+            .jobs
+            .compare_and_swap(id, None as Option<&[u8]>, Some(raw))?
+        {
+            Ok(()) => {}
+            Err(_) => {
+                return match self.get(id)? {
+                    Some(existing) => Ok(Err(existing)),
+                    None => Err(StateError::Corrupt {
+                        tree: "jobs",
+                        key: id.into(),
+                        message: "vanished during accept".into(),
+                    }),
+                };
+            }
+        }
+        self.by_time.insert(time_key(now_ms, id), id.as_bytes())?;
+        self.queue.insert(seq.to_be_bytes(), id.as_bytes())?;
+        self.db.flush()?;
+        Ok(Ok(record))
+    }
+
+    /// Writes `record`; when it is terminal, removes it from the queue. Flushes when
+    /// `durable` (acceptance and completion), not for intermediate states.
+    pub fn put(&self, record: &JobRecord, durable: bool) -> Result<(), StateError> {
+        self.jobs.insert(record.id.as_bytes(), encode(record)?)?;
+        if record.status.is_terminal()
+            && let Some(seq) = record.queue_seq
+        {
+            self.queue.remove(seq.to_be_bytes())?;
+        }
+        if durable {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything written so far.
+    pub fn flush_now(&self) -> Result<(), StateError> {
+        self.db.flush()
+    }
+
+    /// Ids of unfinished jobs, oldest first.
+    pub fn unfinished(&self) -> Result<Vec<String>, StateError> {
+        self.queue
+            .iter()
+            .values()
+            .map(|v| {
+                v.map(|id| String::from_utf8_lossy(&id).into_owned())
+                    .map_err(StateError::from)
+            })
+            .collect()
+    }
+
+    /// Newest first; `cursor` is the `next_cursor` of the previous page.
+    pub fn list(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<JobRecord>, Option<String>), StateError> {
+        let upper: Vec<u8> = match cursor.and_then(decode_cursor) {
+            Some(key) => key,
+            None => filter.until_ms.unwrap_or(u64::MAX).to_be_bytes().to_vec(),
+        };
+        let lower = filter.since_ms.unwrap_or(0).to_be_bytes().to_vec();
+        let mut out = Vec::new();
+        let mut next = None;
+        for item in self.by_time.range(lower..upper).rev() {
+            let (key, id) = item?;
+            let id = String::from_utf8_lossy(&id).into_owned();
+            let Some(record) = self.get(&id)? else {
+                continue;
+            };
+            if filter.status.is_some_and(|s| s != record.status) {
+                continue;
+            }
+            if filter
+                .user_id
+                .as_deref()
+                .is_some_and(|u| record.user_id.as_deref() != Some(u))
+            {
+                continue;
+            }
+            if out.len() == limit {
+                // Resume strictly below the last returned key.
+                next = out
+                    .last()
+                    .map(|r: &JobRecord| encode_cursor(&time_key(r.created_ms, &r.id)));
+                let _ = key;
+                break;
+            }
+            out.push(record);
+        }
+        Ok((out, next))
+    }
+
+    /// Counts by state (over all records).
+    pub fn counts(&self) -> Result<BTreeMap<JobStatus, u64>, StateError> {
+        let mut counts = BTreeMap::new();
+        for item in self.jobs.iter().values() {
+            let raw = item?;
+            if let Ok(r) = serde_json::from_slice::<JobRecord>(&raw) {
+                *counts.entry(r.status).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Drops finished jobs beyond `max_count` (oldest first) or older than `max_age_ms`.
+    /// Unfinished jobs are never dropped. Returns how many went.
+    pub fn prune(
+        &self,
+        max_count: usize,
+        max_age_ms: u64,
+        now_ms: u64,
+    ) -> Result<usize, StateError> {
+        let total = self.by_time.len();
+        let mut excess = total.saturating_sub(max_count);
+        let cutoff = now_ms.saturating_sub(max_age_ms);
+        let mut removed = 0;
+        for item in self.by_time.iter() {
+            let (key, id) = item?;
+            let created = key
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if excess == 0 && created >= cutoff {
+                break;
+            }
+            let id = String::from_utf8_lossy(&id).into_owned();
+            let terminal = self.get(&id)?.is_none_or(|r| r.status.is_terminal());
+            if !terminal {
+                continue;
+            }
+            self.by_time.remove(&key)?;
+            self.jobs.remove(id.as_bytes())?;
+            excess = excess.saturating_sub(1);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.db.flush()?;
+        }
+        Ok(removed)
+    }
+}
+
+fn encode(record: &JobRecord) -> Result<Vec<u8>, StateError> {
+    serde_json::to_vec(record).map_err(|e| StateError::Corrupt {
+        tree: "jobs",
+        key: record.id.clone(),
+        message: e.to_string(),
+    })
+}
+
+fn encode_cursor(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_cursor(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || s.len() > 2048 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}

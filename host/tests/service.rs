@@ -1,0 +1,606 @@
+//! The worker as a client sees it: real HTTP to `headshot serve` in-process, real sled files,
+//! the built-in wasm policies, the demo model, local storage.
+
+#[path = "support/server.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runsync_returns_a_signed_url_whose_download_is_the_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = serve(test_config(dir.path())).await;
+    let c = client();
+    let v: Value = c
+        .post(api(&r, "/v2/local/runsync"))
+        .json(&json!({ "input": { "prompt": "a founder in a navy blazer", "user_id": "user-1", "width": 64, "height": 64, "style": "corporate", "num_images": 2 } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "COMPLETED", "{v}");
+    let images = v["output"]["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    assert!(v["output"]["seed"].as_u64().is_some());
+    let url = images[0]["url"].as_str().unwrap();
+    let resp = c.get(url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "image/png");
+    let bytes = resp.bytes().await.unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+
+    // A tampered signature or path is refused.
+    let tampered = url.replace("sig=", "sig=00");
+    assert_eq!(c.get(&tampered).send().await.unwrap().status(), 403);
+    let other = url.replace("/0.png", "/1.png");
+    assert_eq!(c.get(&other).send().await.unwrap().status(), 403);
+    let unsigned = url.split('?').next().unwrap();
+    assert_eq!(c.get(unsigned).send().await.unwrap().status(), 403);
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_then_status_moves_through_queue_progress_and_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = serve(test_config(dir.path())).await;
+    let c = client();
+    // A slower job first, so the second one is seen waiting.
+    let mut slow = input("a slow portrait", 256);
+    slow["steps"] = json!(30);
+    let first: Value = c
+        .post(api(&r, "/v2/local/run"))
+        .json(&json!({ "input": slow }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["status"], "IN_QUEUE");
+    let second: Value = c
+        .post(api(&r, "/run"))
+        .json(&json!({ "input": input("a second portrait", 64) }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (a, b) = (
+        first["id"].as_str().unwrap().to_string(),
+        second["id"].as_str().unwrap().to_string(),
+    );
+
+    let mut seen_a = Vec::new();
+    let mut progress_seen = false;
+    let start = Instant::now();
+    loop {
+        let v: Value = c
+            .get(api(&r, &format!("/v2/local/status/{a}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let s = v["status"].as_str().unwrap().to_string();
+        if s == "IN_PROGRESS" && v["output"]["step"].as_u64().is_some() {
+            progress_seen = true;
+            let vb: Value = c
+                .get(api(&r, &format!("/status/{b}")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(vb["status"], "IN_QUEUE", "{vb}");
+        }
+        if seen_a.last() != Some(&s) {
+            seen_a.push(s.clone());
+        }
+        if s == "COMPLETED" || start.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        seen_a.last().map(String::as_str),
+        Some("COMPLETED"),
+        "{seen_a:?}"
+    );
+    assert!(
+        progress_seen,
+        "never saw IN_PROGRESS with a step: {seen_a:?}"
+    );
+
+    // The stream hands every chunk out once.
+    let s1: Value = c
+        .get(api(&r, &format!("/v2/local/stream/{a}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chunks = s1["stream"].as_array().unwrap().len();
+    let s2: Value = c
+        .get(api(&r, &format!("/v2/local/stream/{a}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        s2["stream"].as_array().unwrap().is_empty(),
+        "chunks were handed out twice"
+    );
+    assert!(chunks <= 30);
+    let vb = wait_done(&c, &r, &b).await;
+    assert_eq!(vb["status"], "COMPLETED");
+
+    let health: Value = c
+        .get(api(&r, "/v2/local/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["jobs"]["completed"], 2, "{health}");
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_a_queued_and_a_running_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = serve(test_config(dir.path())).await;
+    let c = client();
+    let mut long = input("a long portrait", 256);
+    long["steps"] = json!(50);
+    let running: Value = c
+        .post(api(&r, "/v2/local/run"))
+        .json(&json!({ "input": long }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let queued: Value = c
+        .post(api(&r, "/v2/local/run"))
+        .json(&json!({ "input": input("queued", 64) }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (run_id, queue_id) = (
+        running["id"].as_str().unwrap(),
+        queued["id"].as_str().unwrap(),
+    );
+
+    let v: Value = c
+        .post(api(&r, &format!("/v2/local/cancel/{queue_id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "CANCELLED");
+    // Wait until the long one runs, then cancel it.
+    for _ in 0..400 {
+        let v: Value = c
+            .get(api(&r, &format!("/v2/local/status/{run_id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "IN_PROGRESS" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let v: Value = c
+        .post(api(&r, &format!("/v2/local/cancel/{run_id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "CANCELLED");
+    let done = wait_done(&c, &r, run_id).await;
+    assert_eq!(done["status"], "CANCELLED", "{done}");
+    assert_eq!(job_error(&done)["error_type"], "cancelled");
+    let q = wait_done(&c, &r, queue_id).await;
+    assert_eq!(q["status"], "CANCELLED");
+    // The worker carries on.
+    let v: Value = c
+        .post(api(&r, "/runsync"))
+        .json(&json!({ "input": input("after cancel", 64) }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "COMPLETED", "{v}");
+    let unknown = c
+        .post(api(&r, "/v2/local/cancel/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_job_id_returns_the_recorded_result_without_generating_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = serve(test_config(dir.path())).await;
+    let c = client();
+    let body = json!({ "id": "order-42", "input": input("a chef", 64) });
+    let first: Value = c
+        .post(api(&r, "/v2/local/runsync"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["status"], "COMPLETED", "{first}");
+    let second: Value = c
+        .post(api(&r, "/v2/local/runsync"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(second["output"], first["output"]);
+    let third: Value = c
+        .post(api(&r, "/v2/local/run"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(third["status"], "COMPLETED");
+    let job: Value = c
+        .get(admin(&r, "/admin/jobs/order-42"))
+        .bearer_auth("test-admin-token-0123456789")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["job"]["attempts"], 1, "{job}");
+    let files: Vec<_> = std::fs::read_dir(dir.path().join("images/user-1/order-42"))
+        .unwrap()
+        .collect();
+    assert_eq!(files.len(), 1);
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_field_level_errors_and_nothing_reaches_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = serve(test_config(dir.path())).await;
+    let c = client();
+    let cases = [
+        (
+            json!({ "prompt": "a portrait", "user_id": "user-1", "width": 100, "height": 64 }),
+            "/input/width",
+        ),
+        (
+            json!({ "prompt": "a portrait", "user_id": "../../etc", "width": 64, "height": 64 }),
+            "/input/user_id",
+        ),
+        (
+            json!({ "prompt": "a portrait", "user_id": "a/b", "width": 64, "height": 64 }),
+            "/input/user_id",
+        ),
+        (
+            json!({ "prompt": "n.u.d.e portrait", "user_id": "user-1", "width": 64, "height": 64 }),
+            "/input/prompt",
+        ),
+        (json!({ "user_id": "user-1" }), "/input/prompt"),
+        (
+            json!({ "prompt": "p", "user_id": "user-1", "colour": "red" }),
+            "/input/colour",
+        ),
+    ];
+    for (inp, field) in cases {
+        let v: Value = c
+            .post(api(&r, "/v2/local/runsync"))
+            .json(&json!({ "input": inp }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["status"], "FAILED", "{v}");
+        let err = job_error(&v);
+        assert_eq!(err["error_type"], "validation_error", "{err}");
+        let fields: Vec<&str> = err["details"]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["field"].as_str().unwrap())
+            .collect();
+        assert!(fields.contains(&field), "{field} not in {fields:?}");
+    }
+    assert!(!dir.path().join("etc").exists());
+    assert!(
+        !dir.path().join("images").exists()
+            || std::fs::read_dir(dir.path().join("images"))
+                .unwrap()
+                .count()
+                == 0
+    );
+
+    // Bodies that are not jobs are refused before anything is stored.
+    let resp = c
+        .post(api(&r, "/v2/local/run"))
+        .json(&json!({ "input": "not an object" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let resp = c
+        .post(api(&r, "/v2/local/run"))
+        .json(&json!({ "inputs": {} }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let err: Value = resp.json().await.unwrap();
+    assert!(err["message"].as_str().unwrap().contains("inputs"), "{err}");
+    let resp = c
+        .post(api(&r, "/v2/local/run"))
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let huge = json!({ "input": { "prompt": "x".repeat(2 << 20), "user_id": "u" } });
+    let resp = c
+        .post(api(&r, "/v2/local/run"))
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error_type"], "validation_error");
+    let resp = c.get(api(&r, "/nope")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp.json::<Value>().await.unwrap()["message"].is_string());
+    let resp = c
+        .get(api(&r, "/v2/local/status/unknown-id"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = serve(test_config(dir.path())).await;
+    let c = client();
+    let routes = [
+        ("GET", "/admin/policies"),
+        ("POST", "/admin/policies/validator"),
+        ("GET", "/admin/policies/validator/history"),
+        ("POST", "/admin/policies/validator/activate/abc"),
+        ("POST", "/admin/policies/validator/rollback"),
+        ("GET", "/admin/jobs"),
+        ("GET", "/admin/jobs/x"),
+        ("GET", "/admin/breakers"),
+        ("POST", "/admin/breakers/storage/reset"),
+        ("POST", "/admin/breakers/storage/force-open"),
+        ("GET", "/admin/model"),
+        ("POST", "/admin/model/reload"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/no-such-route"),
+    ];
+    for (method, path) in routes {
+        for token in [
+            None,
+            Some("wrong"),
+            Some("test-admin-token-0123456789X"),
+            Some(""),
+        ] {
+            let mut req = c.request(method.parse().unwrap(), admin(&r, path));
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 401, "{method} {path} with {token:?}");
+        }
+    }
+    for i in 0..3 {
+        let mut inp = input("a portrait", 64);
+        inp["user_id"] = json!(if i == 0 { "alice" } else { "bob" });
+        let v: Value = c
+            .post(api(&r, "/runsync"))
+            .json(&json!({ "input": inp }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["status"], "COMPLETED");
+    }
+    let bad: Value = c
+        .post(api(&r, "/runsync"))
+        .json(&json!({ "input": { "user_id": "bob" } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bad["status"], "FAILED");
+    let get = |path: String| {
+        let c = c.clone();
+        async move {
+            c.get(path)
+                .bearer_auth("test-admin-token-0123456789")
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let all = get(admin(&r, "/admin/jobs?limit=2")).await;
+    assert_eq!(all["jobs"].as_array().unwrap().len(), 2);
+    let cursor = all["next_cursor"].as_str().unwrap().to_string();
+    let rest = get(admin(&r, &format!("/admin/jobs?limit=2&cursor={cursor}"))).await;
+    assert_eq!(rest["jobs"].as_array().unwrap().len(), 2);
+    assert!(rest["next_cursor"].is_null());
+    let bobs = get(admin(&r, "/admin/jobs?user_id=bob")).await;
+    assert_eq!(bobs["jobs"].as_array().unwrap().len(), 3);
+    let failed = get(admin(&r, "/admin/jobs?status=FAILED")).await;
+    assert_eq!(failed["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(failed["jobs"][0]["error"]["error_type"], "validation_error");
+    let one = &all["jobs"][0]["id"];
+    let job = get(admin(&r, &format!("/admin/jobs/{}", one.as_str().unwrap()))).await;
+    assert!(
+        job["job"]["timings"]["total_ms"].as_f64().is_some(),
+        "{job}"
+    );
+    let metrics = c
+        .get(admin(&r, "/metrics"))
+        .bearer_auth("test-admin-token-0123456789")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("headshot_jobs{status=\"completed\"} 3"),
+        "{metrics}"
+    );
+    let policies = get(admin(&r, "/admin/policies")).await;
+    assert_eq!(policies["slots"].as_array().unwrap().len(), 3);
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_swapped_through_the_admin_api_while_jobs_run_fails_no_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = serve(test_config(dir.path())).await;
+    let c = client();
+    let example = std::fs::read(env!("HEADSHOT_EXAMPLE_VALIDATOR_WASM")).unwrap();
+    let api_url = api(&r, "/v2/local/runsync");
+    let client_task = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..12 {
+                let v: Value = c
+                    .post(&api_url)
+                    .json(&json!({ "input": input(&format!("portrait {i}"), 64) }))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                statuses.push(v);
+            }
+            statuses
+        })
+    };
+    let builtin_sha: String = {
+        let v: Value = c
+            .get(admin(&r, "/admin/policies"))
+            .bearer_auth("test-admin-token-0123456789")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["slots"][0]["active"]["sha256"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for i in 0..4 {
+        let resp = if i % 2 == 0 {
+            c.post(admin(&r, "/admin/policies/validator"))
+                .bearer_auth("test-admin-token-0123456789")
+                .body(example.clone())
+                .send()
+                .await
+                .unwrap()
+        } else {
+            c.post(admin(
+                &r,
+                &format!("/admin/policies/validator/activate/{builtin_sha}"),
+            ))
+            .bearer_auth("test-admin-token-0123456789")
+            .send()
+            .await
+            .unwrap()
+        };
+        assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let statuses = client_task.await.unwrap();
+    for v in &statuses {
+        assert_eq!(v["status"], "COMPLETED", "{v}");
+    }
+    // Refusals through the admin API say why and change nothing.
+    let resp = c
+        .post(admin(&r, "/admin/policies/validator"))
+        .bearer_auth("test-admin-token-0123456789")
+        .body("garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let err: Value = resp.json().await.unwrap();
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly component"),
+        "{err}"
+    );
+    let resp = c
+        .post(admin(&r, "/admin/policies/validator/rollback"))
+        .bearer_auth("test-admin-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    r.shutdown().await;
+}

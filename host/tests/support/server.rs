@@ -1,0 +1,71 @@
+//! Starts the whole worker in-process (real HTTP, real sled, real wasm, demo model) on free
+//! ports, for whole-system tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use headshot_host::config::Config;
+use headshot_host::ingress::server::{Running, start};
+use serde_json::Value;
+
+/// A config for tests: demo model, free ports, data under `dir`.
+pub fn test_config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.data_dir = dir.to_path_buf();
+    c.server.port = 0;
+    c.server.admin_port = 0;
+    c.server.admin_token = "test-admin-token-0123456789".into();
+    c.policies.prewarm = 2;
+    c
+}
+
+pub async fn serve(config: Config) -> Running {
+    start(config).await.expect("server starts")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("client")
+}
+
+pub fn api(r: &Running, path: &str) -> String {
+    format!("http://{}{path}", r.api_addr)
+}
+
+pub fn admin(r: &Running, path: &str) -> String {
+    format!("http://{}{path}", r.admin_addr)
+}
+
+pub fn input(prompt: &str, side: u32) -> Value {
+    serde_json::json!({ "prompt": prompt, "user_id": "user-1", "width": side, "height": side })
+}
+
+/// Polls `/status` until the job is terminal.
+pub async fn wait_done(c: &reqwest::Client, r: &Running, id: &str) -> Value {
+    for _ in 0..1200 {
+        let v: Value = c
+            .get(api(r, &format!("/v2/local/status/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if matches!(
+            v["status"].as_str(),
+            Some("COMPLETED" | "FAILED" | "CANCELLED")
+        ) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} did not finish");
+}
+
+/// The ErrorResponse carried in a FAILED job's `error` string.
+pub fn job_error(v: &Value) -> Value {
+    serde_json::from_str(v["error"].as_str().expect("error string")).expect("error is JSON")
+}
