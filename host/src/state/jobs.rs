@@ -339,7 +339,7 @@ fn encode_cursor(key: &[u8]) -> String {
 }
 
 fn decode_cursor(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 2048 {
+    if !s.len().is_multiple_of(2) || s.len() > 2048 {
         return None;
     }
     (0..s.len())

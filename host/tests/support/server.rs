@@ -11,8 +11,10 @@ use serde_json::Value;
 
 /// A config for tests: demo model, free ports, data under `dir`.
 pub fn test_config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
     c.server.port = 0;
     c.server.admin_port = 0;
     c.server.admin_token = "test-admin-token-0123456789".into();
