@@ -102,6 +102,10 @@ struct Core {
     label: Arc<str>,
 }
 
+/// Canned inputs for warming a fresh instance.
+const WARM_INPUT: &str = r#"{"prompt":"a warm-up portrait of a person in soft light","user_id":"warmup","width":512,"height":512}"#;
+const WARM_PROMPT: &str = "a warm-up portrait of a person\u{200B} in soft   light";
+
 impl Core {
     /// A fresh store and instance, configured with this slot's settings.
     fn instantiate(&self) -> Result<Ready, CallError> {
@@ -131,10 +135,28 @@ impl Core {
             Bound::Resilience(b) => b.headshot_policy_meta().call_configure(&mut store, config),
         };
         match configured {
-            Ok(Ok(())) => Ok(Ready { store, bound }),
-            Ok(Err(message)) => Err(CallError::Configure(message)),
-            Err(e) => Err(classify(&e)),
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => return Err(CallError::Configure(message)),
+            Err(e) => return Err(classify(&e)),
         }
+        // One canned call (no request data) touches the pages a real call needs — stack,
+        // heap growth, lazily initialised tables — so the request that gets this instance
+        // does not pay for page faults. The instance has still served no request.
+        let warmed = match &bound {
+            Bound::Validator(b) => b
+                .headshot_policy_validation()
+                .call_validate(&mut store, WARM_INPUT)
+                .map(drop),
+            Bound::Sanitizer(b) => b
+                .headshot_policy_sanitization()
+                .call_sanitize(&mut store, WARM_PROMPT)
+                .map(drop),
+            Bound::Resilience(_) => Ok(()),
+        };
+        if let Err(e) = warmed {
+            return Err(classify(&e));
+        }
+        Ok(Ready { store, bound })
     }
 
     fn info(&self, ready: &mut Ready) -> Result<super::bindings::PolicyInfo, CallError> {

@@ -11,10 +11,12 @@ use crate::rules::sanitize::{Sanitizer as PreparedSanitizer, SanitizerConfig};
 use crate::rules::{breaker, request, retry};
 
 /// Settings stored by `configure`; an instance serves one configuration for its lifetime.
+/// Each kind's part is built only by that kind's `configure` (or on first use), so a
+/// validator does not link the sanitizer's Unicode tables and vice versa.
 struct Stored {
-    validator: ValidatorConfig,
-    sanitizer: PreparedSanitizer,
-    resilience: ResilienceConfig,
+    validator: Option<ValidatorConfig>,
+    sanitizer: Option<PreparedSanitizer>,
+    resilience: Option<ResilienceConfig>,
     custom: String,
 }
 
@@ -25,9 +27,9 @@ fn with_stored<R>(f: impl FnOnce(&mut Stored) -> R) -> R {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let stored = guard.get_or_insert_with(|| Stored {
-        validator: ValidatorConfig::default(),
-        sanitizer: PreparedSanitizer::new(SanitizerConfig::default()),
-        resilience: ResilienceConfig::default(),
+        validator: None,
+        sanitizer: None,
+        resilience: None,
         custom: "null".into(),
     });
     f(stored)
@@ -37,7 +39,7 @@ fn with_stored<R>(f: impl FnOnce(&mut Stored) -> R) -> R {
 pub fn configure_validator(json: &str) -> Result<(), String> {
     let env = envelope::parse::<ValidatorConfig>(json, ValidatorConfig::check)?;
     with_stored(|s| {
-        s.validator = env.standard;
+        s.validator = Some(env.standard);
         s.custom = env.custom.to_string();
     });
     Ok(())
@@ -47,7 +49,7 @@ pub fn configure_validator(json: &str) -> Result<(), String> {
 pub fn configure_sanitizer(json: &str) -> Result<(), String> {
     let env = envelope::parse::<SanitizerConfig>(json, SanitizerConfig::check)?;
     with_stored(|s| {
-        s.sanitizer = PreparedSanitizer::new(env.standard);
+        s.sanitizer = Some(PreparedSanitizer::new(env.standard));
         s.custom = env.custom.to_string();
     });
     Ok(())
@@ -57,7 +59,7 @@ pub fn configure_sanitizer(json: &str) -> Result<(), String> {
 pub fn configure_resilience(json: &str) -> Result<(), String> {
     let env = envelope::parse::<ResilienceConfig>(json, ResilienceConfig::check)?;
     with_stored(|s| {
-        s.resilience = env.standard;
+        s.resilience = Some(env.standard);
         s.custom = env.custom.to_string();
     });
     Ok(())
@@ -71,19 +73,34 @@ pub fn custom_config() -> String {
 /// The built-in validation rules with the host's limits: a custom validator calls this first
 /// and adds its own checks to the result.
 pub fn standard_request(input_json: &str) -> Result<GenerationRequest, Vec<FieldError>> {
-    with_stored(|s| request::validate_input(input_json, &s.validator))
-        .map(Into::into)
-        .map_err(|errors| errors.into_iter().map(Into::into).collect())
+    with_stored(|s| {
+        request::validate_input(
+            input_json,
+            s.validator.get_or_insert_with(ValidatorConfig::default),
+        )
+    })
+    .map(Into::into)
+    .map_err(|errors| errors.into_iter().map(Into::into).collect())
 }
 
 /// The built-in sanitizer with the host's settings.
 pub fn standard_sanitize(prompt: &str) -> Sanitized {
-    with_stored(|s| s.sanitizer.sanitize(prompt)).into()
+    with_stored(|s| {
+        s.sanitizer
+            .get_or_insert_with(|| PreparedSanitizer::new(SanitizerConfig::default()))
+            .sanitize(prompt)
+    })
+    .into()
 }
 
 /// The built-in circuit-breaker admission.
 pub fn standard_admit(current: Breaker, now_ms: u64) -> AdmitResult {
-    let cfg = with_stored(|s| s.resilience.breaker.clone());
+    let cfg = with_stored(|s| {
+        s.resilience
+            .get_or_insert_with(ResilienceConfig::default)
+            .breaker
+            .clone()
+    });
     let (decision, next) = breaker::admit(&current.into(), &cfg, now_ms);
     AdmitResult {
         decision: decision.into(),
@@ -93,12 +110,22 @@ pub fn standard_admit(current: Breaker, now_ms: u64) -> AdmitResult {
 
 /// The built-in circuit-breaker bookkeeping.
 pub fn standard_record_outcome(current: Breaker, seen: CallResult, now_ms: u64) -> Breaker {
-    let cfg = with_stored(|s| s.resilience.breaker.clone());
+    let cfg = with_stored(|s| {
+        s.resilience
+            .get_or_insert_with(ResilienceConfig::default)
+            .breaker
+            .clone()
+    });
     breaker::record_outcome(&current.into(), &cfg, &seen.into(), now_ms).into()
 }
 
 /// The built-in retry schedule.
 pub fn standard_retry(failed: Attempt, jitter: f64) -> RetryDecision {
-    let cfg = with_stored(|s| s.resilience.retry.clone());
+    let cfg = with_stored(|s| {
+        s.resilience
+            .get_or_insert_with(ResilienceConfig::default)
+            .retry
+            .clone()
+    });
     retry::decide(&failed.into(), jitter, &cfg).into()
 }

@@ -110,25 +110,17 @@ impl Sanitizer {
 
 fn sanitize_prepared(prompt: &str, cfg: &SanitizerConfig, terms: &[Term]) -> Sanitized {
     let mut changes = Vec::new();
-    // ASCII is its own NFKC form: skip the table walk for the common case.
-    let nfkc: String = if prompt.is_ascii() {
-        prompt.to_string()
-    } else {
-        prompt.nfkc().collect()
-    };
-    if nfkc != prompt {
-        changes.push("normalized Unicode (NFKC)".to_string());
-    }
-
-    // Counts per class: line breaks/tabs, controls, zero-width, bidi, tag characters.
+    // Remove the invisible classes first: none of them has a compatibility decomposition,
+    // so removing before or after NFKC gives the same text, and what remains is very often
+    // plain ASCII, which is its own NFKC form (the Unicode tables are the costly part).
     let mut counts = [0usize; 5];
-    let mut text = String::with_capacity(nfkc.len());
-    for c in nfkc.chars() {
+    let mut stripped = String::with_capacity(prompt.len());
+    for c in prompt.chars() {
         match class(c) {
-            None => text.push(c),
+            None => stripped.push(c),
             Some(0) => {
                 counts[0] += 1;
-                text.push(' ');
+                stripped.push(' ');
             }
             Some(k) => {
                 if let Some(n) = counts.get_mut(k) {
@@ -137,6 +129,19 @@ fn sanitize_prepared(prompt: &str, cfg: &SanitizerConfig, terms: &[Term]) -> San
             }
         }
     }
+    let text: String = if stripped.is_ascii() {
+        stripped
+    } else {
+        let nfkc: String = stripped.nfkc().collect();
+        if nfkc != stripped {
+            changes.push("normalized Unicode (NFKC)".to_string());
+        }
+        // NFKC can produce characters of the removal classes only from compatibility
+        // forms of them; strip again so the result is clean either way.
+        nfkc.chars()
+            .filter(|&c| !matches!(class(c), Some(k) if k > 0))
+            .collect()
+    };
     let [breaks, controls, zero_width, bidi, tags] = counts;
     if breaks > 0 {
         changes.push(format!(
@@ -314,6 +319,18 @@ impl States {
         }
     }
 
+    fn any(&self) -> bool {
+        [
+            &self.letter,
+            &self.punct,
+            &self.punct_alone,
+            &self.spelled,
+            &self.word_gap,
+        ]
+        .iter()
+        .any(|v| v.iter().any(|&b| b))
+    }
+
     fn clear(&mut self) {
         for v in [
             &mut self.letter,
@@ -362,13 +379,20 @@ impl Term {
         let alone = |i: usize| !is_letter(i.checked_sub(1)) && !is_letter(i.checked_add(1));
         let brk = |k: usize| self.breaks.get(k).copied().unwrap_or(false);
         let (mut cur, mut next) = (States::new(m + 1), States::new(m + 1));
+        // Whether any state of `cur` is set: most units neither continue nor start a match,
+        // and skipping them keeps the common case at one comparison per unit.
+        let mut active = false;
         for (i, &u) in units.iter().enumerate() {
-            next.clear();
             let as_letter = match u {
                 Unit::Letter(l) => Some(l),
                 Unit::Symbol(c) => Some([c; 2]),
                 _ => None,
             };
+            let starts = as_letter.is_some_and(|l| !is_letter(i.checked_sub(1)) && same(l, first));
+            if !active && !starts {
+                continue;
+            }
+            next.clear();
             if let Some(l) = as_letter {
                 let iso = alone(i);
                 if !is_letter(i.checked_sub(1)) && same(l, first) {
@@ -411,6 +435,7 @@ impl Term {
             if next.letter[m] && !is_letter(i.checked_add(1)) {
                 return true;
             }
+            active = next.any();
             std::mem::swap(&mut cur, &mut next);
         }
         false
