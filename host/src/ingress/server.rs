@@ -68,6 +68,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.service.stop().await;
         if let Err(e) = self.state.flush() {
             tracing::error!(error = %e, "flushing state at shutdown failed");
         }

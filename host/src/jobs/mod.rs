@@ -85,6 +85,8 @@ struct Inner {
     retried: AtomicUsize,
     worker_id: String,
     unsent_dir: PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+    dispatcher: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The job service; cheap to clone.
@@ -134,12 +136,30 @@ impl JobService {
                 retried: AtomicUsize::new(0),
                 worker_id,
                 unsent_dir,
+                stop: tokio::sync::watch::channel(false).0,
+                dispatcher: std::sync::Mutex::new(None),
             }),
         };
         service.recover()?;
         let dispatcher = service.clone();
-        tokio::spawn(async move { dispatcher.dispatch(rx).await });
+        let handle = tokio::spawn(async move { dispatcher.dispatch(rx).await });
+        if let Ok(mut slot) = service.inner.dispatcher.lock() {
+            *slot = Some(handle);
+        }
         Ok(service)
+    }
+
+    /// Stops taking queued jobs, lets the running one finish and be recorded, and flushes.
+    /// Jobs still queued stay in sled and run after the next start.
+    pub async fn stop(&self) {
+        self.inner.stop.send_replace(true);
+        let handle = self.inner.dispatcher.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+        if let Err(e) = self.inner.jobs.flush_now() {
+            tracing::error!(error = %e, "flushing jobs at shutdown failed");
+        }
     }
 
     fn recover(&self) -> Result<(), ErrorResponse> {
@@ -410,7 +430,16 @@ impl JobService {
 
     async fn dispatch(self, mut rx: mpsc::UnboundedReceiver<String>) {
         let mut since_prune = 0u32;
-        while let Some(id) = rx.recv().await {
+        let mut stop = self.inner.stop.subscribe();
+        loop {
+            let id = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                next = rx.recv() => match next {
+                    Some(id) => id,
+                    None => break,
+                },
+            };
             self.inner.queued.fetch_sub(1, Ordering::AcqRel);
             if let Err(e) = self.run(&id).await {
                 tracing::error!(job = %id, error = %e.message, "job could not be recorded");
@@ -614,8 +643,8 @@ impl JobService {
                         match upload::keep_locally(&i.unsent_dir, &keys, &pngs) {
                             Ok(dir) => {
                                 err.message = format!(
-                                    "{} The images are kept at {}.",
-                                    err.message,
+                                    "{}. The images are kept at {}.",
+                                    err.message.trim_end_matches('.'),
                                     dir.display()
                                 );
                                 if let Value::Object(m) = &mut err.details {
