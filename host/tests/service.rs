@@ -604,3 +604,98 @@ async fn a_policy_swapped_through_the_admin_api_while_jobs_run_fails_no_job() {
     assert!(resp.status().is_success());
     r.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base64_output_and_openapi_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.server.output = headshot_host::config::OutputMode::Base64;
+    let r = serve(cfg).await;
+    let c = client();
+    let v: Value = c
+        .post(api(&r, "/runsync"))
+        .json(&json!({ "input": input("inline", 64) }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "COMPLETED", "{v}");
+    let b64 = v["output"]["images"][0]["base64"].as_str().unwrap();
+    assert!(
+        b64.starts_with("iVBORw0KGgo"),
+        "a base64 PNG: {}",
+        &b64[..16]
+    );
+    assert!(
+        !dir.path().join("images").exists()
+            || std::fs::read_dir(dir.path().join("images"))
+                .unwrap()
+                .count()
+                == 0
+    );
+    let doc: Value = c
+        .get(api(&r, "/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["paths"]["/v2/{endpoint}/runsync"].is_object());
+    let doc: Value = c
+        .get(admin(&r, "/openapi.json"))
+        .bearer_auth("test-admin-token-0123456789")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["paths"]["/admin/policies"].is_object());
+    let ready = c.get(api(&r, "/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    r.shutdown().await;
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_jobs_can_be_failed_with_a_reason_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = headshot_host::state::StateDb::open(&dir.path().join("state")).unwrap();
+        db.jobs()
+            .unwrap()
+            .accept("left-behind", input("x", 64), now_ms())
+            .unwrap()
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let mut cfg = test_config(dir.path());
+    cfg.jobs.on_restart = headshot_host::config::OnRestart::Fail;
+    let r = serve(cfg).await;
+    let c = client();
+    let v: Value = c
+        .get(api(&r, "/v2/local/status/left-behind"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "FAILED", "{v}");
+    assert!(
+        job_error(&v)["message"]
+            .as_str()
+            .unwrap()
+            .contains("on_restart")
+    );
+    r.shutdown().await;
+}

@@ -347,3 +347,120 @@ fn decode_cursor(s: &str) -> Option<Vec<u8>> {
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, JobStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(&dir.path().join("state")).unwrap();
+        let jobs = db.jobs().unwrap();
+        (dir, jobs)
+    }
+
+    fn finish(s: &JobStore, id: &str, status: JobStatus) {
+        let mut r = s.get(id).unwrap().unwrap();
+        r.status = status;
+        s.put(&r, false).unwrap();
+    }
+
+    #[test]
+    fn accept_is_idempotent_and_unfinished_jobs_are_tracked() {
+        let (_d, s) = store();
+        let first = s
+            .accept("a", serde_json::json!({"user_id": "u"}), 10)
+            .unwrap();
+        assert!(first.is_ok());
+        let again = s
+            .accept("a", serde_json::json!({"other": true}), 11)
+            .unwrap();
+        let existing = again.unwrap_err();
+        assert_eq!(existing.input, serde_json::json!({"user_id": "u"}));
+        s.accept("b", serde_json::json!({}), 12).unwrap().unwrap();
+        assert_eq!(
+            s.unfinished().unwrap(),
+            vec!["a".to_string(), "b".to_string()]
+        );
+        finish(&s, "a", JobStatus::Completed);
+        assert_eq!(s.unfinished().unwrap(), vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn list_filters_and_pages_newest_first() {
+        let (_d, s) = store();
+        for i in 0..5u64 {
+            let user = if i % 2 == 0 { "even" } else { "odd" };
+            s.accept(
+                &format!("j{i}"),
+                serde_json::json!({"user_id": user}),
+                100 + i,
+            )
+            .unwrap()
+            .unwrap();
+        }
+        finish(&s, "j3", JobStatus::Failed);
+        let (page, next) = s.list(&JobFilter::default(), None, 2).unwrap();
+        assert_eq!(
+            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["j4", "j3"]
+        );
+        let (page, next2) = s.list(&JobFilter::default(), next.as_deref(), 2).unwrap();
+        assert_eq!(
+            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["j2", "j1"]
+        );
+        let (page, _) = s.list(&JobFilter::default(), next2.as_deref(), 2).unwrap();
+        assert_eq!(page.len(), 1);
+        let evens = JobFilter {
+            user_id: Some("even".into()),
+            ..Default::default()
+        };
+        assert_eq!(s.list(&evens, None, 10).unwrap().0.len(), 3);
+        let failed = JobFilter {
+            status: Some(JobStatus::Failed),
+            ..Default::default()
+        };
+        assert_eq!(s.list(&failed, None, 10).unwrap().0[0].id, "j3");
+        let window = JobFilter {
+            since_ms: Some(101),
+            until_ms: Some(103),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.list(&window, None, 10)
+                .unwrap()
+                .0
+                .iter()
+                .map(|r| r.id.as_str())
+                .collect::<Vec<_>>(),
+            ["j2", "j1"]
+        );
+        assert!(s.list(&JobFilter::default(), Some("zz-not-hex"), 2).is_ok());
+    }
+
+    #[test]
+    fn prune_drops_old_and_excess_finished_jobs_but_never_unfinished_ones() {
+        let (_d, s) = store();
+        for i in 0..6u64 {
+            s.accept(&format!("j{i}"), serde_json::json!({}), 1_000 + i)
+                .unwrap()
+                .unwrap();
+            if i != 1 {
+                finish(&s, &format!("j{i}"), JobStatus::Completed);
+            }
+        }
+        // Keep at most 3: the oldest finished go; j1 is unfinished and stays.
+        let removed = s.prune(3, u64::MAX, 2_000).unwrap();
+        assert_eq!(removed, 3);
+        assert!(s.get("j0").unwrap().is_none());
+        assert!(s.get("j1").unwrap().is_some());
+        assert!(s.get("j5").unwrap().is_some());
+        // Age: finished jobs created before 1005 go (j4); unfinished j1 stays.
+        let removed = s.prune(100, 1_000, 2_005).unwrap();
+        assert_eq!(removed, 1);
+        assert!(s.get("j4").unwrap().is_none());
+        assert!(s.get("j5").unwrap().is_some());
+        assert_eq!(s.counts().unwrap().get(&JobStatus::InQueue), Some(&1));
+    }
+}
