@@ -47,6 +47,9 @@ enum Command {
     Bench(BenchCommand),
     /// Serve the Runpod-compatible local API and the admin API.
     Serve(ServeArgs),
+    /// Run as a Runpod serverless worker (job-take loop), or one job locally when
+    /// RUNPOD_WEBHOOK_GET_JOB is unset (from --test-input or ./test_input.json).
+    Worker(WorkerArgs),
     /// WebAssembly policies in the local state: test, list, push, activate, rollback.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -63,6 +66,22 @@ struct ServeArgs {
     /// Admin API port (0 = any free port); overrides server.admin_port.
     #[arg(long)]
     admin_port: Option<u16>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Run this one job (`{"input": {...}}`) and exit: 0 when it completes, 1 when it fails.
+    #[arg(long = "test-input", alias = "test_input", value_name = "JSON")]
+    test_input: Option<String>,
+    /// Serve the local API instead of taking jobs from Runpod (like the Python SDK's flag).
+    #[arg(long = "rp_serve_api", alias = "rp-serve-api")]
+    rp_serve_api: bool,
+    /// Local API host with --rp_serve_api.
+    #[arg(long = "rp_api_host", alias = "rp-api-host")]
+    rp_api_host: Option<String>,
+    /// Local API port with --rp_serve_api.
+    #[arg(long = "rp_api_port", alias = "rp-api-port")]
+    rp_api_port: Option<u16>,
 }
 
 #[derive(Args)]
@@ -290,6 +309,91 @@ fn serve(mut config: Config, args: ServeArgs) -> Result<()> {
     })
 }
 
+fn worker(config: Config, args: WorkerArgs) -> Result<()> {
+    use headshot_host::ingress::runpod::{RunpodEnv, Worker, WorkerOptions};
+    if args.rp_serve_api {
+        let serve_args = ServeArgs {
+            host: args.rp_api_host,
+            port: args.rp_api_port,
+            admin_port: None,
+        };
+        return serve(config, serve_args);
+    }
+    let env = RunpodEnv::from_vars(|k| std::env::var(k).ok());
+    let one_shot = match (&args.test_input, &env) {
+        (Some(text), _) => Some(text.clone()),
+        (None, None) => match std::fs::read_to_string("test_input.json") {
+            Ok(text) => Some(text),
+            Err(_) => {
+                tracing::warn!("test_input.json not found, exiting.");
+                bail!(
+                    "RUNPOD_WEBHOOK_GET_JOB is unset and there is no --test-input or ./test_input.json"
+                );
+            }
+        },
+        (None, Some(_)) => None,
+    };
+    config.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let (state, registry) = headshot_host::ingress::server::open_state(&config).await?;
+        let base = format!("http://{}:{}", config.server.host, config.server.port);
+        let service = headshot_host::ingress::server::open_service(config, &state, registry, base)?;
+        if let Some(text) = one_shot {
+            let job: serde_json::Value =
+                serde_json::from_str(&text).context("the test input is not valid JSON")?;
+            let Some(input) = job.get("input").cloned() else {
+                bail!("the test input has no `input` field");
+            };
+            // A given id is an idempotency key like any other; without one, every run is new.
+            let id = job
+                .get("id")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("local_test-{}", headshot_host::jobs::new_job_id()));
+            let submitted = service.submit(Some(id.clone()), input).map_err(|e| {
+                anyhow::anyhow!("{}", serde_json::to_string(&e).unwrap_or(e.message))
+            })?;
+            let id = submitted.record().id.clone();
+            let record = service
+                .wait(&id, std::time::Duration::from_secs(24 * 3600))
+                .await
+                .map_err(|e| anyhow::anyhow!(e.message))?;
+            service.stop().await;
+            let Some(record) = record else {
+                bail!("job {id} vanished")
+            };
+            let result = match (&record.output, &record.error) {
+                (Some(out), _) => serde_json::json!({ "output": out }),
+                (None, Some(err)) => serde_json::json!({ "error": err }),
+                (None, None) => serde_json::json!({ "status": record.status }),
+            };
+            println!("{}", serde_json::to_string(&result)?);
+            if record.status != headshot_host::state::JobStatus::Completed {
+                bail!("job {id} ended {}", record.status.as_str());
+            }
+            return Ok(());
+        }
+        let Some(env) = env else {
+            bail!("RUNPOD_WEBHOOK_GET_JOB is unset")
+        };
+        let worker = Worker::new(env, WorkerOptions::default(), service.clone())?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_shutdown_signal().await;
+            tracing::info!("shutdown requested: no new jobs; finishing the one in flight");
+            stop_tx.send_replace(true);
+        });
+        let exit = worker.run(stop_rx).await;
+        service.stop().await;
+        tracing::info!(?exit, "worker stopped");
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
 async fn wait_for_shutdown_signal() {
     #[cfg(unix)]
     {
@@ -330,6 +434,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate(config, args),
         Command::Policy(cmd) => policy_cmd::run(&config, cmd),
         Command::Serve(args) => serve(config, args),
+        Command::Worker(args) => worker(config, args),
         Command::Bench(BenchCommand::Demo {
             iters,
             width,

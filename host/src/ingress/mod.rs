@@ -9,4 +9,5 @@ pub mod admin;
 pub mod api;
 pub mod openapi;
 pub mod reply;
+pub mod runpod;
 pub mod server;

@@ -121,18 +121,65 @@ fn admin_token(config: &Config) -> Result<(String, Option<PathBuf>), ServeError>
     Ok((token, Some(path)))
 }
 
-/// Starts everything on the current Tokio runtime.
-pub async fn start(config: Config) -> Result<Running, ServeError> {
+/// Opens storage and starts the job service (no HTTP): shared by `serve` and `worker`.
+/// `default_base_url` is where local-store image URLs point when
+/// `storage.local.public_base_url` is empty.
+pub fn open_service(
+    config: Config,
+    state: &StateDb,
+    registry: Registry,
+    default_base_url: String,
+) -> Result<JobService, ServeError> {
+    let data = config.data_dir.clone();
+    let store = match config.storage.backend {
+        StorageBackend::Local => {
+            let base = if config.storage.local.public_base_url.is_empty() {
+                default_base_url
+            } else {
+                config
+                    .storage
+                    .local
+                    .public_base_url
+                    .trim_end_matches('/')
+                    .to_string()
+            };
+            let key = LocalStore::load_or_create_key(
+                &config.storage.local.signing_key,
+                &data.join("signing.key"),
+            )
+            .map_err(|e| ServeError::Other(e.to_string()))?;
+            Store::Local(
+                LocalStore::new(data.join("images"), base, key)
+                    .map_err(|e| ServeError::Other(e.to_string()))?,
+            )
+        }
+        StorageBackend::Supabase => Store::Supabase(
+            SupabaseStore::new(&config.storage.supabase)
+                .map_err(|e| ServeError::Other(e.to_string()))?,
+        ),
+    };
+    JobService::start(Arc::new(config), state, Arc::new(registry), Arc::new(store))
+        .map_err(|e| ServeError::Other(e.message))
+}
+
+/// Opens the state database and the policy registry (compiling policies off the runtime).
+pub async fn open_state(config: &Config) -> Result<(StateDb, Registry), ServeError> {
     let data = config.data_dir.clone();
     std::fs::create_dir_all(&data).map_err(io("creating the data dir", &data))?;
     let state = StateDb::open(&data.join("state")).map_err(|e| ServeError::Other(e.to_string()))?;
-    let settings = PolicySettings::from_config(&config);
+    let settings = PolicySettings::from_config(config);
     let cache = data.join("policy-cache");
     let st = state.clone();
     let registry = tokio::task::spawn_blocking(move || Registry::open(settings, &st, &cache))
         .await
         .map_err(|e| ServeError::Other(e.to_string()))?
         .map_err(|e| ServeError::Other(format!("loading policies: {e}")))?;
+    Ok((state, registry))
+}
+
+/// Starts everything on the current Tokio runtime.
+pub async fn start(config: Config) -> Result<Running, ServeError> {
+    let (state, registry) = open_state(&config).await?;
     let (token, token_file) = admin_token(&config)?;
 
     let api_addr = format!("{}:{}", config.server.host, config.server.port);
@@ -162,40 +209,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             source,
         })?;
 
-    let store = match config.storage.backend {
-        StorageBackend::Local => {
-            let base = if config.storage.local.public_base_url.is_empty() {
-                format!("http://{api_local}")
-            } else {
-                config
-                    .storage
-                    .local
-                    .public_base_url
-                    .trim_end_matches('/')
-                    .to_string()
-            };
-            let key = LocalStore::load_or_create_key(
-                &config.storage.local.signing_key,
-                &data.join("signing.key"),
-            )
-            .map_err(|e| ServeError::Other(e.to_string()))?;
-            Store::Local(
-                LocalStore::new(data.join("images"), base, key)
-                    .map_err(|e| ServeError::Other(e.to_string()))?,
-            )
-        }
-        StorageBackend::Supabase => Store::Supabase(
-            SupabaseStore::new(&config.storage.supabase)
-                .map_err(|e| ServeError::Other(e.to_string()))?,
-        ),
-    };
-    let service = JobService::start(
-        Arc::new(config),
-        &state,
-        Arc::new(registry),
-        Arc::new(store),
-    )
-    .map_err(|e| ServeError::Other(e.message))?;
+    let service = open_service(config, &state, registry, format!("http://{api_local}"))?;
 
     let (stop, _) = watch::channel(false);
     let api = super::api::router(super::api::ApiState {

@@ -1,0 +1,348 @@
+//! The Runpod worker protocol against an in-process fake job server over real HTTP, with the
+//! demo model behind the handler (ref/runpod.md §5 conformance checks).
+
+#[path = "support/fake_runpod.rs"]
+mod fake_runpod;
+#[path = "support/server.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use fake_runpod::{FakeRunpod, TakeAnswer};
+use headshot_host::ingress::runpod::{RunpodEnv, Worker, WorkerExit, WorkerOptions};
+use headshot_host::ingress::server::{open_service, open_state};
+use headshot_host::jobs::JobService;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+fn opts() -> WorkerOptions {
+    WorkerOptions {
+        backoff_429: Duration::from_millis(400),
+        backoff_error: Duration::from_millis(30),
+        poll_timeout: Duration::from_secs(5),
+        done_retry_delays: vec![Duration::from_millis(50), Duration::from_millis(50)],
+        stop_poll_interval: Duration::from_millis(100),
+        progress_interval: Duration::from_millis(20),
+        ..WorkerOptions::default()
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    fake: FakeRunpod,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<WorkerExit>,
+    service: JobService,
+}
+
+async fn start(o: WorkerOptions) -> Harness {
+    let fake = FakeRunpod::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::test_config(dir.path());
+    let (state, registry) = open_state(&cfg).await.unwrap();
+    let service = open_service(cfg, &state, registry, "http://127.0.0.1:1".into()).unwrap();
+    let vars = fake.vars();
+    let env = RunpodEnv::from_vars(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+        .unwrap();
+    let worker = Worker::new(env, o, service.clone()).unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(async move { worker.run(rx).await });
+    Harness {
+        _dir: dir,
+        fake,
+        stop,
+        task,
+        service,
+    }
+}
+
+impl Harness {
+    async fn finish(self) -> (FakeRunpod, WorkerExit) {
+        self.stop.send_replace(true);
+        let exit = tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .unwrap()
+            .unwrap();
+        self.service.stop().await;
+        (self.fake, exit)
+    }
+}
+
+fn job(id: &str, prompt: &str, side: u32, steps: u32) -> Value {
+    json!({ "id": id, "input": { "prompt": prompt, "user_id": "u1", "width": side, "height": side, "steps": steps }, "webhook": null, "extra": "kept" })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takes_posts_results_and_progress_in_order_with_heartbeats_and_no_overtaking() {
+    let h = start(opts()).await;
+    for a in [
+        TakeAnswer::Status(204),
+        TakeAnswer::Status(400),
+        TakeAnswer::Raw("text/html", "<html>"),
+        TakeAnswer::Raw("application/json", ""),
+        TakeAnswer::Job(json!({ "id": "noinput" })),
+        TakeAnswer::Status(500),
+    ] {
+        h.fake.push_take(a);
+    }
+    h.fake
+        .push_take(TakeAnswer::Job(job("j1", "a ünïcode portrait ✓", 128, 12)));
+    h.fake
+        .push_take(TakeAnswer::Job(job("j2", "a second portrait", 64, 4)));
+    h.fake
+        .wait_for("both results", |f| {
+            !f.finals("j1").is_empty() && !f.finals("j2").is_empty()
+        })
+        .await;
+    let (fake, exit) = h.finish().await;
+    assert_eq!(exit, WorkerExit::Shutdown);
+
+    // 1. Take URL and auth.
+    let takes = fake.seen_path("/job-take/");
+    assert_eq!(takes[0].path, "/v2/ep/job-take/w1");
+    assert_eq!(takes[0].query, "gpu=T&job_in_progress=0");
+    assert_eq!(takes[0].header("authorization").as_deref(), Some("k"));
+
+    // 3. Success result.
+    let done = &fake.finals("j1")[0];
+    assert_eq!(done.method, "POST");
+    assert_eq!(done.query, "gpu=T&isStream=false");
+    assert_eq!(done.header("x-request-id").as_deref(), Some("j1"));
+    assert_eq!(done.header("authorization").as_deref(), Some("k"));
+    let body = done.json();
+    assert!(body["output"]["images"][0]["url"].is_string(), "{body}");
+    assert_eq!(body["output"]["prompt"], "a ünïcode portrait ✓");
+
+    // 5. Progress in order, then the final body, nothing after.
+    let posts = fake.seen_path("/job-done/w1/j1");
+    let steps: Vec<u64> = posts
+        .iter()
+        .filter_map(|p| p.json()["output"]["step"].as_u64())
+        .collect();
+    assert!(!steps.is_empty(), "no progress posted");
+    assert!(
+        steps.windows(2).all(|w| w[0] < w[1]),
+        "progress out of order: {steps:?}"
+    );
+    assert!(
+        posts.last().unwrap().json().get("status").is_none(),
+        "a progress update came after the final result"
+    );
+
+    // 8. No take while j1 ran; j2 taken only after j1's final post.
+    let j1_taken = takes
+        .iter()
+        .position(|t| t.at >= posts[0].at)
+        .map(|i| i.saturating_sub(1))
+        .unwrap_or(0);
+    let final_at = done.at;
+    assert!(
+        takes
+            .iter()
+            .skip(j1_taken + 1)
+            .all(|t| t.at >= final_at || t.at <= posts[0].at),
+        "a take happened while j1 ran"
+    );
+
+    // 7. Heartbeats: one at start without job_id; some with job_id=j1 while it ran.
+    let pings = fake.seen_path("/ping/w1");
+    assert!(!pings[0].query.contains("job_id"), "{}", pings[0].query);
+    assert!(
+        pings
+            .iter()
+            .any(|p| p.query.starts_with("gpu=T&job_id=j1&runpod_version=")),
+        "{:?}",
+        pings.iter().map(|p| &p.query).collect::<Vec<_>>()
+    );
+    assert_eq!(pings[0].header("authorization").as_deref(), Some("k"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_reported_like_the_sdk_and_done_posts_are_retried_on_5xx_only() {
+    let mut o = opts();
+    o.max_output_bytes = 4096;
+    let h = start(o).await;
+    // 4. A validation failure: {"error": "<JSON text>"} with the six report keys.
+    h.fake.push_take(TakeAnswer::Job(
+        json!({ "id": "bad", "input": { "prompt": "x", "user_id": "../etc" } }),
+    ));
+    // 9. 500, 500, 200 → three posts.
+    h.fake.push_done_status("retried", 500);
+    h.fake.push_done_status("retried", 500);
+    h.fake
+        .push_take(TakeAnswer::Job(job("retried", "a portrait", 64, 2)));
+    // 9. 400 → one post, the worker carries on.
+    h.fake.push_done_status("refused", 400);
+    h.fake
+        .push_take(TakeAnswer::Job(job("refused", "a portrait", 64, 2)));
+    h.fake
+        .push_take(TakeAnswer::Job(job("after", "a portrait", 64, 2)));
+    h.fake
+        .wait_for("the last result", |f| !f.finals("after").is_empty())
+        .await;
+    let (fake, _) = h.finish().await;
+
+    let bad = fake.finals("bad")[0].json();
+    assert!(bad.get("output").is_none());
+    let report: Value = serde_json::from_str(bad["error"].as_str().unwrap()).unwrap();
+    for key in [
+        "error_type",
+        "error_message",
+        "error_traceback",
+        "hostname",
+        "worker_id",
+        "runpod_version",
+    ] {
+        assert!(report.get(key).is_some(), "{key} missing: {report}");
+    }
+    assert_eq!(report["worker_id"], "w1");
+    assert_eq!(report["error_type"], "validation_error");
+    assert_eq!(fake.finals("retried").len(), 3);
+    assert_eq!(fake.finals("refused").len(), 1);
+    assert!(fake.finals("retried")[2].json()["output"].is_object());
+
+    // 13. With a 4 KiB limit a normal result fits; see the oversize test below for the cut.
+    let after = fake.finals("after")[0].json();
+    assert!(after["output"].is_object(), "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_results_become_error_results() {
+    let mut o = opts();
+    o.max_output_bytes = 64;
+    let h = start(o).await;
+    h.fake
+        .push_take(TakeAnswer::Job(job("big", "a portrait", 64, 2)));
+    h.fake
+        .wait_for("the result", |f| !f.finals("big").is_empty())
+        .await;
+    let (fake, _) = h.finish().await;
+    let body = fake.finals("big")[0].json();
+    assert!(body.get("output").is_none(), "{body}");
+    let report: Value = serde_json::from_str(body["error"].as_str().unwrap()).unwrap();
+    assert!(
+        report["error_message"].as_str().unwrap().contains("limit"),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_stopped_by_the_platform_gets_no_result_and_the_worker_takes_the_next() {
+    let h = start(opts()).await;
+    h.fake
+        .push_take(TakeAnswer::Job(job("A", "a long portrait", 256, 50)));
+    h.fake.push_take(TakeAnswer::Job(job("B", "next", 64, 2)));
+    h.fake
+        .wait_for("A's first progress", |f| {
+            !f.seen_path("/job-done/w1/A").is_empty()
+        })
+        .await;
+    h.fake.stop_job("A");
+    h.fake
+        .wait_for("B's result", |f| !f.finals("B").is_empty())
+        .await;
+    let rec = h.service.jobs().get("A").unwrap().unwrap();
+    let (fake, _) = h.finish().await;
+    assert!(
+        fake.finals("A").is_empty(),
+        "a stopped job must get no job-done"
+    );
+    assert_eq!(rec.status.as_str(), "CANCELLED");
+    let stops = fake.seen_path("/job-stop/w1");
+    assert!(!stops.is_empty());
+    assert_eq!(stops[0].query, "gpu=T");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_job_posts_its_result_and_takes_nothing_more() {
+    let h = start(opts()).await;
+    h.fake
+        .push_take(TakeAnswer::Job(job("S", "a portrait", 256, 20)));
+    h.fake
+        .push_take(TakeAnswer::Job(job("never", "a portrait", 64, 2)));
+    h.fake
+        .wait_for("S running", |f| !f.seen_path("/job-done/w1/S").is_empty())
+        .await;
+    h.stop.send_replace(true);
+    let signalled = std::time::Instant::now();
+    let exit = tokio::time::timeout(Duration::from_secs(60), h.task)
+        .await
+        .unwrap()
+        .unwrap();
+    h.service.stop().await;
+    assert_eq!(exit, WorkerExit::Shutdown);
+    assert_eq!(h.fake.finals("S").len(), 1);
+    assert!(
+        h.fake
+            .seen_path("/job-take/")
+            .iter()
+            .all(|t| t.at <= signalled),
+        "took a job after the signal"
+    );
+    assert!(h.fake.finals("never").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_takes_back_off() {
+    let h = start(opts()).await;
+    h.fake.push_take(TakeAnswer::Status(429));
+    h.fake
+        .push_take(TakeAnswer::Job(job("late", "a portrait", 64, 2)));
+    h.fake
+        .wait_for("the result", |f| !f.finals("late").is_empty())
+        .await;
+    let (fake, _) = h.finish().await;
+    let takes = fake.seen_path("/job-take/");
+    assert!(
+        takes[1].at.duration_since(takes[0].at) >= Duration::from_millis(400),
+        "no back-off after 429"
+    );
+}
+
+fn headshot(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_headshot"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(args)
+        .current_dir(dir)
+        .env("HEADSHOT_LOG", "error")
+        .env_remove("RUNPOD_WEBHOOK_GET_JOB")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn one_shot_mode_runs_test_input_with_the_sdk_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = r#"{"input": {"prompt": "a portrait", "user_id": "u1", "width": 64, "height": 64}}"#;
+    let out = headshot(dir.path(), &["worker", "--test-input", ok]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["output"]["images"][0]["url"].is_string());
+
+    let bad = r#"{"input": {"prompt": "a portrait", "user_id": "../x"}}"#;
+    let out = headshot(dir.path(), &["worker", "--test-input", bad]);
+    assert_eq!(out.status.code(), Some(1));
+
+    // Missing file → exit 1; then ./test_input.json is used.
+    let out = headshot(dir.path(), &["worker"]);
+    assert_eq!(out.status.code(), Some(1));
+    std::fs::write(
+        dir.path().join("test_input.json"),
+        ok.replace("a portrait", "from the file"),
+    )
+    .unwrap();
+    let out = headshot(dir.path(), &["worker"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = headshot(dir.path(), &["worker", "--test-input", r#"{"id": "x"}"#]);
+    assert_eq!(out.status.code(), Some(1));
+}
