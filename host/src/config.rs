@@ -110,6 +110,34 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// The `[storage]` section.
     pub storage: StorageConfig,
+    /// The `[resources]` section.
+    pub resources: ResourcesConfig,
+}
+
+/// `[resources]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesConfig {
+    /// GPU working memory per pixel per image.
+    pub gpu_bytes_per_pixel: u64,
+    /// CPU working memory per pixel per image.
+    pub cpu_bytes_per_pixel: u64,
+    /// Fixed working memory per request.
+    pub base_bytes: u64,
+    /// Memory always left free.
+    pub margin_bytes: u64,
+    /// Suggested wait when refusing, ms.
+    pub retry_after_ms: u64,
+}
+
+/// When the model loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadMode {
+    /// On the first job.
+    Lazy,
+    /// At start, in the background.
+    Eager,
 }
 
 /// Result delivery mode.
@@ -324,6 +352,10 @@ pub struct ModelConfig {
     pub load_attempts: u32,
     /// First backoff between load attempts, doubled each time.
     pub load_backoff_ms: u64,
+    /// When the model loads.
+    pub load: LoadMode,
+    /// Retry failed loads in the background.
+    pub reinit: bool,
 }
 
 impl ModelConfig {

@@ -9,5 +9,6 @@ pub mod ingress;
 pub mod jobs;
 pub mod pipeline;
 pub mod policy;
+pub mod resources;
 pub mod state;
 pub mod storage;

@@ -45,6 +45,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/admin/model", get(model))
         .route("/admin/model/reload", post(model_reload))
+        .route("/admin/resources", get(resources))
         .route("/metrics", get(metrics))
         .route("/admin/metrics", get(metrics))
         .route(
@@ -359,6 +360,10 @@ async fn model_reload(State(s): State<AdminState>) -> Response {
             .into_response(),
         Err(e) => ApiError::new(ErrorType::InitializationError, e.to_string()).into_response(),
     }
+}
+
+async fn resources(State(s): State<AdminState>) -> Response {
+    axum::Json(json!({ "readings": s.service.monitor().read() })).into_response()
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {

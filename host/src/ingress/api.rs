@@ -377,10 +377,11 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     let body = json!({
         "ready": problems.is_empty(),
         "problems": problems,
-        "model": { "loaded": model.loaded, "busy": model.busy, "last_error": model.last_error },
+        "model": { "loaded": model.loaded, "busy": model.busy, "last_error": model.last_error, "load_failures": model.load_failures },
         "storage": { "backend": state.service.store().name(), "ok": storage.is_ok() },
         "policies": policies.unwrap_or_default(),
         "queue": { "waiting": state.service.queued() },
+        "resources": state.service.monitor().read(),
     });
     let status = if problems.is_empty() {
         StatusCode::OK

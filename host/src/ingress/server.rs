@@ -323,6 +323,55 @@ pub fn metrics_text(service: &JobService) -> String {
             );
         }
     }
+    let r = service.monitor().read();
+    let _ = writeln!(
+        out,
+        "# HELP headshot_memory_bytes Memory readings.\n# TYPE headshot_memory_bytes gauge"
+    );
+    let _ = writeln!(
+        out,
+        "headshot_memory_bytes{{kind=\"system_total\"}} {}",
+        r.system_total_bytes
+    );
+    let _ = writeln!(
+        out,
+        "headshot_memory_bytes{{kind=\"system_available\"}} {}",
+        r.system_available_bytes
+    );
+    let _ = writeln!(
+        out,
+        "headshot_memory_bytes{{kind=\"process_rss\"}} {}",
+        r.process_rss_bytes
+    );
+    if let Some(g) = &r.gpu {
+        let _ = writeln!(
+            out,
+            "headshot_memory_bytes{{kind=\"gpu_total\"}} {}",
+            g.total_bytes
+        );
+        let _ = writeln!(
+            out,
+            "headshot_memory_bytes{{kind=\"gpu_free\"}} {}",
+            g.free_bytes
+        );
+        if let Some(u) = g.utilization_percent {
+            let _ = writeln!(
+                out,
+                "# TYPE headshot_gpu_utilization_percent gauge\nheadshot_gpu_utilization_percent {u}"
+            );
+        }
+        if let Some(t) = g.temperature_c {
+            let _ = writeln!(
+                out,
+                "# TYPE headshot_gpu_temperature_celsius gauge\nheadshot_gpu_temperature_celsius {t}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP headshot_model_load_failures_total Failed model loads.\n# TYPE headshot_model_load_failures_total counter\nheadshot_model_load_failures_total {}",
+        model.load_failures
+    );
     let _ = PolicyKind::ALL;
     out
 }

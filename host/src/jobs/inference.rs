@@ -40,6 +40,8 @@ pub struct ModelState {
     pub status: Option<PipelineStatus>,
     /// Loads so far.
     pub loads: u32,
+    /// Failed loads so far.
+    pub load_failures: u32,
 }
 
 type Progress = Box<dyn FnMut(StepProgress) + Send>;
@@ -143,6 +145,7 @@ fn ensure_loaded(
             set(state, |s| {
                 s.loaded = false;
                 s.last_error = Some(msg.clone());
+                s.load_failures += 1;
             });
             Err(InferError::Load(msg))
         }

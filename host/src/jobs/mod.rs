@@ -20,12 +20,13 @@ use headshot_plugin_sdk::rules::sanitize::Sanitized;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, OnRestart, OutputMode};
+use crate::config::{Config, LoadMode, OnRestart, OutputMode};
 use crate::error::{ErrorResponse, ErrorType};
 use crate::pipeline::rng::Rng;
 use crate::pipeline::style::apply_style;
 use crate::pipeline::{GenerateError, GenerationParams, LoadOptions};
 use crate::policy::{PolicyKind, Registry, ValidateError};
+use crate::resources::{AdmissionConfig, Monitor, SystemProbe};
 use crate::state::{BreakerStore, JobFilter, JobRecord, JobStatus, JobStore, StateDb};
 use crate::storage::{ImageStore, ObjectKey, Store};
 use inference::{InferError, Inference};
@@ -87,7 +88,12 @@ struct Inner {
     unsent_dir: PathBuf,
     stop: tokio::sync::watch::Sender<bool>,
     dispatcher: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    monitor: Arc<Monitor>,
+    supervising: std::sync::atomic::AtomicBool,
 }
+
+/// Name of the model-loading breaker in the `breakers` tree.
+pub const MODEL_BREAKER: &str = "model";
 
 /// The job service; cheap to clone.
 #[derive(Clone)]
@@ -103,6 +109,20 @@ impl JobService {
         state: &StateDb,
         registry: Arc<Registry>,
         store: Arc<Store>,
+    ) -> Result<Self, ErrorResponse> {
+        let on_gpu = config.model.device.is_cuda();
+        let probe = Arc::new(SystemProbe::new(on_gpu, config.model.device.cuda_index()));
+        let monitor = Arc::new(Monitor::new(probe, admission_config(&config), on_gpu));
+        Self::start_with_monitor(config, state, registry, store, monitor)
+    }
+
+    /// As [`JobService::start`], with a given resource monitor (tests inject readings).
+    pub fn start_with_monitor(
+        config: Arc<Config>,
+        state: &StateDb,
+        registry: Arc<Registry>,
+        store: Arc<Store>,
+        monitor: Arc<Monitor>,
     ) -> Result<Self, ErrorResponse> {
         let init = |what: &str, e: String| {
             ErrorResponse::new(
@@ -138,6 +158,8 @@ impl JobService {
                 unsent_dir,
                 stop: tokio::sync::watch::channel(false).0,
                 dispatcher: std::sync::Mutex::new(None),
+                monitor,
+                supervising: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         service.recover()?;
@@ -146,7 +168,76 @@ impl JobService {
         if let Ok(mut slot) = service.inner.dispatcher.lock() {
             *slot = Some(handle);
         }
+        if service.inner.config.model.load == LoadMode::Eager {
+            service.supervise_model();
+        }
         Ok(service)
+    }
+
+    /// The resource monitor.
+    pub fn monitor(&self) -> &Monitor {
+        &self.inner.monitor
+    }
+
+    /// Loads the model in the background, retrying failures as the resilience policy says
+    /// (and, once it gives up, every `breaker.wait_in_open_ms`) while `model.reinit` is on.
+    /// At most one supervisor runs.
+    pub fn supervise_model(&self) {
+        if self.inner.supervising.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let i = &me.inner;
+            let mut stop = i.stop.subscribe();
+            let mut rng = Rng::new(now_ms());
+            let (mut attempt, mut previous_delay_ms, mut round_start) =
+                (0u32, 0u64, Instant::now());
+            loop {
+                attempt += 1;
+                let t = Instant::now();
+                let result = i.inference.load(false).await;
+                upload::record(
+                    &i.registry,
+                    &i.breakers,
+                    MODEL_BREAKER,
+                    result.is_ok(),
+                    t.elapsed(),
+                );
+                let Err(err) = result else {
+                    tracing::info!(attempts = attempt, "model loaded");
+                    break;
+                };
+                if !i.config.model.reinit {
+                    tracing::error!(error = %err, "model load failed; model.reinit is off");
+                    break;
+                }
+                let failed = headshot_plugin_sdk::rules::retry::Attempt {
+                    number: attempt,
+                    kind: headshot_plugin_sdk::rules::retry::ErrorKind::ServerError,
+                    status: None,
+                    retry_after_ms: None,
+                    elapsed_ms: round_start.elapsed().as_millis() as u64,
+                    previous_delay_ms,
+                };
+                let delay = match i.registry.retry(&failed, rng.uniform()).0 {
+                    Ok(headshot_plugin_sdk::rules::retry::RetryDecision::RetryAfter(ms)) => ms,
+                    _ => {
+                        // The schedule is exhausted: keep trying, slowly.
+                        attempt = 0;
+                        round_start = Instant::now();
+                        i.config.policies.resilience.breaker.wait_in_open_ms
+                    }
+                };
+                previous_delay_ms = delay;
+                tracing::warn!(error = %err, retry_in_ms = delay, "model load failed; retrying in the background");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+            i.supervising.store(false, Ordering::Release);
+        });
     }
 
     /// Stops taking queued jobs, lets the running one finish and be recorded, and flushes.
@@ -563,6 +654,36 @@ impl JobService {
         if mode == OutputMode::Url {
             upload::admit(&i.registry, &i.breakers, upload::STORAGE_BREAKER)?;
         }
+        let model = i.inference.state();
+        if !model.loaded && i.supervising.load(Ordering::Acquire) {
+            let why = model
+                .last_error
+                .unwrap_or_else(|| "the model is loading".into());
+            return Err(ErrorResponse::new(
+                ErrorType::InitializationError,
+                format!("the model is not ready: {why}"),
+                json!({ "retry_after_ms": 5000, "load_failures": model.load_failures }),
+            ));
+        }
+        if let Err(refusal) = i
+            .monitor
+            .admit(request.width, request.height, request.num_images)
+        {
+            return Err(ErrorResponse::new(
+                ErrorType::ResourceExhausted,
+                format!(
+                    "not enough {} memory for {}x{}x{}: needs about {} MiB, {} MiB free ({} MiB kept free)",
+                    refusal.pool,
+                    request.width,
+                    request.height,
+                    request.num_images,
+                    refusal.needed_bytes >> 20,
+                    refusal.free_bytes >> 20,
+                    refusal.margin_bytes >> 20
+                ),
+                json!({ "retry_after_ms": refusal.retry_after_ms, "refusal": refusal }),
+            ));
+        }
         rec.timings.insert("admit_ms".into(), ms(t.elapsed()));
         // generate
         let t = Instant::now();
@@ -591,11 +712,19 @@ impl JobService {
             progress_live
                 .progress(json!({ "step": p.step, "total": p.total, "elapsed_ms": p.elapsed_ms }));
         });
-        let generation = i
+        let generation = match i
             .inference
             .generate(params, Arc::clone(&live.cancel), progress)
             .await
-            .map_err(infer_error)?;
+        {
+            Ok(g) => g,
+            Err(e) => {
+                if matches!(e, InferError::Load(_)) && i.config.model.reinit {
+                    self.supervise_model();
+                }
+                return Err(infer_error(e));
+            }
+        };
         rec.timings.insert("generate_ms".into(), ms(t.elapsed()));
         rec.timings
             .insert("denoise_ms".into(), generation.timings.denoise_ms);
@@ -754,6 +883,18 @@ fn infer_error(e: InferError) -> ErrorResponse {
             ),
             _ => ErrorResponse::new(ErrorType::GenerationError, g.to_string(), Value::Null),
         },
+    }
+}
+
+/// The `[resources]` section as admission settings.
+pub fn admission_config(config: &Config) -> AdmissionConfig {
+    let r = &config.resources;
+    AdmissionConfig {
+        gpu_bytes_per_pixel: r.gpu_bytes_per_pixel,
+        cpu_bytes_per_pixel: r.cpu_bytes_per_pixel,
+        base_bytes: r.base_bytes,
+        margin_bytes: r.margin_bytes,
+        retry_after_ms: r.retry_after_ms,
     }
 }
 

@@ -63,6 +63,23 @@ impl From<DeviceSpec> for String {
 }
 
 impl DeviceSpec {
+    /// Whether this spec runs on a CUDA GPU in this build.
+    pub fn is_cuda(self) -> bool {
+        match self {
+            DeviceSpec::Cuda(_) => true,
+            DeviceSpec::Auto => cfg!(feature = "cuda"),
+            DeviceSpec::Cpu => false,
+        }
+    }
+
+    /// The CUDA ordinal (0 for `auto`).
+    pub fn cuda_index(self) -> u32 {
+        match self {
+            DeviceSpec::Cuda(n) => n as u32,
+            _ => 0,
+        }
+    }
+
     /// Opens the device. `Auto` falls back to the CPU when no GPU can be used.
     pub fn open(self) -> Result<Device, LoadError> {
         match self {

@@ -1,0 +1,138 @@
+//! Worker lifecycle: a model that fails to load recovers in the background without a restart;
+//! one that never loads leaves the worker up, answering initialization_error and saying why.
+
+#[path = "support/server.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use headshot_host::config::LoadMode;
+use headshot_host::pipeline::ModelSource;
+use headshot_plugin_sdk::rules::retry::Jitter;
+use serde_json::{Value, json};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_fails_twice_then_loads_becomes_ready_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    let mut cfg = test_config(dir.path());
+    cfg.model.source = ModelSource::Dir(model_dir.clone());
+    cfg.model.load = LoadMode::Eager;
+    cfg.model.load_attempts = 1;
+    let r = &mut cfg.policies.resilience.retry;
+    r.initial_delay_ms = 150;
+    r.max_delay_ms = 150;
+    r.jitter = Jitter::None;
+    r.max_attempts = 50;
+    let server = serve(cfg).await;
+    let c = client();
+
+    let start = Instant::now();
+    loop {
+        let resp = c.get(api(&server, "/readyz")).send().await.unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap();
+        if v["model"]["load_failures"].as_u64().unwrap_or(0) >= 2 {
+            assert_eq!(status, 503);
+            let problems = v["problems"].to_string();
+            assert!(problems.contains("model"), "{problems}");
+            // While it is down, jobs fail fast and say why.
+            let job: Value = c
+                .post(api(&server, "/runsync"))
+                .json(&json!({ "input": input("early", 64) }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(
+                job_error(&job)["error_type"],
+                "initialization_error",
+                "{job}"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never saw two failed loads: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // The weights appear (a volume mounted late, a download finished).
+    let staging = dir.path().join("staging");
+    headshot_host::pipeline::demo::write_demo_weights(&staging).unwrap();
+    std::fs::rename(&staging, &model_dir).unwrap();
+    loop {
+        let resp = c.get(api(&server, "/readyz")).send().await.unwrap();
+        if resp.status() == 200 {
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["model"]["loaded"], true);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let job: Value = c
+        .post(api(&server, "/runsync"))
+        .json(&json!({ "input": input("after recovery", 64) }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["status"], "COMPLETED", "{job}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_never_loads_leaves_the_worker_up_and_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-model");
+    let mut cfg = test_config(dir.path());
+    cfg.model.source = ModelSource::Dir(missing.clone());
+    cfg.model.load_attempts = 1;
+    cfg.policies.resilience.retry.initial_delay_ms = 100;
+    let server = serve(cfg).await;
+    let c = client();
+    for i in 0..3 {
+        let job: Value = c
+            .post(api(&server, "/runsync"))
+            .json(&json!({ "input": input(&format!("job {i}"), 64) }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(job["status"], "FAILED");
+        let err = job_error(&job);
+        assert_eq!(err["error_type"], "initialization_error", "{err}");
+        assert_eq!(err["retryable"], true);
+        assert!(
+            err["message"].as_str().unwrap().contains("no-such-model"),
+            "{err}"
+        );
+    }
+    let resp = c.get(api(&server, "/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["problems"][0].as_str().unwrap().contains("no-such-model"),
+        "{v}"
+    );
+    assert_eq!(
+        c.get(api(&server, "/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    server.shutdown().await;
+}
