@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+mod check_cmd;
 mod policy_cmd;
 
 use headshot_host::bench;
@@ -47,6 +48,8 @@ enum Command {
     Bench(BenchCommand),
     /// Serve the Runpod-compatible local API and the admin API.
     Serve(ServeArgs),
+    /// Check the setup: config, model source, storage, GPU and memory; lists every problem.
+    Check,
     /// Run as a Runpod serverless worker (job-take loop), or one job locally when
     /// RUNPOD_WEBHOOK_GET_JOB is unset (from --test-input or ./test_input.json).
     Worker(WorkerArgs),
@@ -434,6 +437,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate(config, args),
         Command::Policy(cmd) => policy_cmd::run(&config, cmd),
         Command::Serve(args) => serve(config, args),
+        Command::Check => check_cmd::run(&config),
         Command::Worker(args) => worker(config, args),
         Command::Bench(BenchCommand::Demo {
             iters,

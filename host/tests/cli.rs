@@ -253,3 +253,34 @@ fn policy_test_push_list_and_rollback_the_sdk_example() {
     let out = headshot(tmp.path(), &["policy", "list", "--kind", "nope"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn check_reports_a_good_setup_and_lists_every_problem_of_a_broken_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = headshot(tmp.path(), &["check"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("ok: ready to serve"), "{stdout}");
+    assert!(stdout.contains("storage: local reachable"), "{stdout}");
+
+    let cfg = tmp.path().join("broken.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\nsource = \"dir:/nonexistent/flux\"\n[storage]\nbackend = \"supabase\"\n[storage.supabase]\nurl = \"http://127.0.0.1:9\"\nservice_key = \"sb_secret_x\"\ntimeout_ms = 500\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_headshot"))
+        .args(["--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .arg("check")
+        .env("HEADSHOT_LOG", "error")
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("problem: model: /nonexistent/flux does not exist"), "{stdout}");
+    assert!(stdout.contains("problem: storage"), "{stdout}");
+    assert!(text(&out.stderr).contains("2 problem(s) found"), "{}", text(&out.stderr));
+}
