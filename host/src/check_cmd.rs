@@ -21,23 +21,43 @@ pub fn run(config: &Config) -> Result<()> {
 
     let m = &config.model;
     match &m.source {
-        ModelSource::Demo => println!("model: demo (tiny generated weights, abstract images), {}", m.variant.as_str()),
+        ModelSource::Demo => println!(
+            "model: demo (tiny generated weights, abstract images), {}",
+            m.variant.as_str()
+        ),
         ModelSource::Hub { repo, revision } => {
-            let token = std::env::var("HF_TOKEN").map(|t| !t.is_empty()).unwrap_or(false);
+            let token = std::env::var("HF_TOKEN")
+                .map(|t| !t.is_empty())
+                .unwrap_or(false);
             println!(
                 "model: hub:{repo}@{} ({}), HF_TOKEN {}",
                 revision.as_deref().unwrap_or("main"),
                 m.variant.as_str(),
-                if token { "set" } else { "not set (needed for gated repos such as FLUX.1-dev)" }
+                if token {
+                    "set"
+                } else {
+                    "not set (needed for gated repos such as FLUX.1-dev)"
+                }
             );
         }
         ModelSource::Dir(path) => {
             let needed = [m.variant.transformer_file(), "ae.safetensors"];
-            let missing: Vec<&str> = needed.iter().copied().filter(|f| !path.join(f).is_file()).collect();
+            let missing: Vec<&str> = needed
+                .iter()
+                .copied()
+                .filter(|f| !path.join(f).is_file())
+                .collect();
             if !path.is_dir() {
-                problems.push(format!("model: {} does not exist (model.source)", path.display()));
+                problems.push(format!(
+                    "model: {} does not exist (model.source)",
+                    path.display()
+                ));
             } else if !missing.is_empty() {
-                problems.push(format!("model: {} lacks {} (see README \"Real weights\")", path.display(), missing.join(", ")));
+                problems.push(format!(
+                    "model: {} lacks {} (see README \"Real weights\")",
+                    path.display(),
+                    missing.join(", ")
+                ));
             } else {
                 println!("model: dir:{} ({})", path.display(), m.variant.as_str());
             }
@@ -52,21 +72,33 @@ pub fn run(config: &Config) -> Result<()> {
         mib(r.system_total_bytes)
     );
     match (&r.gpu, m.device.is_cuda()) {
-        (Some(g), _) => println!("gpu: {} with {} MiB free of {} MiB", g.name, mib(g.free_bytes), mib(g.total_bytes)),
+        (Some(g), _) => println!(
+            "gpu: {} with {} MiB free of {} MiB",
+            g.name,
+            mib(g.free_bytes),
+            mib(g.total_bytes)
+        ),
         (None, true) => problems.push(format!(
             "gpu: model.device wants CUDA but no GPU is readable ({})",
             r.gpu_unavailable.as_deref().unwrap_or("unknown")
         )),
-        (None, false) => println!("gpu: none used ({})", r.gpu_unavailable.as_deref().unwrap_or("cpu")),
+        (None, false) => println!(
+            "gpu: none used ({})",
+            r.gpu_unavailable.as_deref().unwrap_or("cpu")
+        ),
     }
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let storage = match config.storage.backend {
         StorageBackend::Local => {
             let base = format!("http://{}:{}", config.server.host, config.server.port);
             LocalStore::new(config.data_dir.join("images"), base, vec![0u8; 32]).map(Store::Local)
         }
-        StorageBackend::Supabase => SupabaseStore::new(&config.storage.supabase).map(Store::Supabase),
+        StorageBackend::Supabase => {
+            SupabaseStore::new(&config.storage.supabase).map(Store::Supabase)
+        }
     };
     match storage {
         Ok(store) => match runtime.block_on(store.health()) {

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod check_cmd;
 mod policy_cmd;
+mod runpod_log;
 
 use headshot_host::bench;
 use headshot_host::config::Config;
@@ -178,7 +179,9 @@ fn init_tracing() {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if json {
+    if std::env::var("RUNPOD_ENDPOINT_ID").is_ok_and(|v| !v.is_empty()) {
+        builder.event_format(runpod_log::RunpodFormat).init();
+    } else if json {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();

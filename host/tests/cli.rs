@@ -280,7 +280,14 @@ fn check_reports_a_good_setup_and_lists_every_problem_of_a_broken_one() {
         .unwrap();
     let stdout = text(&out.stdout);
     assert!(!out.status.success());
-    assert!(stdout.contains("problem: model: /nonexistent/flux does not exist"), "{stdout}");
+    assert!(
+        stdout.contains("problem: model: /nonexistent/flux does not exist"),
+        "{stdout}"
+    );
     assert!(stdout.contains("problem: storage"), "{stdout}");
-    assert!(text(&out.stderr).contains("2 problem(s) found"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("2 problem(s) found"),
+        "{}",
+        text(&out.stderr)
+    );
 }

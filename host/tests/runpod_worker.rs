@@ -345,4 +345,105 @@ fn one_shot_mode_runs_test_input_with_the_sdk_exit_codes() {
     );
     let out = headshot(dir.path(), &["worker", "--test-input", r#"{"id": "x"}"#]);
     assert_eq!(out.status.code(), Some(1));
+
+    // On Runpod (RUNPOD_ENDPOINT_ID set) log lines are {"requestId", "message", "level"}.
+    let out = Command::new(env!("CARGO_BIN_EXE_headshot"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["worker", "--test-input", r#"{"id": "logged-job", "input": {"prompt": "a portrait", "user_id": "u1", "width": 64, "height": 64}}"#])
+        .current_dir(dir.path())
+        .env("HEADSHOT_LOG", "info")
+        .env("RUNPOD_ENDPOINT_ID", "ep")
+        .env_remove("RUNPOD_WEBHOOK_GET_JOB")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let finished = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("job finished")
+        })
+        .expect("a job log line");
+    assert_eq!(finished["requestId"], "logged-job");
+    assert_eq!(finished["level"], "INFO");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.get("requestId").is_some() && l.get("level").is_some())
+    );
+}
+
+async fn spawn_worker(fake: &FakeRunpod, dir: &std::path::Path) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_headshot"));
+    cmd.arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("worker")
+        .current_dir(dir)
+        .env("HEADSHOT_LOG", "warn");
+    for (k, v) in fake.vars() {
+        cmd.env(k, v);
+    }
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    cmd.spawn().unwrap()
+}
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_process_finishes_the_job_posts_it_and_exits_zero() {
+    let fake = FakeRunpod::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    fake.push_take(TakeAnswer::Job(job("T", "a portrait", 256, 20)));
+    fake.push_take(TakeAnswer::Job(job("never", "a portrait", 64, 2)));
+    let mut child = spawn_worker(&fake, dir.path()).await;
+    fake.wait_for("T running", |f| !f.seen_path("/job-done/w1/T").is_empty())
+        .await;
+    sigterm(&child);
+    let signalled = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(fake.finals("T").len(), 1, "the job in flight was posted");
+    assert!(fake.finals("never").is_empty());
+    assert!(
+        fake.seen_path("/job-take/")
+            .iter()
+            .all(|t| t.at <= signalled + Duration::from_millis(50))
+    );
+
+    // Idle, inside a long-poll: exits at once.
+    let mut child = spawn_worker(&fake, dir.path()).await;
+    fake.wait_for("a take", |f| f.seen_path("/job-take/").len() >= 4)
+        .await;
+    sigterm(&child);
+    let t = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
 }

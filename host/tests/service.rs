@@ -503,10 +503,16 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.contains("headshot_jobs{status=\"completed\"} 3"),
-        "{metrics}"
-    );
+    for needle in [
+        "headshot_jobs{status=\"completed\"} 3",
+        "headshot_job_stage_milliseconds_count{stage=\"generate\"} 3",
+        "headshot_job_errors_total{error_type=\"validation_error\"} 1",
+        "headshot_policy_call_microseconds_count{slot=\"validator\"}",
+        "headshot_memory_bytes{kind=\"process_rss\"}",
+        "headshot_queue_depth 0",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in {metrics}");
+    }
     let policies = get(admin(&r, "/admin/policies")).await;
     assert_eq!(policies["slots"].as_array().unwrap().len(), 3);
     r.shutdown().await;

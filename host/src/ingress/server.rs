@@ -323,6 +323,48 @@ pub fn metrics_text(service: &JobService) -> String {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP headshot_job_stage_milliseconds Time spent per job stage.\n# TYPE headshot_job_stage_milliseconds summary"
+    );
+    for (stage, sum, count) in service.metrics().stages() {
+        let _ = writeln!(
+            out,
+            "headshot_job_stage_milliseconds_sum{{stage=\"{stage}\"}} {sum}"
+        );
+        let _ = writeln!(
+            out,
+            "headshot_job_stage_milliseconds_count{{stage=\"{stage}\"}} {count}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP headshot_job_errors_total Failed jobs by error category.\n# TYPE headshot_job_errors_total counter"
+    );
+    for (kind, n) in service.metrics().errors() {
+        let _ = writeln!(
+            out,
+            "headshot_job_errors_total{{error_type=\"{kind}\"}} {n}"
+        );
+    }
+    if let Ok(slots) = service.registry().status() {
+        let _ = writeln!(
+            out,
+            "# HELP headshot_policy_call_microseconds Policy call time on the active version.\n# TYPE headshot_policy_call_microseconds summary"
+        );
+        for s in &slots {
+            let _ = writeln!(
+                out,
+                "headshot_policy_call_microseconds_sum{{slot=\"{}\"}} {}",
+                s.kind, s.total_micros
+            );
+            let _ = writeln!(
+                out,
+                "headshot_policy_call_microseconds_count{{slot=\"{}\"}} {}",
+                s.kind, s.calls
+            );
+        }
+    }
     let r = service.monitor().read();
     let _ = writeln!(
         out,

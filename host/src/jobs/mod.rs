@@ -90,6 +90,48 @@ struct Inner {
     dispatcher: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     monitor: Arc<Monitor>,
     supervising: std::sync::atomic::AtomicBool,
+    metrics: JobMetrics,
+}
+
+/// Aggregates for `/metrics`: stage durations (sum and count, a Prometheus summary without
+/// quantiles) and errors by category.
+#[derive(Default)]
+pub struct JobMetrics {
+    stages: std::sync::Mutex<std::collections::BTreeMap<String, (f64, u64)>>,
+    errors: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl JobMetrics {
+    fn observe(&self, rec: &JobRecord) {
+        if let Ok(mut st) = self.stages.lock() {
+            for (k, v) in &rec.timings {
+                if let Some(stage) = k.strip_suffix("_ms") {
+                    let e = st.entry(stage.to_string()).or_insert((0.0, 0));
+                    e.0 += v;
+                    e.1 += 1;
+                }
+            }
+        }
+        if let (Some(err), Ok(mut errors)) = (&rec.error, self.errors.lock()) {
+            *errors.entry(err.error_type.as_str()).or_insert(0) += 1;
+        }
+    }
+
+    /// `(stage, total ms, count)` per stage.
+    pub fn stages(&self) -> Vec<(String, f64, u64)> {
+        self.stages
+            .lock()
+            .map(|m| m.iter().map(|(k, (s, n))| (k.clone(), *s, *n)).collect())
+            .unwrap_or_default()
+    }
+
+    /// `(error_type, count)`.
+    pub fn errors(&self) -> Vec<(&'static str, u64)> {
+        self.errors
+            .lock()
+            .map(|m| m.iter().map(|(k, n)| (*k, *n)).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// Name of the model-loading breaker in the `breakers` tree.
@@ -160,6 +202,7 @@ impl JobService {
                 dispatcher: std::sync::Mutex::new(None),
                 monitor,
                 supervising: std::sync::atomic::AtomicBool::new(false),
+                metrics: JobMetrics::default(),
             }),
         };
         service.recover()?;
@@ -172,6 +215,11 @@ impl JobService {
             service.supervise_model();
         }
         Ok(service)
+    }
+
+    /// Stage and error aggregates.
+    pub fn metrics(&self) -> &JobMetrics {
+        &self.inner.metrics
     }
 
     /// The resource monitor.
@@ -589,6 +637,8 @@ impl JobService {
             }
             Err(err) => finish(&mut rec, JobStatus::Failed, None, Some(err)),
         }
+        i.metrics.observe(&rec);
+        tracing::info!(job = %rec.id, status = rec.status.as_str(), total_ms = rec.timings.get("total_ms").copied().unwrap_or(0.0), "job finished");
         i.jobs.put(&rec, true).map_err(internal)
     }
 

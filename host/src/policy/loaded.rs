@@ -77,6 +77,8 @@ pub struct CallStats {
     pub failures: AtomicU64,
     /// Calls that found the prewarmed pool empty.
     pub cold_calls: AtomicU64,
+    /// Wall time of all calls, microseconds (with `calls`, the mean latency).
+    pub total_micros: AtomicU64,
     /// Last failure, for the admin API.
     pub last_error: Mutex<Option<String>>,
 }
@@ -319,7 +321,11 @@ impl LoadedPolicy {
     ) -> Result<R, CallError> {
         self.inflight.fetch_add(1, Ordering::AcqRel);
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         let result = self.call_once(f);
+        self.stats
+            .total_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.inflight.fetch_sub(1, Ordering::AcqRel);
         self.noted(result)
     }

@@ -105,6 +105,8 @@ pub struct SlotStatus {
     pub failures: u64,
     /// Calls that had to instantiate inline.
     pub cold_calls: u64,
+    /// Wall time of all calls on the active version, microseconds.
+    pub total_micros: u64,
     /// Last failure.
     pub last_error: Option<String>,
     /// Behaviour on failure.
@@ -353,6 +355,10 @@ impl Registry {
                     cold_calls: p
                         .stats
                         .cold_calls
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    total_micros: p
+                        .stats
+                        .total_micros
                         .load(std::sync::atomic::Ordering::Relaxed),
                     last_error: p.stats.last_error.lock().ok().and_then(|e| e.clone()),
                     on_error: slot.on_error,
