@@ -21,8 +21,15 @@ const EXAMPLE: &str = env!("HEADSHOT_EXAMPLE_VALIDATOR_WASM");
 const HOSTILE: &str = env!("HEADSHOT_TEST_HOSTILE_WASM");
 const FORBIDDEN: &str = env!("HEADSHOT_TEST_FORBIDDEN_IMPORT_WASM");
 
+/// Production settings with roomy deadlines: CI machines run these tests in parallel on two
+/// cores, and a test about swaps or rules must not fail because a 20 ms deadline fired under
+/// that load. Tests about deadlines set their own.
 fn settings() -> PolicySettings {
-    PolicySettings::from_config(&Config::default())
+    let mut s = PolicySettings::from_config(&Config::default());
+    for slot in &mut s.slots {
+        slot.deadline = Duration::from_millis(1000);
+    }
+    s
 }
 
 /// Compiled code is keyed by content and engine, so tests can share one cache.
@@ -352,6 +359,7 @@ fn guests_that_always_misbehave_fail_conformance() {
     ] {
         let mut s = settings();
         s.slots[PolicyKind::Validator.index()].custom = serde_json::json!({ "always": attack });
+        s.slots[PolicyKind::Validator.index()].deadline = Duration::from_millis(200);
         let f = open(s);
         let start = Instant::now();
         let err = f

@@ -19,6 +19,10 @@ pub fn test_config(dir: &Path) -> Config {
     c.server.admin_port = 0;
     c.server.admin_token = "test-admin-token-0123456789".into();
     c.policies.prewarm = 2;
+    // Roomy policy deadlines: CI runs these tests in parallel on two cores.
+    c.policies.validator.deadline_ms = 1000;
+    c.policies.sanitizer.deadline_ms = 1000;
+    c.policies.resilience.deadline_ms = 1000;
     c
 }
 
