@@ -447,3 +447,31 @@ async fn sigterm_to_the_process_finishes_the_job_posts_it_and_exits_zero() {
         t.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrecoverable_gpu_error_posts_stop_pod_and_the_worker_takes_nothing_more() {
+    let h = start(opts()).await;
+    h.service
+        .inference()
+        .inject_fault(headshot_host::jobs::inference::InjectedFault {
+            after_step: 2,
+            message:
+                "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered (injected)"
+                    .into(),
+        });
+    h.fake
+        .push_take(TakeAnswer::Job(job("gpu-dies", "a portrait", 64, 4)));
+    h.fake
+        .push_take(TakeAnswer::Job(job("never", "a portrait", 64, 2)));
+    let exit = tokio::time::timeout(Duration::from_secs(60), h.task)
+        .await
+        .unwrap()
+        .unwrap();
+    h.service.stop().await;
+    assert_eq!(exit, WorkerExit::StopPod);
+    let body = h.fake.finals("gpu-dies")[0].json();
+    assert_eq!(body["stopPod"], true, "{body}");
+    let report: Value = serde_json::from_str(body["error"].as_str().unwrap()).unwrap();
+    assert_eq!(report["error_type"], "generation_error");
+    assert!(h.fake.finals("never").is_empty());
+}

@@ -59,11 +59,22 @@ enum Work {
     },
 }
 
+/// A failure to inject into the next generation (fault-injection hook for tests and drills:
+/// it runs the real pipeline and fails it part-way, it does not replace it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct InjectedFault {
+    /// Fail after this many denoising steps.
+    pub after_step: u32,
+    /// The failure's text, e.g. `CUDA_ERROR_ILLEGAL_ADDRESS` or `out of memory`.
+    pub message: String,
+}
+
 /// Handle to the inference thread.
 #[derive(Clone)]
 pub struct Inference {
     tx: mpsc::Sender<Work>,
     state: Arc<Mutex<ModelState>>,
+    faults: Arc<Mutex<std::collections::VecDeque<InjectedFault>>>,
 }
 
 impl Inference {
@@ -72,10 +83,19 @@ impl Inference {
         let (tx, rx) = mpsc::channel::<Work>();
         let state = Arc::new(Mutex::new(ModelState::default()));
         let shared = Arc::clone(&state);
+        let faults = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+        let queued = Arc::clone(&faults);
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || run(options, rx, shared))?;
-        Ok(Self { tx, state })
+            .spawn(move || run(options, rx, shared, queued))?;
+        Ok(Self { tx, state, faults })
+    }
+
+    /// Makes the next generation fail after `fault.after_step` steps with `fault.message`.
+    pub fn inject_fault(&self, fault: InjectedFault) {
+        if let Ok(mut f) = self.faults.lock() {
+            f.push_back(fault);
+        }
     }
 
     /// A snapshot of the model state.
@@ -152,7 +172,12 @@ fn ensure_loaded(
     }
 }
 
-fn run(options: LoadOptions, rx: mpsc::Receiver<Work>, state: Arc<Mutex<ModelState>>) {
+fn run(
+    options: LoadOptions,
+    rx: mpsc::Receiver<Work>,
+    state: Arc<Mutex<ModelState>>,
+    faults: Arc<Mutex<std::collections::VecDeque<InjectedFault>>>,
+) {
     let mut pipeline: Option<FluxPipeline> = None;
     while let Ok(work) = rx.recv() {
         match work {
@@ -182,15 +207,27 @@ fn run(options: LoadOptions, rx: mpsc::Receiver<Work>, state: Arc<Mutex<ModelSta
                         return Err(InferError::Stopped);
                     };
                     set(&state, |s| s.busy = true);
+                    let fault = faults.lock().ok().and_then(|mut f| f.pop_front());
+                    let mut fault_fired = false;
                     let mut on_step = |step: StepProgress| {
                         progress(step);
+                        if fault.as_ref().is_some_and(|f| step.step >= f.after_step) {
+                            fault_fired = true;
+                            return ControlFlow::Break(());
+                        }
                         if cancel.load(Ordering::Acquire) {
                             ControlFlow::Break(())
                         } else {
                             ControlFlow::Continue(())
                         }
                     };
-                    let out = p.generate(&params, &mut on_step).map_err(InferError::from);
+                    let mut out = p.generate(&params, &mut on_step).map_err(InferError::from);
+                    if fault_fired && let Some(f) = &fault {
+                        out = Err(InferError::Generate(GenerateError::Compute {
+                            stage: "denoise",
+                            source: candle_core::Error::Msg(f.message.clone()),
+                        }));
+                    }
                     set(&state, |s| {
                         s.busy = false;
                         s.status = Some(p.status());
