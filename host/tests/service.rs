@@ -705,3 +705,75 @@ async fn unfinished_jobs_can_be_failed_with_a_reason_on_restart() {
     );
     r.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_failing_mid_way_fails_that_job_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = serve(test_config(dir.path())).await;
+    let c = client();
+    r.service
+        .inference()
+        .inject_fault(headshot_host::jobs::inference::InjectedFault {
+            after_step: 2,
+            message: "kernel launch failed (injected)".into(),
+        });
+    let mut inp = input("fails at step 2", 64);
+    inp["steps"] = json!(4);
+    let v: Value = c
+        .post(api(&r, "/runsync"))
+        .json(&json!({ "input": inp }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "FAILED", "{v}");
+    let err = job_error(&v);
+    assert_eq!(err["error_type"], "generation_error", "{err}");
+    assert!(err["message"].as_str().unwrap().contains("injected"));
+    let v: Value = c
+        .post(api(&r, "/runsync"))
+        .json(&json!({ "input": input("the next one", 64) }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "COMPLETED", "{v}");
+    // An injected OOM becomes a retryable resource_exhausted, and the model reloads.
+    r.service
+        .inference()
+        .inject_fault(headshot_host::jobs::inference::InjectedFault {
+            after_step: 1,
+            message: "CUDA out of memory (injected)".into(),
+        });
+    let v: Value = c
+        .post(api(&r, "/runsync"))
+        .json(&json!({ "input": input("oom", 64) }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let err = job_error(&v);
+    assert_eq!(err["error_type"], "resource_exhausted", "{err}");
+    assert_eq!(err["retryable"], true);
+    let v: Value = c
+        .post(api(&r, "/runsync"))
+        .json(&json!({ "input": input("after oom", 64) }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "COMPLETED", "{v}");
+    assert!(
+        r.service.inference().state().loads >= 2,
+        "the pipeline was reloaded after the OOM"
+    );
+    r.shutdown().await;
+}
