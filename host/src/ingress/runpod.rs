@@ -665,6 +665,51 @@ mod tests {
     }
 
     #[test]
+    fn the_take_parser_never_panics_on_hostile_bodies() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let pieces: [&[u8]; 12] = [
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b"\"id\":",
+            b"\"input\":",
+            b"null",
+            b"1e999",
+            b",",
+            b"\"\\u0000\"",
+            b"\xff\xfe",
+            b"{\"id\":\"a\",\"input\":{}}",
+        ];
+        for _ in 0..20_000 {
+            let mut body = Vec::new();
+            for _ in 0..(next() % 12) {
+                body.extend_from_slice(pieces[(next() % 12) as usize]);
+            }
+            let status = [200u16, 204, 400, 429, 500, 502][(next() % 6) as usize];
+            let ct = [Some("application/json"), Some("text/plain"), None][(next() % 3) as usize];
+            match parse_take(status, ct, &body) {
+                // Only jobs that really are in the body come out.
+                Take::Jobs(jobs) => {
+                    let text = String::from_utf8_lossy(&body);
+                    assert!(
+                        jobs.iter()
+                            .all(|j| text.contains(&format!("\"id\":\"{}\"", j.id))),
+                        "{text}"
+                    );
+                }
+                Take::Empty | Take::RateLimited | Take::Failed(_) => {}
+            }
+        }
+    }
+
+    #[test]
     fn take_answers_are_classified() {
         assert!(matches!(parse_take(204, None, b""), Take::Empty));
         assert!(matches!(parse_take(400, None, b"flashboot"), Take::Empty));

@@ -1,0 +1,59 @@
+//! Soak: `HEADSHOT_SOAK_JOBS=10000 cargo bench -p headshot-host --bench soak`.
+//!
+//! Runs demo jobs back to back through `/runsync` (real HTTP, sled, wasm policies, local
+//! storage) and reports resident memory after warm-up and at the end; the target is under 5%
+//! growth. Job history retention is set so the database holds every job of the run.
+
+use std::time::{Duration, Instant};
+
+use headshot_host::config::Config;
+use headshot_host::ingress::server::start;
+use serde_json::{Value, json};
+
+fn main() {
+    let jobs: usize = std::env::var("HEADSHOT_SOAK_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let warmup = (jobs / 10).max(50);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+        config.server.port = 0;
+        config.server.admin_port = 0;
+        config.server.admin_token = "soak-token-0123456789".into();
+        let running = start(config).await.expect("server");
+        let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
+        let url = format!("http://{}/v2/local/runsync", running.api_addr);
+        let rss = || running.service.monitor().read().process_rss_bytes as f64 / 1048576.0;
+        let t = Instant::now();
+        let mut after_warmup = 0.0;
+        let mut failed = 0;
+        for i in 0..jobs {
+            if i == warmup {
+                after_warmup = rss();
+                println!("INFO rss after {warmup} warm-up jobs: {after_warmup:.1} MiB");
+            }
+            let body = json!({ "input": { "prompt": format!("soak portrait {i}"), "user_id": "soak", "width": 64, "height": 64 } });
+            let v: Value = c.post(&url).json(&body).send().await.expect("send").json().await.expect("json");
+            if v["status"] != "COMPLETED" {
+                failed += 1;
+            }
+            if i % 1000 == 999 {
+                println!("INFO {} jobs, rss {:.1} MiB, {:.0} s", i + 1, rss(), t.elapsed().as_secs_f64());
+            }
+        }
+        let end = rss();
+        println!(
+            "RESULT soak: {jobs} jobs ({failed} failed) in {:.0} s; rss {after_warmup:.1} MiB after warm-up -> {end:.1} MiB at the end ({:+.2}%)",
+            t.elapsed().as_secs_f64(),
+            (end - after_warmup) / after_warmup * 100.0
+        );
+        running.shutdown().await;
+    });
+}
