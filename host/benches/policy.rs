@@ -192,6 +192,26 @@ fn main() {
         "RESULT activation_stored_version: median {:.3} ms (n={rounds})",
         ms(&stored)
     );
+    // The same with Cranelift allowed on every core (policies.parallel_compile = true).
+    let mut par_settings = settings.clone();
+    par_settings.engine.parallel_compile = true;
+    let par_dir = tempfile::tempdir().expect("tempdir");
+    let (_par_state, par) = open(par_settings, par_dir.path());
+    let mut par_fresh = Vec::new();
+    for i in 0..rounds {
+        let bytes = with_nonce(
+            &example,
+            7_000 + i as u64 + std::process::id() as u64 * 1_000_000,
+        );
+        let start = Instant::now();
+        par.push(PolicyKind::Validator, &bytes).expect("push");
+        par_fresh.push(start.elapsed());
+    }
+    println!(
+        "RESULT activation_new_component_parallel_compile: median {:.1} ms (n={rounds})",
+        ms(&par_fresh)
+    );
+    drop(par);
 
     // Restart: reopen state and registry with the compiled-code cache warm.
     drop(registry);

@@ -45,11 +45,16 @@ pub trait Probe: Send + Sync {
     fn read(&self) -> Readings;
 }
 
+/// Readings younger than this are reused: admission runs once per job and a fresh read costs
+/// a few hundred microseconds (procfs, NVML).
+const READING_TTL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Reads the real machine.
 pub struct SystemProbe {
     sys: Mutex<sysinfo::System>,
     nvml: Result<nvml_wrapper::Nvml, String>,
     gpu_index: u32,
+    cached: Mutex<Option<(std::time::Instant, Readings)>>,
 }
 
 impl SystemProbe {
@@ -64,12 +69,11 @@ impl SystemProbe {
             sys: Mutex::new(sysinfo::System::new()),
             nvml,
             gpu_index,
+            cached: Mutex::new(None),
         }
     }
-}
 
-impl Probe for SystemProbe {
-    fn read(&self) -> Readings {
+    fn read_now(&self) -> Readings {
         let mut r = Readings::default();
         if let Ok(mut sys) = self.sys.lock() {
             sys.refresh_memory();
@@ -97,6 +101,22 @@ impl Probe for SystemProbe {
                 Err(e) => r.gpu_unavailable = Some(format!("reading GPU {}: {e}", self.gpu_index)),
             },
             Err(why) => r.gpu_unavailable = Some(why.clone()),
+        }
+        r
+    }
+}
+
+impl Probe for SystemProbe {
+    fn read(&self) -> Readings {
+        if let Ok(cached) = self.cached.lock()
+            && let Some((at, r)) = cached.as_ref()
+            && at.elapsed() < READING_TTL
+        {
+            return r.clone();
+        }
+        let r = self.read_now();
+        if let Ok(mut cached) = self.cached.lock() {
+            *cached = Some((std::time::Instant::now(), r.clone()));
         }
         r
     }
