@@ -328,6 +328,7 @@ fn read_key_file(path: &Path) -> io::Result<Vec<u8>> {
 fn write_create_only(dest: &Path, data: &[u8]) -> Result<UploadOutcome, StorageError> {
     let io_err =
         |what: &str, e: io::Error| StorageError::Io(format!("{what} {}: {e}", dest.display()));
+    remove_stale_temps(dest);
     if fs::symlink_metadata(dest).is_ok() {
         return Ok(UploadOutcome::AlreadyExisted);
     }
@@ -349,6 +350,29 @@ fn write_create_only(dest: &Path, data: &[u8]) -> Result<UploadOutcome, StorageE
         sync_dir(dir);
     }
     Ok(outcome)
+}
+
+/// Removes temporary files a killed process left next to `dest` (`.{name}.tmp-{pid}-{n}` with
+/// another pid). Only one worker process uses a data dir at a time (sled holds a lock), so a
+/// temp file of another process is debris; this process's own are in use.
+fn remove_stale_temps(dest: &Path) {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let prefix = format!(".{name}.tmp-");
+    let ours = format!("{prefix}{}-", std::process::id());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix) && !n.starts_with(&ours))
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn write_temp(tmp: &Path, data: &[u8]) -> io::Result<()> {
@@ -479,6 +503,29 @@ mod tests {
             e.strip_prefix("expires=").unwrap().parse().unwrap(),
             s.strip_prefix("sig=").unwrap().to_string(),
         )
+    }
+
+    #[tokio::test]
+    async fn temp_files_left_by_a_killed_writer_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let k = key("user-1", "job_9", 0);
+        let folder = dir.path().join("images/user-1/job_9");
+        fs::create_dir_all(&folder).unwrap();
+        fs::write(folder.join(".0.png.tmp-123-4"), b"half").unwrap();
+        s.upload(&k, b"png".to_vec()).await.unwrap();
+        let names: Vec<_> = fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("0.png")]);
+        // Also when the image itself survived the crash.
+        fs::write(folder.join(".0.png.tmp-123-5"), b"half").unwrap();
+        assert_eq!(
+            s.upload(&k, b"png".to_vec()).await.unwrap(),
+            UploadOutcome::AlreadyExisted
+        );
+        assert_eq!(fs::read_dir(&folder).unwrap().count(), 1);
     }
 
     #[tokio::test]
