@@ -777,3 +777,39 @@ async fn generation_failing_mid_way_fails_that_job_only() {
     );
     r.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_refuses_a_request_that_does_not_fit_and_the_worker_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    // Make any request look far bigger than this machine's free memory.
+    cfg.resources.cpu_bytes_per_pixel = 1 << 30;
+    let r = serve(cfg).await;
+    let c = client();
+    let v: Value = c
+        .post(api(&r, "/runsync"))
+        .json(&json!({ "input": input("too big", 64) }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "FAILED", "{v}");
+    let err = job_error(&v);
+    assert_eq!(err["error_type"], "resource_exhausted", "{err}");
+    assert_eq!(err["retryable"], true);
+    assert_eq!(err["details"]["retry_after_ms"], 5000);
+    assert_eq!(err["details"]["refusal"]["pool"], "system");
+    assert!(
+        err["message"].as_str().unwrap().contains("MiB free"),
+        "{err}"
+    );
+    // Nothing was generated, and the worker still answers.
+    assert_eq!(r.service.inference().state().loads, 0);
+    assert_eq!(
+        c.get(api(&r, "/healthz")).send().await.unwrap().status(),
+        200
+    );
+    r.shutdown().await;
+}
