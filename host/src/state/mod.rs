@@ -12,6 +12,9 @@ pub use policies::{ActiveRecord, BlobMeta, PolicyEntry, PolicyStore};
 
 use std::path::{Path, PathBuf};
 
+/// sled's page cache size.
+const CACHE_BYTES: u64 = 16 << 20;
+
 /// The schema this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -64,6 +67,9 @@ impl StateDb {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            // sled caches pages up to this size (default 1 GiB): bounded, so resident memory
+            // does not grow with the job history.
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|source| StateError::Open {
                 path: dir.to_path_buf(),
