@@ -2,7 +2,7 @@
 //!
 //! Runs demo jobs back to back through `/runsync` (real HTTP, sled, wasm policies, local
 //! storage) and reports resident memory after warm-up and at the end; the target is under 5%
-//! growth. Job history retention is set so the database holds every job of the run.
+//! growth. `HEADSHOT_SOAK_RETENTION=N` bounds the job history to N jobs.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,12 @@ fn main() {
         config.server.port = 0;
         config.server.admin_port = 0;
         config.server.admin_token = "soak-token-0123456789".into();
+        // HEADSHOT_SOAK_RETENTION bounds the job history (jobs.retention_count); unset, the
+        // history holds every job of the run.
+        if let Some(n) = std::env::var("HEADSHOT_SOAK_RETENTION").ok().and_then(|v| v.parse().ok()) {
+            config.jobs.retention_count = n;
+        }
+        println!("INFO job history retention: {} jobs", config.jobs.retention_count);
         let running = start(config).await.expect("server");
         let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
         let url = format!("http://{}/v2/local/runsync", running.api_addr);
