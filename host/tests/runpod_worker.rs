@@ -399,14 +399,14 @@ async fn spawn_worker(fake: &FakeRunpod, dir: &std::path::Path) -> tokio::proces
 }
 
 fn sigterm(child: &tokio::process::Child) {
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    // The shell's built-in `kill`: CI images may lack procps' /bin/kill.
+    let pid = child.id().unwrap();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -TERM {pid}"))
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
