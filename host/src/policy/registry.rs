@@ -373,76 +373,75 @@ impl Registry {
         Ok(self.store.stored(kind)?)
     }
 
-    fn failure(&self, p: &LoadedPolicy, error: CallError) -> PolicyFailure {
-        PolicyFailure {
-            kind: p.meta().kind,
-            sha256: p.meta().sha256.clone(),
-            error,
-        }
-    }
-
-    fn used(p: &LoadedPolicy, fallback: bool) -> Used {
-        Used {
-            kind: p.meta().kind,
+    /// Calls the active policy of `kind`; when the call fails, applies the slot's `on_error`:
+    /// fail-closed returns the failure, fail-open answers with the built-in rules (`native`).
+    fn guarded<T>(
+        &self,
+        kind: PolicyKind,
+        call: impl FnOnce(&LoadedPolicy) -> Result<T, CallError>,
+        native: impl FnOnce() -> T,
+    ) -> (Result<T, PolicyFailure>, Used) {
+        let p = self.active(kind);
+        let used = |fallback| Used {
+            kind,
             sha256: p.meta().sha256.clone(),
             fallback,
+        };
+        match call(&p) {
+            Ok(v) => (Ok(v), used(false)),
+            Err(error) => match self.settings.slot(kind).on_error {
+                OnError::FailClosed => (
+                    Err(PolicyFailure {
+                        kind,
+                        sha256: p.meta().sha256.clone(),
+                        error,
+                    }),
+                    used(false),
+                ),
+                OnError::FailOpen => (Ok(native()), used(true)),
+            },
         }
     }
 
     /// Validates a job's `input` JSON with the active validator. Its answer is checked
     /// against the worker's own limits, so a custom validator can never widen them.
     pub fn validate(&self, input_json: &str) -> (Result<request::Request, ValidateError>, Used) {
-        let p = self.active(PolicyKind::Validator);
-        let outcome = p.validate(input_json).and_then(|answer| match answer {
-            Ok(req) => {
-                let problems = request::check_request(&req, &self.settings.validator);
-                if problems.is_empty() {
-                    Ok(Ok(req))
-                } else {
-                    let named: Vec<String> = problems
-                        .iter()
-                        .map(|e| format!("{}: {}", e.field, e.message))
-                        .collect();
-                    Err(CallError::Output(format!(
-                        "returned a request outside the worker's limits ({})",
-                        named.join("; ")
-                    )))
+        let limits = &self.settings.validator;
+        let (outcome, used) = self.guarded(
+            PolicyKind::Validator,
+            |p| {
+                let answer = p.validate(input_json)?;
+                if let Ok(req) = &answer {
+                    let problems = request::check_request(req, limits);
+                    if !problems.is_empty() {
+                        let named: Vec<String> = problems
+                            .iter()
+                            .map(|e| format!("{}: {}", e.field, e.message))
+                            .collect();
+                        return Err(CallError::Output(format!(
+                            "returned a request outside the worker's limits ({})",
+                            named.join("; ")
+                        )));
+                    }
                 }
-            }
-            Err(errors) => Ok(Err(errors)),
-        });
-        match outcome {
-            Ok(answer) => (
-                answer.map_err(ValidateError::Invalid),
-                Self::used(&p, false),
-            ),
-            Err(error) => match self.settings.slot(PolicyKind::Validator).on_error {
-                OnError::FailClosed => (
-                    Err(ValidateError::Policy(self.failure(&p, error))),
-                    Self::used(&p, false),
-                ),
-                OnError::FailOpen => (
-                    request::validate_input(input_json, &self.settings.validator)
-                        .map_err(ValidateError::Invalid),
-                    Self::used(&p, true),
-                ),
+                Ok(answer)
             },
-        }
+            || request::validate_input(input_json, limits),
+        );
+        let result = match outcome {
+            Ok(answer) => answer.map_err(ValidateError::Invalid),
+            Err(failure) => Err(ValidateError::Policy(failure)),
+        };
+        (result, used)
     }
 
     /// Sanitizes a prompt with the active sanitizer.
     pub fn sanitize(&self, prompt: &str) -> (Result<sanitize::Sanitized, PolicyFailure>, Used) {
-        let p = self.active(PolicyKind::Sanitizer);
-        match p.sanitize(prompt) {
-            Ok(s) => (Ok(s), Self::used(&p, false)),
-            Err(error) => match self.settings.slot(PolicyKind::Sanitizer).on_error {
-                OnError::FailClosed => (Err(self.failure(&p, error)), Self::used(&p, false)),
-                OnError::FailOpen => (
-                    Ok(self.native_sanitizer.sanitize(prompt)),
-                    Self::used(&p, true),
-                ),
-            },
-        }
+        self.guarded(
+            PolicyKind::Sanitizer,
+            |p| p.sanitize(prompt),
+            || self.native_sanitizer.sanitize(prompt),
+        )
     }
 
     /// Circuit-breaker admission with the active resilience policy.
@@ -454,21 +453,11 @@ impl Registry {
         Result<(breaker::Admission, breaker::Breaker), PolicyFailure>,
         Used,
     ) {
-        let p = self.active(PolicyKind::Resilience);
-        match p.admit(current, now_ms) {
-            Ok(v) => (Ok(v), Self::used(&p, false)),
-            Err(error) => match self.settings.slot(PolicyKind::Resilience).on_error {
-                OnError::FailClosed => (Err(self.failure(&p, error)), Self::used(&p, false)),
-                OnError::FailOpen => (
-                    Ok(breaker::admit(
-                        current,
-                        &self.settings.resilience.breaker,
-                        now_ms,
-                    )),
-                    Self::used(&p, true),
-                ),
-            },
-        }
+        self.guarded(
+            PolicyKind::Resilience,
+            |p| p.admit(current, now_ms),
+            || breaker::admit(current, &self.settings.resilience.breaker, now_ms),
+        )
     }
 
     /// Circuit-breaker bookkeeping with the active resilience policy.
@@ -478,22 +467,11 @@ impl Registry {
         seen: &breaker::CallResult,
         now_ms: u64,
     ) -> (Result<breaker::Breaker, PolicyFailure>, Used) {
-        let p = self.active(PolicyKind::Resilience);
-        match p.record_outcome(current, seen, now_ms) {
-            Ok(v) => (Ok(v), Self::used(&p, false)),
-            Err(error) => match self.settings.slot(PolicyKind::Resilience).on_error {
-                OnError::FailClosed => (Err(self.failure(&p, error)), Self::used(&p, false)),
-                OnError::FailOpen => (
-                    Ok(breaker::record_outcome(
-                        current,
-                        &self.settings.resilience.breaker,
-                        seen,
-                        now_ms,
-                    )),
-                    Self::used(&p, true),
-                ),
-            },
-        }
+        self.guarded(
+            PolicyKind::Resilience,
+            |p| p.record_outcome(current, seen, now_ms),
+            || breaker::record_outcome(current, &self.settings.resilience.breaker, seen, now_ms),
+        )
     }
 
     /// Retry decision with the active resilience policy.
@@ -502,21 +480,11 @@ impl Registry {
         failed: &retry::Attempt,
         jitter: f64,
     ) -> (Result<retry::RetryDecision, PolicyFailure>, Used) {
-        let p = self.active(PolicyKind::Resilience);
-        match p.retry(failed, jitter) {
-            Ok(v) => (Ok(v), Self::used(&p, false)),
-            Err(error) => match self.settings.slot(PolicyKind::Resilience).on_error {
-                OnError::FailClosed => (Err(self.failure(&p, error)), Self::used(&p, false)),
-                OnError::FailOpen => (
-                    Ok(retry::decide(
-                        failed,
-                        jitter,
-                        &self.settings.resilience.retry,
-                    )),
-                    Self::used(&p, true),
-                ),
-            },
-        }
+        self.guarded(
+            PolicyKind::Resilience,
+            |p| p.retry(failed, jitter),
+            || retry::decide(failed, jitter, &self.settings.resilience.retry),
+        )
     }
 }
 
