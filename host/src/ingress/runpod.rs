@@ -420,8 +420,9 @@ impl Worker {
             )),
         };
         if let Some(rec) = record {
+            // The job layer marks failures that leave the GPU untrustworthy.
             let stop_pod = rec.error.as_ref().is_some_and(|e| {
-                e.error_type == ErrorType::GenerationError && e.message.contains("CUDA")
+                e.details.get("device_fault").and_then(Value::as_bool) == Some(true)
             });
             if let Some(body) = done_body(&rec, &self.env, stop_pod, self.opts.max_output_bytes) {
                 let _guard = poster.lock().await;

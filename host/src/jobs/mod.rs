@@ -931,7 +931,11 @@ fn infer_error(e: InferError) -> ErrorResponse {
                 format!("the device ran out of memory: {g}"),
                 json!({ "retry_after_ms": 5000 }),
             ),
-            _ => ErrorResponse::new(ErrorType::GenerationError, g.to_string(), Value::Null),
+            _ => ErrorResponse::new(
+                ErrorType::GenerationError,
+                g.to_string(),
+                json!({ "device_fault": g.is_device_fault() }),
+            ),
         },
     }
 }

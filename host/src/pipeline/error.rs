@@ -144,7 +144,49 @@ impl GenerateError {
     }
 }
 
+impl GenerateError {
+    /// Whether the device is left in a state no reload in this process can trust (a CUDA
+    /// illegal address, a launch failure, an ECC error): the worker should be recycled.
+    pub fn is_device_fault(&self) -> bool {
+        match self {
+            GenerateError::Compute { source, .. } => {
+                let text = source.to_string();
+                text.contains("CUDA_ERROR") && !self.is_out_of_memory()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Wraps a candle error with the stage it happened in.
 pub(crate) fn at(stage: &'static str) -> impl FnOnce(candle_core::Error) -> GenerateError {
     move |source| GenerateError::Compute { stage, source }
+}
+
+#[cfg(test)]
+mod device_fault_tests {
+    use super::*;
+
+    fn compute(msg: &str) -> GenerateError {
+        GenerateError::Compute {
+            stage: "denoise",
+            source: candle_core::Error::Msg(msg.into()),
+        }
+    }
+
+    #[test]
+    fn device_faults_are_told_apart_from_oom_and_ordinary_failures() {
+        assert!(
+            compute("DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")")
+                .is_device_fault()
+        );
+        assert!(
+            !compute("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").is_device_fault()
+        );
+        assert!(
+            compute("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").is_out_of_memory()
+        );
+        assert!(!compute("shape mismatch in matmul").is_device_fault());
+        assert!(!GenerateError::Png("x".into()).is_device_fault());
+    }
 }
