@@ -250,8 +250,13 @@ fn policy_test_push_list_and_rollback_the_sdk_example() {
     );
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("/nonexistent.wasm"));
-    let out = headshot(tmp.path(), &["policy", "list", "--kind", "nope"]);
+    let out = headshot(tmp.path(), &["policy", "rollback", "--kind", "nope"]);
     assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("unknown policy kind `nope`"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -131,17 +131,14 @@ async fn takes_posts_results_and_progress_in_order_with_heartbeats_and_no_overta
     );
 
     // 8. No take while j1 ran; j2 taken only after j1's final post.
-    let j1_taken = takes
+    // j1 was handed out by the last take before its first progress post; every take after
+    // that one must come after j1's final post.
+    let j1_take = takes
         .iter()
-        .position(|t| t.at >= posts[0].at)
-        .map(|i| i.saturating_sub(1))
-        .unwrap_or(0);
-    let final_at = done.at;
+        .rposition(|t| t.at < posts[0].at)
+        .expect("j1 was taken");
     assert!(
-        takes
-            .iter()
-            .skip(j1_taken + 1)
-            .all(|t| t.at >= final_at || t.at <= posts[0].at),
+        takes[j1_take + 1..].iter().all(|t| t.at >= done.at),
         "a take happened while j1 ran"
     );
 

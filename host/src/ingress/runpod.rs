@@ -321,7 +321,6 @@ impl Worker {
                 self.env.api_key.clone(),
                 self.env.ping_interval,
                 Arc::clone(&self.in_flight),
-                shutdown.clone(),
             )
         });
         let mut backoff = self.opts.backoff_error;
@@ -578,7 +577,6 @@ fn start_heartbeat(
     key: Option<String>,
     interval: Duration,
     in_flight: Arc<InFlight>,
-    _shutdown: watch::Receiver<bool>,
 ) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = Arc::clone(&stop);

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, StorageBackend};
 use crate::jobs::JobService;
-use crate::policy::{PolicyKind, PolicySettings, Registry};
+use crate::policy::{PolicySettings, Registry};
 use crate::state::StateDb;
 use crate::storage::{LocalStore, Store, SupabaseStore};
 
@@ -414,6 +414,5 @@ pub fn metrics_text(service: &JobService) -> String {
         "# HELP headshot_model_load_failures_total Failed model loads.\n# TYPE headshot_model_load_failures_total counter\nheadshot_model_load_failures_total {}",
         model.load_failures
     );
-    let _ = PolicyKind::ALL;
     out
 }
