@@ -64,14 +64,18 @@ pub async fn read_body(
     limit: usize,
 ) -> Result<axum::body::Bytes, Response> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
-        json_error(
+        // The rest of the body is never read, so the connection cannot carry another
+        // request: say so, or a keep-alive client reuses it and fails its next request.
+        let mut resp = json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorResponse::new(
                 ErrorType::ValidationError,
                 format!("the request body is larger than the limit of {limit} bytes"),
                 serde_json::json!({ "limit_bytes": limit }),
             ),
-        )
+        );
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
     })
 }
 
