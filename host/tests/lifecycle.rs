@@ -38,15 +38,12 @@ async fn a_model_that_fails_twice_then_loads_becomes_ready_without_a_restart() {
             let problems = v["problems"].to_string();
             assert!(problems.contains("model"), "{problems}");
             // While it is down, jobs fail fast and say why.
-            let job: Value = c
-                .post(api(&server, "/runsync"))
-                .json(&json!({ "input": input("early", 64) }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let job: Value = post_json(
+                &c,
+                api(&server, "/runsync"),
+                &json!({ "input": input("early", 64) }),
+            )
+            .await;
             assert_eq!(
                 job_error(&job)["error_type"],
                 "initialization_error",
@@ -77,15 +74,12 @@ async fn a_model_that_fails_twice_then_loads_becomes_ready_without_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let job: Value = c
-        .post(api(&server, "/runsync"))
-        .json(&json!({ "input": input("after recovery", 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = post_json(
+        &c,
+        api(&server, "/runsync"),
+        &json!({ "input": input("after recovery", 64) }),
+    )
+    .await;
     assert_eq!(job["status"], "COMPLETED", "{job}");
     server.shutdown().await;
 }

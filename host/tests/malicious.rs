@@ -100,15 +100,12 @@ async fn hostile_uploads_are_refused_and_hostile_calls_contained() {
             (rss(&r) - before) as f64 / 1048576.0
         );
         assert_eq!(err["error_type"], "policy_error", "{attack}: {v}");
-        let ok: Value = c
-            .post(api(&r, "/runsync"))
-            .json(&json!({ "input": input("a normal portrait", 64) }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let ok: Value = post_json(
+            &c,
+            api(&r, "/runsync"),
+            &json!({ "input": input("a normal portrait", 64) }),
+        )
+        .await;
         assert_eq!(ok["status"], "COMPLETED", "after {attack}: {ok}");
     }
     // Roll back to the built-in.
@@ -119,15 +116,12 @@ async fn hostile_uploads_are_refused_and_hostile_calls_contained() {
         .await
         .unwrap();
     assert!(resp.status().is_success());
-    let v: Value = c
-        .post(api(&r, "/runsync"))
-        .json(&json!({ "input": input("attack:loop", 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(
+        &c,
+        api(&r, "/runsync"),
+        &json!({ "input": input("attack:loop", 64) }),
+    )
+    .await;
     assert_eq!(
         v["status"], "COMPLETED",
         "the built-in treats it as a prompt: {v}"
@@ -168,15 +162,12 @@ async fn modules_that_always_misbehave_are_refused_at_upload() {
         );
         assert_eq!(got, 422, "{attack}: {body}");
         // The built-in is still active and jobs run.
-        let v: Value = c
-            .post(api(&r, "/runsync"))
-            .json(&json!({ "input": input("a portrait", 64) }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = post_json(
+            &c,
+            api(&r, "/runsync"),
+            &json!({ "input": input("a portrait", 64) }),
+        )
+        .await;
         assert_eq!(v["status"], "COMPLETED", "{v}");
         r.shutdown().await;
     }

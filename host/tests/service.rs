@@ -14,15 +14,7 @@ async fn runsync_returns_a_signed_url_whose_download_is_the_png() {
     let dir = tempfile::tempdir().unwrap();
     let r = serve(test_config(dir.path())).await;
     let c = client();
-    let v: Value = c
-        .post(api(&r, "/v2/local/runsync"))
-        .json(&json!({ "input": { "prompt": "a founder in a navy blazer", "user_id": "user-1", "width": 64, "height": 64, "style": "corporate", "num_images": 2 } }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(&c, api(&r, "/v2/local/runsync"), &json!({ "input": { "prompt": "a founder in a navy blazer", "user_id": "user-1", "width": 64, "height": 64, "style": "corporate", "num_images": 2 } })).await;
     assert_eq!(v["status"], "COMPLETED", "{v}");
     let images = v["output"]["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
@@ -52,25 +44,14 @@ async fn run_then_status_moves_through_queue_progress_and_completion() {
     // A slower job first, so the second one is seen waiting.
     let mut slow = input("a slow portrait", 256);
     slow["steps"] = json!(30);
-    let first: Value = c
-        .post(api(&r, "/v2/local/run"))
-        .json(&json!({ "input": slow }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first: Value = post_json(&c, api(&r, "/v2/local/run"), &json!({ "input": slow })).await;
     assert_eq!(first["status"], "IN_QUEUE");
-    let second: Value = c
-        .post(api(&r, "/run"))
-        .json(&json!({ "input": input("a second portrait", 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let second: Value = post_json(
+        &c,
+        api(&r, "/run"),
+        &json!({ "input": input("a second portrait", 64) }),
+    )
+    .await;
     let (a, b) = (
         first["id"].as_str().unwrap().to_string(),
         second["id"].as_str().unwrap().to_string(),
@@ -145,14 +126,7 @@ async fn run_then_status_moves_through_queue_progress_and_completion() {
     let vb = wait_done(&c, &r, &b).await;
     assert_eq!(vb["status"], "COMPLETED");
 
-    let health: Value = c
-        .get(api(&r, "/v2/local/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = get_json(&c, api(&r, "/v2/local/health")).await;
     assert_eq!(health["jobs"]["completed"], 2, "{health}");
     r.shutdown().await;
 }
@@ -164,24 +138,13 @@ async fn cancel_a_queued_and_a_running_job() {
     let c = client();
     let mut long = input("a long portrait", 256);
     long["steps"] = json!(50);
-    let running: Value = c
-        .post(api(&r, "/v2/local/run"))
-        .json(&json!({ "input": long }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let queued: Value = c
-        .post(api(&r, "/v2/local/run"))
-        .json(&json!({ "input": input("queued", 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let running: Value = post_json(&c, api(&r, "/v2/local/run"), &json!({ "input": long })).await;
+    let queued: Value = post_json(
+        &c,
+        api(&r, "/v2/local/run"),
+        &json!({ "input": input("queued", 64) }),
+    )
+    .await;
     let (run_id, queue_id) = (
         running["id"].as_str().unwrap(),
         queued["id"].as_str().unwrap(),
@@ -226,15 +189,12 @@ async fn cancel_a_queued_and_a_running_job() {
     let q = wait_done(&c, &r, queue_id).await;
     assert_eq!(q["status"], "CANCELLED");
     // The worker carries on.
-    let v: Value = c
-        .post(api(&r, "/runsync"))
-        .json(&json!({ "input": input("after cancel", 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(
+        &c,
+        api(&r, "/runsync"),
+        &json!({ "input": input("after cancel", 64) }),
+    )
+    .await;
     assert_eq!(v["status"], "COMPLETED", "{v}");
     let unknown = c
         .post(api(&r, "/v2/local/cancel/nope"))
@@ -251,35 +211,11 @@ async fn a_repeated_job_id_returns_the_recorded_result_without_generating_again(
     let r = serve(test_config(dir.path())).await;
     let c = client();
     let body = json!({ "id": "order-42", "input": input("a chef", 64) });
-    let first: Value = c
-        .post(api(&r, "/v2/local/runsync"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first: Value = post_json(&c, api(&r, "/v2/local/runsync"), &body).await;
     assert_eq!(first["status"], "COMPLETED", "{first}");
-    let second: Value = c
-        .post(api(&r, "/v2/local/runsync"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let second: Value = post_json(&c, api(&r, "/v2/local/runsync"), &body).await;
     assert_eq!(second["output"], first["output"]);
-    let third: Value = c
-        .post(api(&r, "/v2/local/run"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let third: Value = post_json(&c, api(&r, "/v2/local/run"), &body).await;
     assert_eq!(third["status"], "COMPLETED");
     let job: Value = c
         .get(admin(&r, "/admin/jobs/order-42"))
@@ -327,15 +263,7 @@ async fn bad_input_gets_field_level_errors_and_nothing_reaches_storage() {
         ),
     ];
     for (inp, field) in cases {
-        let v: Value = c
-            .post(api(&r, "/v2/local/runsync"))
-            .json(&json!({ "input": inp }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = post_json(&c, api(&r, "/v2/local/runsync"), &json!({ "input": inp })).await;
         assert_eq!(v["status"], "FAILED", "{v}");
         let err = job_error(&v);
         assert_eq!(err["error_type"], "validation_error", "{err}");
@@ -389,6 +317,7 @@ async fn bad_input_gets_field_level_errors_and_nothing_reaches_storage() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 413);
+    assert_eq!(resp.headers()["connection"], "close");
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error_type"], "validation_error");
     let resp = c.get(api(&r, "/nope")).send().await.unwrap();
@@ -443,26 +372,15 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
     for i in 0..3 {
         let mut inp = input("a portrait", 64);
         inp["user_id"] = json!(if i == 0 { "alice" } else { "bob" });
-        let v: Value = c
-            .post(api(&r, "/runsync"))
-            .json(&json!({ "input": inp }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = post_json(&c, api(&r, "/runsync"), &json!({ "input": inp })).await;
         assert_eq!(v["status"], "COMPLETED");
     }
-    let bad: Value = c
-        .post(api(&r, "/runsync"))
-        .json(&json!({ "input": { "user_id": "bob" } }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bad: Value = post_json(
+        &c,
+        api(&r, "/runsync"),
+        &json!({ "input": { "user_id": "bob" } }),
+    )
+    .await;
     assert_eq!(bad["status"], "FAILED");
     let get = |path: String| {
         let c = c.clone();
@@ -618,15 +536,12 @@ async fn base64_output_and_openapi_documents() {
     cfg.server.output = headshot_host::config::OutputMode::Base64;
     let r = serve(cfg).await;
     let c = client();
-    let v: Value = c
-        .post(api(&r, "/runsync"))
-        .json(&json!({ "input": input("inline", 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(
+        &c,
+        api(&r, "/runsync"),
+        &json!({ "input": input("inline", 64) }),
+    )
+    .await;
     assert_eq!(v["status"], "COMPLETED", "{v}");
     let b64 = v["output"]["images"][0]["base64"].as_str().unwrap();
     assert!(
@@ -641,14 +556,7 @@ async fn base64_output_and_openapi_documents() {
                 .count()
                 == 0
     );
-    let doc: Value = c
-        .get(api(&r, "/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = get_json(&c, api(&r, "/openapi.json")).await;
     assert!(doc["paths"]["/v2/{endpoint}/runsync"].is_object());
     let doc: Value = c
         .get(admin(&r, "/openapi.json"))
@@ -688,14 +596,7 @@ async fn unfinished_jobs_can_be_failed_with_a_reason_on_restart() {
     cfg.jobs.on_restart = headshot_host::config::OnRestart::Fail;
     let r = serve(cfg).await;
     let c = client();
-    let v: Value = c
-        .get(api(&r, "/v2/local/status/left-behind"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(&c, api(&r, "/v2/local/status/left-behind")).await;
     assert_eq!(v["status"], "FAILED", "{v}");
     assert!(
         job_error(&v)["message"]
@@ -719,28 +620,17 @@ async fn generation_failing_mid_way_fails_that_job_only() {
         });
     let mut inp = input("fails at step 2", 64);
     inp["steps"] = json!(4);
-    let v: Value = c
-        .post(api(&r, "/runsync"))
-        .json(&json!({ "input": inp }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(&c, api(&r, "/runsync"), &json!({ "input": inp })).await;
     assert_eq!(v["status"], "FAILED", "{v}");
     let err = job_error(&v);
     assert_eq!(err["error_type"], "generation_error", "{err}");
     assert!(err["message"].as_str().unwrap().contains("injected"));
-    let v: Value = c
-        .post(api(&r, "/runsync"))
-        .json(&json!({ "input": input("the next one", 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(
+        &c,
+        api(&r, "/runsync"),
+        &json!({ "input": input("the next one", 64) }),
+    )
+    .await;
     assert_eq!(v["status"], "COMPLETED", "{v}");
     // An injected OOM becomes a retryable resource_exhausted, and the model reloads.
     r.service
@@ -749,27 +639,21 @@ async fn generation_failing_mid_way_fails_that_job_only() {
             after_step: 1,
             message: "CUDA out of memory (injected)".into(),
         });
-    let v: Value = c
-        .post(api(&r, "/runsync"))
-        .json(&json!({ "input": input("oom", 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(
+        &c,
+        api(&r, "/runsync"),
+        &json!({ "input": input("oom", 64) }),
+    )
+    .await;
     let err = job_error(&v);
     assert_eq!(err["error_type"], "resource_exhausted", "{err}");
     assert_eq!(err["retryable"], true);
-    let v: Value = c
-        .post(api(&r, "/runsync"))
-        .json(&json!({ "input": input("after oom", 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(
+        &c,
+        api(&r, "/runsync"),
+        &json!({ "input": input("after oom", 64) }),
+    )
+    .await;
     assert_eq!(v["status"], "COMPLETED", "{v}");
     assert!(
         r.service.inference().state().loads >= 2,
@@ -786,15 +670,12 @@ async fn admission_refuses_a_request_that_does_not_fit_and_the_worker_carries_on
     cfg.resources.cpu_bytes_per_pixel = 1 << 30;
     let r = serve(cfg).await;
     let c = client();
-    let v: Value = c
-        .post(api(&r, "/runsync"))
-        .json(&json!({ "input": input("too big", 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post_json(
+        &c,
+        api(&r, "/runsync"),
+        &json!({ "input": input("too big", 64) }),
+    )
+    .await;
     assert_eq!(v["status"], "FAILED", "{v}");
     let err = job_error(&v);
     assert_eq!(err["error_type"], "resource_exhausted", "{err}");

@@ -38,14 +38,12 @@ async fn runsync(
     r: &headshot_host::ingress::server::Running,
     prompt: &str,
 ) -> Value {
-    c.post(api(r, "/v2/local/runsync"))
-        .json(&json!({ "input": input(prompt, 64) }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    post_json(
+        &c,
+        api(r, "/v2/local/runsync"),
+        &json!({ "input": input(prompt, 64) }),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,3 +75,30 @@ pub async fn wait_done(c: &reqwest::Client, r: &Running, id: &str) -> Value {
 pub fn job_error(v: &Value) -> Value {
     serde_json::from_str(v["error"].as_str().expect("error string")).expect("error is JSON")
 }
+
+/// POSTs `body` as JSON and returns the JSON answer.
+pub async fn post_json<T: serde::Serialize + ?Sized>(
+    c: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    body: &T,
+) -> Value {
+    c.post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON answer")
+}
+
+/// GETs `url` and returns the JSON answer.
+pub async fn get_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    c.get(url)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON answer")
+}
