@@ -7,7 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use headshot_host::config::Config;
+mod common;
+
 use headshot_host::ingress::server::start;
 use serde_json::{Value, json};
 
@@ -20,17 +21,10 @@ fn main() {
     let quick =
         std::env::var("HEADSHOT_BENCH_QUICK").is_ok() || std::env::args().any(|a| a == "--quick");
     let n = if quick { 50 } else { 300 };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
-        config.server.port = 0;
-        config.server.admin_port = 0;
-        config.server.admin_token = "bench".into();
+        let config = common::config(dir.path());
         let running = start(config).await.expect("server");
         let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
         let url = format!("http://{}/v2/local/runsync", running.api_addr);

@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use headshot_host::config::Config;
+mod common;
+
 use headshot_host::ingress::server::start;
 use serde_json::{Value, json};
 
@@ -16,17 +17,10 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000);
     let warmup = (jobs / 10).max(50);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
-        config.server.port = 0;
-        config.server.admin_port = 0;
-        config.server.admin_token = "soak-token-0123456789".into();
+        let mut config = common::config(dir.path());
         // HEADSHOT_SOAK_RETENTION bounds the job history (jobs.retention_count); unset, the
         // history holds every job of the run.
         if let Some(n) = std::env::var("HEADSHOT_SOAK_RETENTION").ok().and_then(|v| v.parse().ok()) {

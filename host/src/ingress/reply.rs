@@ -74,7 +74,8 @@ pub async fn read_body(
                 serde_json::json!({ "limit_bytes": limit }),
             ),
         );
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         resp
     })
 }
