@@ -164,6 +164,10 @@ pub fn open_service(
 
 /// Opens the state database and the policy registry (compiling policies off the runtime).
 pub async fn open_state(config: &Config) -> Result<(StateDb, Registry), ServeError> {
+    // Library callers (tests, benches, embedders) get the same checks as a config file.
+    config
+        .validate()
+        .map_err(|e| ServeError::Other(format!("invalid configuration: {e}")))?;
     let data = config.data_dir.clone();
     std::fs::create_dir_all(&data).map_err(io("creating the data dir", &data))?;
     let state = StateDb::open(&data.join("state")).map_err(|e| ServeError::Other(e.to_string()))?;
