@@ -277,10 +277,15 @@ impl JobStore {
 
     /// Counts by state (over all records).
     pub fn counts(&self) -> Result<BTreeMap<JobStatus, u64>, StateError> {
+        // Only the status is needed: skip building inputs, outputs and errors of every record.
+        #[derive(Deserialize)]
+        struct StatusOnly {
+            status: JobStatus,
+        }
         let mut counts = BTreeMap::new();
         for item in self.jobs.iter().values() {
             let raw = item?;
-            if let Ok(r) = serde_json::from_slice::<JobRecord>(&raw) {
+            if let Ok(r) = serde_json::from_slice::<StatusOnly>(&raw) {
                 *counts.entry(r.status).or_insert(0) += 1;
             }
         }
