@@ -39,7 +39,7 @@ async fn runsync(
     prompt: &str,
 ) -> Value {
     post_json(
-        &c,
+        c,
         api(r, "/v2/local/runsync"),
         &json!({ "input": input(prompt, 64) }),
     )
