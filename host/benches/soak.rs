@@ -2,7 +2,10 @@
 //!
 //! Runs demo jobs back to back through `/runsync` (real HTTP, sled, wasm policies, local
 //! storage) and reports resident memory after warm-up and at the end; the target is under 5%
-//! growth. `HEADSHOT_SOAK_RETENTION=N` bounds the job history to N jobs.
+//! growth. `HEADSHOT_SOAK_RETENTION=N` bounds the job history to N jobs,
+//! `HEADSHOT_SOAK_STREAMS=N` the finished jobs whose progress stream stays in memory
+//! (`jobs.stream_keep_finished`), `HEADSHOT_SOAK_WARMUP=N` sets the warm-up (default a tenth
+//! of the run, at least 50 jobs).
 
 use std::time::{Duration, Instant};
 
@@ -16,17 +19,28 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000);
-    let warmup = (jobs / 10).max(50);
+    let env = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let warmup = env("HEADSHOT_SOAK_WARMUP").unwrap_or((jobs / 10).max(50));
     let rt = common::runtime();
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = common::config(dir.path());
         // HEADSHOT_SOAK_RETENTION bounds the job history (jobs.retention_count); unset, the
         // history holds every job of the run.
-        if let Some(n) = std::env::var("HEADSHOT_SOAK_RETENTION").ok().and_then(|v| v.parse().ok()) {
+        if let Some(n) = env("HEADSHOT_SOAK_RETENTION") {
             config.jobs.retention_count = n;
         }
-        println!("INFO job history retention: {} jobs", config.jobs.retention_count);
+        if let Some(n) = env("HEADSHOT_SOAK_STREAMS") {
+            config.jobs.stream_keep_finished = n;
+        }
+        println!(
+            "INFO job history retention: {} jobs; finished streams kept: {}; warm-up {warmup} jobs",
+            config.jobs.retention_count, config.jobs.stream_keep_finished
+        );
         let running = start(config).await.expect("server");
         let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
         let url = format!("http://{}/v2/local/runsync", running.api_addr);

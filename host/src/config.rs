@@ -194,6 +194,8 @@ pub struct JobsConfig {
     pub retention_count: usize,
     /// History age cap, hours.
     pub retention_hours: u64,
+    /// Finished jobs whose progress stream stays in memory for a late `/stream` reader.
+    pub stream_keep_finished: usize,
 }
 
 /// Storage backend.

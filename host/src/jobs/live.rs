@@ -7,8 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-/// Finished jobs whose undrained stream chunks are kept for late `/stream` readers.
-const KEEP_FINISHED: usize = 1024;
 /// Chunks kept per job when nobody drains them.
 const MAX_CHUNKS: usize = 1024;
 
@@ -69,13 +67,24 @@ impl Live {
 }
 
 /// Live state of every unfinished (and recently finished) job.
-#[derive(Default)]
 pub struct LiveJobs {
     map: Mutex<HashMap<String, Arc<Live>>>,
     finished: Mutex<VecDeque<String>>,
+    /// Finished jobs whose undrained stream chunks are kept for late `/stream` readers
+    /// (`jobs.stream_keep_finished`); bounds this structure's memory.
+    keep_finished: usize,
 }
 
 impl LiveJobs {
+    /// Keeps the live state of up to `keep_finished` finished jobs for late readers.
+    pub fn new(keep_finished: usize) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            finished: Mutex::new(VecDeque::new()),
+            keep_finished,
+        }
+    }
+
     /// The job's live state, created on first use.
     pub fn entry(&self, id: &str) -> Arc<Live> {
         match self.map.lock() {
@@ -99,7 +108,9 @@ impl LiveJobs {
         }
         let evicted = self.finished.lock().ok().and_then(|mut f| {
             f.push_back(id.to_string());
-            (f.len() > KEEP_FINISHED).then(|| f.pop_front()).flatten()
+            (f.len() > self.keep_finished)
+                .then(|| f.pop_front())
+                .flatten()
         });
         if let Some(old) = evicted
             && let Ok(mut m) = self.map.lock()
@@ -116,5 +127,31 @@ impl LiveJobs {
     /// Whether no job has live state.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finished_jobs_beyond_the_bound_are_dropped_oldest_first() {
+        let live = LiveJobs::new(2);
+        for id in ["a", "b", "c"] {
+            live.entry(id).progress(serde_json::json!({ "job": id }));
+            live.finish(id);
+        }
+        assert!(live.get("a").is_none(), "oldest finished job evicted");
+        assert_eq!(live.len(), 2);
+        let b = live.get("b").expect("b kept");
+        assert_eq!(b.drain(), vec![serde_json::json!({ "job": "b" })]);
+        // A job still running is never evicted, however many finish after it.
+        live.entry("running");
+        for id in ["d", "e", "f"] {
+            live.entry(id);
+            live.finish(id);
+        }
+        assert!(live.get("running").is_some());
+        assert_eq!(live.len(), 3);
     }
 }

@@ -184,6 +184,7 @@ impl JobService {
         let (queue, rx) = mpsc::unbounded_channel();
         let worker_id = std::env::var("RUNPOD_POD_ID").unwrap_or_else(|_| "local".into());
         let unsent_dir = config.data_dir.join("unsent");
+        let live = LiveJobs::new(config.jobs.stream_keep_finished);
         let service = Self {
             inner: Arc::new(Inner {
                 config,
@@ -192,7 +193,7 @@ impl JobService {
                 registry,
                 store,
                 inference,
-                live: LiveJobs::default(),
+                live,
                 queue,
                 queued: AtomicUsize::new(0),
                 retried: AtomicUsize::new(0),

@@ -6,25 +6,24 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::flux::WithForward;
 use candle_transformers::models::flux::autoencoder::AutoEncoder;
-use candle_transformers::models::flux::model::Flux;
 use candle_transformers::models::flux::sampling;
 use serde::Serialize;
 
-use super::cache::LruCache;
-use super::checkpoint::Checkpoint;
-use super::device::{DTypeSpec, DeviceSpec, device_name};
-use super::error::{GenerateError, LoadError, at};
-use super::image;
-use super::params::{GenerationParams, Limits, ResolvedParams};
-use super::retry::retry_transient;
-use super::rng::Rng;
-use super::source::{ModelFiles, ModelSource};
-use super::status::{ComponentStatus, PipelineStatus};
-use super::text::{PromptEmbedding, TextEncoders};
-use super::variant::Variant;
+use super::model::FluxModel;
 use crate::config::Config;
+use crate::pipeline::cache::LruCache;
+use crate::pipeline::checkpoint::Checkpoint;
+use crate::pipeline::device::{DTypeSpec, DeviceSpec, device_name};
+use crate::pipeline::error::{GenerateError, LoadError, at};
+use crate::pipeline::image;
+use crate::pipeline::params::{GenerationParams, Limits, ResolvedParams};
+use crate::pipeline::retry::retry_transient;
+use crate::pipeline::rng::Rng;
+use crate::pipeline::source::{ModelFiles, ModelSource};
+use crate::pipeline::status::{ComponentStatus, PipelineStatus};
+use crate::pipeline::text::{PromptEmbedding, TextEncoders};
+use crate::pipeline::variant::Variant;
 
 /// FLUX latents have 16 channels at 1/8 of the image size.
 const LATENT_CHANNELS: usize = 16;
@@ -135,7 +134,7 @@ pub struct FluxPipeline {
     dtype: DType,
     limits: Limits,
     text: TextEncoders,
-    transformer: Flux,
+    transformer: FluxModel,
     autoencoder: AutoEncoder,
     cache: LruCache<(String, Variant), PromptEmbedding>,
     source: String,
@@ -202,7 +201,7 @@ impl FluxPipeline {
         }
         components.push(ComponentStatus::of("transformer", &tf, dtype));
         let transformer = tf.build("FLUX transformer", dtype, &device, |vb| {
-            Flux::new(&tf_cfg, vb)
+            FluxModel::new(&tf_cfg, vb)
         })?;
 
         let ae = Checkpoint::open(
@@ -374,9 +373,11 @@ impl FluxPipeline {
                 Some(g) => Some(Tensor::full(g as f32, batch, &self.device)?),
                 None => None,
             };
-            Ok((state, timesteps, guidance))
+            // Positions are the same every step: one rotary table per generation.
+            let rope = self.transformer.rope(&state.img_ids, &state.txt_ids)?;
+            Ok((state, rope, timesteps, guidance))
         })();
-        let (state, timesteps, guidance) = prepared.map_err(stage)?;
+        let (state, rope, timesteps, guidance) = prepared.map_err(stage)?;
         let batch = p.num_images as usize;
         let mut img = state.img.clone();
         for (i, window) in timesteps.windows(2).enumerate() {
@@ -384,11 +385,10 @@ impl FluxPipeline {
             let (t_curr, t_prev) = (window[0], window[1]);
             img = (|| {
                 let t_vec = Tensor::full(t_curr as f32, batch, &self.device)?;
-                let velocity = self.transformer.forward(
+                let velocity = self.transformer.forward_with_rope(
                     &img,
-                    &state.img_ids,
                     &state.txt,
-                    &state.txt_ids,
+                    &rope,
                     &t_vec,
                     &state.vec,
                     guidance.as_ref(),

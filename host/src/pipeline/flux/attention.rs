@@ -1,0 +1,76 @@
+//! Joint attention over text and image tokens, in the `(batch, tokens, heads, head_dim)`
+//! layout the QKV projection produces, so no transposes are needed around a fused kernel.
+
+use candle_core::{Device, Result, Tensor};
+use serde::Deserialize;
+
+use super::flash_cpu;
+
+/// Which attention implementation the model runs (`model.attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKernel {
+    /// The fused kernel where the device has one and it is the faster choice, else plain.
+    #[default]
+    Auto,
+    /// Plain candle ops: matmul, softmax, matmul (the score matrix is materialised).
+    Plain,
+    /// The fused, memory-bounded kernel where the device has one (the CPU does; CUDA falls
+    /// back to plain ops until its kernel lands).
+    Fused,
+}
+
+impl AttentionKernel {
+    /// The implementation that runs on `device`: a fused path only where one exists.
+    pub fn resolve(self, device: &Device) -> Resolved {
+        match (self, device) {
+            (Self::Fused, Device::Cpu) => Resolved::FusedCpu,
+            _ => Resolved::Plain,
+        }
+    }
+}
+
+/// An implementation that exists on the device it was resolved for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    /// [`plain`].
+    Plain,
+    /// [`flash_cpu::attention`].
+    FusedCpu,
+}
+
+impl Resolved {
+    /// Runs attention: q, k, v `(batch, tokens, heads, head_dim)` → `(batch, tokens,
+    /// heads·head_dim)`.
+    pub fn run(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Plain => plain(q, k, v),
+            Self::FusedCpu => flash_cpu::attention(q, k, v),
+        }
+    }
+
+    /// Name for logs and bench output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::FusedCpu => "fused-cpu",
+        }
+    }
+}
+
+/// `softmax(q·kᵀ/√d)·v` for `q`, `k`, `v` shaped `(batch, tokens, heads, head_dim)`, returned
+/// as `(batch, tokens, heads·head_dim)`. Plain candle ops: the score matrix
+/// `(batch, heads, tokens, tokens)` is materialised.
+pub fn plain(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, n, h, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let heads_first = |t: &Tensor| t.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (heads_first(q)?, heads_first(k)?, heads_first(v)?);
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, n, h * d))
+}
