@@ -13,7 +13,10 @@ use candle_transformers::models::flux::model::{Config as FluxConfig, Flux};
 use candle_transformers::models::flux::sampling;
 
 use crate::pipeline::demo::{demo_ae_config, demo_flux_config};
-use crate::pipeline::device::{DeviceSpec, device_name};
+use crate::pipeline::device::{DTypeSpec, DeviceSpec, device_name};
+use crate::pipeline::flux::FluxModel;
+use crate::pipeline::flux::attention::AttentionKernel;
+use crate::pipeline::flux::check::{self, CheckShape};
 use crate::pipeline::random_weights::RandomWeights;
 use crate::pipeline::rng::Rng;
 use crate::pipeline::{
@@ -114,6 +117,36 @@ pub struct GpuBenchOptions {
     pub warmup: usize,
     /// Skip the autoencoder figure.
     pub skip_vae: bool,
+    /// Which transformer implementation is timed.
+    pub model: ModelImpl,
+    /// Attention kernel of the project's model.
+    pub attention: AttentionKernel,
+    /// Compare every fast path against plain ops instead of timing.
+    pub check: bool,
+    /// Activation dtype; `auto` is f32 for `--tiny` or on the CPU, bf16 on CUDA.
+    pub dtype: DTypeSpec,
+}
+
+/// The transformer implementation a benchmark runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelImpl {
+    /// `pipeline::flux::FluxModel`, what the worker runs.
+    Ours,
+    /// candle-transformers' stock `models::flux`, the starting point, for ratios.
+    Stock,
+}
+
+impl std::str::FromStr for ModelImpl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ours" => Ok(Self::Ours),
+            "stock" => Ok(Self::Stock),
+            other => Err(format!(
+                "unknown model {other:?}: expected \"ours\" or \"stock\""
+            )),
+        }
+    }
 }
 
 /// Full-size FLUX.1-schnell transformer and autoencoder with random bf16 weights (or tiny f32
@@ -125,10 +158,9 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         ));
     }
     let device = opts.device.open()?;
-    let dtype = if opts.tiny || !device.is_cuda() {
-        DType::F32
-    } else {
-        DType::BF16
+    let dtype = match opts.dtype {
+        DTypeSpec::Auto if opts.tiny || !device.is_cuda() => DType::F32,
+        spec => spec.resolve(&device),
     };
     let (flux_cfg, ae_cfg) = if opts.tiny {
         (demo_flux_config(Variant::Schnell), demo_ae_config())
@@ -146,9 +178,23 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         opts.txt_len
     )?;
 
+    if opts.check {
+        return check(opts, &device, dtype, flux_cfg, out);
+    }
+
     let t = Instant::now();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights::on_device()), dtype, device.clone());
-    let model = Flux::new(&flux_cfg, vb)?;
+    let model: Box<dyn WithForward> = match opts.model {
+        ModelImpl::Ours => {
+            let m = FluxModel::with_attention(&flux_cfg, vb, opts.attention)?;
+            writeln!(out, "model: ours, attention {}", m.attention().name())?;
+            Box::new(m)
+        }
+        ModelImpl::Stock => {
+            writeln!(out, "model: candle-transformers stock")?;
+            Box::new(Flux::new(&flux_cfg, vb)?)
+        }
+    };
     device.synchronize()?;
     writeln!(
         out,
@@ -212,6 +258,53 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         writeln!(out, "decoded image {:?}", img.dims())?;
     }
     Ok(())
+}
+
+/// `--check`: every fast path against plain ops; an error when one is off by more than bf16
+/// tolerance or is not finite.
+fn check(
+    opts: &GpuBenchOptions,
+    device: &Device,
+    dtype: DType,
+    config: FluxConfig,
+    out: &mut dyn Write,
+) -> Result<(), BenchError> {
+    let shape = CheckShape {
+        config,
+        image_tokens: (opts.height / 16, opts.width / 16),
+        text_tokens: opts.txt_len,
+    };
+    let results = check::run(device, dtype, &shape, opts.attention)?;
+    let mut failed = Vec::new();
+    for r in &results {
+        let ok = r.passes(check::BF16_TOLERANCE);
+        writeln!(
+            out,
+            "CHECK {}: max relative error {:.3e}{} {}",
+            r.name,
+            r.max_rel_error,
+            if r.non_finite { ", NaN/inf" } else { "" },
+            if ok { "ok" } else { "FAIL" }
+        )?;
+        if !ok {
+            failed.push(r.name.clone());
+        }
+    }
+    if failed.is_empty() {
+        writeln!(
+            out,
+            "RESULT check: {} ops within {:e}",
+            results.len(),
+            check::BF16_TOLERANCE
+        )?;
+        Ok(())
+    } else {
+        Err(BenchError::Usage(format!(
+            "check failed for {} (tolerance {:e})",
+            failed.join(", "),
+            check::BF16_TOLERANCE
+        )))
+    }
 }
 
 /// Options of `headshot bench demo`.

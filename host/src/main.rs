@@ -165,6 +165,18 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long)]
         skip_vae: bool,
+        /// Transformer to time: "ours" (what the worker runs) or "stock" (candle-transformers).
+        #[arg(long, default_value = "ours")]
+        model: String,
+        /// Attention kernel of our model: auto, plain or fused.
+        #[arg(long, default_value = "auto")]
+        attention: String,
+        /// Compare every fast path with plain ops (max relative error) instead of timing.
+        #[arg(long)]
+        check: bool,
+        /// Activation dtype: auto (f32 with --tiny or on the CPU, bf16 on CUDA), f32, bf16, f16.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
     },
 }
 
@@ -469,7 +481,20 @@ fn run(cli: Cli) -> Result<()> {
             iters,
             warmup,
             skip_vae,
+            model,
+            attention,
+            check,
+            dtype,
         }) => {
+            let dtype = dtype
+                .parse::<headshot_host::pipeline::device::DTypeSpec>()
+                .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
+            let model = model
+                .parse::<bench::ModelImpl>()
+                .map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+            let attention = attention
+                .parse::<headshot_host::pipeline::flux::attention::AttentionKernel>()
+                .map_err(|e| anyhow::anyhow!("--attention: {e}"))?;
             let device = device
                 .parse::<DeviceSpec>()
                 .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
@@ -483,6 +508,10 @@ fn run(cli: Cli) -> Result<()> {
                 iters,
                 warmup,
                 skip_vae,
+                model,
+                attention,
+                check,
+                dtype,
             };
             if !tiny && matches!(device, DeviceSpec::Cpu) {
                 bail!(

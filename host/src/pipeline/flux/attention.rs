@@ -1,7 +1,7 @@
 //! Joint attention over text and image tokens, in the `(batch, tokens, heads, head_dim)`
 //! layout the QKV projection produces, so no transposes are needed around a fused kernel.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::flash_cpu;
@@ -30,6 +30,20 @@ impl AttentionKernel {
     }
 }
 
+impl std::str::FromStr for AttentionKernel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "plain" => Ok(Self::Plain),
+            "fused" => Ok(Self::Fused),
+            other => Err(format!(
+                "unknown attention kernel {other:?}: expected \"auto\", \"plain\" or \"fused\""
+            )),
+        }
+    }
+}
+
 /// An implementation that exists on the device it was resolved for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolved {
@@ -42,7 +56,7 @@ pub enum Resolved {
 impl Resolved {
     /// Runs attention: q, k, v `(batch, tokens, heads, head_dim)` → `(batch, tokens,
     /// heads·head_dim)`.
-    pub fn run(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    pub fn run(self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Plain => plain(q, k, v),
             Self::FusedCpu => flash_cpu::attention(q, k, v),
@@ -61,7 +75,7 @@ impl Resolved {
 /// `softmax(q·kᵀ/√d)·v` for `q`, `k`, `v` shaped `(batch, tokens, heads, head_dim)`, returned
 /// as `(batch, tokens, heads·head_dim)`. Plain candle ops: the score matrix
 /// `(batch, heads, tokens, tokens)` is materialised.
-pub fn plain(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+pub fn plain(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     let (b, n, h, d) = q.dims4()?;
     let scale = 1.0 / (d as f64).sqrt();
     let heads_first = |t: &Tensor| t.transpose(1, 2)?.contiguous();

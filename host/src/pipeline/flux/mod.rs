@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod blocks;
+pub mod check;
 pub mod embed;
 pub mod flash_cpu;
 pub mod layers;
