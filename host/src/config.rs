@@ -358,6 +358,8 @@ pub struct ModelConfig {
     pub load: LoadMode,
     /// Retry failed loads in the background.
     pub reinit: bool,
+    /// Attention implementation of the transformer.
+    pub attention: crate::pipeline::flux::attention::AttentionKernel,
 }
 
 impl ModelConfig {
@@ -934,12 +936,40 @@ mod tests {
             ("[model]\nvariant = \"pro\"\n", "model.variant"),
             ("[model]\nsource = \"s3:x\"\n", "model.source"),
             ("[model]\ndtype = \"int4\"\n", "model.dtype"),
+            ("[model]\nattention = \"sparse\"\n", "model.attention"),
+            (
+                "[jobs]\nstream_keep_finished = -1\n",
+                "jobs.stream_keep_finished",
+            ),
         ] {
             let e = Config::from_layers(Some((toml, "f.toml")), env(&[]))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key), "{toml}: {e}");
         }
+    }
+
+    #[test]
+    fn attention_kernel_and_stream_ring_are_settable() {
+        let c = Config::from_layers(
+            Some((
+                "[model]\nattention = \"fused\"\n[jobs]\nstream_keep_finished = 8\n",
+                "f.toml",
+            )),
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.model.attention,
+            crate::pipeline::flux::attention::AttentionKernel::Fused
+        );
+        assert_eq!(c.jobs.stream_keep_finished, 8);
+        let d = Config::from_layers(None, env(&[])).unwrap();
+        assert_eq!(
+            d.model.attention,
+            crate::pipeline::flux::attention::AttentionKernel::Auto
+        );
+        assert_eq!(d.jobs.stream_keep_finished, 1024);
     }
 
     #[test]

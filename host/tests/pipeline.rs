@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use headshot_host::pipeline::demo::{demo_tensors, ensure_demo_weights, write_demo_weights};
 use headshot_host::pipeline::device::{DTypeSpec, DeviceSpec};
+use headshot_host::pipeline::flux::attention::AttentionKernel;
 use headshot_host::pipeline::{
     FluxPipeline, GenerateError, Generation, GenerationParams, Limits, LoadError, LoadOptions,
     ModelSource, StepProgress, Variant,
@@ -23,6 +24,7 @@ fn options(source: ModelSource, data_dir: &Path, variant: Variant) -> LoadOption
         embedding_cache_size: 8,
         load_attempts: 3,
         load_backoff: Duration::from_millis(1),
+        attention: AttentionKernel::Auto,
     }
 }
 
@@ -110,6 +112,40 @@ fn same_seed_same_bytes_different_seed_different_bytes() {
         run(&mut q, &seeded("studio portrait", 42)).unwrap().images[0].png,
         a.images[0].png
     );
+}
+
+fn pixels(png_bytes: &[u8]) -> Vec<u8> {
+    let mut reader = png::Decoder::new(png_bytes).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+/// `model.attention = "fused"` runs the memory-bounded kernel and draws the same picture as
+/// plain ops (f32 rounding may move a pixel by one level).
+#[test]
+fn fused_attention_draws_the_same_image_as_plain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let load = |attention| {
+        FluxPipeline::load(&LoadOptions {
+            attention,
+            ..options(ModelSource::Demo, tmp.path(), Variant::Schnell)
+        })
+        .unwrap()
+    };
+    let params = GenerationParams {
+        width: 128,
+        height: 96,
+        ..seeded("studio portrait", 7)
+    };
+    let plain = run(&mut load(AttentionKernel::Plain), &params).unwrap();
+    let fused = run(&mut load(AttentionKernel::Fused), &params).unwrap();
+    let (a, b) = (pixels(&plain.images[0].png), pixels(&fused.images[0].png));
+    assert_eq!(a.len(), 128 * 96 * 3);
+    assert_eq!(a.len(), b.len());
+    let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(worst <= 1, "pixels differ by up to {worst} levels");
 }
 
 #[test]

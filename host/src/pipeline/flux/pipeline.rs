@@ -10,6 +10,7 @@ use candle_transformers::models::flux::autoencoder::AutoEncoder;
 use candle_transformers::models::flux::sampling;
 use serde::Serialize;
 
+use super::attention::AttentionKernel;
 use super::model::FluxModel;
 use crate::config::Config;
 use crate::pipeline::cache::LruCache;
@@ -49,6 +50,8 @@ pub struct LoadOptions {
     pub load_attempts: u32,
     /// First wait between attempts.
     pub load_backoff: Duration,
+    /// Attention kernel of the transformer.
+    pub attention: AttentionKernel,
 }
 
 impl LoadOptions {
@@ -65,6 +68,7 @@ impl LoadOptions {
             embedding_cache_size: m.embedding_cache_size,
             load_attempts: m.load_attempts,
             load_backoff: Duration::from_millis(m.load_backoff_ms),
+            attention: m.attention,
         }
     }
 }
@@ -201,7 +205,7 @@ impl FluxPipeline {
         }
         components.push(ComponentStatus::of("transformer", &tf, dtype));
         let transformer = tf.build("FLUX transformer", dtype, &device, |vb| {
-            FluxModel::new(&tf_cfg, vb)
+            FluxModel::with_attention(&tf_cfg, vb, opts.attention)
         })?;
 
         let ae = Checkpoint::open(
@@ -215,7 +219,11 @@ impl FluxPipeline {
         })?;
 
         let load_ms = ms(started.elapsed());
-        tracing::info!(load_ms, "FLUX pipeline ready");
+        tracing::info!(
+            load_ms,
+            attention = transformer.attention().name(),
+            "FLUX pipeline ready"
+        );
         Ok(Self {
             variant: opts.variant,
             device,
