@@ -360,6 +360,8 @@ pub struct ModelConfig {
     pub reinit: bool,
     /// Attention implementation of the transformer.
     pub attention: crate::pipeline::flux::attention::AttentionKernel,
+    /// FP8 e4m3 weights for the transformer blocks' projections.
+    pub fp8: bool,
 }
 
 impl ModelConfig {

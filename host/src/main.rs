@@ -177,6 +177,9 @@ enum BenchCommand {
         /// Activation dtype: auto (f32 with --tiny or on the CPU, bf16 on CUDA), f32, bf16, f16.
         #[arg(long, default_value = "auto")]
         dtype: String,
+        /// FP8 e4m3 weights (per-tensor scale) for the transformer blocks' projections.
+        #[arg(long)]
+        fp8: bool,
     },
 }
 
@@ -485,6 +488,7 @@ fn run(cli: Cli) -> Result<()> {
             attention,
             check,
             dtype,
+            fp8,
         }) => {
             let dtype = dtype
                 .parse::<headshot_host::pipeline::device::DTypeSpec>()
@@ -512,6 +516,7 @@ fn run(cli: Cli) -> Result<()> {
                 attention,
                 check,
                 dtype,
+                fp8,
             };
             if !tiny && matches!(device, DeviceSpec::Cpu) {
                 bail!(

@@ -25,6 +25,7 @@ fn options(source: ModelSource, data_dir: &Path, variant: Variant) -> LoadOption
         load_attempts: 3,
         load_backoff: Duration::from_millis(1),
         attention: AttentionKernel::Auto,
+        fp8: false,
     }
 }
 
@@ -123,9 +124,9 @@ fn pixels(png_bytes: &[u8]) -> Vec<u8> {
 }
 
 /// `model.attention = "fused"` runs the memory-bounded kernel and draws the same picture as
-/// plain ops (f32 rounding may move a pixel by one level).
+/// plain ops (f32 rounding may move a pixel by one level); `model.fp8` a close one.
 #[test]
-fn fused_attention_draws_the_same_image_as_plain() {
+fn fused_attention_draws_the_same_image_and_fp8_a_close_one() {
     let tmp = tempfile::tempdir().unwrap();
     let load = |attention| {
         FluxPipeline::load(&LoadOptions {
@@ -146,6 +147,27 @@ fn fused_attention_draws_the_same_image_as_plain() {
     assert_eq!(a.len(), b.len());
     let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
     assert!(worst <= 1, "pixels differ by up to {worst} levels");
+
+    // FP8 weights change the picture slightly, not wholesale.
+    let mut fp8 = FluxPipeline::load(&LoadOptions {
+        fp8: true,
+        ..options(ModelSource::Demo, tmp.path(), Variant::Schnell)
+    })
+    .unwrap();
+    let c = pixels(&run(&mut fp8, &params).unwrap().images[0].png);
+    let mean = |x: &[u8], y: &[u8]| {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| f64::from(p.abs_diff(*q)))
+            .sum::<f64>()
+            / x.len() as f64
+    };
+    let fp8_drift = mean(&a, &c);
+    assert!(fp8_drift > 0.0, "FP8 weights should not be bit-identical");
+    assert!(
+        fp8_drift < 8.0,
+        "FP8 moved pixels by {fp8_drift:.2} levels on average"
+    );
 }
 
 #[test]

@@ -7,7 +7,9 @@ use candle_transformers::models::flux::model::Config;
 
 use super::attention::Resolved;
 use super::embed::RopeTable;
-use super::layers::{Dense, FeedForward, Modulator, PlainLayerNorm, ScaledRmsNorm};
+use super::layers::{
+    Dense, FeedForward, Modulation, Modulator, PlainLayerNorm, ScaledRmsNorm, WeightFormat,
+};
 
 /// Width of the MLP for a config.
 fn mlp_width(cfg: &Config) -> usize {
@@ -45,18 +47,18 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(cfg: &Config, prefix: &str, vb: &VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, prefix: &str, format: WeightFormat, vb: &VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         let head_dim = h / cfg.num_heads;
         let attn = vb.pp(format!("{prefix}_attn"));
         Ok(Self {
             modulator: Modulator::new(h, 2, vb.pp(format!("{prefix}_mod")))?,
             norm: PlainLayerNorm::new(h, vb)?,
-            qkv: Dense::new(h, 3 * h, cfg.qkv_bias, attn.pp("qkv"))?,
+            qkv: Dense::load(h, 3 * h, cfg.qkv_bias, format, attn.pp("qkv"))?,
             q_norm: ScaledRmsNorm::new(head_dim, attn.pp("norm.query_norm"))?,
             k_norm: ScaledRmsNorm::new(head_dim, attn.pp("norm.key_norm"))?,
-            proj: Dense::new(h, h, true, attn.pp("proj"))?,
-            mlp: FeedForward::new(h, mlp_width(cfg), vb.pp(format!("{prefix}_mlp")))?,
+            proj: Dense::load(h, h, true, format, attn.pp("proj"))?,
+            mlp: FeedForward::new(h, mlp_width(cfg), format, vb.pp(format!("{prefix}_mlp")))?,
         })
     }
 }
@@ -70,11 +72,11 @@ pub struct DoubleBlock {
 }
 
 impl DoubleBlock {
-    /// Loads `img_*` and `txt_*` weights under `vb`.
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    /// Loads `img_*` and `txt_*` weights under `vb`, the projections in `format`.
+    pub fn new(cfg: &Config, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            img: Stream::new(cfg, "img", &vb)?,
-            txt: Stream::new(cfg, "txt", &vb)?,
+            img: Stream::new(cfg, "img", format, &vb)?,
+            txt: Stream::new(cfg, "txt", format, &vb)?,
             heads: cfg.num_heads,
         })
     }
@@ -90,7 +92,7 @@ impl DoubleBlock {
     ) -> Result<(Tensor, Tensor)> {
         let img_mod = self.img.modulator.forward(silu_vec)?;
         let txt_mod = self.txt.modulator.forward(silu_vec)?;
-        let qkv_of = |s: &Stream, x: &Tensor, m: &super::layers::Modulation| {
+        let qkv_of = |s: &Stream, x: &Tensor, m: &Modulation| {
             let x = m.scale_shift(&s.norm.forward(x)?)?;
             split_qkv(&s.qkv.forward(&x)?, self.heads, &s.q_norm, &s.k_norm)
         };
@@ -104,7 +106,7 @@ impl DoubleBlock {
         let txt_attn = attn.narrow(1, 0, n_txt)?;
         let img_attn = attn.narrow(1, n_txt, attn.dim(1)? - n_txt)?;
 
-        let finish = |s: &Stream, x: &Tensor, a: &Tensor, m: &[super::layers::Modulation]| {
+        let finish = |s: &Stream, x: &Tensor, a: &Tensor, m: &[Modulation]| {
             let x = m[0].gated_add(x, &s.proj.forward(a)?)?;
             let mlp = s.mlp.forward(&m[1].scale_shift(&s.norm.forward(&x)?)?)?;
             m[1].gated_add(&x, &mlp)
@@ -130,13 +132,14 @@ pub struct SingleBlock {
 }
 
 impl SingleBlock {
-    /// Loads `linear1`, `linear2`, `norm.*` and `modulation` under `vb`.
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    /// Loads `linear1`, `linear2`, `norm.*` and `modulation` under `vb`, the two projections
+    /// in `format`.
+    pub fn new(cfg: &Config, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         let mlp = mlp_width(cfg);
         Ok(Self {
-            linear1: Dense::new(h, 3 * h + mlp, true, vb.pp("linear1"))?,
-            linear2: Dense::new(h + mlp, h, true, vb.pp("linear2"))?,
+            linear1: Dense::load(h, 3 * h + mlp, true, format, vb.pp("linear1"))?,
+            linear2: Dense::load(h + mlp, h, true, format, vb.pp("linear2"))?,
             q_norm: ScaledRmsNorm::new(h / cfg.num_heads, vb.pp("norm.query_norm"))?,
             k_norm: ScaledRmsNorm::new(h / cfg.num_heads, vb.pp("norm.key_norm"))?,
             norm: PlainLayerNorm::new(h, &vb)?,

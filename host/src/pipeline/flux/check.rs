@@ -10,12 +10,17 @@ use candle_transformers::models::flux::sampling::State;
 
 use super::attention::{AttentionKernel, plain};
 use super::embed::RopeTable;
-use super::model::FluxModel;
+use super::layers::{Dense, WeightFormat};
+use super::model::{FluxModel, ModelOptions};
 use crate::pipeline::random_weights::RandomWeights;
 use crate::pipeline::rng::Rng;
 
 /// Largest relative error a bf16 fast path may show against its f32 plain twin.
 pub const BF16_TOLERANCE: f64 = 1e-2;
+/// Bound on the deviation FP8 weights may cause. e4m3 keeps 3 mantissa bits (each weight
+/// rounds by up to 6%), so FP8 is a stated deviation, not a rounding-level match: this bound
+/// only catches a broken FP8 path (a wrong scale is off by orders of magnitude).
+pub const FP8_TOLERANCE: f64 = 0.1;
 
 /// One comparison.
 #[derive(Debug, Clone)]
@@ -26,12 +31,14 @@ pub struct CheckResult {
     pub max_rel_error: f64,
     /// Whether the fast path produced NaN or infinity.
     pub non_finite: bool,
+    /// The bound this comparison is held to.
+    pub tolerance: f64,
 }
 
 impl CheckResult {
-    /// Within `tolerance` and finite.
-    pub fn passes(&self, tolerance: f64) -> bool {
-        !self.non_finite && self.max_rel_error <= tolerance
+    /// Within its tolerance and finite.
+    pub fn passes(&self) -> bool {
+        !self.non_finite && self.max_rel_error <= self.tolerance
     }
 }
 
@@ -51,7 +58,7 @@ fn to_f32(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F32)
 }
 
-fn compare(name: &str, fast: &Tensor, reference: &Tensor) -> Result<CheckResult> {
+fn compare(name: &str, fast: &Tensor, reference: &Tensor, tolerance: f64) -> Result<CheckResult> {
     let fast = to_f32(fast)?.flatten_all()?;
     let reference = to_f32(reference)?.flatten_all()?;
     let finite: Vec<f32> = fast.to_vec1()?;
@@ -63,16 +70,23 @@ fn compare(name: &str, fast: &Tensor, reference: &Tensor) -> Result<CheckResult>
         name: name.to_string(),
         max_rel_error: max_abs(&(&fast - &reference)?)? / scale,
         non_finite,
+        tolerance,
     })
 }
 
-/// Runs every check on `device`, fast paths in `dtype`.
+/// Runs every check on `device`, fast paths in `dtype` (held to [`BF16_TOLERANCE`], or
+/// f32 rounding when `dtype` is f32), then the FP8 deviations (held to [`FP8_TOLERANCE`]).
 pub fn run(
     device: &Device,
     dtype: DType,
     shape: &CheckShape,
     kernel: AttentionKernel,
 ) -> Result<Vec<CheckResult>> {
+    let tolerance = if dtype == DType::F32 {
+        1e-4
+    } else {
+        BF16_TOLERANCE
+    };
     let cfg = &shape.config;
     let mut rng = Rng::new(42);
     let mut randn = |dims: &[usize]| -> Result<Tensor> {
@@ -93,11 +107,8 @@ pub fn run(
     let cast = |t: &Tensor| t.to_dtype(dtype);
     let fast = attention.run(&cast(&qkv[0])?, &cast(&qkv[1])?, &cast(&qkv[2])?)?;
     let reference = plain(&qkv[0], &qkv[1], &qkv[2])?;
-    out.push(compare(
-        &format!("attention_{}", attention.name()),
-        &fast,
-        &reference,
-    )?);
+    let name = format!("attention_{}", attention.name());
+    out.push(compare(&name, &fast, &reference, tolerance)?);
 
     // Norms: candle's fused kernels against the formula in plain ops.
     let x = randn(&[1, tokens, cfg.hidden_size])?;
@@ -107,7 +118,7 @@ pub fn run(
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let reference =
         centred.broadcast_div(&(centred.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)?;
-    out.push(compare("layer_norm", &fast, &reference)?);
+    out.push(compare("layer_norm", &fast, &reference, tolerance)?);
 
     let q = randn(&[1, tokens, heads, head_dim])?;
     let scale = randn(&[head_dim])?.affine(0.1, 1.0)?;
@@ -115,7 +126,7 @@ pub fn run(
     let reference = q
         .broadcast_div(&(q.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)?
         .broadcast_mul(&scale)?;
-    out.push(compare("rms_norm", &fast, &reference)?);
+    out.push(compare("rms_norm", &fast, &reference, tolerance)?);
 
     // Rotary embedding: our f32 table fed ids in the run dtype (as the sampler builds them)
     // against the same rotation with f32 ids.
@@ -132,7 +143,7 @@ pub fn run(
     let fast = RopeTable::new(&ids_run, &cfg.axes_dim, cfg.theta as f64)?.apply(&cast(&q)?)?;
     let reference =
         RopeTable::new(&ids_cat(&ids32)?, &cfg.axes_dim, cfg.theta as f64)?.apply(&q)?;
-    out.push(compare("rope", &fast, &reference)?);
+    out.push(compare("rope", &fast, &reference, tolerance)?);
 
     // Whole model, one block of each kind at full width: ours in the run dtype against
     // candle's stock module in f32, same weights.
@@ -145,11 +156,18 @@ pub fn run(
         VarBuilder::from_backend(Box::new(weights), DType::F32, device.clone()),
     )?;
     let tensors = recording.take();
-    let ours = FluxModel::with_attention(
-        &small,
-        VarBuilder::from_tensors(tensors, dtype, device),
-        kernel,
-    )?;
+    let load = |weights: WeightFormat| {
+        let options = ModelOptions {
+            attention: kernel,
+            weights,
+        };
+        FluxModel::with_options(
+            &small,
+            VarBuilder::from_tensors(tensors.clone(), dtype, device),
+            options,
+        )
+    };
+    let ours = load(WeightFormat::Full)?;
     let img = randn(&[1, 16, gh * 2, gw * 2])?;
     let txt = randn(&[1, shape.text_tokens, small.context_in_dim])?;
     let vec = randn(&[1, small.vec_in_dim])?;
@@ -168,7 +186,27 @@ pub fn run(
         &s32.vec,
         g,
     )?;
-    out.push(compare("model_vs_stock_f32", &fast, &reference)?);
+    out.push(compare("model_vs_stock_f32", &fast, &reference, tolerance)?);
+
+    // FP8 weights against the same layer and model in full precision (the run dtype): the
+    // deviation FP8 adds on top of bf16.
+    let fp8 = load(WeightFormat::Fp8)?;
+    let fast8 = fp8.forward(&s.img, &s.img_ids, &s.txt, &s.txt_ids, &t, &s.vec, g)?;
+    out.push(compare("model_fp8_vs_full", &fast8, &fast, FP8_TOLERANCE)?);
+    let x = cast(&randn(&[1, tokens, cfg.hidden_size])?)?;
+    let w = (randn(&[4 * cfg.hidden_size, cfg.hidden_size])? / (cfg.hidden_size as f64).sqrt())?;
+    let dense = |format| {
+        let weights = [("weight".to_string(), w.clone())].into_iter().collect();
+        let vb = VarBuilder::from_tensors(weights, dtype, device);
+        Dense::load(cfg.hidden_size, 4 * cfg.hidden_size, false, format, vb)?.forward(&x)
+    };
+    let full = dense(WeightFormat::Full)?;
+    out.push(compare(
+        "fp8_linear_vs_full",
+        &dense(WeightFormat::Fp8)?,
+        &full,
+        FP8_TOLERANCE,
+    )?);
     Ok(out)
 }
 
@@ -197,11 +235,23 @@ mod tests {
                         "layer_norm",
                         "rms_norm",
                         "rope",
-                        "model_vs_stock_f32"
+                        "model_vs_stock_f32",
+                        "model_fp8_vs_full",
+                        "fp8_linear_vs_full"
                     ]
                 );
                 for r in &results {
-                    assert!(r.passes(tolerance), "{variant} {dtype:?}: {r:?}");
+                    let bound = if r.name.contains("fp8") {
+                        FP8_TOLERANCE
+                    } else {
+                        tolerance
+                    };
+                    assert_eq!(r.tolerance, bound, "{r:?}");
+                    assert!(r.passes(), "{variant} {dtype:?}: {r:?}");
+                    // FP8 really quantizes: it is not bit-identical to full precision.
+                    if r.name.contains("fp8") {
+                        assert!(r.max_rel_error > 1e-3, "{r:?}");
+                    }
                 }
             }
         }
@@ -211,10 +261,10 @@ mod tests {
     fn a_wrong_fast_path_is_caught() {
         let a = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).expect("a");
         let b = Tensor::new(&[1f32, 2.0, 3.1], &Device::Cpu).expect("b");
-        let r = compare("x", &a, &b).expect("compare");
-        assert!(!r.passes(1e-2), "{r:?}");
+        let r = compare("x", &a, &b, 1e-2).expect("compare");
+        assert!(!r.passes(), "{r:?}");
         let nan = Tensor::new(&[f32::NAN, 2.0, 3.0], &Device::Cpu).expect("nan");
-        let r = compare("nan", &nan, &a).expect("compare");
-        assert!(r.non_finite && !r.passes(1.0));
+        let r = compare("nan", &nan, &a, 1.0).expect("compare");
+        assert!(r.non_finite && !r.passes());
     }
 }

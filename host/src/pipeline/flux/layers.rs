@@ -3,28 +3,95 @@
 //! Norms go through candle's fused kernels (`ops::layer_norm`, `ops::rms_norm`: one kernel
 //! each) where the stock module's bias-free LayerNorm falls back to eight separate ops.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+/// Largest finite e4m3 value: per-tensor scales map each weight's max |w| onto it.
+const E4M3_MAX: f64 = 448.0;
+
+/// How a [`Dense`] layer stores its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// The checkpoint's values in the activation dtype.
+    #[default]
+    Full,
+    /// FP8 e4m3 with one f32 scale per tensor (`model.fp8`): half the bytes of bf16.
+    Fp8,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    Full(Tensor),
+    Fp8 { values: Tensor, scale: f64 },
+}
 
 /// A linear layer `y = x·Wᵀ + b` (`weight`, `bias`): the one place a quantized or fused GEMM
 /// slots in for every projection of the model.
 #[derive(Debug, Clone)]
 pub struct Dense {
-    inner: candle_nn::Linear,
+    weight: Weight,
+    bias: Option<Tensor>,
 }
 
 impl Dense {
-    /// Loads `weight` (out × in) and, when `bias`, `bias` (out).
+    /// Loads `weight` (out × in) and, when `bias`, `bias` (out), in full precision.
     pub fn new(input: usize, output: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Self::load(input, output, bias, WeightFormat::Full, vb)
+    }
+
+    /// Loads the layer, quantizing the weight to `format`.
+    pub fn load(
+        input: usize,
+        output: usize,
+        bias: bool,
+        format: WeightFormat,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let linear = candle_nn::linear_b(input, output, bias, vb)?;
+        let weight = match format {
+            WeightFormat::Full => Weight::Full(linear.weight().clone()),
+            WeightFormat::Fp8 => {
+                let (values, scale) = quantize_e4m3(linear.weight())?;
+                Weight::Fp8 { values, scale }
+            }
+        };
         Ok(Self {
-            inner: candle_nn::linear_b(input, output, bias, vb)?,
+            weight,
+            bias: linear.bias().cloned(),
         })
     }
 
-    /// Applies the layer.
+    /// Applies the layer. FP8 weights are expanded to the activation dtype for the GEMM
+    /// (memory saving only; an FP8 tensor-core GEMM is the GPU fast path for this seam).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.inner.forward(x)
+        let weight = match &self.weight {
+            Weight::Full(w) => w.clone(),
+            Weight::Fp8 { values, scale } => values
+                .to_dtype(DType::F32)?
+                .affine(*scale, 0.0)?
+                .to_dtype(x.dtype())?,
+        };
+        candle_nn::Linear::new(weight, self.bias.clone()).forward(x)
     }
+
+    /// Bytes the weight occupies.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Full(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Fp8 { values, .. } => values.elem_count(),
+        }
+    }
+}
+
+/// Per-tensor e4m3 quantization: `values · scale ≈ w`, with max |w| mapped to 448.
+pub fn quantize_e4m3(w: &Tensor) -> Result<(Tensor, f64)> {
+    let w = w.to_dtype(DType::F32)?;
+    let amax = f64::from(w.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?);
+    if !amax.is_finite() {
+        candle_core::bail!("cannot quantize a weight holding NaN or infinity to FP8");
+    }
+    let scale = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+    Ok((w.affine(1.0 / scale, 0.0)?.to_dtype(DType::F8E4M3)?, scale))
 }
 
 /// LayerNorm over the last dimension without learned scale or bias (eps 1e-6), as FLUX uses
@@ -154,11 +221,11 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    /// Loads the two projections.
-    pub fn new(hidden: usize, inner: usize, vb: VarBuilder) -> Result<Self> {
+    /// Loads the two projections in `format`.
+    pub fn new(hidden: usize, inner: usize, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            lin1: Dense::new(hidden, inner, true, vb.pp("0"))?,
-            lin2: Dense::new(inner, hidden, true, vb.pp("2"))?,
+            lin1: Dense::load(hidden, inner, true, format, vb.pp("0"))?,
+            lin2: Dense::load(inner, hidden, true, format, vb.pp("2"))?,
         })
     }
 

@@ -12,10 +12,21 @@ use candle_transformers::models::flux::model::Config;
 use super::attention::{AttentionKernel, Resolved};
 use super::blocks::{DoubleBlock, SingleBlock};
 use super::embed::{RopeTable, timestep_embedding};
+use super::layers::WeightFormat;
 use super::layers::{Dense, FinalLayer, MlpEmbedder};
 
 /// Width of the sinusoidal timestep/guidance embedding.
 const TIME_EMBED_DIM: usize = 256;
+
+/// Choices that change how the model computes, not what it loads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModelOptions {
+    /// Attention kernel (`model.attention`).
+    pub attention: AttentionKernel,
+    /// Storage of the blocks' projection weights (`model.fp8`); the embedders, modulation and
+    /// final layer stay in the activation dtype.
+    pub weights: WeightFormat,
+}
 
 /// The transformer.
 #[derive(Debug, Clone)]
@@ -37,13 +48,13 @@ impl FluxModel {
     /// Loads every weight of `cfg` from `vb` (BFL names: `img_in`, `double_blocks.N.*`, ...),
     /// with the attention kernel `auto` picks for the builder's device.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        Self::with_attention(cfg, vb, AttentionKernel::Auto)
+        Self::with_options(cfg, vb, ModelOptions::default())
     }
 
-    /// [`FluxModel::new`] with a chosen attention kernel (a fused one falls back to plain ops
-    /// on a device that has none).
-    pub fn with_attention(cfg: &Config, vb: VarBuilder, kernel: AttentionKernel) -> Result<Self> {
-        let attention = kernel.resolve(vb.device());
+    /// [`FluxModel::new`] with chosen options (a fused attention kernel falls back to plain
+    /// ops on a device that has none).
+    pub fn with_options(cfg: &Config, vb: VarBuilder, options: ModelOptions) -> Result<Self> {
+        let attention = options.attention.resolve(vb.device());
         let h = cfg.hidden_size;
         if !h.is_multiple_of(cfg.num_heads)
             || cfg.axes_dim.iter().sum::<usize>() != h / cfg.num_heads
@@ -66,10 +77,10 @@ impl FluxModel {
                 .then(|| MlpEmbedder::new(TIME_EMBED_DIM, h, vb.pp("guidance_in")))
                 .transpose()?,
             double_blocks: (0..cfg.depth)
-                .map(|i| DoubleBlock::new(cfg, double.pp(i)))
+                .map(|i| DoubleBlock::new(cfg, options.weights, double.pp(i)))
                 .collect::<Result<_>>()?,
             single_blocks: (0..cfg.depth_single_blocks)
-                .map(|i| SingleBlock::new(cfg, single.pp(i)))
+                .map(|i| SingleBlock::new(cfg, options.weights, single.pp(i)))
                 .collect::<Result<_>>()?,
             final_layer: FinalLayer::new(h, cfg.in_channels, vb.pp("final_layer"))?,
             axes_dim: cfg.axes_dim.clone(),
@@ -178,7 +189,11 @@ mod tests {
         let stock_f32 = Flux::new(cfg, stock_vb).expect("stock model");
         let tensors = recording.take();
         let vb = VarBuilder::from_tensors(tensors.clone(), dtype, &Device::Cpu);
-        let ours = FluxModel::with_attention(cfg, vb, kernel).expect("our model");
+        let options = ModelOptions {
+            attention: kernel,
+            ..ModelOptions::default()
+        };
+        let ours = FluxModel::with_options(cfg, vb, options).expect("our model");
         let stock = if dtype == DType::F32 {
             stock_f32
         } else {

@@ -11,7 +11,8 @@ use candle_transformers::models::flux::sampling;
 use serde::Serialize;
 
 use super::attention::AttentionKernel;
-use super::model::FluxModel;
+use super::layers::WeightFormat;
+use super::model::{FluxModel, ModelOptions};
 use crate::config::Config;
 use crate::pipeline::cache::LruCache;
 use crate::pipeline::checkpoint::Checkpoint;
@@ -52,6 +53,8 @@ pub struct LoadOptions {
     pub load_backoff: Duration,
     /// Attention kernel of the transformer.
     pub attention: AttentionKernel,
+    /// FP8 weights for the transformer blocks' projections.
+    pub fp8: bool,
 }
 
 impl LoadOptions {
@@ -69,6 +72,7 @@ impl LoadOptions {
             load_attempts: m.load_attempts,
             load_backoff: Duration::from_millis(m.load_backoff_ms),
             attention: m.attention,
+            fp8: m.fp8,
         }
     }
 }
@@ -205,7 +209,15 @@ impl FluxPipeline {
         }
         components.push(ComponentStatus::of("transformer", &tf, dtype));
         let transformer = tf.build("FLUX transformer", dtype, &device, |vb| {
-            FluxModel::with_attention(&tf_cfg, vb, opts.attention)
+            let options = ModelOptions {
+                attention: opts.attention,
+                weights: if opts.fp8 {
+                    WeightFormat::Fp8
+                } else {
+                    WeightFormat::Full
+                },
+            };
+            FluxModel::with_options(&tf_cfg, vb, options)
         })?;
 
         let ae = Checkpoint::open(
