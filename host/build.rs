@@ -4,6 +4,8 @@
 //! The nested builds use their own target directory next to this build's (a shared one
 //! would deadlock on cargo's build lock) and a clean environment (flags meant for the host
 //! target, or clippy's wrapper, must not leak into the wasm build).
+//!
+//! With the `cuda` feature it also compiles `kernels/*.cu` to PTX with nvcc.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +38,9 @@ fn main() {
     require_target();
 
     let out_dir = PathBuf::from(env("OUT_DIR"));
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        compile_cuda_kernels(&manifest_dir, &out_dir);
+    }
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out: share one wasm target dir per
     // host target dir so dev, test and clippy builds reuse the same guest artifacts.
     let wasm_target = out_dir
@@ -79,6 +84,38 @@ fn main() {
             panic!("nested wasm build did not produce {}", path.display());
         }
         println!("cargo:rustc-env={var}={}", path.display());
+    }
+}
+
+/// `kernels/flash_attn.cu` → `$OUT_DIR/flash_attn.ptx` for `CUDA_COMPUTE_CAP` (default 80:
+/// the kernel needs mma.sync with bf16, and PTX for 8.0 is JIT-compiled by newer drivers for
+/// newer cards). nvcc comes from `CUDA_HOME`/`CUDA_ROOT` or the PATH.
+fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
+    let source = manifest_dir.join("kernels/flash_attn.cu");
+    println!("cargo:rerun-if-changed={}", source.display());
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    let nvcc = ["CUDA_HOME", "CUDA_ROOT"]
+        .into_iter()
+        .filter_map(std::env::var_os)
+        .map(|home| PathBuf::from(home).join("bin/nvcc"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let out = out_dir.join("flash_attn.ptx");
+    let status = Command::new(&nvcc)
+        .args([
+            "--ptx",
+            "-O3",
+            &format!("--gpu-architecture=compute_{cap}"),
+            "-o",
+        ])
+        .arg(&out)
+        .arg(&source)
+        .status()
+        .unwrap_or_else(|e| panic!("running {} for the cuda feature: {e}", nvcc.display()));
+    if !status.success() {
+        panic!("nvcc failed on {} ({status})", source.display());
     }
 }
 

@@ -7,9 +7,50 @@
 //! (`jobs.stream_keep_finished`), `HEADSHOT_SOAK_WARMUP=N` sets the warm-up (default a tenth
 //! of the run, at least 50 jobs).
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
+
+/// Counts the bytes the process holds on the heap, so growth in resident memory can be told
+/// apart: live bytes rising is a leak or an unbounded structure; live bytes flat while the
+/// resident size rises is the allocator keeping freed pages (fragmentation).
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live_mib() -> f64 {
+    LIVE.load(Ordering::Relaxed) as f64 / 1048576.0
+}
 
 use headshot_host::ingress::server::start;
 use serde_json::{Value, json};
@@ -47,11 +88,15 @@ fn main() {
         let rss = || running.service.monitor().read().process_rss_bytes as f64 / 1048576.0;
         let t = Instant::now();
         let mut after_warmup = 0.0;
+        let mut live_after_warmup = 0.0;
         let mut failed = 0;
         for i in 0..jobs {
             if i == warmup {
                 after_warmup = rss();
-                println!("INFO rss after {warmup} warm-up jobs: {after_warmup:.1} MiB");
+                live_after_warmup = live_mib();
+                println!(
+                    "INFO after {warmup} warm-up jobs: rss {after_warmup:.1} MiB, live heap {live_after_warmup:.1} MiB"
+                );
             }
             let body = json!({ "input": { "prompt": format!("soak portrait {i}"), "user_id": "soak", "width": 64, "height": 64 } });
             let v: Value = c.post(&url).json(&body).send().await.expect("send").json().await.expect("json");
@@ -59,14 +104,22 @@ fn main() {
                 failed += 1;
             }
             if i % 1000 == 999 {
-                println!("INFO {} jobs, rss {:.1} MiB, {:.0} s", i + 1, rss(), t.elapsed().as_secs_f64());
+                println!(
+                    "INFO {} jobs, rss {:.1} MiB, live heap {:.1} MiB, {:.0} s",
+                    i + 1,
+                    rss(),
+                    live_mib(),
+                    t.elapsed().as_secs_f64()
+                );
             }
         }
         let end = rss();
+        let live_end = live_mib();
         println!(
-            "RESULT soak: {jobs} jobs ({failed} failed) in {:.0} s; rss {after_warmup:.1} MiB after warm-up -> {end:.1} MiB at the end ({:+.2}%)",
+            "RESULT soak: {jobs} jobs ({failed} failed) in {:.0} s; rss {after_warmup:.1} MiB after warm-up -> {end:.1} MiB at the end ({:+.2}%); live heap {live_after_warmup:.1} -> {live_end:.1} MiB ({:+.2}%)",
             t.elapsed().as_secs_f64(),
-            (end - after_warmup) / after_warmup * 100.0
+            (end - after_warmup) / after_warmup * 100.0,
+            (live_end - live_after_warmup) / live_after_warmup * 100.0
         );
         running.shutdown().await;
     });

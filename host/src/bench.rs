@@ -200,9 +200,10 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
             let m = FluxModel::with_options(&flux_cfg, vb, options)?;
             writeln!(
                 out,
-                "model: ours, attention {}, weights {:?}",
+                "model: ours, attention {}, weights {:?}, block projections {:.2} GiB",
                 m.attention().name(),
-                options.weights
+                options.weights,
+                m.projection_bytes() as f64 / (1u64 << 30) as f64
             )?;
             Box::new(m)
         }

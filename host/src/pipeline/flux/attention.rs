@@ -15,16 +15,21 @@ pub enum AttentionKernel {
     Auto,
     /// Plain candle ops: matmul, softmax, matmul (the score matrix is materialised).
     Plain,
-    /// The fused, memory-bounded kernel where the device has one (the CPU does; CUDA falls
-    /// back to plain ops until its kernel lands).
+    /// The fused, memory-bounded kernel where the device has one: the CPU's online-softmax
+    /// op, or on CUDA builds the tensor-core flash kernel (bf16, head dim 128; other inputs
+    /// take plain ops).
     Fused,
 }
 
 impl AttentionKernel {
-    /// The implementation that runs on `device`: a fused path only where one exists.
+    /// The implementation that runs on `device`: a fused path only where one exists. `auto`
+    /// stays on plain ops for now: on the CPU they are faster (docs/BENCHMARKS.md), and the
+    /// CUDA kernel becomes the default once `headshot bench gpu --check` has passed on a GPU.
     pub fn resolve(self, device: &Device) -> Resolved {
         match (self, device) {
             (Self::Fused, Device::Cpu) => Resolved::FusedCpu,
+            #[cfg(feature = "cuda")]
+            (Self::Fused, Device::Cuda(_)) => Resolved::FusedCuda,
             _ => Resolved::Plain,
         }
     }
@@ -51,6 +56,9 @@ pub enum Resolved {
     Plain,
     /// [`flash_cpu::attention`].
     FusedCpu,
+    /// The CUDA flash kernel for bf16 / head dim 128, plain ops for anything else.
+    #[cfg(feature = "cuda")]
+    FusedCuda,
 }
 
 impl Resolved {
@@ -60,6 +68,12 @@ impl Resolved {
         match self {
             Self::Plain => plain(q, k, v),
             Self::FusedCpu => flash_cpu::attention(q, k, v),
+            #[cfg(feature = "cuda")]
+            Self::FusedCuda if super::flash_cuda::supports(q) => {
+                super::flash_cuda::attention(q, k, v)
+            }
+            #[cfg(feature = "cuda")]
+            Self::FusedCuda => plain(q, k, v),
         }
     }
 
@@ -68,6 +82,8 @@ impl Resolved {
         match self {
             Self::Plain => "plain",
             Self::FusedCpu => "fused-cpu",
+            #[cfg(feature = "cuda")]
+            Self::FusedCuda => "fused-cuda",
         }
     }
 }

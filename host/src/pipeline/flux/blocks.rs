@@ -63,6 +63,12 @@ impl Stream {
     }
 }
 
+impl Stream {
+    fn weight_bytes(&self) -> usize {
+        self.qkv.weight_bytes() + self.proj.weight_bytes() + self.mlp.weight_bytes()
+    }
+}
+
 /// A double-stream block.
 #[derive(Debug, Clone)]
 pub struct DoubleBlock {
@@ -79,6 +85,11 @@ impl DoubleBlock {
             txt: Stream::new(cfg, "txt", format, &vb)?,
             heads: cfg.num_heads,
         })
+    }
+
+    /// Bytes of the projection weights (those `model.fp8` stores as FP8).
+    pub fn projection_bytes(&self) -> usize {
+        self.img.weight_bytes() + self.txt.weight_bytes()
     }
 
     /// Updates image and text tokens; `rope` covers text tokens first, then image tokens.
@@ -147,6 +158,11 @@ impl SingleBlock {
             hidden: h,
             heads: cfg.num_heads,
         })
+    }
+
+    /// Bytes of the projection weights (those `model.fp8` stores as FP8).
+    pub fn projection_bytes(&self) -> usize {
+        self.linear1.weight_bytes() + self.linear2.weight_bytes()
     }
 
     /// Updates all tokens `x` (text first, then image).

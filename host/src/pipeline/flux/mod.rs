@@ -6,6 +6,8 @@ pub mod blocks;
 pub mod check;
 pub mod embed;
 pub mod flash_cpu;
+#[cfg(feature = "cuda")]
+pub mod flash_cuda;
 pub mod layers;
 pub mod model;
 mod pipeline;

@@ -94,6 +94,22 @@ impl FluxModel {
         self.attention
     }
 
+    /// Bytes of the blocks' projection weights, the bulk of the model (and what FP8 halves
+    /// against bf16).
+    pub fn projection_bytes(&self) -> usize {
+        let double: usize = self
+            .double_blocks
+            .iter()
+            .map(DoubleBlock::projection_bytes)
+            .sum();
+        let single: usize = self
+            .single_blocks
+            .iter()
+            .map(SingleBlock::projection_bytes)
+            .sum();
+        double + single
+    }
+
     /// The rotary table for text ids then image ids; constant over a generation's steps, so
     /// a sampler may build it once and call [`FluxModel::forward_with_rope`].
     pub fn rope(&self, img_ids: &Tensor, txt_ids: &Tensor) -> Result<RopeTable> {
@@ -288,6 +304,22 @@ mod tests {
             ours.forward_with_rope(&s.img, &s.txt, &wrong, &t, &s.vec, None)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn fp8_stores_projections_in_one_byte_per_weight() {
+        let cfg = demo_flux_config(Variant::Schnell);
+        let (weights, recording) = RandomWeights::seeded(7);
+        let vb = VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu);
+        let full = FluxModel::new(&cfg, vb).expect("f32 model");
+        let vb = VarBuilder::from_tensors(recording.take(), DType::F32, &Device::Cpu);
+        let options = ModelOptions {
+            weights: WeightFormat::Fp8,
+            ..ModelOptions::default()
+        };
+        let fp8 = FluxModel::with_options(&cfg, vb, options).expect("fp8 model");
+        assert!(full.projection_bytes() > 0);
+        assert_eq!(fp8.projection_bytes() * 4, full.projection_bytes());
     }
 
     #[test]
