@@ -7,7 +7,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -36,6 +36,15 @@ fn alloc_like<T: DeviceRepr>(
 ) -> Result<CudaSlice<T>> {
     // SAFETY: every element is written by the kernel before the tensor is read.
     unsafe { dev.alloc::<T>(len) }
+}
+
+/// The contiguous part of `x` that `l` describes; its start must be 16-byte aligned (the
+/// kernel moves 8 bf16 at a time).
+fn view<'a, T: DeviceRepr>(x: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) if start % 8 == 0 => Ok(x.slice(start..end)),
+        _ => candle_core::bail!("flash attention wants contiguous, 16-byte aligned inputs"),
+    }
 }
 
 impl CustomOp3 for FlashAttentionCuda {
@@ -73,20 +82,14 @@ impl CustomOp3 for FlashAttentionCuda {
                 l3.shape()
             );
         }
-        let view = |s: &'_ CudaStorage, l: &Layout| match (&s.slice, l.contiguous_offsets()) {
-            // 16-byte aligned rows: the kernel moves 8 bf16 at a time.
-            (CudaStorageSlice::BF16(x), Some((start, end))) if start % 8 == 0 => {
-                Ok((x, x.slice(start..end)))
-            }
-            _ => Err(candle_core::Error::Msg(
-                "flash attention wants contiguous, 16-byte aligned bf16 inputs".into(),
-            )),
+        let (CudaStorageSlice::BF16(qs), CudaStorageSlice::BF16(ks), CudaStorageSlice::BF16(vs)) =
+            (&s1.slice, &s2.slice, &s3.slice)
+        else {
+            candle_core::bail!("flash attention wants bf16 inputs");
         };
-        let (full, q) = view(s1, l1)?;
-        let (_, k) = view(s2, l2)?;
-        let (_, v) = view(s3, l3)?;
+        let (q, k, v) = (view(qs, l1)?, view(ks, l2)?, view(vs, l3)?);
         let dev = s1.device();
-        let out = alloc_like(dev, full, b * n * h * d)?;
+        let out = alloc_like(dev, qs, b * n * h * d)?;
         let func = dev.get_or_load_custom_func(
             "headshot_flash_attn_bf16_d128",
             "headshot_flash_attn",
