@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod config;
 pub mod error;
+pub mod heap;
 pub mod ingress;
 pub mod jobs;
 pub mod pipeline;

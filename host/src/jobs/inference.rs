@@ -242,6 +242,9 @@ fn run(
                     set(&state, |s| s.loaded = false);
                 }
                 let _ = reply.send(result);
+                // The generation's buffers are freed by now; hand their pages back so the
+                // resident size tracks what the worker holds (see heap.rs).
+                crate::heap::release_free_pages();
             }
         }
     }
