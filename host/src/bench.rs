@@ -200,10 +200,10 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
             let m = FluxModel::with_options(&flux_cfg, vb, options)?;
             writeln!(
                 out,
-                "model: ours, attention {}, weights {:?}, block projections {:.2} GiB",
+                "model: ours, attention {}, weights {:?}, block projections {:.1} MiB",
                 m.attention().name(),
                 options.weights,
-                m.projection_bytes() as f64 / (1u64 << 30) as f64
+                m.projection_bytes() as f64 / (1u64 << 20) as f64
             )?;
             Box::new(m)
         }

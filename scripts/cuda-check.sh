@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Type-check and lint the `cuda` feature (our CUDA custom ops, the nvcc step of host/build.rs)
+# without a GPU, with the CUDA 13.0 toolkit ../shared/gpu/build-cuda.sh fetches into its cache
+# (fetched here too when missing). From the repo root: bash scripts/cuda-check.sh
+# Cold: ~25 min on 2 cores (candle-kernels nvcc step); target/cuda-check caches it.
+set -euo pipefail
+root=$(pwd)
+cache=$HOME/.cache/headshot-cuda
+cuda=$cache/toolkit/nvidia/cu13
+mkdir -p "$cache/wheels" "$cache/toolkit" "$cache/linklib"
+if [ ! -x "$cuda/bin/nvcc" ]; then
+  python3 -m pip download -q --no-deps -d "$cache/wheels" \
+    "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" "nvidia-cuda-crt==13.0.88" \
+    "nvidia-cuda-cccl==13.0.85" "nvidia-cuda-runtime==13.0.96"
+  for w in "$cache"/wheels/nvidia_*.whl; do python3 -m zipfile -e "$w" "$cache/toolkit"; done
+  chmod +x "$cuda"/bin/* "$cuda"/nvvm/bin/*
+fi
+printf 'INPUT(%s/lib/libcudart_static.a -lrt -lpthread -ldl)\n' "$cuda" > "$cache/linklib/libcudart.so"
+[ -f Cargo.lock ] || { echo "run from the workspace root"; exit 2; }
+ver=$(awk '/^name = "candle-core"/{getline; gsub(/[" ]/,""); sub("version=",""); print; exit}' Cargo.lock)
+patched=$cache/candle-core-$ver-dynamic-loading
+if [ ! -d "$patched" ]; then
+  cargo fetch -q
+  src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-"$ver" | head -n1)
+  cp -r "$src" "$patched"
+  sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$patched/Cargo.toml"
+  rm -f "$patched/.cargo-ok" "$patched/.cargo_vcs_info.json"
+fi
+saved=$(mktemp)
+cp Cargo.lock "$saved"
+trap 'cp "$saved" "$root/Cargo.lock"' EXIT
+export CUDA_HOME=$cuda CUDA_ROOT=$cuda PATH=$cuda/bin:$PATH
+export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
+export RUSTFLAGS="-L native=$cache/linklib"
+export CARGO_TARGET_DIR=$root/target/cuda-check
+nice cargo clippy -p headshot-host --features cuda --all-targets \
+  --config "patch.crates-io.candle-core.path=\"$patched\"" -- -D warnings
