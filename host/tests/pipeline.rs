@@ -155,6 +155,23 @@ fn fused_attention_draws_the_same_image_and_fp8_a_close_one() {
     })
     .unwrap();
     let c = pixels(&run(&mut fp8, &params).unwrap().images[0].png);
+    // Its status reports the smaller resident transformer.
+    let bytes = |p: &FluxPipeline| {
+        let status = p.status();
+        let tf = status
+            .components
+            .iter()
+            .find(|c| c.name == "transformer")
+            .unwrap();
+        (tf.bytes, tf.parameters)
+    };
+    let (full_bytes, params_count) = bytes(&load(AttentionKernel::Plain));
+    let (fp8_bytes, _) = bytes(&fp8);
+    assert_eq!(full_bytes, params_count * 4, "demo weights load as f32");
+    assert!(
+        fp8_bytes < full_bytes * 6 / 10,
+        "fp8 {fp8_bytes} vs f32 {full_bytes}"
+    );
     let mean = |x: &[u8], y: &[u8]| {
         x.iter()
             .zip(y)

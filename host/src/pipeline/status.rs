@@ -17,7 +17,7 @@ pub struct ComponentStatus {
     pub files: Vec<PathBuf>,
     /// Parameter count.
     pub parameters: u64,
-    /// Bytes its weights take at the pipeline's dtype.
+    /// Bytes its weights take as loaded (the pipeline's dtype; FP8 projections at one byte).
     pub bytes: u64,
 }
 

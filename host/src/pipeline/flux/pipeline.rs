@@ -207,7 +207,7 @@ impl FluxPipeline {
                 ),
             });
         }
-        components.push(ComponentStatus::of("transformer", &tf, dtype));
+        let mut tf_status = ComponentStatus::of("transformer", &tf, dtype);
         let transformer = tf.build("FLUX transformer", dtype, &device, |vb| {
             let options = ModelOptions {
                 attention: opts.attention,
@@ -219,6 +219,14 @@ impl FluxPipeline {
             };
             FluxModel::with_options(&tf_cfg, vb, options)
         })?;
+        if opts.fp8 {
+            // FP8 projections take one byte where the checkpoint estimate counted the dtype's
+            // size: report what is resident, for admission estimates and /readyz.
+            let fp8 = transformer.projection_bytes() as u64;
+            let saved = fp8 * (dtype.size_in_bytes() as u64).saturating_sub(1);
+            tf_status.bytes = tf_status.bytes.saturating_sub(saved);
+        }
+        components.push(tf_status);
 
         let ae = Checkpoint::open(
             vec![files.get("ae.safetensors", "the FLUX autoencoder weights")?],
@@ -234,6 +242,7 @@ impl FluxPipeline {
         tracing::info!(
             load_ms,
             attention = transformer.attention().name(),
+            fp8 = opts.fp8,
             "FLUX pipeline ready"
         );
         Ok(Self {
