@@ -16,7 +16,6 @@ use crate::pipeline::demo::{demo_ae_config, demo_flux_config};
 use crate::pipeline::device::{DTypeSpec, DeviceSpec, device_name};
 use crate::pipeline::flux::attention::AttentionKernel;
 use crate::pipeline::flux::check::{self, CheckShape};
-use crate::pipeline::flux::layers::WeightFormat;
 use crate::pipeline::flux::model::{FluxModel, ModelOptions};
 use crate::pipeline::random_weights::RandomWeights;
 use crate::pipeline::rng::Rng;
@@ -189,14 +188,7 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
     let vb = VarBuilder::from_backend(Box::new(RandomWeights::on_device()), dtype, device.clone());
     let model: Box<dyn WithForward> = match opts.model {
         ModelImpl::Ours => {
-            let options = ModelOptions {
-                attention: opts.attention,
-                weights: if opts.fp8 {
-                    WeightFormat::Fp8
-                } else {
-                    WeightFormat::Full
-                },
-            };
+            let options = ModelOptions::new(opts.attention, opts.fp8);
             let m = FluxModel::with_options(&flux_cfg, vb, options)?;
             writeln!(
                 out,
@@ -221,10 +213,7 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
 
     let mut rng = Rng::new(0);
     let mut randn = |shape: &[usize]| -> candle_core::Result<Tensor> {
-        let n = shape.iter().product();
-        Tensor::from_vec(rng.normals(n), shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(&device)
+        rng.normal_tensor(shape, &device)?.to_dtype(dtype)
     };
     let noise = randn(&[1, 16, opts.height / 8, opts.width / 8])?;
     let txt = randn(&[1, opts.txt_len, flux_cfg.context_in_dim])?;

@@ -77,6 +77,18 @@ impl Rng {
         out.truncate(n);
         out
     }
+
+    /// A tensor of standard normals shaped `shape`, drawn here on the CPU (so a seed gives the
+    /// same values on any device) and moved to `device`.
+    pub fn normal_tensor(
+        &mut self,
+        shape: impl Into<candle_core::Shape>,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let shape = shape.into();
+        let values = self.normals(shape.elem_count());
+        candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu)?.to_device(device)
+    }
 }
 
 #[cfg(test)]

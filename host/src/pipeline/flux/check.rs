@@ -54,22 +54,23 @@ pub struct CheckShape {
     pub text_tokens: usize,
 }
 
-fn to_f32(t: &Tensor) -> Result<Tensor> {
-    t.to_dtype(DType::F32)
-}
-
-fn compare(name: &str, fast: &Tensor, reference: &Tensor, tolerance: f64) -> Result<CheckResult> {
-    let fast = to_f32(fast)?.flatten_all()?;
-    let reference = to_f32(reference)?.flatten_all()?;
-    let finite: Vec<f32> = fast.to_vec1()?;
-    let non_finite = finite.iter().any(|v| !v.is_finite());
+/// max |fast − reference| / max |reference|, both taken in f32: the one error measure of the
+/// checks and of the model's tests.
+pub fn max_rel_error(fast: &Tensor, reference: &Tensor) -> Result<f64> {
+    let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all();
+    let (fast, reference) = (flat(fast)?, flat(reference)?);
     let max_abs =
         |t: &Tensor| -> Result<f64> { Ok(f64::from(t.abs()?.max(0)?.to_scalar::<f32>()?)) };
     let scale = max_abs(&reference)?.max(f64::MIN_POSITIVE);
+    Ok(max_abs(&(&fast - &reference)?)? / scale)
+}
+
+fn compare(name: &str, fast: &Tensor, reference: &Tensor, tolerance: f64) -> Result<CheckResult> {
+    let values: Vec<f32> = fast.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     Ok(CheckResult {
         name: name.to_string(),
-        max_rel_error: max_abs(&(&fast - &reference)?)? / scale,
-        non_finite,
+        max_rel_error: max_rel_error(fast, reference)?,
+        non_finite: values.iter().any(|v| !v.is_finite()),
         tolerance,
     })
 }
@@ -89,10 +90,7 @@ pub fn run(
     };
     let cfg = &shape.config;
     let mut rng = Rng::new(42);
-    let mut randn = |dims: &[usize]| -> Result<Tensor> {
-        let n = dims.iter().product();
-        Tensor::from_vec(rng.normals(n), dims, &Device::Cpu)?.to_device(device)
-    };
+    let mut randn = |dims: &[usize]| rng.normal_tensor(dims, device);
     let (gh, gw) = shape.image_tokens;
     let tokens = shape.text_tokens + gh * gw;
     let heads = cfg.num_heads;

@@ -182,20 +182,13 @@ mod tests {
     use candle_core::Device;
 
     fn randn(rng: &mut Rng, shape: (usize, usize, usize, usize), scale: f32) -> Tensor {
-        let n = shape.0 * shape.1 * shape.2 * shape.3;
-        let v: Vec<f32> = rng.normals(n).into_iter().map(|x| x * scale).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).expect("randn")
+        rng.normal_tensor(shape, &Device::Cpu)
+            .and_then(|t| t.affine(f64::from(scale), 0.0))
+            .expect("randn")
     }
 
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let m = |t: &Tensor| {
-            t.abs()
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.max(0))
-                .and_then(|t| t.to_scalar::<f32>())
-                .expect("max")
-        };
-        m(&(a - b).expect("diff")) / m(b)
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        crate::pipeline::flux::check::max_rel_error(a, b).expect("error measure")
     }
 
     #[test]

@@ -19,18 +19,21 @@ pub enum WeightFormat {
     Fp8,
 }
 
-#[derive(Debug, Clone)]
-enum Weight {
-    Full(Tensor),
-    Fp8 { values: Tensor, scale: f64 },
-}
-
 /// A linear layer `y = x·Wᵀ + b` (`weight`, `bias`): the one place a quantized or fused GEMM
 /// slots in for every projection of the model.
 #[derive(Debug, Clone)]
-pub struct Dense {
-    weight: Weight,
-    bias: Option<Tensor>,
+pub enum Dense {
+    /// The checkpoint's weight in the activation dtype.
+    Full(candle_nn::Linear),
+    /// e4m3 values with `values · scale ≈ weight`.
+    Fp8 {
+        /// The quantized weight (out × in).
+        values: Tensor,
+        /// Per-tensor scale.
+        scale: f64,
+        /// Bias in the activation dtype.
+        bias: Option<Tensor>,
+    },
 }
 
 impl Dense {
@@ -48,16 +51,16 @@ impl Dense {
         vb: VarBuilder,
     ) -> Result<Self> {
         let linear = candle_nn::linear_b(input, output, bias, vb)?;
-        let weight = match format {
-            WeightFormat::Full => Weight::Full(linear.weight().clone()),
+        Ok(match format {
+            WeightFormat::Full => Self::Full(linear),
             WeightFormat::Fp8 => {
                 let (values, scale) = quantize_e4m3(linear.weight())?;
-                Weight::Fp8 { values, scale }
+                Self::Fp8 {
+                    values,
+                    scale,
+                    bias: linear.bias().cloned(),
+                }
             }
-        };
-        Ok(Self {
-            weight,
-            bias: linear.bias().cloned(),
         })
     }
 
@@ -66,14 +69,18 @@ impl Dense {
     /// the weight. This saves memory, not time: an FP8 tensor-core GEMM is the GPU fast path
     /// still to come behind this seam.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            Weight::Full(w) => candle_nn::Linear::new(w.clone(), self.bias.clone()).forward(x),
-            Weight::Fp8 { values, scale } => {
+        match self {
+            Self::Full(linear) => linear.forward(x),
+            Self::Fp8 {
+                values,
+                scale,
+                bias,
+            } => {
                 let w = values.to_dtype(DType::F16)?.to_dtype(x.dtype())?;
                 let y = candle_nn::Linear::new(w, None)
                     .forward(x)?
                     .affine(*scale, 0.0)?;
-                match &self.bias {
+                match bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
                 }
@@ -81,12 +88,13 @@ impl Dense {
         }
     }
 
-    /// Bytes the weight occupies.
+    /// Bytes the weight occupies as stored.
     pub fn weight_bytes(&self) -> usize {
-        match &self.weight {
-            Weight::Full(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Weight::Fp8 { values, .. } => values.elem_count(),
-        }
+        let w = match self {
+            Self::Full(linear) => linear.weight(),
+            Self::Fp8 { values, .. } => values,
+        };
+        w.elem_count() * w.dtype().size_in_bytes()
     }
 }
 

@@ -28,6 +28,20 @@ pub struct ModelOptions {
     pub weights: WeightFormat,
 }
 
+impl ModelOptions {
+    /// Options from the settings: `model.attention` and `model.fp8`.
+    pub fn new(attention: AttentionKernel, fp8: bool) -> Self {
+        Self {
+            attention,
+            weights: if fp8 {
+                WeightFormat::Fp8
+            } else {
+                WeightFormat::Full
+            },
+        }
+    }
+}
+
 /// The transformer.
 #[derive(Debug, Clone)]
 pub struct FluxModel {
@@ -220,8 +234,7 @@ mod tests {
     }
 
     fn randn(rng: &mut Rng, shape: &[usize]) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::from_vec(rng.normals(n), shape, &Device::Cpu).expect("randn")
+        rng.normal_tensor(shape, &Device::Cpu).expect("randn")
     }
 
     /// Inputs for a `h × w` image (in pixels) with `txt` T5 tokens, batch 2.
@@ -249,16 +262,8 @@ mod tests {
             .expect("forward")
     }
 
-    /// max |a − b| / max |b|.
-    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let max_abs = |t: &Tensor| {
-            t.abs()
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.max(0))
-                .and_then(|t| t.to_scalar::<f32>())
-                .expect("max")
-        };
-        max_abs(&(a - b).expect("diff")) / max_abs(b)
+    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+        crate::pipeline::flux::check::max_rel_error(a, b).expect("error measure")
     }
 
     #[test]

@@ -11,7 +11,6 @@ use candle_transformers::models::flux::sampling;
 use serde::Serialize;
 
 use super::attention::AttentionKernel;
-use super::layers::WeightFormat;
 use super::model::{FluxModel, ModelOptions};
 use crate::config::Config;
 use crate::pipeline::cache::LruCache;
@@ -209,14 +208,7 @@ impl FluxPipeline {
         }
         let mut tf_status = ComponentStatus::of("transformer", &tf, dtype);
         let transformer = tf.build("FLUX transformer", dtype, &device, |vb| {
-            let options = ModelOptions {
-                attention: opts.attention,
-                weights: if opts.fp8 {
-                    WeightFormat::Fp8
-                } else {
-                    WeightFormat::Full
-                },
-            };
+            let options = ModelOptions::new(opts.attention, opts.fp8);
             FluxModel::with_options(&tf_cfg, vb, options)
         })?;
         if opts.fp8 {
