@@ -297,6 +297,14 @@ fn generate(mut config: Config, args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The multi-threaded Tokio runtime `serve` and `worker` run on.
+fn async_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn serve(mut config: Config, args: ServeArgs) -> Result<()> {
     if let Some(h) = args.host {
         config.server.host = h;
@@ -308,11 +316,7 @@ fn serve(mut config: Config, args: ServeArgs) -> Result<()> {
         config.server.admin_port = p;
     }
     config.validate()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    async_runtime()?.block_on(async move {
         let running = headshot_host::ingress::server::start(config).await?;
         // One line on stdout that scripts (and tests) can read.
         println!(
@@ -355,11 +359,7 @@ fn worker(config: Config, args: WorkerArgs) -> Result<()> {
         (None, Some(_)) => None,
     };
     config.validate()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    async_runtime()?.block_on(async move {
         let (state, registry) = headshot_host::ingress::server::open_state(&config).await?;
         let base = format!("http://{}:{}", config.server.host, config.server.port);
         let service = headshot_host::ingress::server::open_service(config, &state, registry, base)?;

@@ -472,19 +472,10 @@ impl Worker {
             return;
         }
         let _guard = poster.lock().await;
+        let url = self.done_url(id);
         for chunk in chunks {
             let body = json!({ "status": "IN_PROGRESS", "output": chunk }).to_string();
-            let url = with_query(&self.env.done_url.replace("$ID", id), "isStream=false");
-            let req = self
-                .auth(self.http.post(&url))
-                .header(
-                    reqwest::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
-                )
-                .header("charset", "utf-8")
-                .header("X-Request-ID", id)
-                .timeout(Duration::from_secs(30))
-                .body(body);
+            let req = self.done_request(&url, id, Duration::from_secs(30), body);
             if let Err(e) = req.send().await {
                 tracing::warn!(job = %id, error = %e, "progress update failed");
             }
@@ -512,21 +503,36 @@ impl Worker {
             .is_some_and(|l| l.iter().any(|x| x.as_str() == Some(id)))
     }
 
+    /// The job-done URL for job `id`.
+    fn done_url(&self, id: &str) -> String {
+        with_query(&self.env.done_url.replace("$ID", id), "isStream=false")
+    }
+
+    /// A POST to the job-done URL as the platform expects it (progress and final results).
+    fn done_request(
+        &self,
+        url: &str,
+        id: &str,
+        timeout: Duration,
+        body: String,
+    ) -> reqwest::RequestBuilder {
+        self.auth(self.http.post(url))
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header("charset", "utf-8")
+            .header("X-Request-ID", id)
+            .timeout(timeout)
+            .body(body)
+    }
+
     /// Posts a final result; retries 5xx and connection errors (3 attempts in all).
     async fn post_done(&self, id: &str, body: String) {
-        let url = with_query(&self.env.done_url.replace("$ID", id), "isStream=false");
+        let url = self.done_url(id);
         let mut delays = self.opts.done_retry_delays.iter();
         loop {
-            let req = self
-                .auth(self.http.post(&url))
-                .header(
-                    reqwest::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
-                )
-                .header("charset", "utf-8")
-                .header("X-Request-ID", id)
-                .timeout(Duration::from_secs(600))
-                .body(body.clone());
+            let req = self.done_request(&url, id, Duration::from_secs(600), body.clone());
             let retry = match req.send().await {
                 Ok(resp) if resp.status().is_success() => return,
                 Ok(resp) if resp.status().is_server_error() => format!("HTTP {}", resp.status()),

@@ -181,37 +181,31 @@ pub async fn open_state(config: &Config) -> Result<(StateDb, Registry), ServeErr
     Ok((state, registry))
 }
 
+/// Binds `host:port` (port 0: any free one) and says which address it got.
+async fn bind(
+    host: &str,
+    port: u16,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), ServeError> {
+    let addr = format!("{host}:{port}");
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    Ok((listener, local))
+}
+
 /// Starts everything on the current Tokio runtime.
 pub async fn start(config: Config) -> Result<Running, ServeError> {
     let (state, registry) = open_state(&config).await?;
     let (token, token_file) = admin_token(&config)?;
 
-    let api_addr = format!("{}:{}", config.server.host, config.server.port);
-    let api_listener = tokio::net::TcpListener::bind(&api_addr)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: api_addr.clone(),
-            source,
-        })?;
-    let api_local = api_listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind {
-            addr: api_addr,
-            source,
-        })?;
-    let admin_addr = format!("{}:{}", config.server.host, config.server.admin_port);
-    let admin_listener = tokio::net::TcpListener::bind(&admin_addr)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: admin_addr.clone(),
-            source,
-        })?;
-    let admin_local = admin_listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind {
-            addr: admin_addr,
-            source,
-        })?;
+    let (api_listener, api_local) = bind(&config.server.host, config.server.port).await?;
+    let (admin_listener, admin_local) = bind(&config.server.host, config.server.admin_port).await?;
 
     let service = open_service(config, &state, registry, format!("http://{api_local}"))?;
 
