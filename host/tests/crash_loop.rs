@@ -5,33 +5,15 @@
 //! Short mode (CI): 10 kills. Long mode: `HEADSHOT_CRASH_KILLS=100 cargo test --release
 //! --test crash_loop -- --nocapture`.
 
+#[path = "support/process.rs"]
+mod process;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use process::spawn_serve;
 
-fn start(data: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_headshot"))
-        .arg("--data-dir")
-        .arg(data)
-        .args(["serve", "--port", "0", "--admin-port", "0"])
-        .env("HEADSHOT_LOG", "error")
-        .env("HEADSHOT__SERVER__ADMIN_TOKEN", "crash-loop-token-0123")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("headshot serve starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("address line");
-    let v: Value = serde_json::from_str(&line)
-        .unwrap_or_else(|e| panic!("the worker did not start cleanly ({e}): {line:?}"));
-    (child, v["api"].as_str().expect("api").to_string())
-}
+use serde_json::{Value, json};
 
 #[test]
 fn every_acknowledged_job_completes_exactly_once_across_sigkills() {
@@ -58,7 +40,7 @@ fn every_acknowledged_job_completes_exactly_once_across_sigkills() {
     let mut acknowledged = BTreeSet::new();
     let mut next = 0;
     for round in 0..kills {
-        let (mut child, api) = start(dir.path());
+        let (mut child, api) = spawn_serve(dir.path());
         let deadline = Instant::now() + Duration::from_millis(50 + rand(500));
         let mut this_round = 0;
         while Instant::now() < deadline && this_round < 4 {
@@ -85,7 +67,7 @@ fn every_acknowledged_job_completes_exactly_once_across_sigkills() {
         eprintln!("round {round}: {} acknowledged so far", acknowledged.len());
     }
     // A last run finishes everything that was accepted.
-    let (mut child, api) = start(dir.path());
+    let (mut child, api) = spawn_serve(dir.path());
     let until = Instant::now() + Duration::from_secs(300);
     for id in &acknowledged {
         loop {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use headshot_host::config::LoadMode;
 use headshot_host::pipeline::ModelSource;
 use headshot_plugin_sdk::rules::retry::Jitter;
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,12 +38,7 @@ async fn a_model_that_fails_twice_then_loads_becomes_ready_without_a_restart() {
             let problems = v["problems"].to_string();
             assert!(problems.contains("model"), "{problems}");
             // While it is down, jobs fail fast and say why.
-            let job: Value = post_json(
-                &c,
-                api(&server, "/runsync"),
-                &json!({ "input": input("early", 64) }),
-            )
-            .await;
+            let job: Value = runsync(&c, &server, "early").await;
             assert_eq!(
                 job_error(&job)["error_type"],
                 "initialization_error",
@@ -74,12 +69,7 @@ async fn a_model_that_fails_twice_then_loads_becomes_ready_without_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let job: Value = post_json(
-        &c,
-        api(&server, "/runsync"),
-        &json!({ "input": input("after recovery", 64) }),
-    )
-    .await;
+    let job: Value = runsync(&c, &server, "after recovery").await;
     assert_eq!(job["status"], "COMPLETED", "{job}");
     server.shutdown().await;
 }
@@ -95,15 +85,7 @@ async fn a_model_that_never_loads_leaves_the_worker_up_and_saying_why() {
     let server = serve(cfg).await;
     let c = client();
     for i in 0..3 {
-        let job: Value = c
-            .post(api(&server, "/runsync"))
-            .json(&json!({ "input": input(&format!("job {i}"), 64) }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job: Value = runsync(&c, &server, &format!("job {i}")).await;
         assert_eq!(job["status"], "FAILED");
         let err = job_error(&job);
         assert_eq!(err["error_type"], "initialization_error", "{err}");

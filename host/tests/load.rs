@@ -24,11 +24,10 @@ async fn clients_see_no_failure_while_policies_are_swapped_every_second() {
     let dir = tempfile::tempdir().unwrap();
     let r = serve(test_config(dir.path())).await;
     let c = client();
-    let token = "test-admin-token-0123456789";
     let example = std::fs::read(env!("HEADSHOT_EXAMPLE_VALIDATOR_WASM")).unwrap();
     let builtin: Value = c
         .get(admin(&r, "/admin/policies"))
-        .bearer_auth(token)
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
@@ -74,7 +73,7 @@ async fn clients_see_no_failure_while_policies_are_swapped_every_second() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let resp = if swaps % 2 == 0 {
             c.post(admin(&r, "/admin/policies/validator"))
-                .bearer_auth(token)
+                .bearer_auth(ADMIN_TOKEN)
                 .body(example.clone())
                 .send()
                 .await
@@ -84,7 +83,7 @@ async fn clients_see_no_failure_while_policies_are_swapped_every_second() {
                 &r,
                 &format!("/admin/policies/validator/activate/{builtin_sha}"),
             ))
-            .bearer_auth(token)
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap()

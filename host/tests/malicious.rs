@@ -7,10 +7,8 @@ mod support;
 
 use std::time::Instant;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::*;
-
-const TOKEN: &str = "test-admin-token-0123456789";
 
 fn rss(r: &headshot_host::ingress::server::Running) -> i64 {
     r.service.monitor().read().process_rss_bytes as i64
@@ -24,7 +22,7 @@ async fn upload(
 ) -> (u16, Value) {
     let resp = c
         .post(admin(r, &format!("/admin/policies/{kind}")))
-        .bearer_auth(TOKEN)
+        .bearer_auth(ADMIN_TOKEN)
         .body(bytes)
         .send()
         .await
@@ -82,15 +80,7 @@ async fn hostile_uploads_are_refused_and_hostile_calls_contained() {
     for attack in ["loop", "memory", "recursion", "huge-output", "trap"] {
         let before = rss(&r);
         let t = Instant::now();
-        let v: Value = c
-            .post(api(&r, "/runsync"))
-            .json(&json!({ "input": input(&format!("attack:{attack}"), 64) }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = runsync(&c, &r, &format!("attack:{attack}")).await;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let err = job_error(&v);
         eprintln!(
@@ -100,28 +90,18 @@ async fn hostile_uploads_are_refused_and_hostile_calls_contained() {
             (rss(&r) - before) as f64 / 1048576.0
         );
         assert_eq!(err["error_type"], "policy_error", "{attack}: {v}");
-        let ok: Value = post_json(
-            &c,
-            api(&r, "/runsync"),
-            &json!({ "input": input("a normal portrait", 64) }),
-        )
-        .await;
+        let ok: Value = runsync(&c, &r, "a normal portrait").await;
         assert_eq!(ok["status"], "COMPLETED", "after {attack}: {ok}");
     }
     // Roll back to the built-in.
     let resp = c
         .post(admin(&r, "/admin/policies/validator/rollback"))
-        .bearer_auth(TOKEN)
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
     assert!(resp.status().is_success());
-    let v: Value = post_json(
-        &c,
-        api(&r, "/runsync"),
-        &json!({ "input": input("attack:loop", 64) }),
-    )
-    .await;
+    let v: Value = runsync(&c, &r, "attack:loop").await;
     assert_eq!(
         v["status"], "COMPLETED",
         "the built-in treats it as a prompt: {v}"
@@ -162,12 +142,7 @@ async fn modules_that_always_misbehave_are_refused_at_upload() {
         );
         assert_eq!(got, 422, "{attack}: {body}");
         // The built-in is still active and jobs run.
-        let v: Value = post_json(
-            &c,
-            api(&r, "/runsync"),
-            &json!({ "input": input("a portrait", 64) }),
-        )
-        .await;
+        let v: Value = runsync(&c, &r, "a portrait").await;
         assert_eq!(v["status"], "COMPLETED", "{v}");
         r.shutdown().await;
     }

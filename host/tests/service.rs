@@ -61,25 +61,11 @@ async fn run_then_status_moves_through_queue_progress_and_completion() {
     let mut progress_seen = false;
     let start = Instant::now();
     loop {
-        let v: Value = c
-            .get(api(&r, &format!("/v2/local/status/{a}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&c, api(&r, &format!("/v2/local/status/{a}"))).await;
         let s = v["status"].as_str().unwrap().to_string();
         if s == "IN_PROGRESS" && v["output"]["step"].as_u64().is_some() {
             progress_seen = true;
-            let vb: Value = c
-                .get(api(&r, &format!("/status/{b}")))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let vb: Value = get_json(&c, api(&r, &format!("/status/{b}"))).await;
             assert_eq!(vb["status"], "IN_QUEUE", "{vb}");
         }
         if seen_a.last() != Some(&s) {
@@ -101,23 +87,9 @@ async fn run_then_status_moves_through_queue_progress_and_completion() {
     );
 
     // The stream hands every chunk out once.
-    let s1: Value = c
-        .get(api(&r, &format!("/v2/local/stream/{a}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s1: Value = get_json(&c, api(&r, &format!("/v2/local/stream/{a}"))).await;
     let chunks = s1["stream"].as_array().unwrap().len();
-    let s2: Value = c
-        .get(api(&r, &format!("/v2/local/stream/{a}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s2: Value = get_json(&c, api(&r, &format!("/v2/local/stream/{a}"))).await;
     assert!(
         s2["stream"].as_array().unwrap().is_empty(),
         "chunks were handed out twice"
@@ -161,14 +133,7 @@ async fn cancel_a_queued_and_a_running_job() {
     assert_eq!(v["status"], "CANCELLED");
     // Wait until the long one runs, then cancel it.
     for _ in 0..400 {
-        let v: Value = c
-            .get(api(&r, &format!("/v2/local/status/{run_id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&c, api(&r, &format!("/v2/local/status/{run_id}"))).await;
         if v["status"] == "IN_PROGRESS" {
             break;
         }
@@ -189,12 +154,7 @@ async fn cancel_a_queued_and_a_running_job() {
     let q = wait_done(&c, &r, queue_id).await;
     assert_eq!(q["status"], "CANCELLED");
     // The worker carries on.
-    let v: Value = post_json(
-        &c,
-        api(&r, "/runsync"),
-        &json!({ "input": input("after cancel", 64) }),
-    )
-    .await;
+    let v: Value = runsync(&c, &r, "after cancel").await;
     assert_eq!(v["status"], "COMPLETED", "{v}");
     let unknown = c
         .post(api(&r, "/v2/local/cancel/nope"))
@@ -219,7 +179,7 @@ async fn a_repeated_job_id_returns_the_recorded_result_without_generating_again(
     assert_eq!(third["status"], "COMPLETED");
     let job: Value = c
         .get(admin(&r, "/admin/jobs/order-42"))
-        .bearer_auth("test-admin-token-0123456789")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
@@ -386,7 +346,7 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
         let c = c.clone();
         async move {
             c.get(path)
-                .bearer_auth("test-admin-token-0123456789")
+                .bearer_auth(ADMIN_TOKEN)
                 .send()
                 .await
                 .unwrap()
@@ -414,7 +374,7 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
     );
     let metrics = c
         .get(admin(&r, "/metrics"))
-        .bearer_auth("test-admin-token-0123456789")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
@@ -448,15 +408,12 @@ async fn a_policy_swapped_through_the_admin_api_while_jobs_run_fails_no_job() {
         tokio::spawn(async move {
             let mut statuses = Vec::new();
             for i in 0..12 {
-                let v: Value = c
-                    .post(&api_url)
-                    .json(&json!({ "input": input(&format!("portrait {i}"), 64) }))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let v: Value = post_json(
+                    &c,
+                    &api_url,
+                    &json!({ "input": input(&format!("portrait {i}"), 64) }),
+                )
+                .await;
                 statuses.push(v);
             }
             statuses
@@ -465,7 +422,7 @@ async fn a_policy_swapped_through_the_admin_api_while_jobs_run_fails_no_job() {
     let builtin_sha: String = {
         let v: Value = c
             .get(admin(&r, "/admin/policies"))
-            .bearer_auth("test-admin-token-0123456789")
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap()
@@ -480,7 +437,7 @@ async fn a_policy_swapped_through_the_admin_api_while_jobs_run_fails_no_job() {
     for i in 0..4 {
         let resp = if i % 2 == 0 {
             c.post(admin(&r, "/admin/policies/validator"))
-                .bearer_auth("test-admin-token-0123456789")
+                .bearer_auth(ADMIN_TOKEN)
                 .body(example.clone())
                 .send()
                 .await
@@ -490,7 +447,7 @@ async fn a_policy_swapped_through_the_admin_api_while_jobs_run_fails_no_job() {
                 &r,
                 &format!("/admin/policies/validator/activate/{builtin_sha}"),
             ))
-            .bearer_auth("test-admin-token-0123456789")
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap()
@@ -505,7 +462,7 @@ async fn a_policy_swapped_through_the_admin_api_while_jobs_run_fails_no_job() {
     // Refusals through the admin API say why and change nothing.
     let resp = c
         .post(admin(&r, "/admin/policies/validator"))
-        .bearer_auth("test-admin-token-0123456789")
+        .bearer_auth(ADMIN_TOKEN)
         .body("garbage")
         .send()
         .await
@@ -521,7 +478,7 @@ async fn a_policy_swapped_through_the_admin_api_while_jobs_run_fails_no_job() {
     );
     let resp = c
         .post(admin(&r, "/admin/policies/validator/rollback"))
-        .bearer_auth("test-admin-token-0123456789")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
@@ -536,12 +493,7 @@ async fn base64_output_and_openapi_documents() {
     cfg.server.output = headshot_host::config::OutputMode::Base64;
     let r = serve(cfg).await;
     let c = client();
-    let v: Value = post_json(
-        &c,
-        api(&r, "/runsync"),
-        &json!({ "input": input("inline", 64) }),
-    )
-    .await;
+    let v: Value = runsync(&c, &r, "inline").await;
     assert_eq!(v["status"], "COMPLETED", "{v}");
     let b64 = v["output"]["images"][0]["base64"].as_str().unwrap();
     assert!(
@@ -560,7 +512,7 @@ async fn base64_output_and_openapi_documents() {
     assert!(doc["paths"]["/v2/{endpoint}/runsync"].is_object());
     let doc: Value = c
         .get(admin(&r, "/openapi.json"))
-        .bearer_auth("test-admin-token-0123456789")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
@@ -625,12 +577,7 @@ async fn generation_failing_mid_way_fails_that_job_only() {
     let err = job_error(&v);
     assert_eq!(err["error_type"], "generation_error", "{err}");
     assert!(err["message"].as_str().unwrap().contains("injected"));
-    let v: Value = post_json(
-        &c,
-        api(&r, "/runsync"),
-        &json!({ "input": input("the next one", 64) }),
-    )
-    .await;
+    let v: Value = runsync(&c, &r, "the next one").await;
     assert_eq!(v["status"], "COMPLETED", "{v}");
     // An injected OOM becomes a retryable resource_exhausted, and the model reloads.
     r.service
@@ -639,21 +586,11 @@ async fn generation_failing_mid_way_fails_that_job_only() {
             after_step: 1,
             message: "CUDA out of memory (injected)".into(),
         });
-    let v: Value = post_json(
-        &c,
-        api(&r, "/runsync"),
-        &json!({ "input": input("oom", 64) }),
-    )
-    .await;
+    let v: Value = runsync(&c, &r, "oom").await;
     let err = job_error(&v);
     assert_eq!(err["error_type"], "resource_exhausted", "{err}");
     assert_eq!(err["retryable"], true);
-    let v: Value = post_json(
-        &c,
-        api(&r, "/runsync"),
-        &json!({ "input": input("after oom", 64) }),
-    )
-    .await;
+    let v: Value = runsync(&c, &r, "after oom").await;
     assert_eq!(v["status"], "COMPLETED", "{v}");
     assert!(
         r.service.inference().state().loads >= 2,
@@ -670,12 +607,7 @@ async fn admission_refuses_a_request_that_does_not_fit_and_the_worker_carries_on
     cfg.resources.cpu_bytes_per_pixel = 1 << 30;
     let r = serve(cfg).await;
     let c = client();
-    let v: Value = post_json(
-        &c,
-        api(&r, "/runsync"),
-        &json!({ "input": input("too big", 64) }),
-    )
-    .await;
+    let v: Value = runsync(&c, &r, "too big").await;
     assert_eq!(v["status"], "FAILED", "{v}");
     let err = job_error(&v);
     assert_eq!(err["error_type"], "resource_exhausted", "{err}");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use fake_supabase::{BUCKET, FakeSupabase, Fault, SERVICE_JWT};
 use headshot_host::config::{Config, StorageBackend};
 use headshot_plugin_sdk::rules::retry::Jitter;
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::*;
 
 fn config(dir: &std::path::Path, fake: &FakeSupabase) -> Config {
@@ -31,19 +31,6 @@ fn config(dir: &std::path::Path, fake: &FakeSupabase) -> Config {
     r.breaker.window_size = 10;
     r.breaker.wait_in_open_ms = 600_000;
     c
-}
-
-async fn runsync(
-    c: &reqwest::Client,
-    r: &headshot_host::ingress::server::Running,
-    prompt: &str,
-) -> Value {
-    post_json(
-        c,
-        api(r, "/v2/local/runsync"),
-        &json!({ "input": input(prompt, 64) }),
-    )
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +103,7 @@ async fn storage_down_keeps_images_opens_the_breaker_and_the_breaker_survives_a_
     assert!(err["details"]["retry_after_ms"].as_u64().unwrap() > 0);
     let breakers: Value = c
         .get(admin(&r, "/admin/breakers"))
-        .bearer_auth("test-admin-token-0123456789")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
@@ -136,7 +123,7 @@ async fn storage_down_keeps_images_opens_the_breaker_and_the_breaker_survives_a_
     // An operator closes it; with storage healthy again, jobs complete.
     let resp = c
         .post(admin(&r, "/admin/breakers/storage/reset"))
-        .bearer_auth("test-admin-token-0123456789")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
@@ -152,7 +139,7 @@ async fn a_reset_breaker_lets_jobs_through_once_storage_recovers() {
     let c = client();
     let forced = c
         .post(admin(&r, "/admin/breakers/storage/force-open"))
-        .bearer_auth("test-admin-token-0123456789")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
@@ -162,7 +149,7 @@ async fn a_reset_breaker_lets_jobs_through_once_storage_recovers() {
     assert_eq!(fake.uploads_received(), 0);
     let reset = c
         .post(admin(&r, "/admin/breakers/storage/reset"))
-        .bearer_auth("test-admin-token-0123456789")
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();

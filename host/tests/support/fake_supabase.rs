@@ -625,13 +625,16 @@ fn make_token(shared: &Shared, bucket: &str, key: &str, expires_in: u64) -> Stri
     format!("{}.{payload}.{sig}", hex(br#"{"alg":"HS256","typ":"JWT"}"#))
 }
 
+/// The JSON body of a sign request and its `expiresIn`, or the server's error answer.
+fn sign_request(body: &[u8]) -> Result<(Value, u64), Box<Response>> {
+    let body = parse_body(body)?;
+    let secs = expires_in(&body)?;
+    Ok((body, secs))
+}
+
 fn sign_one(shared: &Shared, bucket: &str, key: &str, body: &[u8]) -> Response {
-    let body = match parse_body(body) {
+    let (_, secs) = match sign_request(body) {
         Ok(b) => b,
-        Err(r) => return *r,
-    };
-    let secs = match expires_in(&body) {
-        Ok(s) => s,
         Err(r) => return *r,
     };
     // A missing bucket answers NoSuchKey too, as the real server does.
@@ -650,12 +653,8 @@ fn sign_one(shared: &Shared, bucket: &str, key: &str, body: &[u8]) -> Response {
 }
 
 fn sign_batch(shared: &Shared, bucket: &str, body: &[u8]) -> Response {
-    let body = match parse_body(body) {
+    let (body, secs) = match sign_request(body) {
         Ok(b) => b,
-        Err(r) => return *r,
-    };
-    let secs = match expires_in(&body) {
-        Ok(s) => s,
         Err(r) => return *r,
     };
     let Some(paths) = body.get("paths").and_then(Value::as_array) else {

@@ -9,6 +9,9 @@ use headshot_host::config::Config;
 use headshot_host::ingress::server::{Running, start};
 use serde_json::Value;
 
+/// The admin token `test_config` sets.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// A config for tests: demo model, free ports, data under `dir`.
 pub fn test_config(dir: &Path) -> Config {
     let mut c = Config {
@@ -17,7 +20,7 @@ pub fn test_config(dir: &Path) -> Config {
     };
     c.server.port = 0;
     c.server.admin_port = 0;
-    c.server.admin_token = "test-admin-token-0123456789".into();
+    c.server.admin_token = ADMIN_TOKEN.into();
     c.policies.prewarm = 2;
     // Roomy policy deadlines: CI runs these tests in parallel on two cores.
     c.policies.validator.deadline_ms = 1000;
@@ -52,14 +55,7 @@ pub fn input(prompt: &str, side: u32) -> Value {
 /// Polls `/status` until the job is terminal.
 pub async fn wait_done(c: &reqwest::Client, r: &Running, id: &str) -> Value {
     for _ in 0..1200 {
-        let v: Value = c
-            .get(api(r, &format!("/v2/local/status/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = get_json(c, api(r, &format!("/v2/local/status/{id}"))).await;
         if matches!(
             v["status"].as_str(),
             Some("COMPLETED" | "FAILED" | "CANCELLED")
@@ -90,6 +86,16 @@ pub async fn post_json<T: serde::Serialize + ?Sized>(
         .json()
         .await
         .expect("JSON answer")
+}
+
+/// Runs a 64×64 demo job for `prompt` through `/runsync` and returns the answer.
+pub async fn runsync(c: &reqwest::Client, r: &Running, prompt: &str) -> Value {
+    post_json(
+        c,
+        api(r, "/v2/local/runsync"),
+        &serde_json::json!({ "input": input(prompt, 64) }),
+    )
+    .await
 }
 
 /// GETs `url` and returns the JSON answer.
