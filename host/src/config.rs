@@ -955,7 +955,7 @@ mod tests {
     fn attention_kernel_and_stream_ring_are_settable() {
         let c = Config::from_layers(
             Some((
-                "[model]\nattention = \"fused\"\n[jobs]\nstream_keep_finished = 8\n",
+                "[model]\nattention = \"fused\"\nfp8 = true\n[jobs]\nstream_keep_finished = 8\n",
                 "f.toml",
             )),
             env(&[]),
@@ -966,12 +966,20 @@ mod tests {
             crate::pipeline::flux::attention::AttentionKernel::Fused
         );
         assert_eq!(c.jobs.stream_keep_finished, 8);
+        // The pipeline is loaded with them.
+        let load = crate::pipeline::LoadOptions::from_config(&c);
+        assert_eq!(
+            load.attention,
+            crate::pipeline::flux::attention::AttentionKernel::Fused
+        );
+        assert!(load.fp8);
         let d = Config::from_layers(None, env(&[])).unwrap();
         assert_eq!(
             d.model.attention,
             crate::pipeline::flux::attention::AttentionKernel::Auto
         );
         assert_eq!(d.jobs.stream_keep_finished, 1024);
+        assert!(!d.model.fp8);
     }
 
     #[test]

@@ -626,3 +626,31 @@ async fn admission_refuses_a_request_that_does_not_fit_and_the_worker_carries_on
     );
     r.shutdown().await;
 }
+
+/// `jobs.stream_keep_finished` bounds the finished jobs whose undrained progress a late
+/// `/stream` reader still gets: the older job's chunks are gone, the newest job's are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_stream_readers_get_only_the_jobs_the_ring_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.jobs.stream_keep_finished = 1;
+    let r = serve(cfg).await;
+    let c = client();
+    let older = runsync(&c, &r, "older").await;
+    let newer = runsync(&c, &r, "newer").await;
+    assert_eq!(older["status"], "COMPLETED", "{older}");
+    assert_eq!(newer["status"], "COMPLETED", "{newer}");
+    let stream = |id: &Value| api(&r, &format!("/v2/local/stream/{}", id.as_str().unwrap()));
+    let old_stream = get_json(&c, stream(&older["id"])).await;
+    assert_eq!(old_stream["status"], "COMPLETED", "{old_stream}");
+    assert!(
+        old_stream["stream"].as_array().unwrap().is_empty(),
+        "{old_stream}"
+    );
+    let new_stream = get_json(&c, stream(&newer["id"])).await;
+    assert!(
+        !new_stream["stream"].as_array().unwrap().is_empty(),
+        "{new_stream}"
+    );
+    r.shutdown().await;
+}
