@@ -248,169 +248,200 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     })
 }
 
+/// Writes one metric family: `# HELP` (when given) and `# TYPE`, then one line per sample,
+/// `name{labels} value` (labels already formatted, empty for none).
+fn family<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: Option<&str>,
+    samples: impl IntoIterator<Item = (String, V)>,
+) {
+    if let Some(help) = help {
+        let _ = writeln!(out, "# HELP {name} {help}");
+    }
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+/// `{key="value"}`.
+fn label(key: &str, value: impl std::fmt::Display) -> String {
+    format!("{{{key}=\"{value}\"}}")
+}
+
 /// Prometheus text exposition of the worker's counters and gauges.
 pub fn metrics_text(service: &JobService) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP headshot_jobs Jobs in the history by status.\n# TYPE headshot_jobs gauge"
-    );
-    if let Ok(c) = service.counts() {
-        for (status, n) in [
+    let out = &mut out;
+    let counts = service.counts().ok();
+    let by_status = counts.iter().flat_map(|c| {
+        [
             ("completed", c.completed),
             ("failed", c.failed),
             ("in_progress", c.in_progress),
             ("in_queue", c.in_queue),
             ("cancelled", c.cancelled),
-        ] {
-            let _ = writeln!(out, "headshot_jobs{{status=\"{status}\"}} {n}");
-        }
-        let _ = writeln!(
+        ]
+        .map(|(status, n)| (label("status", status), n))
+    });
+    family(
+        out,
+        "headshot_jobs",
+        "gauge",
+        Some("Jobs in the history by status."),
+        by_status,
+    );
+    if let Some(c) = &counts {
+        let help = Some("Runs restarted after a crash.");
+        family(
             out,
-            "# HELP headshot_jobs_retried_total Runs restarted after a crash.\n# TYPE headshot_jobs_retried_total counter\nheadshot_jobs_retried_total {}",
-            c.retried
+            "headshot_jobs_retried_total",
+            "counter",
+            help,
+            [(String::new(), c.retried)],
         );
     }
-    let _ = writeln!(
+    let help = Some("Jobs waiting to run.");
+    family(
         out,
-        "# HELP headshot_queue_depth Jobs waiting to run.\n# TYPE headshot_queue_depth gauge\nheadshot_queue_depth {}",
-        service.queued()
+        "headshot_queue_depth",
+        "gauge",
+        help,
+        [(String::new(), service.queued())],
     );
     let model = service.inference().state();
-    let _ = writeln!(
+    let help = Some("Whether the model is loaded.");
+    let loaded = u8::from(model.loaded);
+    family(
         out,
-        "# HELP headshot_model_loaded Whether the model is loaded.\n# TYPE headshot_model_loaded gauge\nheadshot_model_loaded {}",
-        u8::from(model.loaded)
+        "headshot_model_loaded",
+        "gauge",
+        help,
+        [(String::new(), loaded)],
     );
-    let _ = writeln!(
+
+    // One registry read serves the three policy families.
+    let slots = service.registry().status().unwrap_or_default();
+    let per_slot = |f: fn(&_) -> u64| slots.iter().map(move |s| (label("slot", s.kind), f(s)));
+    let help = Some("Policy calls on the active version.");
+    family(
         out,
-        "# HELP headshot_policy_calls_total Policy calls on the active version.\n# TYPE headshot_policy_calls_total counter"
+        "headshot_policy_calls_total",
+        "counter",
+        help,
+        per_slot(|s| s.calls),
     );
-    if let Ok(slots) = service.registry().status() {
-        for s in &slots {
-            let _ = writeln!(
-                out,
-                "headshot_policy_calls_total{{slot=\"{}\"}} {}",
-                s.kind, s.calls
-            );
-        }
-        let _ = writeln!(
+    if !slots.is_empty() {
+        let help = Some("Policy calls that trapped or broke a limit.");
+        let failures = per_slot(|s| s.failures);
+        family(
             out,
-            "# HELP headshot_policy_failures_total Policy calls that trapped or broke a limit.\n# TYPE headshot_policy_failures_total counter"
+            "headshot_policy_failures_total",
+            "counter",
+            help,
+            failures,
         );
-        for s in &slots {
-            let _ = writeln!(
-                out,
-                "headshot_policy_failures_total{{slot=\"{}\"}} {}",
-                s.kind, s.failures
-            );
-        }
     }
-    let _ = writeln!(
-        out,
-        "# HELP headshot_breaker_open Whether a circuit breaker refuses calls (open or forced open).\n# TYPE headshot_breaker_open gauge"
-    );
-    if let Ok(all) = service.breakers().all() {
+
+    let breakers = service.breakers().all().unwrap_or_default();
+    let open = breakers.iter().map(|(name, b)| {
         use headshot_plugin_sdk::rules::breaker::State;
-        for (name, b) in all {
-            let open = matches!(b.state, State::Open | State::ForcedOpen);
-            let _ = writeln!(
-                out,
-                "headshot_breaker_open{{breaker=\"{name}\"}} {}",
-                u8::from(open)
-            );
-        }
-    }
-    let _ = writeln!(
+        let open = matches!(b.state, State::Open | State::ForcedOpen);
+        (label("breaker", name), u8::from(open))
+    });
+    let help = Some("Whether a circuit breaker refuses calls (open or forced open).");
+    family(out, "headshot_breaker_open", "gauge", help, open);
+
+    let stages = service.metrics().stages();
+    let stage_lines = stages.iter().flat_map(|(stage, sum, count)| {
+        [
+            (format!("_sum{}", label("stage", stage)), sum.to_string()),
+            (
+                format!("_count{}", label("stage", stage)),
+                count.to_string(),
+            ),
+        ]
+    });
+    let help = Some("Time spent per job stage.");
+    family(
         out,
-        "# HELP headshot_job_stage_milliseconds Time spent per job stage.\n# TYPE headshot_job_stage_milliseconds summary"
+        "headshot_job_stage_milliseconds",
+        "summary",
+        help,
+        stage_lines,
     );
-    for (stage, sum, count) in service.metrics().stages() {
-        let _ = writeln!(
+
+    let errors = service.metrics().errors();
+    let errors = errors
+        .iter()
+        .map(|(kind, n)| (label("error_type", kind), n));
+    let help = Some("Failed jobs by error category.");
+    family(out, "headshot_job_errors_total", "counter", help, errors);
+
+    if !slots.is_empty() {
+        let micros = slots.iter().flat_map(|s| {
+            [
+                (format!("_sum{}", label("slot", s.kind)), s.total_micros),
+                (format!("_count{}", label("slot", s.kind)), s.calls),
+            ]
+        });
+        let help = Some("Policy call time on the active version.");
+        family(
             out,
-            "headshot_job_stage_milliseconds_sum{{stage=\"{stage}\"}} {sum}"
-        );
-        let _ = writeln!(
-            out,
-            "headshot_job_stage_milliseconds_count{{stage=\"{stage}\"}} {count}"
+            "headshot_policy_call_microseconds",
+            "summary",
+            help,
+            micros,
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP headshot_job_errors_total Failed jobs by error category.\n# TYPE headshot_job_errors_total counter"
-    );
-    for (kind, n) in service.metrics().errors() {
-        let _ = writeln!(
-            out,
-            "headshot_job_errors_total{{error_type=\"{kind}\"}} {n}"
-        );
-    }
-    if let Ok(slots) = service.registry().status() {
-        let _ = writeln!(
-            out,
-            "# HELP headshot_policy_call_microseconds Policy call time on the active version.\n# TYPE headshot_policy_call_microseconds summary"
-        );
-        for s in &slots {
-            let _ = writeln!(
-                out,
-                "headshot_policy_call_microseconds_sum{{slot=\"{}\"}} {}",
-                s.kind, s.total_micros
-            );
-            let _ = writeln!(
-                out,
-                "headshot_policy_call_microseconds_count{{slot=\"{}\"}} {}",
-                s.kind, s.calls
-            );
-        }
-    }
+
     let r = service.monitor().read();
-    let _ = writeln!(
+    let mut memory = vec![
+        (label("kind", "system_total"), r.system_total_bytes),
+        (label("kind", "system_available"), r.system_available_bytes),
+        (label("kind", "process_rss"), r.process_rss_bytes),
+    ];
+    if let Some(g) = &r.gpu {
+        memory.push((label("kind", "gpu_total"), g.total_bytes));
+        memory.push((label("kind", "gpu_free"), g.free_bytes));
+    }
+    family(
         out,
-        "# HELP headshot_memory_bytes Memory readings.\n# TYPE headshot_memory_bytes gauge"
-    );
-    let _ = writeln!(
-        out,
-        "headshot_memory_bytes{{kind=\"system_total\"}} {}",
-        r.system_total_bytes
-    );
-    let _ = writeln!(
-        out,
-        "headshot_memory_bytes{{kind=\"system_available\"}} {}",
-        r.system_available_bytes
-    );
-    let _ = writeln!(
-        out,
-        "headshot_memory_bytes{{kind=\"process_rss\"}} {}",
-        r.process_rss_bytes
+        "headshot_memory_bytes",
+        "gauge",
+        Some("Memory readings."),
+        memory,
     );
     if let Some(g) = &r.gpu {
-        let _ = writeln!(
-            out,
-            "headshot_memory_bytes{{kind=\"gpu_total\"}} {}",
-            g.total_bytes
-        );
-        let _ = writeln!(
-            out,
-            "headshot_memory_bytes{{kind=\"gpu_free\"}} {}",
-            g.free_bytes
-        );
         if let Some(u) = g.utilization_percent {
-            let _ = writeln!(
+            family(
                 out,
-                "# TYPE headshot_gpu_utilization_percent gauge\nheadshot_gpu_utilization_percent {u}"
+                "headshot_gpu_utilization_percent",
+                "gauge",
+                None,
+                [(String::new(), u)],
             );
         }
         if let Some(t) = g.temperature_c {
-            let _ = writeln!(
+            family(
                 out,
-                "# TYPE headshot_gpu_temperature_celsius gauge\nheadshot_gpu_temperature_celsius {t}"
+                "headshot_gpu_temperature_celsius",
+                "gauge",
+                None,
+                [(String::new(), t)],
             );
         }
     }
-    let _ = writeln!(
+    let help = Some("Failed model loads.");
+    let failures = [(String::new(), model.load_failures)];
+    family(
         out,
-        "# HELP headshot_model_load_failures_total Failed model loads.\n# TYPE headshot_model_load_failures_total counter\nheadshot_model_load_failures_total {}",
-        model.load_failures
+        "headshot_model_load_failures_total",
+        "counter",
+        help,
+        failures,
     );
-    out
+    std::mem::take(out)
 }
