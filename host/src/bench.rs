@@ -245,7 +245,7 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
     };
     bench(out, "one_step", &|| forward(&state.img, 1.0))?;
     let latents = bench(out, "four_steps", &four_steps)?;
-    if let Some(mib) = peak_rss_mib() {
+    if let Some(mib) = crate::heap::proc_status_mib("VmHWM") {
         writeln!(out, "MEMORY peak resident after the steps: {mib:.0} MiB")?;
     }
     let latents = sampling::unpack(&latents, opts.height, opts.width)?;
@@ -267,15 +267,6 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         writeln!(out, "decoded image {:?}", img.dims())?;
     }
     Ok(())
-}
-
-/// The process's peak resident memory (Linux `VmHWM`), for host-memory comparisons such as
-/// plain vs fused attention on the CPU.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 /// `--check`: every fast path against plain ops; an error when one is off by more than bf16

@@ -22,3 +22,15 @@ pub fn release_free_pages() {
         }
     }
 }
+
+/// A memory figure of this process from Linux's `/proc/self/status`, in MiB: `"VmRSS"`
+/// (resident now) or `"VmHWM"` (peak resident). `None` where there is no such file.
+pub fn proc_status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| {
+        l.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

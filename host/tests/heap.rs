@@ -2,9 +2,7 @@
 //! per process, and other tests would blur it).
 
 fn rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+    headshot_host::heap::proc_status_mib("VmRSS")
 }
 
 #[test]
