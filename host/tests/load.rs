@@ -25,19 +25,7 @@ async fn clients_see_no_failure_while_policies_are_swapped_every_second() {
     let r = serve(test_config(dir.path())).await;
     let c = client();
     let example = std::fs::read(env!("HEADSHOT_EXAMPLE_VALIDATOR_WASM")).unwrap();
-    let builtin: Value = c
-        .get(admin(&r, "/admin/policies"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let builtin_sha = builtin["slots"][0]["active"]["sha256"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let builtin_sha = active_validator_sha(&c, &r).await;
     let end = Instant::now() + Duration::from_secs(secs);
 
     let mut tasks = Vec::new();
@@ -71,23 +59,7 @@ async fn clients_see_no_failure_while_policies_are_swapped_every_second() {
     let mut swaps = 0;
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let resp = if swaps % 2 == 0 {
-            c.post(admin(&r, "/admin/policies/validator"))
-                .bearer_auth(ADMIN_TOKEN)
-                .body(example.clone())
-                .send()
-                .await
-                .unwrap()
-        } else {
-            c.post(admin(
-                &r,
-                &format!("/admin/policies/validator/activate/{builtin_sha}"),
-            ))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-        };
+        let resp = swap_validator(&c, &r, swaps, &example, &builtin_sha).await;
         assert!(
             resp.status().is_success(),
             "swap {swaps}: {}",

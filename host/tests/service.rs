@@ -419,39 +419,9 @@ async fn a_policy_swapped_through_the_admin_api_while_jobs_run_fails_no_job() {
             statuses
         })
     };
-    let builtin_sha: String = {
-        let v: Value = c
-            .get(admin(&r, "/admin/policies"))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["slots"][0]["active"]["sha256"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let builtin_sha = active_validator_sha(&c, &r).await;
     for i in 0..4 {
-        let resp = if i % 2 == 0 {
-            c.post(admin(&r, "/admin/policies/validator"))
-                .bearer_auth(ADMIN_TOKEN)
-                .body(example.clone())
-                .send()
-                .await
-                .unwrap()
-        } else {
-            c.post(admin(
-                &r,
-                &format!("/admin/policies/validator/activate/{builtin_sha}"),
-            ))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-        };
+        let resp = swap_validator(&c, &r, i, &example, &builtin_sha).await;
         assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

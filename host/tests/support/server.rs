@@ -98,6 +98,47 @@ pub async fn runsync(c: &reqwest::Client, r: &Running, prompt: &str) -> Value {
     .await
 }
 
+/// The sha256 of the active validator, from the admin API.
+pub async fn active_validator_sha(c: &reqwest::Client, r: &Running) -> String {
+    let v: Value = c
+        .get(admin(r, "/admin/policies"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON answer");
+    v["slots"][0]["active"]["sha256"]
+        .as_str()
+        .expect("active validator sha256")
+        .to_string()
+}
+
+/// Step `step` of a hot-swap loop: even steps push `example` (it becomes active), odd steps
+/// activate `builtin_sha` again.
+pub async fn swap_validator(
+    c: &reqwest::Client,
+    r: &Running,
+    step: usize,
+    example: &[u8],
+    builtin_sha: &str,
+) -> reqwest::Response {
+    let req = if step.is_multiple_of(2) {
+        c.post(admin(r, "/admin/policies/validator"))
+            .body(example.to_vec())
+    } else {
+        c.post(admin(
+            r,
+            &format!("/admin/policies/validator/activate/{builtin_sha}"),
+        ))
+    };
+    req.bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("swap request")
+}
+
 /// GETs `url` and returns the JSON answer.
 pub async fn get_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
     c.get(url)
