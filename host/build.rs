@@ -91,8 +91,6 @@ fn main() {
 /// the kernel needs mma.sync with bf16, and PTX for 8.0 is JIT-compiled by newer drivers for
 /// newer cards). nvcc comes from `CUDA_HOME`/`CUDA_ROOT` or the PATH.
 fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
-    let source = manifest_dir.join("kernels/flash_attn.cu");
-    println!("cargo:rerun-if-changed={}", source.display());
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
@@ -102,20 +100,24 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
         .map(|home| PathBuf::from(home).join("bin/nvcc"))
         .find(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    let out = out_dir.join("flash_attn.ptx");
-    let status = Command::new(&nvcc)
-        .args([
-            "--ptx",
-            "-O3",
-            &format!("--gpu-architecture=compute_{cap}"),
-            "-o",
-        ])
-        .arg(&out)
-        .arg(&source)
-        .status()
-        .unwrap_or_else(|e| panic!("running {} for the cuda feature: {e}", nvcc.display()));
-    if !status.success() {
-        panic!("nvcc failed on {} ({status})", source.display());
+    for kernel in ["flash_attn", "fp8_quant", "norm_rope", "adaln"] {
+        let source = manifest_dir.join(format!("kernels/{kernel}.cu"));
+        println!("cargo:rerun-if-changed={}", source.display());
+        let out = out_dir.join(format!("{kernel}.ptx"));
+        let status = Command::new(&nvcc)
+            .args([
+                "--ptx",
+                "-O3",
+                &format!("--gpu-architecture=compute_{cap}"),
+                "-o",
+            ])
+            .arg(&out)
+            .arg(&source)
+            .status()
+            .unwrap_or_else(|e| panic!("running {} for the cuda feature: {e}", nvcc.display()));
+        if !status.success() {
+            panic!("nvcc failed on {} ({status})", source.display());
+        }
     }
 }
 

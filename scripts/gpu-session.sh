@@ -3,29 +3,61 @@
 #
 #   bash scripts/gpu-session.sh            (device `run` with carry ["gpu-carry"])
 #
-# Expects gpu-carry/ (git-ignored) to hold: headshot.xz (../shared/gpu/build-cuda.sh, then
-# strip + xz), run-bench.sh and flux_bench_torch.py from ../shared/gpu/, and wheels/ with the
-# diffusers wheel. Order: correctness first (cheap, and it decides whether the timings mean
-# anything), then our model with the fused kernel next to the diffusers twin in one call
-# (same card), then the plain-attention and stock-candle baselines, then FP8. Everything
-# lands in $OUT (or ./gpu-out).
+# Expects gpu-carry/ (git-ignored) to hold: headshot.xz (../shared/gpu/build-cuda.sh
+# --features cudnn, then strip + xz), run-bench.sh and flux_bench_torch.py from
+# ../shared/gpu/, and wheels/ with the diffusers wheel. Order: correctness first (cheap, and it
+# decides whether the timings mean anything), then every op alone, then our model next to the
+# diffusers twin in one call (same card), then the variants. A time budget (BUDGET seconds,
+# default 480) skips what no longer fits, so the device call returns its files in time.
+# Everything lands in $OUT (or ./gpu-out).
 set -u
 out=${OUT:-./gpu-out}; mkdir -p "$out"
 carry=gpu-carry
+budget=${BUDGET:-480}
+start=$SECONDS
 xz -dc "$carry/headshot.xz" > /tmp/headshot && chmod +x /tmp/headshot
 py=${TORCH_PY:-python3}
 tdir=$("$py" -c "import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))" 2>/dev/null)
-libs=$(find ${tdir:+"$tdir"} -name 'libcublas.so*' -o -name 'libcurand.so*' -o -name 'libcudnn.so*' 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
+libs=$(find ${tdir:+"$tdir"} -name 'libcublas.so*' -o -name 'libcurand.so*' -o -name 'libcudnn.so*' 2>/dev/null | xargs -r -n1 dirname | grep -v /stubs | sort -u | tr '\n' ':')
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:-}"
-run() { echo "== $*" | tee -a "$out/session.txt"; timeout 240 /tmp/headshot "$@" 2>&1 | grep -E "RESULT|CHECK|MEMORY|model|Error|error" | tee -a "$out/session.txt"; }
+# run-bench.sh puts every folder holding libcublas on the library path, /usr/local/cuda's
+# stubs/ too, whose libcuda.so stub makes the driver unusable ("CUDA_ERROR_STUB_LIBRARY");
+# the copy used here leaves stubs/ out and is otherwise unchanged.
+sed 's#dirname | sort -u#dirname | grep -v /stubs | sort -u#' "$carry/run-bench.sh" > "$carry/run-bench.nostubs.sh"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$out/gpu.txt" 2>&1
+left() { echo $(( budget - (SECONDS - start) )); }
+# run LIMIT ARGS...: one bench run, skipped when under LIMIT seconds remain.
+run() {
+  local limit=$1; shift
+  if [ "$(left)" -lt "$limit" ]; then echo "== SKIPPED (time) $*" | tee -a "$out/session.txt"; return; fi
+  echo "== ${HEADSHOT_FLASH_KERNEL:+HEADSHOT_FLASH_KERNEL=$HEADSHOT_FLASH_KERNEL }$* (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
+  timeout "$limit" /tmp/headshot "$@" > "$out/last.txt" 2>&1; local rc=$?
+  grep -E "RESULT|RATE|CHECK|MEMORY|model|Error|error|panick" "$out/last.txt" | tee -a "$out/session.txt"
+  echo "exit $rc" | tee -a "$out/session.txt"
+}
 
 # 1. Every fast path against plain ops, bf16, at the full 1024x1024 shapes.
-run bench gpu --check --attention fused
-# 2. Ours (fused attention) and the diffusers twin, same card, same call.
-WHEELS=$carry/wheels OUT=$out/vs-torch bash $carry/run-bench.sh /tmp/headshot bench gpu --attention fused --iters 3 --warmup 1 \
-  | tee -a "$out/session.txt"
-# 3. Baselines and variants: plain attention, candle's stock module, FP8 weights, 768x1024.
-run bench gpu --attention plain --iters 3 --warmup 1 --skip-vae
-run bench gpu --model stock --iters 3 --warmup 1 --skip-vae
-run bench gpu --attention fused --fp8 --iters 3 --warmup 1 --skip-vae
-run bench gpu --attention fused --width 768 --height 1024 --iters 3 --warmup 1
+run 90 bench gpu --device cuda --check --attention fused
+# 2. Each op alone: attention kernels, GEMMs (cuBLASLt epilogue, plain, FP8), norms.
+#    (SHORT=1: after the comparison with diffusers and FP8 instead, and nothing else.)
+[ -z "${SHORT:-}" ] && run 90 bench gpu --device cuda --ops --iters 10 --warmup 2
+# 3. Ours (fused attention, cuBLASLt GEMMs) and the diffusers twin, same card, same call.
+if [ "$(left)" -gt 60 ]; then
+  echo "== vs torch (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
+  TORCH_ARGS="--iters 3 --warmup 1" WHEELS=$carry/wheels OUT=$out/vs-torch timeout $(( $(left) < 200 ? $(left) : 200 )) bash $carry/run-bench.nostubs.sh /tmp/headshot \
+    bench gpu --device cuda --attention fused --iters 3 --warmup 1 | tee -a "$out/session.txt"
+fi
+# 4. Variants: FP8, the other flash kernels in whole steps, 768x1024, plain GEMMs, plain
+#    attention, candle's stock module (in that order; what no longer fits is skipped).
+run 60 bench gpu --device cuda --attention fused --fp8 --iters 3 --warmup 1 --skip-vae
+if [ -n "${SHORT:-}" ]; then
+  run 30 bench gpu --device cuda --ops --iters 5 --warmup 1 --skip-vae
+  echo "done at t=$((SECONDS - start))s" | tee -a "$out/session.txt"
+  exit 0
+fi
+HEADSHOT_FLASH_KERNEL=pipe4 run 45 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
+run 60 bench gpu --device cuda --attention fused --width 768 --height 1024 --iters 3 --warmup 1
+run 45 bench gpu --device cuda --attention fused --gemm plain --iters 3 --warmup 1 --skip-vae
+run 45 bench gpu --device cuda --attention plain --iters 3 --warmup 1 --skip-vae
+run 45 bench gpu --device cuda --model stock --iters 3 --warmup 1 --skip-vae
+echo "done at t=$((SECONDS - start))s" | tee -a "$out/session.txt"

@@ -16,12 +16,15 @@ use crate::pipeline::demo::{demo_ae_config, demo_flux_config};
 use crate::pipeline::device::{DTypeSpec, DeviceSpec, device_name};
 use crate::pipeline::flux::attention::AttentionKernel;
 use crate::pipeline::flux::check::{self, CheckShape};
+use crate::pipeline::flux::layers::GemmKernel;
 use crate::pipeline::flux::model::{FluxModel, ModelOptions};
 use crate::pipeline::random_weights::RandomWeights;
 use crate::pipeline::rng::Rng;
 use crate::pipeline::{
     FluxPipeline, GenerateError, GenerationParams, LoadError, LoadOptions, Variant,
 };
+
+mod ops;
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +87,18 @@ fn timed(
     name: &str,
     f: &dyn Fn() -> candle_core::Result<Tensor>,
 ) -> Result<Tensor, BenchError> {
+    timed_samples(device, warmup, iters, out, name, f).map(|(last, _)| last)
+}
+
+/// [`timed`], also returning the timed samples (ms).
+fn timed_samples(
+    device: &Device,
+    warmup: usize,
+    iters: usize,
+    out: &mut dyn Write,
+    name: &str,
+    f: &dyn Fn() -> candle_core::Result<Tensor>,
+) -> Result<(Tensor, Vec<f64>), BenchError> {
     let mut last = None;
     for _ in 0..warmup {
         last = Some(time_ms(device, f)?.1);
@@ -95,7 +110,8 @@ fn timed(
         last = Some(o);
     }
     writeln!(out, "{}", result_line(name, &samples))?;
-    last.ok_or_else(|| BenchError::Usage("no runs".into()))
+    let last = last.ok_or_else(|| BenchError::Usage("no runs".into()))?;
+    Ok((last, samples))
 }
 
 /// Options of `headshot bench gpu`.
@@ -127,6 +143,10 @@ pub struct GpuBenchOptions {
     pub dtype: DTypeSpec,
     /// FP8 e4m3 weights for the blocks' projections (our model only).
     pub fp8: bool,
+    /// Time the model's ops one by one instead of whole steps.
+    pub ops: bool,
+    /// GEMM implementation of our model's projections.
+    pub gemm: GemmKernel,
 }
 
 /// The transformer implementation a benchmark runs.
@@ -183,18 +203,25 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
     if opts.check {
         return check(opts, &device, dtype, flux_cfg, out);
     }
+    if opts.ops {
+        return ops::run(opts, &device, dtype, &flux_cfg, out);
+    }
 
     let t = Instant::now();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights::on_device()), dtype, device.clone());
     let model: Box<dyn WithForward> = match opts.model {
         ModelImpl::Ours => {
-            let options = ModelOptions::new(opts.attention, opts.fp8);
+            let options = ModelOptions {
+                gemm: opts.gemm,
+                ..ModelOptions::new(opts.attention, opts.fp8)
+            };
             let m = FluxModel::with_options(&flux_cfg, vb, options)?;
             writeln!(
                 out,
-                "model: ours, attention {}, weights {:?}, block projections {:.1} MiB",
+                "model: ours, attention {}, weights {:?}, gemm {:?}, block projections {:.1} MiB",
                 m.attention().name(),
                 options.weights,
+                options.gemm,
                 m.projection_bytes() as f64 / (1u64 << 20) as f64
             )?;
             Box::new(m)
@@ -283,7 +310,8 @@ fn check(
         image_tokens: (opts.height / 16, opts.width / 16),
         text_tokens: opts.txt_len,
     };
-    let results = check::run(device, dtype, &shape, opts.attention)?;
+    let mut results = Vec::new();
+    let stopped = check::run_into(device, dtype, &shape, opts.attention, &mut results).err();
     let mut failed = Vec::new();
     for r in &results {
         let ok = r.passes();
@@ -299,6 +327,15 @@ fn check(
         if !ok {
             failed.push(r.name.clone());
         }
+    }
+    if let Some(e) = stopped {
+        // The comparisons before the failing op are reported above; this one could not run.
+        writeln!(
+            out,
+            "CHECK stopped after {} comparisons: {e}",
+            results.len()
+        )?;
+        return Err(e.into());
     }
     if failed.is_empty() {
         writeln!(

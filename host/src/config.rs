@@ -362,6 +362,8 @@ pub struct ModelConfig {
     pub attention: crate::pipeline::flux::attention::AttentionKernel,
     /// FP8 e4m3 weights for the transformer blocks' projections.
     pub fp8: bool,
+    /// GEMM implementation of the transformer blocks' projections.
+    pub gemm: crate::pipeline::flux::layers::GemmKernel,
 }
 
 impl ModelConfig {
@@ -939,6 +941,7 @@ mod tests {
             ("[model]\nsource = \"s3:x\"\n", "model.source"),
             ("[model]\ndtype = \"int4\"\n", "model.dtype"),
             ("[model]\nattention = \"sparse\"\n", "model.attention"),
+            ("[model]\ngemm = \"tensorrt\"\n", "model.gemm"),
             (
                 "[jobs]\nstream_keep_finished = -1\n",
                 "jobs.stream_keep_finished",
@@ -955,7 +958,7 @@ mod tests {
     fn attention_kernel_and_stream_ring_are_settable() {
         let c = Config::from_layers(
             Some((
-                "[model]\nattention = \"fused\"\nfp8 = true\n[jobs]\nstream_keep_finished = 8\n",
+                "[model]\nattention = \"fused\"\nfp8 = true\ngemm = \"plain\"\n[jobs]\nstream_keep_finished = 8\n",
                 "f.toml",
             )),
             env(&[]),
@@ -973,7 +976,12 @@ mod tests {
             crate::pipeline::flux::attention::AttentionKernel::Fused
         );
         assert!(load.fp8);
+        assert_eq!(load.gemm, crate::pipeline::flux::layers::GemmKernel::Plain);
         let d = Config::from_layers(None, env(&[])).unwrap();
+        assert_eq!(
+            d.model.gemm,
+            crate::pipeline::flux::layers::GemmKernel::Auto
+        );
         assert_eq!(
             d.model.attention,
             crate::pipeline::flux::attention::AttentionKernel::Auto

@@ -180,6 +180,13 @@ enum BenchCommand {
         /// FP8 e4m3 weights (per-tensor scale) for the transformer blocks' projections.
         #[arg(long)]
         fp8: bool,
+        /// Time the model's ops one by one (attention kernels, GEMMs, norms) instead of steps.
+        #[arg(long, conflicts_with = "check")]
+        ops: bool,
+        /// GEMM of our model's projections: auto (cuBLASLt with fused bias/GELU on CUDA bf16)
+        /// or plain (candle matmul, then separate ops).
+        #[arg(long, default_value = "auto")]
+        gemm: String,
     },
 }
 
@@ -489,7 +496,12 @@ fn run(cli: Cli) -> Result<()> {
             check,
             dtype,
             fp8,
+            ops,
+            gemm,
         }) => {
+            let gemm = gemm
+                .parse::<headshot_host::pipeline::flux::layers::GemmKernel>()
+                .map_err(|e| anyhow::anyhow!("--gemm: {e}"))?;
             let dtype = dtype
                 .parse::<headshot_host::pipeline::device::DTypeSpec>()
                 .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
@@ -517,6 +529,8 @@ fn run(cli: Cli) -> Result<()> {
                 check,
                 dtype,
                 fp8,
+                ops,
+                gemm,
             };
             if !tiny && matches!(device, DeviceSpec::Cpu) {
                 bail!(

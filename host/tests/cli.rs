@@ -196,6 +196,49 @@ fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
 }
 
 #[test]
+fn bench_gpu_ops_times_each_op_with_its_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = headshot(
+        tmp.path(),
+        &[
+            "bench", "gpu", "--tiny", "--device", "cpu", "--ops", "--iters", "1", "--warmup", "0",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for (name, unit) in [
+        ("attention_plain", "TFLOP/s"),
+        ("qkv_bias", "TFLOP/s"),
+        ("mlp_down_bias_fp8", "TFLOP/s"),
+        ("single_linear1_matmul", "TFLOP/s"),
+        ("layer_norm", "GB/s"),
+        ("gelu", "GB/s"),
+        ("rope", "GB/s"),
+    ] {
+        assert!(
+            stdout.contains(&format!("RESULT op_{name}: median ")),
+            "{name}: {stdout}"
+        );
+        let rate = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("RATE op_{name}: ")))
+            .unwrap_or_else(|| panic!("no rate for {name}: {stdout}"));
+        let (value, got_unit) = rate.split_once(' ').unwrap();
+        assert_eq!(got_unit, unit, "{rate}");
+        assert!(value.parse::<f64>().unwrap() > 0.0, "{rate}");
+    }
+    // Ops timing is its own mode: no whole steps are run.
+    assert!(!stdout.contains("RESULT one_step"), "{stdout}");
+    let both = headshot(
+        tmp.path(),
+        &[
+            "bench", "gpu", "--tiny", "--device", "cpu", "--ops", "--check",
+        ],
+    );
+    assert!(!both.status.success());
+}
+
+#[test]
 fn policy_test_push_list_and_rollback_the_sdk_example() {
     let tmp = tempfile::tempdir().unwrap();
     let example = env!("HEADSHOT_EXAMPLE_VALIDATOR_WASM");

@@ -8,6 +8,7 @@ use std::time::Duration;
 use headshot_host::pipeline::demo::{demo_tensors, ensure_demo_weights, write_demo_weights};
 use headshot_host::pipeline::device::{DTypeSpec, DeviceSpec};
 use headshot_host::pipeline::flux::attention::AttentionKernel;
+use headshot_host::pipeline::flux::layers::GemmKernel;
 use headshot_host::pipeline::{
     FluxPipeline, GenerateError, Generation, GenerationParams, Limits, LoadError, LoadOptions,
     ModelSource, StepProgress, Variant,
@@ -26,6 +27,7 @@ fn options(source: ModelSource, data_dir: &Path, variant: Variant) -> LoadOption
         load_backoff: Duration::from_millis(1),
         attention: AttentionKernel::Auto,
         fp8: false,
+        gemm: GemmKernel::Auto,
     }
 }
 

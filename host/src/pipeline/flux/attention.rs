@@ -10,7 +10,7 @@ use super::flash_cpu;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttentionKernel {
-    /// The fused kernel where the device has one and it is the faster choice, else plain.
+    /// The fastest the device has: the CUDA flash kernel on CUDA builds, plain ops on the CPU.
     #[default]
     Auto,
     /// Plain candle ops: matmul, softmax, matmul (the score matrix is materialised).
@@ -23,13 +23,14 @@ pub enum AttentionKernel {
 
 impl AttentionKernel {
     /// The implementation that runs on `device`: a fused path only where one exists. `auto`
-    /// stays on plain ops for now: on the CPU they are faster (docs/BENCHMARKS.md), and the
-    /// CUDA kernel becomes the default once `headshot bench gpu --check` has passed on a GPU.
+    /// is the CUDA flash kernel on CUDA builds (it passed `headshot bench gpu --check` on an
+    /// H100 and takes a FLUX step from 570 to 162 ms there, docs/BENCHMARKS.md) and plain ops
+    /// on the CPU, where they are faster than the fused CPU op.
     pub fn resolve(self, device: &Device) -> Resolved {
         match (self, device) {
             (Self::Fused, Device::Cpu) => Resolved::FusedCpu,
             #[cfg(feature = "cuda")]
-            (Self::Fused, Device::Cuda(_)) => Resolved::FusedCuda,
+            (Self::Fused | Self::Auto, Device::Cuda(_)) => Resolved::FusedCuda,
             _ => Resolved::Plain,
         }
     }

@@ -8,7 +8,8 @@ use candle_transformers::models::flux::model::Config;
 use super::attention::Resolved;
 use super::embed::RopeTable;
 use super::layers::{
-    Dense, FeedForward, Modulation, Modulator, PlainLayerNorm, ScaledRmsNorm, WeightFormat,
+    Activation, Dense, FeedForward, Modulation, Modulator, PlainLayerNorm, Projections,
+    ScaledRmsNorm,
 };
 
 /// Width of the MLP for a config.
@@ -17,7 +18,7 @@ fn mlp_width(cfg: &Config) -> usize {
 }
 
 /// Splits a `(batch, tokens, 3·hidden)` projection into q, k, v `(batch, tokens, heads,
-/// head_dim)`, with q and k RMS-normalised and rotated.
+/// head_dim)`, with q and k RMS-normalised.
 fn split_qkv(
     qkv: &Tensor,
     heads: usize,
@@ -34,6 +35,53 @@ fn split_qkv(
     ))
 }
 
+/// One stream's QKV projection `(batch, tokens, 3·hidden)` with its query and key norms.
+pub type StreamQkv<'a> = (&'a Tensor, &'a ScaledRmsNorm, &'a ScaledRmsNorm);
+
+/// q, k, v `(batch, tokens, heads, head_dim)` of the token sequence the streams' projections
+/// make when joined in order (text, then image), q and k normalised and rotated. On CUDA in
+/// bf16 the norm and rotation of each of q and k are one kernel that also does the join.
+pub fn joined_qkv(
+    streams: &[StreamQkv],
+    heads: usize,
+    rope: &RopeTable,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if streams
+        .iter()
+        .all(|(qkv, ..)| super::norm_rope_cuda::supports(qkv, heads))
+    {
+        use super::norm_rope_cuda::{Part, norm_rope};
+        let q: Vec<(&Tensor, &Tensor)> = streams.iter().map(|(x, n, _)| (*x, n.scale())).collect();
+        let k: Vec<(&Tensor, &Tensor)> = streams.iter().map(|(x, _, n)| (*x, n.scale())).collect();
+        let values = streams
+            .iter()
+            .map(|(x, ..)| {
+                let (b, n, width) = x.dims3()?;
+                x.narrow(2, 2 * width / 3, width / 3)?
+                    .reshape((b, n, heads, width / (3 * heads)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Ok((
+            norm_rope(&q, Part::Query, heads, rope)?,
+            norm_rope(&k, Part::Key, heads, rope)?,
+            Tensor::cat(&values, 1)?,
+        ));
+    }
+    let parts = streams
+        .iter()
+        .map(|(qkv, q_norm, k_norm)| split_qkv(qkv, heads, q_norm, k_norm))
+        .collect::<Result<Vec<_>>>()?;
+    let join = |pick: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| {
+        Tensor::cat(&parts.iter().map(pick).collect::<Vec<_>>(), 1)
+    };
+    Ok((
+        rope.apply(&join(|p| &p.0)?)?,
+        rope.apply(&join(|p| &p.1)?)?,
+        join(|p| &p.2)?,
+    ))
+}
+
 /// One stream's half of a double block.
 #[derive(Debug, Clone)]
 struct Stream {
@@ -47,18 +95,18 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(cfg: &Config, prefix: &str, format: WeightFormat, vb: &VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, prefix: &str, how: Projections, vb: &VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         let head_dim = h / cfg.num_heads;
         let attn = vb.pp(format!("{prefix}_attn"));
         Ok(Self {
             modulator: Modulator::new(h, 2, vb.pp(format!("{prefix}_mod")))?,
             norm: PlainLayerNorm::new(h, vb)?,
-            qkv: Dense::load(h, 3 * h, cfg.qkv_bias, format, attn.pp("qkv"))?,
+            qkv: Dense::load(h, 3 * h, cfg.qkv_bias, how, attn.pp("qkv"))?,
             q_norm: ScaledRmsNorm::new(head_dim, attn.pp("norm.query_norm"))?,
             k_norm: ScaledRmsNorm::new(head_dim, attn.pp("norm.key_norm"))?,
-            proj: Dense::load(h, h, true, format, attn.pp("proj"))?,
-            mlp: FeedForward::new(h, mlp_width(cfg), format, vb.pp(format!("{prefix}_mlp")))?,
+            proj: Dense::load(h, h, true, how, attn.pp("proj"))?,
+            mlp: FeedForward::new(h, mlp_width(cfg), how, vb.pp(format!("{prefix}_mlp")))?,
         })
     }
 }
@@ -78,11 +126,11 @@ pub struct DoubleBlock {
 }
 
 impl DoubleBlock {
-    /// Loads `img_*` and `txt_*` weights under `vb`, the projections in `format`.
-    pub fn new(cfg: &Config, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
+    /// Loads `img_*` and `txt_*` weights under `vb`, the projections as `how` says.
+    pub fn new(cfg: &Config, how: Projections, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            img: Stream::new(cfg, "img", format, &vb)?,
-            txt: Stream::new(cfg, "txt", format, &vb)?,
+            img: Stream::new(cfg, "img", how, &vb)?,
+            txt: Stream::new(cfg, "txt", how, &vb)?,
             heads: cfg.num_heads,
         })
     }
@@ -104,14 +152,18 @@ impl DoubleBlock {
         let img_mod = self.img.modulator.forward(silu_vec)?;
         let txt_mod = self.txt.modulator.forward(silu_vec)?;
         let qkv_of = |s: &Stream, x: &Tensor, m: &Modulation| {
-            let x = m.scale_shift(&s.norm.forward(x)?)?;
-            split_qkv(&s.qkv.forward(&x)?, self.heads, &s.q_norm, &s.k_norm)
+            s.qkv.forward(&m.norm_scale_shift(&s.norm, x)?)
         };
-        let (tq, tk, tv) = qkv_of(&self.txt, txt, &txt_mod[0])?;
-        let (iq, ik, iv) = qkv_of(&self.img, img, &img_mod[0])?;
-        let q = rope.apply(&Tensor::cat(&[tq, iq], 1)?)?;
-        let k = rope.apply(&Tensor::cat(&[tk, ik], 1)?)?;
-        let v = Tensor::cat(&[tv, iv], 1)?;
+        let txt_qkv = qkv_of(&self.txt, txt, &txt_mod[0])?;
+        let img_qkv = qkv_of(&self.img, img, &img_mod[0])?;
+        let (q, k, v) = joined_qkv(
+            &[
+                (&txt_qkv, &self.txt.q_norm, &self.txt.k_norm),
+                (&img_qkv, &self.img.q_norm, &self.img.k_norm),
+            ],
+            self.heads,
+            rope,
+        )?;
         let attn = attention.run(&q, &k, &v)?;
         let n_txt = txt.dim(1)?;
         let txt_attn = attn.narrow(1, 0, n_txt)?;
@@ -119,7 +171,7 @@ impl DoubleBlock {
 
         let finish = |s: &Stream, x: &Tensor, a: &Tensor, m: &[Modulation]| {
             let x = m[0].gated_add(x, &s.proj.forward(a)?)?;
-            let mlp = s.mlp.forward(&m[1].scale_shift(&s.norm.forward(&x)?)?)?;
+            let mlp = s.mlp.forward(&m[1].norm_scale_shift(&s.norm, &x)?)?;
             m[1].gated_add(&x, &mlp)
         };
         Ok((
@@ -129,10 +181,20 @@ impl DoubleBlock {
     }
 }
 
+/// A single block's first projection: q, k, v and the MLP's hidden layer from one input.
+#[derive(Debug, Clone)]
+enum Linear1 {
+    /// One GEMM, as the checkpoint stores it (the output is split afterwards).
+    Joint(Dense),
+    /// Split by rows into the attention part and the MLP part, so the MLP's GELU applies to a
+    /// whole GEMM output and runs in its epilogue (CUDA): the same products.
+    Split { qkv: Dense, mlp: Dense },
+}
+
 /// A single-stream block.
 #[derive(Debug, Clone)]
 pub struct SingleBlock {
-    linear1: Dense,
+    linear1: Linear1,
     linear2: Dense,
     q_norm: ScaledRmsNorm,
     k_norm: ScaledRmsNorm,
@@ -144,13 +206,32 @@ pub struct SingleBlock {
 
 impl SingleBlock {
     /// Loads `linear1`, `linear2`, `norm.*` and `modulation` under `vb`, the two projections
-    /// in `format`.
-    pub fn new(cfg: &Config, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
+    /// as `how` says. On CUDA `linear1` is split (see [`Linear1::Split`]); elsewhere the
+    /// split buys nothing and it stays one GEMM.
+    pub fn new(cfg: &Config, how: Projections, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         let mlp = mlp_width(cfg);
+        let linear1 = if vb.device().is_cuda() {
+            let vb1 = vb.pp("linear1");
+            let weight = vb1.get((3 * h + mlp, h), "weight")?;
+            let bias = vb1.get(3 * h + mlp, "bias")?;
+            let rows = |start: usize, len: usize| -> Result<Dense> {
+                Dense::from_parts(
+                    weight.narrow(0, start, len)?,
+                    Some(bias.narrow(0, start, len)?),
+                    how,
+                )
+            };
+            Linear1::Split {
+                qkv: rows(0, 3 * h)?,
+                mlp: rows(3 * h, mlp)?,
+            }
+        } else {
+            Linear1::Joint(Dense::load(h, 3 * h + mlp, true, how, vb.pp("linear1"))?)
+        };
         Ok(Self {
-            linear1: Dense::load(h, 3 * h + mlp, true, format, vb.pp("linear1"))?,
-            linear2: Dense::load(h + mlp, h, true, format, vb.pp("linear2"))?,
+            linear1,
+            linear2: Dense::load(h + mlp, h, true, how, vb.pp("linear2"))?,
             q_norm: ScaledRmsNorm::new(h / cfg.num_heads, vb.pp("norm.query_norm"))?,
             k_norm: ScaledRmsNorm::new(h / cfg.num_heads, vb.pp("norm.key_norm"))?,
             norm: PlainLayerNorm::new(h, &vb)?,
@@ -162,7 +243,11 @@ impl SingleBlock {
 
     /// Bytes of the projection weights (those `model.fp8` stores as FP8).
     pub fn projection_bytes(&self) -> usize {
-        self.linear1.weight_bytes() + self.linear2.weight_bytes()
+        let first = match &self.linear1 {
+            Linear1::Joint(d) => d.weight_bytes(),
+            Linear1::Split { qkv, mlp } => qkv.weight_bytes() + mlp.weight_bytes(),
+        };
+        first + self.linear2.weight_bytes()
     }
 
     /// Updates all tokens `x` (text first, then image).
@@ -174,20 +259,22 @@ impl SingleBlock {
         attention: Resolved,
     ) -> Result<Tensor> {
         let m = self.modulator.forward(silu_vec)?;
-        let h = self
-            .linear1
-            .forward(&m[0].scale_shift(&self.norm.forward(x)?)?)?;
-        let qkv = h.narrow(D::Minus1, 0, 3 * self.hidden)?;
-        let mlp = h.narrow(
-            D::Minus1,
-            3 * self.hidden,
-            h.dim(D::Minus1)? - 3 * self.hidden,
-        )?;
-        let (q, k, v) = split_qkv(&qkv, self.heads, &self.q_norm, &self.k_norm)?;
-        let attn = attention.run(&rope.apply(&q)?, &rope.apply(&k)?, &v)?;
-        let out = self
-            .linear2
-            .forward(&Tensor::cat(&[attn, mlp.gelu()?], 2)?)?;
+        let x_mod = m[0].norm_scale_shift(&self.norm, x)?;
+        let (qkv, mlp) = match &self.linear1 {
+            Linear1::Joint(linear1) => {
+                let h = linear1.forward(&x_mod)?;
+                let rest = h.dim(D::Minus1)? - 3 * self.hidden;
+                let mlp = h.narrow(D::Minus1, 3 * self.hidden, rest)?.gelu()?;
+                (h.narrow(D::Minus1, 0, 3 * self.hidden)?, mlp)
+            }
+            Linear1::Split { qkv, mlp } => (
+                qkv.forward(&x_mod)?,
+                mlp.forward_act(&x_mod, Activation::GeluTanh)?,
+            ),
+        };
+        let (q, k, v) = joined_qkv(&[(&qkv, &self.q_norm, &self.k_norm)], self.heads, rope)?;
+        let attn = attention.run(&q, &k, &v)?;
+        let out = self.linear2.forward(&Tensor::cat(&[attn, mlp], 2)?)?;
         m[0].gated_add(x, &out)
     }
 }

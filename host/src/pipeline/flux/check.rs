@@ -9,8 +9,12 @@ use candle_transformers::models::flux::model::{Config, Flux};
 use candle_transformers::models::flux::sampling::State;
 
 use super::attention::{AttentionKernel, plain};
+use super::blocks::joined_qkv;
 use super::embed::RopeTable;
-use super::layers::{Dense, WeightFormat};
+use super::layers::{
+    Activation, Dense, GemmKernel, Modulation, PlainLayerNorm, Projections, ScaledRmsNorm,
+    WeightFormat,
+};
 use super::model::{FluxModel, ModelOptions};
 use crate::pipeline::random_weights::RandomWeights;
 use crate::pipeline::rng::Rng;
@@ -83,6 +87,20 @@ pub fn run(
     shape: &CheckShape,
     kernel: AttentionKernel,
 ) -> Result<Vec<CheckResult>> {
+    let mut out = Vec::new();
+    run_into(device, dtype, shape, kernel, &mut out)?;
+    Ok(out)
+}
+
+/// [`run`], appending each comparison to `out` as it completes, so a failing op leaves the
+/// results before it for the report.
+pub fn run_into(
+    device: &Device,
+    dtype: DType,
+    shape: &CheckShape,
+    kernel: AttentionKernel,
+    out: &mut Vec<CheckResult>,
+) -> Result<()> {
     let tolerance = if dtype == DType::F32 {
         1e-4
     } else {
@@ -95,7 +113,6 @@ pub fn run(
     let tokens = shape.text_tokens + gh * gw;
     let heads = cfg.num_heads;
     let head_dim = cfg.hidden_size / heads;
-    let mut out = Vec::new();
 
     // Attention: the configured kernel against matmul-softmax-matmul in f32.
     let qkv: Vec<Tensor> = (0..3)
@@ -107,6 +124,10 @@ pub fn run(
     let reference = plain(&qkv[0], &qkv[1], &qkv[2])?;
     let name = format!("attention_{}", attention.name());
     out.push(compare(&name, &fast, &reference, tolerance)?);
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && dtype == DType::BF16 && head_dim == super::flash_cuda::HEAD_DIM {
+        cuda_kernels(&qkv, &reference, tolerance, out)?;
+    }
 
     // Norms: candle's fused kernels against the formula in plain ops.
     let x = randn(&[1, tokens, cfg.hidden_size])?;
@@ -126,6 +147,36 @@ pub fn run(
         .broadcast_mul(&scale)?;
     out.push(compare("rms_norm", &fast, &reference, tolerance)?);
 
+    // adaLN: LayerNorm with the modulation's scale and shift, and the gated residual (one
+    // kernel each on CUDA in bf16), against the same formulas in f32. The rows are views into
+    // one projection output, as the modulator makes them.
+    let rows = (randn(&[1, 1, 3 * cfg.hidden_size])? * 0.5)?;
+    let modulation = |dtype: DType| -> Result<(Modulation, PlainLayerNorm)> {
+        let rows = rows.to_dtype(dtype)?;
+        let part = |i: usize| rows.narrow(2, i * cfg.hidden_size, cfg.hidden_size);
+        let norm = PlainLayerNorm::new(cfg.hidden_size, &VarBuilder::zeros(dtype, device))?;
+        Ok((Modulation::from_parts(part(0)?, part(1)?, part(2)?), norm))
+    };
+    let ((fast_mod, fast_norm), (plain_mod, plain_norm)) =
+        (modulation(dtype)?, modulation(DType::F32)?);
+    let update = randn(&[1, tokens, cfg.hidden_size])?;
+    let fast = fast_mod.norm_scale_shift(&fast_norm, &cast(&x)?)?;
+    let reference = plain_mod.norm_scale_shift(&plain_norm, &x)?;
+    out.push(compare(
+        "adaln_norm_modulate",
+        &fast,
+        &reference,
+        tolerance,
+    )?);
+    let fast = fast_mod.gated_add(&cast(&x)?, &cast(&update)?)?;
+    let reference = plain_mod.gated_add(&x, &update)?;
+    out.push(compare(
+        "adaln_gated_residual",
+        &fast,
+        &reference,
+        tolerance,
+    )?);
+
     // Rotary embedding: our f32 table fed ids in the run dtype (as the sampler builds them)
     // against the same rotation with f32 ids.
     let noise = Tensor::zeros((1, 16, gh * 2, gw * 2), DType::F32, device)?;
@@ -143,6 +194,50 @@ pub fn run(
         RopeTable::new(&ids_cat(&ids32)?, &cfg.axes_dim, cfg.theta as f64)?.apply(&q)?;
     out.push(compare("rope", &fast, &reference, tolerance)?);
 
+    // Queries and keys of a double block: text and image projections joined, normalised with
+    // each stream's own scales and rotated (on CUDA in bf16, one kernel each for q and k),
+    // against the same steps in f32.
+    let table = RopeTable::new(&ids_cat(&ids32)?, &cfg.axes_dim, cfg.theta as f64)?;
+    let projections = [
+        randn(&[1, shape.text_tokens, 3 * cfg.hidden_size])?,
+        randn(&[1, gh * gw, 3 * cfg.hidden_size])?,
+    ];
+    let scales = (0..4)
+        .map(|_| randn(&[head_dim])?.affine(0.1, 1.0))
+        .collect::<Result<Vec<_>>>()?;
+    let norm = |i: usize, dtype: DType| {
+        let tensors = [("scale".to_string(), scales[i].clone())]
+            .into_iter()
+            .collect();
+        ScaledRmsNorm::new(head_dim, VarBuilder::from_tensors(tensors, dtype, device))
+    };
+    let (fast_norms, plain_norms) = (
+        (0..4).map(|i| norm(i, dtype)).collect::<Result<Vec<_>>>()?,
+        (0..4)
+            .map(|i| norm(i, DType::F32))
+            .collect::<Result<Vec<_>>>()?,
+    );
+    let fast_in = [cast(&projections[0])?, cast(&projections[1])?];
+    let fast = joined_qkv(
+        &[
+            (&fast_in[0], &fast_norms[0], &fast_norms[1]),
+            (&fast_in[1], &fast_norms[2], &fast_norms[3]),
+        ],
+        heads,
+        &table,
+    )?;
+    let reference = joined_qkv(
+        &[
+            (&projections[0], &plain_norms[0], &plain_norms[1]),
+            (&projections[1], &plain_norms[2], &plain_norms[3]),
+        ],
+        heads,
+        &table,
+    )?;
+    out.push(compare("norm_rope_q", &fast.0, &reference.0, tolerance)?);
+    out.push(compare("norm_rope_k", &fast.1, &reference.1, tolerance)?);
+    out.push(compare("joined_v", &fast.2, &reference.2, tolerance)?);
+
     // Whole model, one block of each kind at full width: ours in the run dtype against
     // candle's stock module in f32, same weights.
     let mut small = cfg.clone();
@@ -158,6 +253,7 @@ pub fn run(
         let options = ModelOptions {
             attention: kernel,
             weights,
+            ..ModelOptions::default()
         };
         FluxModel::with_options(
             &small,
@@ -191,21 +287,62 @@ pub fn run(
     let fp8 = load(WeightFormat::Fp8)?;
     let fast8 = fp8.forward(&s.img, &s.img_ids, &s.txt, &s.txt_ids, &t, &s.vec, g)?;
     out.push(compare("model_fp8_vs_full", &fast8, &fast, FP8_TOLERANCE)?);
-    let x = cast(&randn(&[1, tokens, cfg.hidden_size])?)?;
+    // One projection with bias: FP8 weights (on CUDA the FP8 GEMM, activations quantized too)
+    // against full precision in the run dtype; then the model's GEMM path (on CUDA in bf16 the
+    // cuBLASLt epilogue), with bias and with bias then GELU, against matmul, add and GELU as
+    // separate f32 ops.
     let w = (randn(&[4 * cfg.hidden_size, cfg.hidden_size])? / (cfg.hidden_size as f64).sqrt())?;
-    let dense = |format| {
-        let weights = [("weight".to_string(), w.clone())].into_iter().collect();
-        let vb = VarBuilder::from_tensors(weights, dtype, device);
-        Dense::load(cfg.hidden_size, 4 * cfg.hidden_size, false, format, vb)?.forward(&x)
+    let b = randn(&[4 * cfg.hidden_size])?;
+    let x32 = randn(&[1, tokens, cfg.hidden_size])?;
+    let layer = |dtype: DType, format: WeightFormat, gemm: GemmKernel| {
+        let how = Projections { format, gemm };
+        Dense::from_parts(w.to_dtype(dtype)?, Some(b.to_dtype(dtype)?), how)
     };
-    let full = dense(WeightFormat::Full)?;
-    out.push(compare(
-        "fp8_linear_vs_full",
-        &dense(WeightFormat::Fp8)?,
-        &full,
-        FP8_TOLERANCE,
-    )?);
-    Ok(out)
+    let x = cast(&x32)?;
+    let full = layer(dtype, WeightFormat::Full, GemmKernel::Plain)?.forward(&x)?;
+    let fp8 = layer(dtype, WeightFormat::Fp8, GemmKernel::Auto)?.forward(&x)?;
+    out.push(compare("fp8_linear_vs_full", &fp8, &full, FP8_TOLERANCE)?);
+    let fast_layer = layer(dtype, WeightFormat::Full, GemmKernel::Auto)?;
+    let plain_layer = layer(DType::F32, WeightFormat::Full, GemmKernel::Plain)?;
+    for (name, act) in [
+        ("gemm_bias", Activation::Identity),
+        ("gemm_bias_gelu", Activation::GeluTanh),
+    ] {
+        let fast = fast_layer.forward_act(&x, act)?;
+        let reference = plain_layer.forward_act(&x32, act)?;
+        out.push(compare(name, &fast, &reference, tolerance)?);
+    }
+    Ok(())
+}
+
+/// Every CUDA attention kernel on the full token count, and again on a count that is no
+/// multiple of any block size, so the masked tail of the last key tile and the partial last
+/// query block are compared too.
+#[cfg(feature = "cuda")]
+fn cuda_kernels(
+    qkv: &[Tensor],
+    reference: &Tensor,
+    tolerance: f64,
+    out: &mut Vec<CheckResult>,
+) -> Result<()> {
+    use super::flash_cuda::{FlashKernel, attention_with};
+    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+    let tokens = qkv[0].dim(1)?;
+    let ragged = tokens.saturating_sub(37).max(1);
+    let cut: Vec<Tensor> = qkv
+        .iter()
+        .map(|t| t.narrow(1, 0, ragged))
+        .collect::<Result<_>>()?;
+    let cut_reference = plain(&cut[0], &cut[1], &cut[2])?;
+    for kernel in FlashKernel::ALL {
+        let fast = attention_with(kernel, &bf16(&qkv[0])?, &bf16(&qkv[1])?, &bf16(&qkv[2])?)?;
+        let name = format!("attention_cuda_{}", kernel.name());
+        out.push(compare(&name, &fast, reference, tolerance)?);
+        let fast = attention_with(kernel, &bf16(&cut[0])?, &bf16(&cut[1])?, &bf16(&cut[2])?)?;
+        let name = format!("attention_cuda_{}_{ragged}_tokens", kernel.name());
+        out.push(compare(&name, &fast, &cut_reference, tolerance)?);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -232,10 +369,17 @@ mod tests {
                         "attention_fused-cpu",
                         "layer_norm",
                         "rms_norm",
+                        "adaln_norm_modulate",
+                        "adaln_gated_residual",
                         "rope",
+                        "norm_rope_q",
+                        "norm_rope_k",
+                        "joined_v",
                         "model_vs_stock_f32",
                         "model_fp8_vs_full",
-                        "fp8_linear_vs_full"
+                        "fp8_linear_vs_full",
+                        "gemm_bias",
+                        "gemm_bias_gelu"
                     ]
                 );
                 for r in &results {

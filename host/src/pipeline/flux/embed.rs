@@ -48,6 +48,11 @@ impl RopeTable {
         })
     }
 
+    /// The cos and sin tables, f32 `(batch, tokens, 1, head_dim / 2, 1)`, for fused kernels.
+    pub fn cos_sin(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Tokens the table covers.
     pub fn tokens(&self) -> usize {
         self.cos.dims().get(1).copied().unwrap_or(0)

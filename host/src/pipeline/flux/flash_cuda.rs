@@ -6,6 +6,7 @@
 //! `(batch, tokens, heads·head_dim)` without a copy.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -14,10 +15,107 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// PTX of `flash_attn.cu` for the compute capability the build targeted.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
-/// Query rows per thread block (4 warps × 16), as in the kernel.
-const BLOCK_Q: usize = 64;
-/// Head dimension the kernel is written for.
+/// Head dimension the kernels are written for.
 pub const HEAD_DIM: usize = 128;
+/// Dynamic shared memory of the pipelined kernels: two stages of a K and a V tile, 64 keys ×
+/// 136 bf16 (128 plus 8 of padding) each.
+const PIPELINE_SMEM_BYTES: u32 = 2 * 2 * 64 * 136 * 2;
+/// The wide kernels add the block's 128-row Q tile.
+const WIDE_SMEM_BYTES: u32 = PIPELINE_SMEM_BYTES + 128 * 136 * 2;
+
+/// The kernels of `flash_attn.cu`. All compute the same thing; they differ in how K and V
+/// reach the tensor cores, and `headshot bench gpu --ops` times each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// 4 warps, synchronous tile loads, scalar shared-memory fragment loads.
+    Simple,
+    /// 4 warps (64 query rows), cp.async double buffering, ldmatrix fragments.
+    Pipelined4,
+    /// 8 warps (128 query rows) sharing each K/V tile; otherwise as `Pipelined4`.
+    Pipelined8,
+    /// 4 warps × 32 query rows (the flash-attention-2 layout): each K/V fragment feeds two
+    /// row tiles; Q waits in shared memory.
+    Wide,
+    /// `Wide`, taking 32 keys of each tile at a time (fewer registers, no spills).
+    Wide32,
+}
+
+impl FlashKernel {
+    /// Every kernel, for `--check` and `--ops`.
+    pub const ALL: [FlashKernel; 5] = [
+        Self::Simple,
+        Self::Pipelined4,
+        Self::Pipelined8,
+        Self::Wide,
+        Self::Wide32,
+    ];
+    /// The kernel the model runs unless `HEADSHOT_FLASH_KERNEL` names another.
+    pub const DEFAULT: FlashKernel = Self::Wide32;
+
+    /// The model's kernel: `HEADSHOT_FLASH_KERNEL` (a [`FlashKernel::name`], read once; a
+    /// benchmarking knob for comparing whole steps) or [`FlashKernel::DEFAULT`].
+    pub fn selected() -> Result<FlashKernel> {
+        static SELECTED: std::sync::OnceLock<std::result::Result<FlashKernel, String>> =
+            std::sync::OnceLock::new();
+        SELECTED
+            .get_or_init(|| match std::env::var("HEADSHOT_FLASH_KERNEL") {
+                Err(_) => Ok(Self::DEFAULT),
+                Ok(name) => Self::ALL
+                    .into_iter()
+                    .find(|k| k.name() == name)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                        format!("HEADSHOT_FLASH_KERNEL={name:?} is none of {names:?}")
+                    }),
+            })
+            .clone()
+            .map_err(candle_core::Error::Msg)
+    }
+
+    /// Short name for check and bench output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Simple => "simple",
+            Self::Pipelined4 => "pipe4",
+            Self::Pipelined8 => "pipe8",
+            Self::Wide => "wide",
+            Self::Wide32 => "wide32",
+        }
+    }
+
+    fn entry(self) -> &'static str {
+        match self {
+            Self::Simple => "headshot_flash_attn_bf16_d128",
+            Self::Pipelined4 => "headshot_flash_attn_pipe4_bf16_d128",
+            Self::Pipelined8 => "headshot_flash_attn_pipe8_bf16_d128",
+            Self::Wide => "headshot_flash_attn_wide_bf16_d128",
+            Self::Wide32 => "headshot_flash_attn_wide32_bf16_d128",
+        }
+    }
+
+    fn warps(self) -> usize {
+        match self {
+            Self::Simple | Self::Pipelined4 | Self::Wide | Self::Wide32 => 4,
+            Self::Pipelined8 => 8,
+        }
+    }
+
+    /// Query rows per block.
+    fn rows(self) -> usize {
+        match self {
+            Self::Simple | Self::Pipelined4 => 64,
+            Self::Pipelined8 | Self::Wide | Self::Wide32 => 128,
+        }
+    }
+
+    fn dynamic_smem(self) -> u32 {
+        match self {
+            Self::Simple => 0,
+            Self::Pipelined4 | Self::Pipelined8 => PIPELINE_SMEM_BYTES,
+            Self::Wide | Self::Wide32 => WIDE_SMEM_BYTES,
+        }
+    }
+}
 
 /// Whether the kernel handles these inputs.
 pub fn supports(q: &Tensor) -> bool {
@@ -26,10 +124,11 @@ pub fn supports(q: &Tensor) -> bool {
 
 struct FlashAttentionCuda {
     scale_log2: f32,
+    kernel: FlashKernel,
 }
 
 /// A fresh device buffer of the same element type as `_like`.
-fn alloc_like<T: DeviceRepr>(
+pub(super) fn alloc_like<T: DeviceRepr>(
     dev: &CudaDevice,
     _like: &CudaSlice<T>,
     len: usize,
@@ -90,15 +189,22 @@ impl CustomOp3 for FlashAttentionCuda {
         let (q, k, v) = (view(qs, l1)?, view(ks, l2)?, view(vs, l3)?);
         let dev = s1.device();
         let out = alloc_like(dev, qs, b * n * h * d)?;
-        let func = dev.get_or_load_custom_func(
-            "headshot_flash_attn_bf16_d128",
-            "headshot_flash_attn",
-            PTX,
-        )?;
+        let kernel = self.kernel;
+        let func = dev.get_or_load_custom_func(kernel.entry(), "headshot_flash_attn", PTX)?;
+        let smem = kernel.dynamic_smem();
+        if smem > 48 * 1024 {
+            // Above 48 KiB a kernel must opt in to its dynamic shared memory.
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .w()?;
+        }
+        let rows = kernel.rows();
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(BLOCK_Q) as u32, (b * h) as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: (n.div_ceil(rows) as u32, (b * h) as u32, 1),
+            block_dim: (32 * kernel.warps() as u32, 1, 1),
+            shared_mem_bytes: smem,
         };
         let mut builder = func.builder();
         builder.arg(&q);
@@ -121,11 +227,17 @@ impl CustomOp3 for FlashAttentionCuda {
 }
 
 /// Attention for bf16 CUDA tensors `(batch, tokens, heads, 128)` → `(batch, tokens,
-/// heads·128)`.
+/// heads·128)`, with the model's kernel.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    attention_with(FlashKernel::selected()?, q, k, v)
+}
+
+/// [`attention`] with a chosen kernel (check and bench compare them).
+pub fn attention_with(kernel: FlashKernel, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, n, h, d) = q.dims4()?;
     let op = FlashAttentionCuda {
         scale_log2: ((d as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32,
+        kernel,
     };
     q.contiguous()?
         .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?

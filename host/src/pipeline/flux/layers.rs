@@ -3,7 +3,7 @@
 //! Norms go through candle's fused kernels (`ops::layer_norm`, `ops::rms_norm`: one kernel
 //! each) where the stock module's bias-free LayerNorm falls back to eight separate ops.
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// Largest finite e4m3 value: per-tensor scales map each weight's max |w| onto it.
@@ -19,80 +19,245 @@ pub enum WeightFormat {
     Fp8,
 }
 
-/// A linear layer `y = x·Wᵀ + b` (`weight`, `bias`): the one place a quantized or fused GEMM
-/// slots in for every projection of the model.
+/// Which GEMM runs a projection (`model.gemm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GemmKernel {
+    /// On CUDA in bf16: cuBLASLt with the bias, and the MLP's GELU, fused into the GEMM's
+    /// epilogue. Elsewhere: `plain`.
+    #[default]
+    Auto,
+    /// candle's matmul, then the bias add and the activation as separate passes.
+    Plain,
+}
+
+impl std::str::FromStr for GemmKernel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "plain" => Ok(Self::Plain),
+            other => Err(format!(
+                "unknown gemm kernel {other:?}: expected \"auto\" or \"plain\""
+            )),
+        }
+    }
+}
+
+/// How the blocks' projections are stored and multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Projections {
+    /// Storage of the weight.
+    pub format: WeightFormat,
+    /// GEMM implementation.
+    pub gemm: GemmKernel,
+}
+
+impl From<WeightFormat> for Projections {
+    fn from(format: WeightFormat) -> Self {
+        Self {
+            format,
+            gemm: GemmKernel::default(),
+        }
+    }
+}
+
+/// The weight of a [`Dense`] layer as stored.
 #[derive(Debug, Clone)]
-pub enum Dense {
-    /// The checkpoint's weight in the activation dtype.
-    Full(candle_nn::Linear),
+enum Weight {
+    /// The checkpoint's values in the activation dtype.
+    Full(Tensor),
     /// e4m3 values with `values · scale ≈ weight`.
     Fp8 {
         /// The quantized weight (out × in).
         values: Tensor,
         /// Per-tensor scale.
         scale: f64,
-        /// Bias in the activation dtype.
-        bias: Option<Tensor>,
+        /// The same scale as one f32 on the weight's device (the FP8 GEMM reads it there).
+        #[cfg_attr(
+            not(feature = "cuda"),
+            expect(dead_code, reason = "read by the CUDA GEMM")
+        )]
+        scale_on_device: Tensor,
     },
+}
+
+/// Activation applied to a projection's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// None.
+    Identity,
+    /// GELU, tanh approximation (FLUX's MLPs).
+    GeluTanh,
+}
+
+/// A linear layer `y = x·Wᵀ + b` (`weight`, `bias`): the one place a quantized or fused GEMM
+/// slots in for every projection of the model.
+#[derive(Debug, Clone)]
+pub struct Dense {
+    weight: Weight,
+    bias: Option<Tensor>,
+    #[cfg_attr(
+        not(feature = "cuda"),
+        expect(dead_code, reason = "only CUDA has a second GEMM")
+    )]
+    gemm: GemmKernel,
 }
 
 impl Dense {
     /// Loads `weight` (out × in) and, when `bias`, `bias` (out), in full precision.
     pub fn new(input: usize, output: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        Self::load(input, output, bias, WeightFormat::Full, vb)
+        Self::load(input, output, bias, Projections::default(), vb)
     }
 
-    /// Loads the layer, quantizing the weight to `format`.
+    /// Loads the layer, quantizing the weight to `how.format`.
     pub fn load(
         input: usize,
         output: usize,
         bias: bool,
-        format: WeightFormat,
+        how: impl Into<Projections>,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let linear = candle_nn::linear_b(input, output, bias, vb)?;
-        Ok(match format {
-            WeightFormat::Full => Self::Full(linear),
+        let how = how.into();
+        let weight = vb.get((output, input), "weight")?;
+        let bias = if bias {
+            Some(vb.get(output, "bias")?)
+        } else {
+            None
+        };
+        Self::from_parts(weight, bias, how)
+    }
+
+    /// A layer from its tensors (the single block splits its fused projection this way).
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>, how: Projections) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if how.format == WeightFormat::Fp8 && weight.device().is_cuda() {
+            return Self::fp8_on_gpu(weight, bias, how);
+        }
+        let weight = match how.format {
+            WeightFormat::Full => Weight::Full(weight),
             WeightFormat::Fp8 => {
-                let (values, scale) = quantize_e4m3(linear.weight())?;
-                Self::Fp8 {
+                let (values, scale) = quantize_e4m3(&weight)?;
+                let scale_on_device = Tensor::new(&[scale as f32], weight.device())?;
+                Weight::Fp8 {
                     values,
                     scale,
-                    bias: linear.bias().cloned(),
+                    scale_on_device,
                 }
             }
+        };
+        Ok(Self {
+            weight,
+            bias,
+            gemm: how.gemm,
         })
     }
 
-    /// Applies the layer. FP8 weights are widened for the GEMM (e4m3 → f16 → activation dtype,
-    /// both exact) and the per-tensor scale is applied to the product, which is smaller than
-    /// the weight. This saves memory, not time: an FP8 tensor-core GEMM is the GPU fast path
-    /// still to come behind this seam.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Full(linear) => linear.forward(x),
-            Self::Fp8 {
+    /// FP8 weights on a GPU: quantized there, for the FP8 GEMM only (candle cannot widen e4m3
+    /// on CUDA, so there is no plain fallback). A missing bias becomes zeros, so every FP8
+    /// projection runs the same GEMM.
+    #[cfg(feature = "cuda")]
+    fn fp8_on_gpu(weight: Tensor, bias: Option<Tensor>, how: Projections) -> Result<Self> {
+        use super::gemm_cuda;
+        let (output, _) = weight.dims2()?;
+        if weight.dtype() != DType::BF16 || how.gemm != GemmKernel::Auto {
+            candle_core::bail!(
+                "FP8 weights on CUDA need bf16 activations (model.dtype) and model.gemm = \"auto\", \
+                 got {:?} and {:?}",
+                weight.dtype(),
+                how.gemm
+            );
+        }
+        let (values, scale, scale_on_device) = gemm_cuda::quantize_weight(&weight)?;
+        if !gemm_cuda::fp8_fits(&values) {
+            candle_core::bail!(
+                "the FP8 GEMM needs dimensions in multiples of 16, this weight is {:?}",
+                weight.dims()
+            );
+        }
+        let bias = match bias {
+            Some(b) => b,
+            None => Tensor::zeros(output, DType::BF16, weight.device())?,
+        };
+        Ok(Self {
+            weight: Weight::Fp8 {
                 values,
                 scale,
-                bias,
-            } => {
-                let w = values.to_dtype(DType::F16)?.to_dtype(x.dtype())?;
-                let y = candle_nn::Linear::new(w, None)
-                    .forward(x)?
-                    .affine(*scale, 0.0)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+                scale_on_device,
+            },
+            bias: Some(bias),
+            gemm: how.gemm,
+        })
+    }
+
+    /// Applies the layer.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Activation::Identity)
+    }
+
+    /// Applies the layer, then `act`. With `model.gemm = auto` on CUDA in bf16 the bias and
+    /// the activation run inside the GEMM (cuBLASLt epilogue), and FP8 weights multiply on
+    /// FP8 tensor cores (activations quantized per call, per-tensor scale). FP8 weights
+    /// elsewhere are widened for the GEMM (e4m3 → f16 → activation dtype, both exact) and the
+    /// per-tensor scale is applied to the product, which saves memory, not time.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.forward_cuda(x, act)? {
+            return Ok(y);
+        }
+        let y = match &self.weight {
+            Weight::Full(w) => x.broadcast_matmul(&w.t()?)?,
+            Weight::Fp8 { values, .. } if values.dtype() != DType::F8E4M3 => {
+                candle_core::bail!(
+                    "FP8 weights quantized on the GPU run only in its FP8 GEMM (bf16 input on \
+                     the same device), got {:?} input on {:?}",
+                    x.dtype(),
+                    x.device().location()
+                )
             }
+            Weight::Fp8 { values, scale, .. } => {
+                let w = values.to_dtype(DType::F16)?.to_dtype(x.dtype())?;
+                x.broadcast_matmul(&w.t()?)?.affine(*scale, 0.0)?
+            }
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match act {
+            Activation::Identity => Ok(y),
+            Activation::GeluTanh => y.gelu(),
+        }
+    }
+
+    /// The cuBLASLt path, where it applies.
+    #[cfg(feature = "cuda")]
+    fn forward_cuda(&self, x: &Tensor, act: Activation) -> Result<Option<Tensor>> {
+        use super::gemm_cuda;
+        if self.gemm != GemmKernel::Auto || !gemm_cuda::supports(x) {
+            return Ok(None);
+        }
+        let Some(b) = &self.bias else {
+            return Ok(None);
+        };
+        match &self.weight {
+            Weight::Full(w) => gemm_cuda::linear(x, w, b, act).map(Some),
+            Weight::Fp8 {
+                values,
+                scale_on_device,
+                ..
+            } if values.dtype() == DType::U8 => {
+                gemm_cuda::fp8_linear(x, values, scale_on_device, b, act).map(Some)
+            }
+            Weight::Fp8 { .. } => Ok(None),
         }
     }
 
     /// Bytes the weight occupies as stored.
     pub fn weight_bytes(&self) -> usize {
-        let w = match self {
-            Self::Full(linear) => linear.weight(),
-            Self::Fp8 { values, .. } => values,
+        let w = match &self.weight {
+            Weight::Full(w) => w,
+            Weight::Fp8 { values, .. } => values,
         };
         w.elem_count() * w.dtype().size_in_bytes()
     }
@@ -146,6 +311,11 @@ impl ScaledRmsNorm {
         })
     }
 
+    /// The learned scale (fused kernels apply it themselves).
+    pub fn scale(&self) -> &Tensor {
+        &self.scale
+    }
+
     /// Normalises the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale, 1e-6)
@@ -183,14 +353,32 @@ pub struct Modulation {
 }
 
 impl Modulation {
+    /// A modulation from its rows, each `(batch, 1, hidden)`.
+    pub fn from_parts(shift: Tensor, scale: Tensor, gate: Tensor) -> Self {
+        Self { shift, scale, gate }
+    }
+
     /// `x · (1 + scale) + shift`.
     pub fn scale_shift(&self, x: &Tensor) -> Result<Tensor> {
         x.broadcast_mul(&(&self.scale + 1.0)?)?
             .broadcast_add(&self.shift)
     }
 
-    /// `residual + gate · x`.
+    /// `norm(x) · (1 + scale) + shift`: one kernel on CUDA in bf16.
+    pub fn norm_scale_shift(&self, norm: &PlainLayerNorm, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::adaln_cuda::supports(x) {
+            return super::adaln_cuda::norm_modulate(x, &self.scale, &self.shift);
+        }
+        self.scale_shift(&norm.forward(x)?)
+    }
+
+    /// `residual + gate · x`: one kernel on CUDA in bf16.
     pub fn gated_add(&self, residual: &Tensor, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::adaln_cuda::supports(residual) {
+            return super::adaln_cuda::gated_residual(residual, x, &self.gate);
+        }
         residual + x.broadcast_mul(&self.gate)?
     }
 }
@@ -236,17 +424,18 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    /// Loads the two projections in `format`.
-    pub fn new(hidden: usize, inner: usize, format: WeightFormat, vb: VarBuilder) -> Result<Self> {
+    /// Loads the two projections as `how` says.
+    pub fn new(hidden: usize, inner: usize, how: Projections, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            lin1: Dense::load(hidden, inner, true, format, vb.pp("0"))?,
-            lin2: Dense::load(inner, hidden, true, format, vb.pp("2"))?,
+            lin1: Dense::load(hidden, inner, true, how, vb.pp("0"))?,
+            lin2: Dense::load(inner, hidden, true, how, vb.pp("2"))?,
         })
     }
 
     /// Applies the MLP.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.lin2.forward(&self.lin1.forward(x)?.gelu()?)
+        self.lin2
+            .forward(&self.lin1.forward_act(x, Activation::GeluTanh)?)
     }
 
     /// Bytes of the two projection weights.

@@ -1,6 +1,8 @@
 //! FLUX.1: the project's own transformer (model, blocks, layers, embeddings, attention) and
 //! the text-to-image pipeline that runs it.
 
+#[cfg(feature = "cuda")]
+pub mod adaln_cuda;
 pub mod attention;
 pub mod blocks;
 pub mod check;
@@ -8,8 +10,12 @@ pub mod embed;
 pub mod flash_cpu;
 #[cfg(feature = "cuda")]
 pub mod flash_cuda;
+#[cfg(feature = "cuda")]
+pub mod gemm_cuda;
 pub mod layers;
 pub mod model;
+#[cfg(feature = "cuda")]
+pub mod norm_rope_cuda;
 mod pipeline;
 
 pub use model::FluxModel;

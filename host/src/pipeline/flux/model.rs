@@ -12,8 +12,8 @@ use candle_transformers::models::flux::model::Config;
 use super::attention::{AttentionKernel, Resolved};
 use super::blocks::{DoubleBlock, SingleBlock};
 use super::embed::{RopeTable, timestep_embedding};
-use super::layers::WeightFormat;
 use super::layers::{Dense, FinalLayer, MlpEmbedder};
+use super::layers::{GemmKernel, Projections, WeightFormat};
 
 /// Width of the sinusoidal timestep/guidance embedding.
 const TIME_EMBED_DIM: usize = 256;
@@ -26,6 +26,8 @@ pub struct ModelOptions {
     /// Storage of the blocks' projection weights (`model.fp8`); the embedders, modulation and
     /// final layer stay in the activation dtype.
     pub weights: WeightFormat,
+    /// GEMM implementation of the blocks' projections (`model.gemm`).
+    pub gemm: GemmKernel,
 }
 
 impl ModelOptions {
@@ -38,6 +40,14 @@ impl ModelOptions {
             } else {
                 WeightFormat::Full
             },
+            gemm: GemmKernel::default(),
+        }
+    }
+
+    fn projections(&self) -> Projections {
+        Projections {
+            format: self.weights,
+            gemm: self.gemm,
         }
     }
 }
@@ -91,10 +101,10 @@ impl FluxModel {
                 .then(|| MlpEmbedder::new(TIME_EMBED_DIM, h, vb.pp("guidance_in")))
                 .transpose()?,
             double_blocks: (0..cfg.depth)
-                .map(|i| DoubleBlock::new(cfg, options.weights, double.pp(i)))
+                .map(|i| DoubleBlock::new(cfg, options.projections(), double.pp(i)))
                 .collect::<Result<_>>()?,
             single_blocks: (0..cfg.depth_single_blocks)
-                .map(|i| SingleBlock::new(cfg, options.weights, single.pp(i)))
+                .map(|i| SingleBlock::new(cfg, options.projections(), single.pp(i)))
                 .collect::<Result<_>>()?,
             final_layer: FinalLayer::new(h, cfg.in_channels, vb.pp("final_layer"))?,
             axes_dim: cfg.axes_dim.clone(),

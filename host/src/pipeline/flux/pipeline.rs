@@ -11,6 +11,7 @@ use candle_transformers::models::flux::sampling;
 use serde::Serialize;
 
 use super::attention::AttentionKernel;
+use super::layers::GemmKernel;
 use super::model::{FluxModel, ModelOptions};
 use crate::config::Config;
 use crate::pipeline::cache::LruCache;
@@ -54,6 +55,8 @@ pub struct LoadOptions {
     pub attention: AttentionKernel,
     /// FP8 weights for the transformer blocks' projections.
     pub fp8: bool,
+    /// GEMM implementation of the blocks' projections.
+    pub gemm: GemmKernel,
 }
 
 impl LoadOptions {
@@ -72,6 +75,7 @@ impl LoadOptions {
             load_backoff: Duration::from_millis(m.load_backoff_ms),
             attention: m.attention,
             fp8: m.fp8,
+            gemm: m.gemm,
         }
     }
 }
@@ -208,7 +212,10 @@ impl FluxPipeline {
         }
         let mut tf_status = ComponentStatus::of("transformer", &tf, dtype);
         let transformer = tf.build("FLUX transformer", dtype, &device, |vb| {
-            let options = ModelOptions::new(opts.attention, opts.fp8);
+            let options = ModelOptions {
+                gemm: opts.gemm,
+                ..ModelOptions::new(opts.attention, opts.fp8)
+            };
             FluxModel::with_options(&tf_cfg, vb, options)
         })?;
         if opts.fp8 {

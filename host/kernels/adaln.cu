@@ -1,0 +1,101 @@
+// adaLN for FLUX blocks on bf16 activations, the two elementwise steps around every
+// attention and MLP sub-layer, each one pass over memory:
+//   norm_modulate:     y = LayerNorm(x) · (1 + scale) + shift   (LayerNorm without weights)
+//   gated_residual:    y = residual + gate · x
+// scale, shift and gate are one row of `hidden` values per batch element (views into the
+// modulation projection's output, `vec_batch` apart). With candle ops each step is two or
+// three broadcast kernels, which run far below memory bandwidth.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define ADALN_THREADS 256
+// Pairs of values per thread: rows up to 2 · 8 · 256 = 4096 wide.
+#define ADALN_PAIRS 8
+
+__device__ __forceinline__ float block_sum(float v, float *scratch) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, off);
+    }
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    __syncthreads(); // scratch may still be read from the previous reduction
+    if (lane == 0) {
+        scratch[warp] = v;
+    }
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < ADALN_THREADS / 32; ++w) {
+        total += scratch[w];
+    }
+    return total;
+}
+
+// grid (rows, batch), block 256: one row of `hidden` (even, ≤ 4096) values per block.
+extern "C" __global__ void __launch_bounds__(ADALN_THREADS)
+    headshot_norm_modulate_bf16(const __nv_bfloat16 *__restrict__ x,
+                                const __nv_bfloat16 *__restrict__ scale,
+                                const __nv_bfloat16 *__restrict__ shift, long long vec_batch,
+                                __nv_bfloat16 *__restrict__ y, int rows, int hidden, float eps) {
+    __shared__ float scratch[ADALN_THREADS / 32];
+    const int pairs = hidden / 2;
+    const long long row = (long long)blockIdx.y * rows + blockIdx.x;
+    const __nv_bfloat162 *xr = reinterpret_cast<const __nv_bfloat162 *>(x + row * hidden);
+    float2 v[ADALN_PAIRS];
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < ADALN_PAIRS; ++k) {
+        const int p = threadIdx.x + k * ADALN_THREADS;
+        v[k] = p < pairs ? __bfloat1622float2(xr[p]) : make_float2(0.f, 0.f);
+        sum += v[k].x + v[k].y;
+    }
+    const float mean = block_sum(sum, scratch) / hidden;
+    float sq = 0.f;
+#pragma unroll
+    for (int k = 0; k < ADALN_PAIRS; ++k) {
+        const int p = threadIdx.x + k * ADALN_THREADS;
+        if (p < pairs) {
+            const float a = v[k].x - mean, b = v[k].y - mean;
+            sq += a * a + b * b;
+        }
+    }
+    const float rstd = rsqrtf(block_sum(sq, scratch) / hidden + eps);
+    const __nv_bfloat162 *sc = reinterpret_cast<const __nv_bfloat162 *>(scale + blockIdx.y * vec_batch);
+    const __nv_bfloat162 *sh = reinterpret_cast<const __nv_bfloat162 *>(shift + blockIdx.y * vec_batch);
+    __nv_bfloat162 *yr = reinterpret_cast<__nv_bfloat162 *>(y + row * hidden);
+#pragma unroll
+    for (int k = 0; k < ADALN_PAIRS; ++k) {
+        const int p = threadIdx.x + k * ADALN_THREADS;
+        if (p < pairs) {
+            const float2 s = __bfloat1622float2(sc[p]);
+            const float2 t = __bfloat1622float2(sh[p]);
+            yr[p] = __floats2bfloat162_rn((v[k].x - mean) * rstd * (1.f + s.x) + t.x,
+                                          (v[k].y - mean) * rstd * (1.f + s.y) + t.y);
+        }
+    }
+}
+
+// Grid-stride over value pairs of (batch, rows, hidden); hidden even.
+extern "C" __global__ void __launch_bounds__(ADALN_THREADS)
+    headshot_gated_residual_bf16(const __nv_bfloat16 *__restrict__ residual,
+                                 const __nv_bfloat16 *__restrict__ x,
+                                 const __nv_bfloat16 *__restrict__ gate, long long vec_batch,
+                                 __nv_bfloat16 *__restrict__ y, long long rows, int hidden) {
+    const long long pairs_per_row = hidden / 2;
+    const long long pairs_per_batch = rows * pairs_per_row;
+    const __nv_bfloat162 *r2 = reinterpret_cast<const __nv_bfloat162 *>(residual);
+    const __nv_bfloat162 *x2 = reinterpret_cast<const __nv_bfloat162 *>(x);
+    __nv_bfloat162 *y2 = reinterpret_cast<__nv_bfloat162 *>(y);
+    const long long b = blockIdx.y;
+    const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162 *>(gate + b * vec_batch);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs_per_batch;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long at = b * pairs_per_batch + i;
+        const float2 r = __bfloat1622float2(r2[at]);
+        const float2 v = __bfloat1622float2(x2[at]);
+        const float2 g = __bfloat1622float2(g2[i % pairs_per_row]);
+        y2[at] = __floats2bfloat162_rn(r.x + g.x * v.x, r.y + g.y * v.y);
+    }
+}

@@ -1,0 +1,283 @@
+//! `headshot bench gpu --ops`: the model's building blocks one at a time, at the shapes one
+//! forward pass runs them (one image, text and image tokens joined), so a step's time can be
+//! split into attention, GEMMs and the memory-bound ops around them. Each figure prints as a
+//! `RESULT op_…` line plus its rate: TFLOP/s for GEMMs and attention, GB/s of tensor traffic
+//! for the rest.
+
+use std::io::Write;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::flux::model::Config as FluxConfig;
+
+use super::{BenchError, GpuBenchOptions, timed_samples};
+use crate::pipeline::flux::attention;
+use crate::pipeline::flux::blocks::joined_qkv;
+use crate::pipeline::flux::layers::{
+    Activation, Dense, GemmKernel, Modulation, PlainLayerNorm, Projections, ScaledRmsNorm,
+    WeightFormat,
+};
+use crate::pipeline::rng::Rng;
+
+/// Times every op; `opts.warmup` / `opts.iters` runs each.
+pub(super) fn run(
+    opts: &GpuBenchOptions,
+    device: &Device,
+    dtype: DType,
+    cfg: &FluxConfig,
+    out: &mut dyn Write,
+) -> Result<(), BenchError> {
+    let tokens = opts.txt_len + (opts.height / 16) * (opts.width / 16);
+    let hidden = cfg.hidden_size;
+    let heads = cfg.num_heads;
+    let head_dim = hidden / heads;
+    let mlp = (hidden as f64 * cfg.mlp_ratio) as usize;
+    let mut rng = Rng::new(5);
+    let mut randn = |dims: &[usize]| -> candle_core::Result<Tensor> {
+        rng.normal_tensor(dims, device)?.to_dtype(dtype)
+    };
+    let bytes = dtype.size_in_bytes() as f64;
+    let time = |out: &mut dyn Write,
+                name: &str,
+                work: Work,
+                f: &dyn Fn() -> candle_core::Result<Tensor>|
+     -> Result<(), BenchError> {
+        let label = format!("op_{name}");
+        let (_, mut samples) = timed_samples(device, opts.warmup, opts.iters, out, &label, f)?;
+        let median = median_ms(&mut samples);
+        let (rate, unit) = match work {
+            Work::Flop(f) => (f / median / 1e9, "TFLOP/s"),
+            Work::Bytes(b) => (b / median / 1e6, "GB/s"),
+        };
+        writeln!(out, "RATE op_{name}: {} {unit}", readable(rate))?;
+        Ok(())
+    };
+
+    // Attention over all tokens.
+    let q = randn(&[1, tokens, heads, head_dim])?;
+    let k = randn(&[1, tokens, heads, head_dim])?;
+    let v = randn(&[1, tokens, heads, head_dim])?;
+    let attn_flop = 4.0 * (tokens * tokens * head_dim * heads) as f64;
+    time(out, "attention_plain", Work::Flop(attn_flop), &|| {
+        attention::plain(&q, &k, &v)
+    })?;
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && dtype == DType::BF16 {
+        use crate::pipeline::flux::flash_cuda::{FlashKernel, attention_with};
+        for kernel in FlashKernel::ALL {
+            let name = format!("attention_{}", kernel.name());
+            time(out, &name, Work::Flop(attn_flop), &|| {
+                attention_with(kernel, &q, &k, &v)
+            })?;
+        }
+    }
+    drop((q, k, v));
+
+    // The GEMMs of one double block (per stream, all tokens) and one single block.
+    let x = randn(&[1, tokens, hidden])?;
+    let wide = randn(&[1, tokens, mlp])?;
+    let gemms: [(&str, &Tensor, usize); 4] = [
+        ("qkv", &x, 3 * hidden),
+        ("mlp_up", &x, mlp),
+        ("mlp_down", &wide, hidden),
+        ("single_linear1", &x, 3 * hidden + mlp),
+    ];
+    for (name, input, output) in gemms {
+        let inner = input.dim(2)?;
+        let flop = 2.0 * (tokens * inner * output) as f64;
+        let w = (randn(&[output, inner])? / (inner as f64).sqrt())?;
+        let b = randn(&[output])?;
+        let variants = [
+            ("_bias", WeightFormat::Full, GemmKernel::Auto),
+            ("_bias_plain", WeightFormat::Full, GemmKernel::Plain),
+            ("_bias_fp8", WeightFormat::Fp8, GemmKernel::Auto),
+        ];
+        for (tag, format, gemm) in variants {
+            let dense =
+                Dense::from_parts(w.clone(), Some(b.clone()), Projections { format, gemm })?;
+            time(out, &format!("{name}{tag}"), Work::Flop(flop), &|| {
+                dense.forward(input)
+            })?;
+            if name == "mlp_up" && format == WeightFormat::Full {
+                let label = format!("{name}{tag}_gelu");
+                time(out, &label, Work::Flop(flop), &|| {
+                    dense.forward_act(input, Activation::GeluTanh)
+                })?;
+            }
+        }
+        let wt = w.t()?;
+        time(out, &format!("{name}_matmul"), Work::Flop(flop), &|| {
+            input.broadcast_matmul(&wt)
+        })?;
+    }
+
+    // Memory-bound ops, rated by the bytes they must move at least (read + write once).
+    let n_x = (tokens * hidden) as f64 * bytes;
+    let n_wide = (tokens * mlp) as f64 * bytes;
+    let ones = Tensor::ones(hidden, dtype, device)?;
+    let zeros = Tensor::zeros(hidden, dtype, device)?;
+    time(out, "layer_norm", Work::Bytes(2.0 * n_x), &|| {
+        candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-6)
+    })?;
+    let per_head = x.reshape((1, tokens, heads, head_dim))?;
+    let scale = Tensor::ones(head_dim, dtype, device)?;
+    time(out, "rms_norm", Work::Bytes(2.0 * n_x), &|| {
+        candle_nn::ops::rms_norm(&per_head, &scale, 1e-6)
+    })?;
+    let shift = randn(&[1, 1, hidden])?;
+    let factor = randn(&[1, 1, hidden])?;
+    time(out, "modulate", Work::Bytes(2.0 * n_x), &|| {
+        x.broadcast_mul(&(&factor + 1.0)?)?.broadcast_add(&shift)
+    })?;
+    time(out, "gated_add", Work::Bytes(3.0 * n_x), &|| {
+        &x + x.broadcast_mul(&factor)?
+    })?;
+    // The model's adaLN path (one kernel each on CUDA in bf16) for the same two steps.
+    let norm = PlainLayerNorm::new(hidden, &VarBuilder::zeros(dtype, device))?;
+    let modulation = Modulation::from_parts(shift.clone(), factor.clone(), factor.clone());
+    time(out, "adaln_norm_modulate", Work::Bytes(2.0 * n_x), &|| {
+        modulation.norm_scale_shift(&norm, &x)
+    })?;
+    time(out, "adaln_gated_residual", Work::Bytes(3.0 * n_x), &|| {
+        modulation.gated_add(&x, &x)
+    })?;
+    time(out, "gelu", Work::Bytes(2.0 * n_wide), &|| wide.gelu())?;
+    time(out, "cat_tokens", Work::Bytes(2.0 * n_x), &|| {
+        let half = tokens / 2;
+        Tensor::cat(
+            &[x.narrow(1, 0, half)?, x.narrow(1, half, tokens - half)?],
+            1,
+        )
+    })?;
+    let ids = Tensor::arange(0u32, (tokens * 3) as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((1, tokens, 3))?;
+    let rope = crate::pipeline::flux::embed::RopeTable::new(&ids, &cfg.axes_dim, cfg.theta as f64)?;
+    time(out, "rope", Work::Bytes(2.0 * n_x), &|| {
+        rope.apply(&per_head)
+    })?;
+
+    // Queries, keys and values of a single block from its projection: the model's path (one
+    // fused kernel each for q and k on CUDA) and the same steps as separate ops.
+    let qkv = randn(&[1, tokens, 3 * hidden])?;
+    let norm_vb = |name: &str| {
+        let tensors = [(
+            format!("{name}.scale"),
+            Tensor::ones(head_dim, dtype, device)?,
+        )];
+        Ok::<_, candle_core::Error>(VarBuilder::from_tensors(
+            tensors.into_iter().collect(),
+            dtype,
+            device,
+        ))
+    };
+    let q_norm = ScaledRmsNorm::new(head_dim, norm_vb("q")?.pp("q"))?;
+    let k_norm = ScaledRmsNorm::new(head_dim, norm_vb("k")?.pp("k"))?;
+    time(out, "qkv_prepare", Work::Bytes(6.0 * n_x), &|| {
+        let (q, k, v) = joined_qkv(&[(&qkv, &q_norm, &k_norm)], heads, &rope)?;
+        drop((k, v.contiguous()?));
+        Ok(q)
+    })?;
+    time(out, "qkv_prepare_plain", Work::Bytes(6.0 * n_x), &|| {
+        let parts = qkv.reshape((1, tokens, 3, heads, head_dim))?;
+        let part = |i: usize| parts.narrow(2, i, 1)?.squeeze(2);
+        let q = rope.apply(&q_norm.forward(&part(0)?)?)?;
+        let k = rope.apply(&k_norm.forward(&part(1)?)?)?;
+        drop((k, part(2)?.contiguous()?));
+        Ok(q)
+    })?;
+    drop((x, wide, qkv));
+    if !opts.skip_vae {
+        vae_ops(opts, device, dtype, out, &time)?;
+    }
+    Ok(())
+}
+
+type TimeFn<'a> = dyn Fn(
+        &mut dyn Write,
+        &str,
+        Work,
+        &dyn Fn() -> candle_core::Result<Tensor>,
+    ) -> Result<(), BenchError>
+    + 'a;
+
+/// The autoencoder decoder's ops at each of its four resolutions (latent ×1, ×2, ×4, ×8 with
+/// 512, 512, 256, 128 channels): 3×3 convolution, group norm (32 groups), SiLU, nearest
+/// upsampling.
+fn vae_ops(
+    opts: &GpuBenchOptions,
+    device: &Device,
+    dtype: DType,
+    out: &mut dyn Write,
+    time: &TimeFn,
+) -> Result<(), BenchError> {
+    let mut rng = Rng::new(6);
+    let mut randn = |dims: &[usize]| -> candle_core::Result<Tensor> {
+        rng.normal_tensor(dims, device)?.to_dtype(dtype)
+    };
+    let bytes = dtype.size_in_bytes() as f64;
+    let (lh, lw) = (opts.height / 8, opts.width / 8);
+    for (level, ch) in [(1usize, 512usize), (2, 512), (4, 256), (8, 128)] {
+        let (h, w) = (lh * level, lw * level);
+        let x = randn(&[1, ch, h, w])?;
+        let weight = (randn(&[ch, ch, 3, 3])? / ((9 * ch) as f64).sqrt())?;
+        let flop = 2.0 * (ch * ch * 9 * h * w) as f64;
+        let tag = format!("{ch}x{h}x{w}");
+        time(out, &format!("vae_conv_{tag}"), Work::Flop(flop), &|| {
+            x.conv2d(&weight, 1, 1, 1, 1)
+        })?;
+        let gn = candle_nn::GroupNorm::new(
+            Tensor::ones(ch, dtype, device)?,
+            Tensor::zeros(ch, dtype, device)?,
+            ch,
+            32,
+            1e-6,
+        )?;
+        let n = (ch * h * w) as f64 * bytes;
+        time(
+            out,
+            &format!("vae_group_norm_{tag}"),
+            Work::Bytes(2.0 * n),
+            &|| candle_core::Module::forward(&gn, &x),
+        )?;
+        time(
+            out,
+            &format!("vae_silu_{tag}"),
+            Work::Bytes(2.0 * n),
+            &|| x.silu(),
+        )?;
+        if level < 8 {
+            time(
+                out,
+                &format!("vae_upsample_{tag}"),
+                Work::Bytes(5.0 * n),
+                &|| x.upsample_nearest2d(2 * h, 2 * w),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// What an op must do at least, for its rate.
+#[derive(Clone, Copy)]
+enum Work {
+    /// Floating-point operations.
+    Flop(f64),
+    /// Bytes read plus written.
+    Bytes(f64),
+}
+
+/// One decimal where that shows the value, scientific notation where it would round to 0
+/// (tiny CPU shapes).
+fn readable(x: f64) -> String {
+    if x >= 1.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.3e}")
+    }
+}
+
+fn median_ms(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
+}

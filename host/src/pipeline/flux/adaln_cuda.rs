@@ -1,0 +1,209 @@
+//! adaLN on CUDA (`host/kernels/adaln.cu`): LayerNorm with the modulation's scale and shift in
+//! one pass, and the gated residual add in one pass. candle's broadcast multiply and add over
+//! `(batch, tokens, hidden)` by a `(batch, 1, hidden)` row run an order of magnitude below
+//! memory bandwidth on an H100 (`headshot bench gpu --ops`: `modulate`, `gated_add`), and each
+//! FLUX block runs these steps two to four times per stream.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::flash_cuda::alloc_like;
+
+/// PTX of `adaln.cu`.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adaln.ptx"));
+/// Threads per block, as in the kernels.
+const THREADS: usize = 256;
+/// Widest row the norm kernel holds in registers (2 values × 8 pairs × 256 threads).
+const MAX_HIDDEN: usize = 4096;
+/// LayerNorm epsilon of FLUX's adaLN norms.
+const EPS: f32 = 1e-6;
+
+/// Whether the kernels take activations `x` `(batch, tokens, hidden)`.
+pub fn supports(x: &Tensor) -> bool {
+    x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && x.dims3()
+            .is_ok_and(|(_, _, h)| h.is_multiple_of(2) && h <= MAX_HIDDEN)
+}
+
+/// The bf16 slice of an activation, contiguous from its start.
+fn activation<'a, T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    s: &'a CudaSlice<T>,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) if start.is_multiple_of(2) => Ok(s.slice(start..end)),
+        _ => candle_core::bail!("adaLN wants a contiguous, 4-byte aligned {what}"),
+    }
+}
+
+/// A `(batch, 1, hidden)` modulation row: its slice from the first batch's row on, and the
+/// distance between batches.
+fn modulation<'a, T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    s: &'a CudaSlice<T>,
+    l: &Layout,
+    batch: usize,
+    hidden: usize,
+) -> Result<(CudaView<'a, T>, i64)> {
+    let dims = l.shape().dims();
+    let stride = l.stride();
+    if dims != [batch, 1, hidden] || stride[2] != 1 || !l.start_offset().is_multiple_of(2) {
+        candle_core::bail!(
+            "adaLN wants a ({batch}, 1, {hidden}) modulation row with unit stride, got {:?} {:?}",
+            dims,
+            stride
+        );
+    }
+    let batch_stride = if batch > 1 { stride[0] } else { hidden };
+    if !batch_stride.is_multiple_of(2) {
+        candle_core::bail!("adaLN wants modulation rows 4-byte aligned");
+    }
+    let start = l.start_offset();
+    let end = start + (batch - 1) * batch_stride + hidden;
+    Ok((s.slice(start..end), batch_stride as i64))
+}
+
+#[derive(Clone, Copy)]
+enum Step {
+    /// `LayerNorm(x) · (1 + scale) + shift`.
+    NormModulate,
+    /// `residual + gate · x`.
+    GatedResidual,
+}
+
+struct AdaLn(Step);
+
+impl CustomOp3 for AdaLn {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Step::NormModulate => "headshot-norm-modulate",
+            Step::GatedResidual => "headshot-gated-residual",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the adaLN kernels take CUDA tensors only")
+    }
+
+    /// NormModulate: (x, scale, shift). GatedResidual: (residual, x, gate).
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (batch, rows, hidden) = l1.shape().dims3()?;
+        let (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b), CudaStorageSlice::BF16(c)) =
+            (&s1.slice, &s2.slice, &s3.slice)
+        else {
+            candle_core::bail!("the adaLN kernels want bf16 inputs");
+        };
+        let dev = s1.device();
+        let mut y = alloc_like(dev, a, batch * rows * hidden)?;
+        let first = activation(a, l1, "input")?;
+        match self.0 {
+            Step::NormModulate => {
+                let (scale, vec_batch) = modulation(b, l2, batch, hidden)?;
+                let (shift, shift_batch) = modulation(c, l3, batch, hidden)?;
+                if shift_batch != vec_batch {
+                    candle_core::bail!("adaLN wants scale and shift rows laid out alike");
+                }
+                let func = dev.get_or_load_custom_func(
+                    "headshot_norm_modulate_bf16",
+                    "headshot_adaln",
+                    PTX,
+                )?;
+                let cfg = LaunchConfig {
+                    grid_dim: (rows as u32, batch as u32, 1),
+                    block_dim: (THREADS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let (rows_i, hidden_i) = (rows as i32, hidden as i32);
+                let mut builder = func.builder();
+                builder.arg(&first);
+                builder.arg(&scale);
+                builder.arg(&shift);
+                builder.arg(&vec_batch);
+                builder.arg(&mut y);
+                builder.arg(&rows_i);
+                builder.arg(&hidden_i);
+                builder.arg(&EPS);
+                // SAFETY: one block per row reads that row of x and the batch's modulation
+                // rows, all inside the views above, and writes the same row of y.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
+            Step::GatedResidual => {
+                if l2.shape() != l1.shape() {
+                    candle_core::bail!(
+                        "gated residual wants x shaped like the residual, got {:?} and {:?}",
+                        l2.shape(),
+                        l1.shape()
+                    );
+                }
+                let x = activation(b, l2, "update")?;
+                let (gate, vec_batch) = modulation(c, l3, batch, hidden)?;
+                let func = dev.get_or_load_custom_func(
+                    "headshot_gated_residual_bf16",
+                    "headshot_adaln",
+                    PTX,
+                )?;
+                let pairs = rows * hidden / 2;
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        pairs.div_ceil(THREADS).clamp(1, 8192) as u32,
+                        batch as u32,
+                        1,
+                    ),
+                    block_dim: (THREADS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let (rows_i, hidden_i) = (rows as i64, hidden as i32);
+                let mut builder = func.builder();
+                builder.arg(&first);
+                builder.arg(&x);
+                builder.arg(&gate);
+                builder.arg(&vec_batch);
+                builder.arg(&mut y);
+                builder.arg(&rows_i);
+                builder.arg(&hidden_i);
+                // SAFETY: every pair index stays below batch·rows·hidden/2 for the activations
+                // and below hidden/2 within each batch's gate row.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
+        }
+        let storage = CudaStorage {
+            slice: CudaStorageSlice::BF16(y),
+            device: dev.clone(),
+        };
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+/// `LayerNorm(x) · (1 + scale) + shift` for bf16 `x` `(batch, tokens, hidden)` and
+/// modulation rows `(batch, 1, hidden)`.
+pub fn norm_modulate(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(scale, shift, &AdaLn(Step::NormModulate))
+}
+
+/// `residual + gate · x` for bf16 `residual`, `x` `(batch, tokens, hidden)` and a gate row
+/// `(batch, 1, hidden)`.
+pub fn gated_residual(residual: &Tensor, x: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    residual
+        .contiguous()?
+        .apply_op3_no_bwd(&x.contiguous()?, gate, &AdaLn(Step::GatedResidual))
+}

@@ -1,0 +1,556 @@
+//! Projections on CUDA through cuBLASLt with the bias, and the MLP's GELU, fused into the
+//! GEMM's epilogue: one kernel where candle's `Linear` runs the GEMM, then a broadcast add
+//! over the whole output, then GELU as a third pass.
+//!
+//! bf16 only (what the model runs on GPUs); the caller keeps the plain path for the rest.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublaslt::{
+    Activation as LtActivation, CudaBlasLT, Matmul, MatmulConfig, result as lt, sys as lt_sys,
+};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::flash_cuda::alloc_like;
+use super::layers::Activation;
+
+/// Whether [`linear`] takes `x`.
+pub fn supports(x: &Tensor) -> bool {
+    x.device().is_cuda() && x.dtype() == DType::BF16
+}
+
+/// One cuBLASLt handle (with its 32 MiB workspace on Hopper) per device, made on first use.
+fn handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
+    static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaBlasLT>>>> = OnceLock::new();
+    let mut handles = HANDLES
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("the cuBLASLt handle cache is poisoned".into()))?;
+    if let Some(h) = handles.get(&dev.id()) {
+        return Ok(h.clone());
+    }
+    let h = Arc::new(
+        CudaBlasLT::new(dev.cuda_stream())
+            .map_err(|e| candle_core::Error::Msg(format!("creating a cuBLASLt handle: {e:?}")))?,
+    );
+    handles.insert(dev.id(), h.clone());
+    Ok(h)
+}
+
+/// The contiguous part of `x` that `l` describes.
+fn view<'a, T: DeviceRepr>(x: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(x.slice(start..end)),
+        None => candle_core::bail!("the cuBLASLt projection wants a contiguous {what}"),
+    }
+}
+
+struct LtLinear {
+    act: Activation,
+}
+
+impl CustomOp3 for LtLinear {
+    fn name(&self) -> &'static str {
+        "headshot-cublaslt-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the cuBLASLt projection takes CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, k) = wl.shape().dims2()?;
+        let x_dims = xl.shape().dims();
+        if x_dims.last() != Some(&k) || bl.shape().dims() != [n] {
+            candle_core::bail!(
+                "projection shapes do not fit: x {:?}, weight {:?}, bias {:?}",
+                xl.shape(),
+                wl.shape(),
+                bl.shape()
+            );
+        }
+        let m = xl.shape().elem_count() / k;
+        let (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w), CudaStorageSlice::BF16(b_all)) =
+            (&xs.slice, &ws.slice, &bs.slice)
+        else {
+            candle_core::bail!("the cuBLASLt projection wants bf16 inputs");
+        };
+        let (x, w, b) = (
+            view(x, xl, "input")?,
+            view(w, wl, "weight")?,
+            view(b_all, bl, "bias")?,
+        );
+        let dev = xs.device();
+        // The GEMM writes all m·n elements (beta is 0, so nothing is read first).
+        let mut y = alloc_like(dev, b_all, m * n)?;
+        // Row-major y (m×n) = x (m×k) · wᵀ is column-major yᵀ (n×m) = w (n×k, stored as
+        // column-major k×n, so transposed) · xᵀ (column-major k×m): the "TN" layout.
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: k as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        let act = match self.act {
+            Activation::Identity => None,
+            Activation::GeluTanh => Some(LtActivation::Gelu),
+        };
+        let blas = handle(dev)?;
+        // SAFETY: the layouts above describe exactly the views passed; the bias holds n
+        // elements, one per row of the column-major result.
+        unsafe { blas.matmul(cfg, &w, &x, &mut y, Some(&b), act.as_ref()) }
+            .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt projection: {e:?}")))?;
+        let mut dims = x_dims.to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let storage = CudaStorage {
+            slice: CudaStorageSlice::BF16(y),
+            device: dev.clone(),
+        };
+        Ok((storage, Shape::from(dims)))
+    }
+}
+
+/// `act(x·wᵀ + b)` in one cuBLASLt call, for bf16 CUDA tensors: x `(…, k)`, w `(n, k)`, b `(n)`.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &LtLinear { act })
+}
+
+/// PTX of `fp8_quant.cu`: max |x| and per-tensor e4m3 quantization of activations.
+const FP8_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8_quant.ptx"));
+
+/// A cuBLASLt handle and workspace of our own for the FP8 GEMM (the safe wrapper's workspace
+/// is not reachable from outside cudarc).
+struct LtRaw {
+    handle: lt_sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+}
+
+// SAFETY: a cuBLASLt handle may be used from any thread; calls are serialised on the one
+// stream candle uses per device.
+unsafe impl Send for LtRaw {}
+// SAFETY: as above; the handle is never mutated after creation.
+unsafe impl Sync for LtRaw {}
+
+/// Workspace cuBLASLt may use: NVIDIA's recommendation for Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+fn raw_handle(dev: &CudaDevice) -> Result<Arc<LtRaw>> {
+    static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<LtRaw>>>> = OnceLock::new();
+    let mut handles = HANDLES
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("the cuBLASLt handle cache is poisoned".into()))?;
+    if let Some(h) = handles.get(&dev.id()) {
+        return Ok(h.clone());
+    }
+    let handle = lt::create_handle().map_err(lt_error("creating a cuBLASLt handle"))?;
+    let workspace = dev.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
+    let h = Arc::new(LtRaw { handle, workspace });
+    handles.insert(dev.id(), h.clone());
+    Ok(h)
+}
+
+fn lt_error(what: &'static str) -> impl Fn(lt::CublasError) -> candle_core::Error {
+    move |e| candle_core::Error::Msg(format!("{what}: {e:?}"))
+}
+
+/// Owns a cuBLASLt descriptor and destroys it on drop.
+struct Owned<T: Copy> {
+    raw: T,
+    destroy: unsafe fn(T) -> std::result::Result<(), lt::CublasError>,
+}
+
+impl<T: Copy> Drop for Owned<T> {
+    fn drop(&mut self) {
+        // SAFETY: `raw` was created by the matching create call and is destroyed once.
+        let _ = unsafe { (self.destroy)(self.raw) };
+    }
+}
+
+fn layout(
+    dtype: lt_sys::cudaDataType,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> Result<Owned<lt_sys::cublasLtMatrixLayout_t>> {
+    let raw = lt::create_matrix_layout(dtype, rows as u64, cols as u64, ld as i64)
+        .map_err(lt_error("cuBLASLt matrix layout"))?;
+    Ok(Owned {
+        raw,
+        destroy: lt::destroy_matrix_layout,
+    })
+}
+
+/// Sets one matmul-descriptor attribute from a plain value.
+///
+/// # Safety
+/// `T` must be the type cuBLASLt documents for `attr`.
+unsafe fn set<T>(
+    desc: lt_sys::cublasLtMatmulDesc_t,
+    attr: lt_sys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<()> {
+    // SAFETY: the pointer and size describe `value`, whose type the caller vouches for.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            desc,
+            attr,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>(),
+        )
+    }
+    .map_err(lt_error("cuBLASLt matmul attribute"))
+}
+
+/// FP8 projection: the e4m3 weight (with its per-tensor scale on the device) times the
+/// activations quantized to e4m3 on the fly (per-tensor scale from their max |x|), f32
+/// accumulation, bf16 output with the bias (and GELU) in the epilogue.
+struct LtFp8Linear {
+    act: Activation,
+    /// `scale` of the weight, one f32 on the same device.
+    weight_scale: Tensor,
+}
+
+impl CustomOp3 for LtFp8Linear {
+    fn name(&self) -> &'static str {
+        "headshot-cublaslt-fp8-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the FP8 projection takes CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda_backend::WrapErr;
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, PushKernelArg};
+        use lt_sys::{cublasLtMatmulDescAttributes_t as Attr, cudaDataType_t as Ty};
+
+        let (n, k) = wl.shape().dims2()?;
+        let x_dims = xl.shape().dims();
+        if x_dims.last() != Some(&k)
+            || bl.shape().dims() != [n]
+            || !k.is_multiple_of(16)
+            || !n.is_multiple_of(16)
+        {
+            candle_core::bail!(
+                "FP8 projection shapes do not fit (dims must be multiples of 16): x {:?}, \
+                 weight {:?}, bias {:?}",
+                xl.shape(),
+                wl.shape(),
+                bl.shape()
+            );
+        }
+        let m = xl.shape().elem_count() / k;
+        let (CudaStorageSlice::BF16(x), CudaStorageSlice::U8(w), CudaStorageSlice::BF16(b)) =
+            (&xs.slice, &ws.slice, &bs.slice)
+        else {
+            candle_core::bail!(
+                "the FP8 projection wants bf16 x and bias and e4m3 weight bits (from quantize_weight)"
+            );
+        };
+        if !xl.start_offset().is_multiple_of(8) {
+            candle_core::bail!("the FP8 projection wants a 16-byte aligned input");
+        }
+        let (xv, wv, bv) = (
+            view(x, xl, "input")?,
+            view(w, wl, "weight")?,
+            view(b, bl, "bias")?,
+        );
+        let dev = xs.device();
+        let stream = dev.cuda_stream();
+
+        // 1. Quantize the activations: max |x|, then scale and convert.
+        let mut amax = dev.alloc_zeros::<f32>(1)?;
+        let f = dev.get_or_load_custom_func("headshot_amax_bf16", "headshot_fp8", FP8_PTX)?;
+        let elems = (m * k) as u64;
+        let mut builder = f.builder();
+        builder.arg(&xv);
+        builder.arg(&elems);
+        builder.arg(&mut amax);
+        // SAFETY: reads `elems` bf16 of x (16-byte aligned, checked above), writes one f32.
+        unsafe { builder.launch(elementwise(m * k)) }.w()?;
+        let (xq, x_scale) = quantize(dev, &xv, &amax.slice(0..1))?;
+
+        // 2. The GEMM, laid out as in `LtLinear` ("TN", column-major yᵀ = w · xᵀ).
+        let (scale_storage, scale_layout) = self.weight_scale.storage_and_layout();
+        let candle_core::Storage::Cuda(scale_storage) = &*scale_storage else {
+            candle_core::bail!("the FP8 weight scale is not on the GPU");
+        };
+        let CudaStorageSlice::F32(w_scale) = &scale_storage.slice else {
+            candle_core::bail!("the FP8 weight scale is not f32");
+        };
+        let start = scale_layout.start_offset();
+        let w_scale = w_scale.slice(start..start + 1);
+        let y = alloc_like(dev, b, m * n)?;
+        let ctx = raw_handle(dev)?;
+        let desc = Owned {
+            raw: lt::create_matmul_desc(
+                lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                Ty::CUDA_R_32F,
+            )
+            .map_err(lt_error("cuBLASLt matmul descriptor"))?,
+            destroy: lt::destroy_matmul_desc,
+        };
+        let epilogue = match self.act {
+            Activation::Identity => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            Activation::GeluTanh => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+        };
+        let (w_ptr, _w_guard) = wv.device_ptr(&stream);
+        let (x_ptr, _x_guard) = xq.device_ptr(&stream);
+        let (b_ptr, _b_guard) = bv.device_ptr(&stream);
+        let (ws_ptr, _ws_guard) = w_scale.device_ptr(&stream);
+        let (xs_ptr, _xs_guard) = x_scale.device_ptr(&stream);
+        let (work_ptr, _work_guard) = ctx.workspace.device_ptr(&stream);
+        // SAFETY: each value has the type cuBLASLt documents for its attribute (transpose:
+        // int32, epilogue: its enum, pointers: device addresses, fast accumulation: int8).
+        unsafe {
+            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
+            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
+            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
+            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b_ptr)?;
+            set(
+                desc.raw,
+                Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                &ws_ptr,
+            )?;
+            set(
+                desc.raw,
+                Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                &xs_ptr,
+            )?;
+            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
+        }
+        let a_layout = layout(Ty::CUDA_R_8F_E4M3, k, n, k)?;
+        let b_layout = layout(Ty::CUDA_R_8F_E4M3, k, m, k)?;
+        let d_layout = layout(Ty::CUDA_R_16BF, n, m, n)?;
+        let pref = Owned {
+            raw: lt::create_matmul_pref().map_err(lt_error("cuBLASLt preference"))?,
+            destroy: lt::destroy_matmul_pref,
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        let (y_ptr, _y_guard) = y.device_ptr(&stream);
+        // SAFETY: the layouts describe the buffers passed (w: n×k e4m3, xq: m×k e4m3, y: m×n
+        // bf16 used as C with beta 0 and as D); the workspace is as large as declared; the
+        // scale and bias pointers are live for the call, which is ordered on `stream`.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref.raw,
+                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&WORKSPACE_BYTES as *const usize).cast(),
+                std::mem::size_of::<usize>(),
+            )
+            .map_err(lt_error("cuBLASLt workspace preference"))?;
+            let heuristic = lt::get_matmul_algo_heuristic(
+                ctx.handle,
+                desc.raw,
+                a_layout.raw,
+                b_layout.raw,
+                d_layout.raw,
+                d_layout.raw,
+                pref.raw,
+            )
+            .map_err(lt_error("no cuBLASLt FP8 algorithm for this shape"))?;
+            lt::matmul(
+                ctx.handle,
+                desc.raw,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                w_ptr as *const _,
+                a_layout.raw,
+                x_ptr as *const _,
+                b_layout.raw,
+                y_ptr as *const _,
+                d_layout.raw,
+                y_ptr as *mut _,
+                d_layout.raw,
+                &heuristic.algo,
+                work_ptr as *mut _,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as *mut _,
+            )
+            .map_err(lt_error("cuBLASLt FP8 GEMM"))?;
+        }
+        drop((
+            _w_guard,
+            _x_guard,
+            _b_guard,
+            _ws_guard,
+            _xs_guard,
+            _work_guard,
+            _y_guard,
+        ));
+        let mut dims = x_dims.to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let storage = CudaStorage {
+            slice: CudaStorageSlice::BF16(y),
+            device: dev.clone(),
+        };
+        Ok((storage, Shape::from(dims)))
+    }
+}
+
+/// `act(x·(values·scale)ᵀ + b)` with e4m3 `values` `(n, k)`, `scale` one f32 on the device,
+/// bf16 x `(…, k)` and b `(n)`; the activations are quantized per call.
+pub fn fp8_linear(
+    x: &Tensor,
+    values: &Tensor,
+    scale: &Tensor,
+    b: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
+    let op = LtFp8Linear {
+        act,
+        weight_scale: scale.clone(),
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&values.contiguous()?, &b.contiguous()?, &op)
+}
+
+/// Launch shape of the FP8 helper kernels over `n` values (8 per thread per step).
+fn elementwise(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: ((n / 8).div_ceil(256).clamp(1, 4096) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// e4m3 bits of `x` (bf16 values: callers pass the views of `CudaStorageSlice::BF16`) scaled
+/// by 448 / `amax`, and the scale `amax / 448` (one f32), both on the device. `x` must start
+/// 16-byte aligned.
+fn quantize<T: DeviceRepr>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    amax: &CudaView<'_, f32>,
+) -> Result<(CudaSlice<u8>, CudaSlice<f32>)> {
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    let n = x.len();
+    // SAFETY: the kernel writes every one of the n bytes and the scale.
+    let mut bits = unsafe { dev.alloc::<u8>(n) }?;
+    let mut scale = unsafe { dev.alloc::<f32>(1) }?;
+    let f = dev.get_or_load_custom_func("headshot_quantize_e4m3", "headshot_fp8", FP8_PTX)?;
+    let elems = n as u64;
+    let mut builder = f.builder();
+    builder.arg(x);
+    builder.arg(&elems);
+    builder.arg(amax);
+    builder.arg(&mut bits);
+    builder.arg(&mut scale);
+    // SAFETY: reads n bf16 and one f32, writes n bytes and one f32, all sized so above.
+    unsafe { builder.launch(elementwise(n)) }.w()?;
+    Ok((bits, scale))
+}
+
+struct QuantizeWeight {
+    amax: f32,
+}
+
+impl CustomOp1 for QuantizeWeight {
+    fn name(&self) -> &'static str {
+        "headshot-quantize-e4m3"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the e4m3 weight kernel takes CUDA tensors only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let CudaStorageSlice::BF16(w) = &s.slice else {
+            candle_core::bail!("FP8 weights on CUDA are quantized from bf16");
+        };
+        if !l.start_offset().is_multiple_of(8) {
+            candle_core::bail!("the e4m3 weight kernel wants a 16-byte aligned weight");
+        }
+        let w = view(w, l, "weight")?;
+        let dev = s.device();
+        let amax = dev.clone_htod(std::slice::from_ref(&self.amax))?;
+        let (bits, _) = quantize(dev, &w, &amax.slice(0..1))?;
+        let storage = CudaStorage {
+            slice: CudaStorageSlice::U8(bits),
+            device: dev.clone(),
+        };
+        Ok((storage, l.shape().clone()))
+    }
+}
+
+/// Per-tensor e4m3 quantization of a bf16 CUDA weight on the GPU: the bits as a u8 tensor,
+/// the scale (`bits · scale ≈ w`), and the scale as one f32 on the device for the GEMM.
+/// candle 0.11.1 cannot cast to F8E4M3 on CUDA (its cast kernels are looked up as
+/// `cast_*_f8e4m3` but built as `cast_*_f8_e4m3`), so the weight never becomes that dtype here.
+pub fn quantize_weight(w: &Tensor) -> Result<(Tensor, f64, Tensor)> {
+    let amax = w
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    if !amax.is_finite() {
+        candle_core::bail!("cannot quantize a weight holding NaN or infinity to FP8");
+    }
+    let bits = w.contiguous()?.apply_op1_no_bwd(&QuantizeWeight { amax })?;
+    let scale = f64::from(amax.max(1e-12)) / 448.0;
+    let on_device = Tensor::new(&[scale as f32], w.device())?;
+    Ok((bits, scale, on_device))
+}
+
+/// Whether the FP8 GEMM takes this weight: cuBLASLt wants FP8 dimensions in multiples of 16.
+pub fn fp8_fits(values: &Tensor) -> bool {
+    values.device().is_cuda()
+        && values
+            .dims2()
+            .is_ok_and(|(n, k)| n.is_multiple_of(16) && k.is_multiple_of(16))
+}
