@@ -7,9 +7,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::flash_cuda::alloc_like;
+use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
 
 /// PTX of `adaln.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adaln.ptx"));
@@ -26,18 +26,6 @@ pub fn supports(x: &Tensor) -> bool {
         && x.dtype() == DType::BF16
         && x.dims3()
             .is_ok_and(|(_, _, h)| h.is_multiple_of(2) && h <= MAX_HIDDEN)
-}
-
-/// The bf16 slice of an activation, contiguous from its start.
-fn activation<'a, T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-    s: &'a CudaSlice<T>,
-    l: &Layout,
-    what: &str,
-) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((start, end)) if start.is_multiple_of(2) => Ok(s.slice(start..end)),
-        _ => candle_core::bail!("adaLN wants a contiguous, 4-byte aligned {what}"),
-    }
 }
 
 /// A `(batch, 1, hidden)` modulation row: its slice from the first batch's row on, and the
@@ -84,17 +72,7 @@ impl CustomOp3 for AdaLn {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the adaLN kernels take CUDA tensors only")
-    }
+    cuda_only_cpu_fwd!(3);
 
     /// NormModulate: (x, scale, shift). GatedResidual: (residual, x, gate).
     fn cuda_fwd(
@@ -114,7 +92,7 @@ impl CustomOp3 for AdaLn {
         };
         let dev = s1.device();
         let mut y = alloc_like(dev, a, batch * rows * hidden)?;
-        let first = activation(a, l1, "input")?;
+        let first = contiguous_view(a, l1, 2, "adaLN input")?;
         match self.0 {
             Step::NormModulate => {
                 let (scale, vec_batch) = modulation(b, l2, batch, hidden)?;
@@ -154,7 +132,7 @@ impl CustomOp3 for AdaLn {
                         l1.shape()
                     );
                 }
-                let x = activation(b, l2, "update")?;
+                let x = contiguous_view(b, l2, 2, "gated residual update")?;
                 let (gate, vec_batch) = modulation(c, l3, batch, hidden)?;
                 let func = dev.get_or_load_custom_func(
                     "headshot_gated_residual_bf16",

@@ -7,11 +7,11 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
 
 /// PTX of `flash_attn.cu` for the compute capability the build targeted.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
@@ -27,12 +27,9 @@ const WIDE_SMEM_BYTES: u32 = PIPELINE_SMEM_BYTES + 128 * 136 * 2;
 /// reach the tensor cores, and `headshot bench gpu --ops` times each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashKernel {
-    /// 4 warps, synchronous tile loads, scalar shared-memory fragment loads.
-    Simple,
-    /// 4 warps (64 query rows), cp.async double buffering, ldmatrix fragments.
+    /// 4 warps × 16 query rows, Q in registers, cp.async double buffering, ldmatrix
+    /// fragments.
     Pipelined4,
-    /// 8 warps (128 query rows) sharing each K/V tile; otherwise as `Pipelined4`.
-    Pipelined8,
     /// 4 warps × 32 query rows (the flash-attention-2 layout): each K/V fragment feeds two
     /// row tiles; Q waits in shared memory.
     Wide,
@@ -42,13 +39,7 @@ pub enum FlashKernel {
 
 impl FlashKernel {
     /// Every kernel, for `--check` and `--ops`.
-    pub const ALL: [FlashKernel; 5] = [
-        Self::Simple,
-        Self::Pipelined4,
-        Self::Pipelined8,
-        Self::Wide,
-        Self::Wide32,
-    ];
+    pub const ALL: [FlashKernel; 3] = [Self::Pipelined4, Self::Wide, Self::Wide32];
     /// The kernel the model runs unless `HEADSHOT_FLASH_KERNEL` names another.
     pub const DEFAULT: FlashKernel = Self::Wide32;
 
@@ -75,9 +66,7 @@ impl FlashKernel {
     /// Short name for check and bench output.
     pub fn name(self) -> &'static str {
         match self {
-            Self::Simple => "simple",
             Self::Pipelined4 => "pipe4",
-            Self::Pipelined8 => "pipe8",
             Self::Wide => "wide",
             Self::Wide32 => "wide32",
         }
@@ -85,33 +74,23 @@ impl FlashKernel {
 
     fn entry(self) -> &'static str {
         match self {
-            Self::Simple => "headshot_flash_attn_bf16_d128",
             Self::Pipelined4 => "headshot_flash_attn_pipe4_bf16_d128",
-            Self::Pipelined8 => "headshot_flash_attn_pipe8_bf16_d128",
             Self::Wide => "headshot_flash_attn_wide_bf16_d128",
             Self::Wide32 => "headshot_flash_attn_wide32_bf16_d128",
         }
     }
 
-    fn warps(self) -> usize {
-        match self {
-            Self::Simple | Self::Pipelined4 | Self::Wide | Self::Wide32 => 4,
-            Self::Pipelined8 => 8,
-        }
-    }
-
-    /// Query rows per block.
+    /// Query rows per block (every kernel runs 4 warps).
     fn rows(self) -> usize {
         match self {
-            Self::Simple | Self::Pipelined4 => 64,
-            Self::Pipelined8 | Self::Wide | Self::Wide32 => 128,
+            Self::Pipelined4 => 64,
+            Self::Wide | Self::Wide32 => 128,
         }
     }
 
     fn dynamic_smem(self) -> u32 {
         match self {
-            Self::Simple => 0,
-            Self::Pipelined4 | Self::Pipelined8 => PIPELINE_SMEM_BYTES,
+            Self::Pipelined4 => PIPELINE_SMEM_BYTES,
             Self::Wide | Self::Wide32 => WIDE_SMEM_BYTES,
         }
     }
@@ -127,41 +106,12 @@ struct FlashAttentionCuda {
     kernel: FlashKernel,
 }
 
-/// A fresh device buffer of the same element type as `_like`.
-pub(super) fn alloc_like<T: DeviceRepr>(
-    dev: &CudaDevice,
-    _like: &CudaSlice<T>,
-    len: usize,
-) -> Result<CudaSlice<T>> {
-    // SAFETY: every element is written by the kernel before the tensor is read.
-    unsafe { dev.alloc::<T>(len) }
-}
-
-/// The contiguous part of `x` that `l` describes; its start must be 16-byte aligned (the
-/// kernel moves 8 bf16 at a time).
-fn view<'a, T: DeviceRepr>(x: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((start, end)) if start % 8 == 0 => Ok(x.slice(start..end)),
-        _ => candle_core::bail!("flash attention wants contiguous, 16-byte aligned inputs"),
-    }
-}
-
 impl CustomOp3 for FlashAttentionCuda {
     fn name(&self) -> &'static str {
         "headshot-flash-attention-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the CUDA flash attention kernel takes CUDA tensors only")
-    }
+    cuda_only_cpu_fwd!(3);
 
     fn cuda_fwd(
         &self,
@@ -186,6 +136,7 @@ impl CustomOp3 for FlashAttentionCuda {
         else {
             candle_core::bail!("flash attention wants bf16 inputs");
         };
+        let view = |x, l| contiguous_view(x, l, 8, "flash attention input");
         let (q, k, v) = (view(qs, l1)?, view(ks, l2)?, view(vs, l3)?);
         let dev = s1.device();
         let out = alloc_like(dev, qs, b * n * h * d)?;
@@ -203,7 +154,7 @@ impl CustomOp3 for FlashAttentionCuda {
         let rows = kernel.rows();
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(rows) as u32, (b * h) as u32, 1),
-            block_dim: (32 * kernel.warps() as u32, 1, 1),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: smem,
         };
         let mut builder = func.builder();

@@ -13,9 +13,9 @@ use candle_core::cuda_backend::cudarc::cublaslt::{
 };
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::flash_cuda::alloc_like;
+use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
 use super::layers::Activation;
 
 /// Whether [`linear`] takes `x`.
@@ -41,14 +41,6 @@ fn handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
     Ok(h)
 }
 
-/// The contiguous part of `x` that `l` describes.
-fn view<'a, T: DeviceRepr>(x: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(x.slice(start..end)),
-        None => candle_core::bail!("the cuBLASLt projection wants a contiguous {what}"),
-    }
-}
-
 struct LtLinear {
     act: Activation,
 }
@@ -58,17 +50,7 @@ impl CustomOp3 for LtLinear {
         "headshot-cublaslt-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the cuBLASLt projection takes CUDA tensors only")
-    }
+    cuda_only_cpu_fwd!(3);
 
     fn cuda_fwd(
         &self,
@@ -96,9 +78,9 @@ impl CustomOp3 for LtLinear {
             candle_core::bail!("the cuBLASLt projection wants bf16 inputs");
         };
         let (x, w, b) = (
-            view(x, xl, "input")?,
-            view(w, wl, "weight")?,
-            view(b_all, bl, "bias")?,
+            contiguous_view(x, xl, 1, "projection input")?,
+            contiguous_view(w, wl, 1, "projection weight")?,
+            contiguous_view(b_all, bl, 1, "projection bias")?,
         );
         let dev = xs.device();
         // The GEMM writes all m·n elements (beta is 0, so nothing is read first).
@@ -251,17 +233,7 @@ impl CustomOp3 for LtFp8Linear {
         "headshot-cublaslt-fp8-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the FP8 projection takes CUDA tensors only")
-    }
+    cuda_only_cpu_fwd!(3);
 
     fn cuda_fwd(
         &self,
@@ -299,13 +271,10 @@ impl CustomOp3 for LtFp8Linear {
                 "the FP8 projection wants bf16 x and bias and e4m3 weight bits (from quantize_weight)"
             );
         };
-        if !xl.start_offset().is_multiple_of(8) {
-            candle_core::bail!("the FP8 projection wants a 16-byte aligned input");
-        }
         let (xv, wv, bv) = (
-            view(x, xl, "input")?,
-            view(w, wl, "weight")?,
-            view(b, bl, "bias")?,
+            contiguous_view(x, xl, 8, "FP8 projection input")?,
+            contiguous_view(w, wl, 1, "FP8 projection weight")?,
+            contiguous_view(b, bl, 1, "FP8 projection bias")?,
         );
         let dev = xs.device();
         let stream = dev.cuda_stream();
@@ -504,18 +473,13 @@ impl CustomOp1 for QuantizeWeight {
         "headshot-quantize-e4m3"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the e4m3 weight kernel takes CUDA tensors only")
-    }
+    cuda_only_cpu_fwd!(1);
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let CudaStorageSlice::BF16(w) = &s.slice else {
             candle_core::bail!("FP8 weights on CUDA are quantized from bf16");
         };
-        if !l.start_offset().is_multiple_of(8) {
-            candle_core::bail!("the e4m3 weight kernel wants a 16-byte aligned weight");
-        }
-        let w = view(w, l, "weight")?;
+        let w = contiguous_view(w, l, 8, "weight to quantize")?;
         let dev = s.device();
         let amax = dev.clone_htod(std::slice::from_ref(&self.amax))?;
         let (bits, _) = quantize(dev, &w, &amax.slice(0..1))?;

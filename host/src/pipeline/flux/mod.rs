@@ -6,6 +6,8 @@ pub mod adaln_cuda;
 pub mod attention;
 pub mod blocks;
 pub mod check;
+#[cfg(feature = "cuda")]
+mod cuda_util;
 pub mod embed;
 pub mod flash_cpu;
 #[cfg(feature = "cuda")]

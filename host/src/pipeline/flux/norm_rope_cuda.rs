@@ -7,12 +7,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 
+use super::cuda_util::{alloc_like, cuda_only_cpu_fwd};
 use super::embed::RopeTable;
-use super::flash_cuda::alloc_like;
 
 /// PTX of `norm_rope.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_rope.ptx"));
@@ -167,9 +165,7 @@ impl CustomOp1 for NormRope {
         "headshot-norm-rope"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused norm and rotary kernel takes CUDA tensors only")
-    }
+    cuda_only_cpu_fwd!(1);
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let scale = self.scales.first().ok_or_else(|| {
@@ -188,15 +184,7 @@ impl CustomOp2 for NormRope {
         "headshot-norm-rope-joined"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused norm and rotary kernel takes CUDA tensors only")
-    }
+    cuda_only_cpu_fwd!(2);
 
     fn cuda_fwd(
         &self,

@@ -1,0 +1,81 @@
+//! What every CUDA custom op of the model needs: fresh output buffers, contiguous aligned
+//! views of its inputs, and a clear error when candle offers it CPU tensors.
+
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::{Layout, Result};
+
+/// A fresh device buffer of `len` elements of the same type as `_like` (naming the element
+/// type is not possible from outside candle for bf16 and e4m3).
+pub fn alloc_like<T: DeviceRepr>(
+    dev: &CudaDevice,
+    _like: &CudaSlice<T>,
+    len: usize,
+) -> Result<CudaSlice<T>> {
+    // SAFETY: every caller's kernel writes all `len` elements before the tensor is read.
+    unsafe { dev.alloc::<T>(len) }
+}
+
+/// The contiguous part of `x` that `l` describes, starting at a multiple of `align`
+/// elements (the kernels load 2, 4 or 8 values at a time); `what` names the input in the error.
+pub fn contiguous_view<'a, T: DeviceRepr>(
+    x: &'a CudaSlice<T>,
+    l: &Layout,
+    align: usize,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) if start.is_multiple_of(align) => Ok(x.slice(start..end)),
+        Some(_) => candle_core::bail!(
+            "{what} must start at a multiple of {align} elements for its CUDA kernel"
+        ),
+        None => candle_core::bail!("{what} must be contiguous for its CUDA kernel"),
+    }
+}
+
+/// `cpu_fwd` of a CUDA-only custom op with 1, 2 or 3 inputs: an error naming the op.
+macro_rules! cuda_only_cpu_fwd {
+    (1) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(
+                "{} takes CUDA tensors only",
+                <Self as candle_core::CustomOp1>::name(self)
+            )
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(
+                "{} takes CUDA tensors only",
+                <Self as candle_core::CustomOp2>::name(self)
+            )
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!(
+                "{} takes CUDA tensors only",
+                <Self as candle_core::CustomOp3>::name(self)
+            )
+        }
+    };
+}
+pub(crate) use cuda_only_cpu_fwd;
