@@ -41,6 +41,40 @@ fn handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
     Ok(h)
 }
 
+/// `(m, n, k)` of `x (…, k) · w (n, k)ᵀ + b (n)`, with n and k multiples of `multiple`
+/// (cuBLASLt's FP8 GEMM wants 16).
+fn projection_dims(
+    xl: &Layout,
+    wl: &Layout,
+    bl: &Layout,
+    multiple: usize,
+) -> Result<(usize, usize, usize)> {
+    let (n, k) = wl.shape().dims2()?;
+    if xl.shape().dims().last() != Some(&k)
+        || bl.shape().dims() != [n]
+        || !k.is_multiple_of(multiple)
+        || !n.is_multiple_of(multiple)
+    {
+        candle_core::bail!(
+            "projection shapes do not fit (widths must be multiples of {multiple}): x {:?}, \
+             weight {:?}, bias {:?}",
+            xl.shape(),
+            wl.shape(),
+            bl.shape()
+        );
+    }
+    Ok((xl.shape().elem_count() / k, n, k))
+}
+
+/// The input's shape with the last dimension `n`.
+fn projection_shape(xl: &Layout, n: usize) -> Shape {
+    let mut dims = xl.shape().dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Shape::from(dims)
+}
+
 struct LtLinear {
     act: Activation,
 }
@@ -61,17 +95,7 @@ impl CustomOp3 for LtLinear {
         bs: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (n, k) = wl.shape().dims2()?;
-        let x_dims = xl.shape().dims();
-        if x_dims.last() != Some(&k) || bl.shape().dims() != [n] {
-            candle_core::bail!(
-                "projection shapes do not fit: x {:?}, weight {:?}, bias {:?}",
-                xl.shape(),
-                wl.shape(),
-                bl.shape()
-            );
-        }
-        let m = xl.shape().elem_count() / k;
+        let (m, n, k) = projection_dims(xl, wl, bl, 1)?;
         let (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w), CudaStorageSlice::BF16(b_all)) =
             (&xs.slice, &ws.slice, &bs.slice)
         else {
@@ -114,15 +138,11 @@ impl CustomOp3 for LtLinear {
         // elements, one per row of the column-major result.
         unsafe { blas.matmul(cfg, &w, &x, &mut y, Some(&b), act.as_ref()) }
             .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt projection: {e:?}")))?;
-        let mut dims = x_dims.to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
         let storage = CudaStorage {
             slice: CudaStorageSlice::BF16(y),
             device: dev.clone(),
         };
-        Ok((storage, Shape::from(dims)))
+        Ok((storage, projection_shape(xl, n)))
     }
 }
 
@@ -248,22 +268,7 @@ impl CustomOp3 for LtFp8Linear {
         use candle_core::cuda_backend::cudarc::driver::{DevicePtr, PushKernelArg};
         use lt_sys::{cublasLtMatmulDescAttributes_t as Attr, cudaDataType_t as Ty};
 
-        let (n, k) = wl.shape().dims2()?;
-        let x_dims = xl.shape().dims();
-        if x_dims.last() != Some(&k)
-            || bl.shape().dims() != [n]
-            || !k.is_multiple_of(16)
-            || !n.is_multiple_of(16)
-        {
-            candle_core::bail!(
-                "FP8 projection shapes do not fit (dims must be multiples of 16): x {:?}, \
-                 weight {:?}, bias {:?}",
-                xl.shape(),
-                wl.shape(),
-                bl.shape()
-            );
-        }
-        let m = xl.shape().elem_count() / k;
+        let (m, n, k) = projection_dims(xl, wl, bl, 16)?;
         let (CudaStorageSlice::BF16(x), CudaStorageSlice::U8(w), CudaStorageSlice::BF16(b)) =
             (&xs.slice, &ws.slice, &bs.slice)
         else {
@@ -399,15 +404,11 @@ impl CustomOp3 for LtFp8Linear {
             _work_guard,
             _y_guard,
         ));
-        let mut dims = x_dims.to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
         let storage = CudaStorage {
             slice: CudaStorageSlice::BF16(y),
             device: dev.clone(),
         };
-        Ok((storage, Shape::from(dims)))
+        Ok((storage, projection_shape(xl, n)))
     }
 }
 
