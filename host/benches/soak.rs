@@ -66,6 +66,14 @@ fn main() {
             .and_then(|v| v.parse::<usize>().ok())
     };
     let warmup = env("HEADSHOT_SOAK_WARMUP").unwrap_or((jobs / 10).max(50));
+    // As the `headshot` binary does first thing; HEADSHOT_SOAK_GLIBC_DEFAULTS=1 skips it to
+    // measure glibc's own behaviour.
+    if env("HEADSHOT_SOAK_GLIBC_DEFAULTS") != Some(1) {
+        println!(
+            "INFO allocator tuned: {}",
+            headshot_host::heap::tune_allocator()
+        );
+    }
     let rt = common::runtime();
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -445,6 +445,7 @@ async fn wait_for_shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
+    headshot_host::heap::tune_allocator();
     let cli = Cli::parse();
     init_tracing();
     match run(cli) {
