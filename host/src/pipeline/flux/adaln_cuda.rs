@@ -85,6 +85,11 @@ impl CustomOp3 for AdaLn {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (batch, rows, hidden) = l1.shape().dims3()?;
+        if !hidden.is_multiple_of(2) || hidden > MAX_HIDDEN {
+            candle_core::bail!(
+                "the adaLN kernels take even widths up to {MAX_HIDDEN}, got {hidden}"
+            );
+        }
         let (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b), CudaStorageSlice::BF16(c)) =
             (&s1.slice, &s2.slice, &s3.slice)
         else {

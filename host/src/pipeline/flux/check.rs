@@ -302,6 +302,17 @@ pub fn run_into(
     let full = layer(dtype, WeightFormat::Full, GemmKernel::Plain)?.forward(&x)?;
     let fp8 = layer(dtype, WeightFormat::Fp8, GemmKernel::Auto)?.forward(&x)?;
     out.push(compare("fp8_linear_vs_full", &fp8, &full, FP8_TOLERANCE)?);
+    // An image's FP8 result does not depend on the other images of its batch (activations
+    // are quantized per image), even next to one with ten times its range.
+    let fp8_layer = layer(dtype, WeightFormat::Fp8, GemmKernel::Auto)?;
+    let pair = Tensor::cat(&[&x, &(&x * 10.0)?], 0)?;
+    let in_pair = fp8_layer.forward(&pair)?.narrow(0, 0, 1)?;
+    out.push(compare(
+        "fp8_batch_independent",
+        &in_pair,
+        &fp8_layer.forward(&x)?,
+        1e-6,
+    )?);
     let fast_layer = layer(dtype, WeightFormat::Full, GemmKernel::Auto)?;
     let plain_layer = layer(DType::F32, WeightFormat::Full, GemmKernel::Plain)?;
     for (name, act) in [
@@ -334,7 +345,19 @@ fn cuda_kernels(
         .map(|t| t.narrow(1, 0, ragged))
         .collect::<Result<_>>()?;
     let cut_reference = plain(&cut[0], &cut[1], &cut[2])?;
+    // Two images of different content in one batch.
+    let pair = |a: usize, b: usize| Tensor::cat(&[&qkv[a], &qkv[b]], 0);
+    let batch = [pair(0, 1)?, pair(1, 2)?, pair(2, 0)?];
+    let batch_reference = plain(&batch[0], &batch[1], &batch[2])?;
     for kernel in FlashKernel::ALL {
+        let fast = attention_with(
+            kernel,
+            &bf16(&batch[0])?,
+            &bf16(&batch[1])?,
+            &bf16(&batch[2])?,
+        )?;
+        let name = format!("attention_cuda_{}_batch_2", kernel.name());
+        out.push(compare(&name, &fast, &batch_reference, tolerance)?);
         let fast = attention_with(kernel, &bf16(&qkv[0])?, &bf16(&qkv[1])?, &bf16(&qkv[2])?)?;
         let name = format!("attention_cuda_{}", kernel.name());
         out.push(compare(&name, &fast, reference, tolerance)?);
@@ -378,20 +401,22 @@ mod tests {
                         "model_vs_stock_f32",
                         "model_fp8_vs_full",
                         "fp8_linear_vs_full",
+                        "fp8_batch_independent",
                         "gemm_bias",
                         "gemm_bias_gelu"
                     ]
                 );
                 for r in &results {
-                    let bound = if r.name.contains("fp8") {
-                        FP8_TOLERANCE
-                    } else {
-                        tolerance
+                    let against_full = r.name.contains("fp8") && r.name.ends_with("full");
+                    let bound = match r.name.as_str() {
+                        "fp8_batch_independent" => 1e-6,
+                        _ if against_full => FP8_TOLERANCE,
+                        _ => tolerance,
                     };
                     assert_eq!(r.tolerance, bound, "{r:?}");
                     assert!(r.passes(), "{variant} {dtype:?}: {r:?}");
                     // FP8 really quantizes: it is not bit-identical to full precision.
-                    if r.name.contains("fp8") {
+                    if against_full {
                         assert!(r.max_rel_error > 1e-3, "{r:?}");
                     }
                 }

@@ -18,27 +18,64 @@ use candle_core::{CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
 use super::layers::Activation;
 
-/// Whether [`linear`] takes `x`.
-pub fn supports(x: &Tensor) -> bool {
-    x.device().is_cuda() && x.dtype() == DType::BF16
+/// cuBLASLt's default minimum pointer alignment (256 bytes), in bf16 elements.
+const LT_ALIGN_BF16: usize = 128;
+
+/// Whether a bf16 tensor starts where cuBLASLt's default alignment assumption holds.
+pub fn aligned(t: &Tensor) -> bool {
+    t.layout().start_offset().is_multiple_of(LT_ALIGN_BF16)
 }
 
-/// One cuBLASLt handle (with its 32 MiB workspace on Hopper) per device, made on first use.
-fn handle(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
-    static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaBlasLT>>>> = OnceLock::new();
-    let mut handles = HANDLES
+/// Whether [`linear`] takes `x`: bf16 on CUDA, starting 256-byte aligned (FLUX's views all
+/// do: their offsets are multiples of the hidden size, 3072).
+pub fn supports(x: &Tensor) -> bool {
+    x.device().is_cuda() && x.dtype() == DType::BF16 && aligned(x)
+}
+
+/// cuBLASLt state of one device: cudarc's wrapper (bf16 GEMMs) and a raw handle with its
+/// own workspace (FP8).
+struct Lt {
+    device: DeviceId,
+    blas: Arc<CudaBlasLT>,
+    raw: Arc<LtRaw>,
+}
+
+/// The device's cuBLASLt state, made on first use. One slot per GPU ordinal: when the
+/// pipeline re-creates its device (a reload after an error gets a new `DeviceId`), the old
+/// state is dropped first, so reloads do not pile up 32 MiB workspaces and streams.
+fn cublaslt(dev: &CudaDevice) -> Result<(Arc<CudaBlasLT>, Arc<LtRaw>)> {
+    static SLOTS: OnceLock<Mutex<HashMap<usize, Lt>>> = OnceLock::new();
+    let mut slots = SLOTS
         .get_or_init(Default::default)
         .lock()
         .map_err(|_| candle_core::Error::Msg("the cuBLASLt handle cache is poisoned".into()))?;
-    if let Some(h) = handles.get(&dev.id()) {
-        return Ok(h.clone());
+    let ordinal = dev.cuda_stream().context().ordinal();
+    if let Some(lt) = slots.get(&ordinal)
+        && lt.device == dev.id()
+    {
+        return Ok((lt.blas.clone(), lt.raw.clone()));
     }
-    let h = Arc::new(
+    slots.remove(&ordinal);
+    // cudarc's constructor unwraps its workspace allocation: out of GPU memory it panics,
+    // which must not take a request (or the worker) down.
+    let blas = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         CudaBlasLT::new(dev.cuda_stream())
-            .map_err(|e| candle_core::Error::Msg(format!("creating a cuBLASLt handle: {e:?}")))?,
-    );
-    handles.insert(dev.id(), h.clone());
-    Ok(h)
+    }))
+    .map_err(|_| {
+        candle_core::Error::Msg(
+            "cuBLASLt could not allocate its 32 MiB workspace (out of GPU memory?)".into(),
+        )
+    })?
+    .map_err(|e| candle_core::Error::Msg(format!("creating a cuBLASLt handle: {e:?}")))?;
+    let raw = LtRaw::new(dev)?;
+    let lt = Lt {
+        device: dev.id(),
+        blas: Arc::new(blas),
+        raw: Arc::new(raw),
+    };
+    let handles = (lt.blas.clone(), lt.raw.clone());
+    slots.insert(ordinal, lt);
+    Ok(handles)
 }
 
 /// `(m, n, k)` of `x (…, k) · w (n, k)ᵀ + b (n)`, with n and k multiples of `multiple`
@@ -101,10 +138,11 @@ impl CustomOp3 for LtLinear {
         else {
             candle_core::bail!("the cuBLASLt projection wants bf16 inputs");
         };
+        // cuBLASLt picks kernels assuming 256-byte aligned pointers unless told otherwise.
         let (x, w, b) = (
-            contiguous_view(x, xl, 1, "projection input")?,
-            contiguous_view(w, wl, 1, "projection weight")?,
-            contiguous_view(b_all, bl, 1, "projection bias")?,
+            contiguous_view(x, xl, LT_ALIGN_BF16, "projection input")?,
+            contiguous_view(w, wl, LT_ALIGN_BF16, "projection weight")?,
+            contiguous_view(b_all, bl, LT_ALIGN_BF16, "projection bias")?,
         );
         let dev = xs.device();
         // The GEMM writes all m·n elements (beta is 0, so nothing is read first).
@@ -133,7 +171,7 @@ impl CustomOp3 for LtLinear {
             Activation::Identity => None,
             Activation::GeluTanh => Some(LtActivation::Gelu),
         };
-        let blas = handle(dev)?;
+        let (blas, _) = cublaslt(dev)?;
         // SAFETY: the layouts above describe exactly the views passed; the bias holds n
         // elements, one per row of the column-major result.
         unsafe { blas.matmul(cfg, &w, &x, &mut y, Some(&b), act.as_ref()) }
@@ -171,20 +209,26 @@ unsafe impl Sync for LtRaw {}
 /// Workspace cuBLASLt may use: NVIDIA's recommendation for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-fn raw_handle(dev: &CudaDevice) -> Result<Arc<LtRaw>> {
-    static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<LtRaw>>>> = OnceLock::new();
-    let mut handles = HANDLES
-        .get_or_init(Default::default)
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("the cuBLASLt handle cache is poisoned".into()))?;
-    if let Some(h) = handles.get(&dev.id()) {
-        return Ok(h.clone());
+impl LtRaw {
+    fn new(dev: &CudaDevice) -> Result<Self> {
+        let handle = lt::create_handle().map_err(lt_error("creating a cuBLASLt handle"))?;
+        match dev.alloc_zeros::<u8>(WORKSPACE_BYTES) {
+            Ok(workspace) => Ok(Self { handle, workspace }),
+            Err(e) => {
+                // SAFETY: created just above and not shared.
+                let _ = unsafe { lt::destroy_handle(handle) };
+                Err(e)
+            }
+        }
     }
-    let handle = lt::create_handle().map_err(lt_error("creating a cuBLASLt handle"))?;
-    let workspace = dev.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
-    let h = Arc::new(LtRaw { handle, workspace });
-    handles.insert(dev.id(), h.clone());
-    Ok(h)
+}
+
+impl Drop for LtRaw {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by `LtRaw::new` and is destroyed once, after the
+        // last `Arc` holding it (so after the last GEMM that used it was enqueued).
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
 }
 
 fn lt_error(what: &'static str) -> impl Fn(lt::CublasError) -> candle_core::Error {
@@ -278,8 +322,8 @@ impl CustomOp3 for LtFp8Linear {
         };
         let (xv, wv, bv) = (
             contiguous_view(x, xl, 8, "FP8 projection input")?,
-            contiguous_view(w, wl, 1, "FP8 projection weight")?,
-            contiguous_view(b, bl, 1, "FP8 projection bias")?,
+            contiguous_view(w, wl, 2 * LT_ALIGN_BF16, "FP8 projection weight")?,
+            contiguous_view(b, bl, LT_ALIGN_BF16, "FP8 projection bias")?,
         );
         let dev = xs.device();
         let stream = dev.cuda_stream();
@@ -307,7 +351,7 @@ impl CustomOp3 for LtFp8Linear {
         let start = scale_layout.start_offset();
         let w_scale = w_scale.slice(start..start + 1);
         let y = alloc_like(dev, b, m * n)?;
-        let ctx = raw_handle(dev)?;
+        let (_, ctx) = cublaslt(dev)?;
         let desc = Owned {
             raw: lt::create_matmul_desc(
                 lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -425,8 +469,21 @@ pub fn fp8_linear(
         act,
         weight_scale: scale.clone(),
     };
-    x.contiguous()?
-        .apply_op3_no_bwd(&values.contiguous()?, &b.contiguous()?, &op)
+    let (values, b) = (values.contiguous()?, b.contiguous()?);
+    // One activation scale per image: quantized together, each image's result would depend on
+    // the others in its batch (the largest value sets everyone's resolution).
+    let images = if x.rank() >= 3 { x.dim(0)? } else { 1 };
+    if images > 1 {
+        let parts = (0..images)
+            .map(|i| {
+                x.narrow(0, i, 1)?
+                    .contiguous()?
+                    .apply_op3_no_bwd(&values, &b, &op)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Tensor::cat(&parts, 0);
+    }
+    x.contiguous()?.apply_op3_no_bwd(&values, &b, &op)
 }
 
 /// Launch shape of the FP8 helper kernels over `n` values (8 per thread per step).

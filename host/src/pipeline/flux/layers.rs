@@ -241,6 +241,7 @@ impl Dense {
             return Ok(None);
         };
         match &self.weight {
+            Weight::Full(w) if !gemm_cuda::aligned(w) || !gemm_cuda::aligned(b) => Ok(None),
             Weight::Full(w) => gemm_cuda::linear(x, w, b, act).map(Some),
             Weight::Fp8 {
                 values,

@@ -91,6 +91,10 @@ impl NormRope {
                 self.cos.elem_count()
             );
         }
+        // The kernel reads cos/sin as float2, the projection and the scale as 4 bf16 at a time.
+        if !cos_start.is_multiple_of(2) || !sin_start.is_multiple_of(2) {
+            candle_core::bail!("the rotary table must start 8-byte aligned");
+        }
         let cos = cos.slice(cos_start..cos_start + table_len);
         let sin = sin.slice(sin_start..sin_start + table_len);
 
@@ -108,6 +112,9 @@ impl NormRope {
             let (start, end) = s.layout.contiguous_offsets().ok_or_else(|| {
                 candle_core::Error::Msg("norm_rope wants a contiguous projection".into())
             })?;
+            if !start.is_multiple_of(4) {
+                candle_core::bail!("norm_rope wants the projection 8-byte aligned");
+            }
             let (_, rows, _) = s.layout.shape().dims3()?;
             let part = self.part * self.heads * HEAD_DIM;
             let src = whole.slice(start + part..end);
@@ -119,6 +126,9 @@ impl NormRope {
                 candle_core::bail!("the norm scale is not bf16");
             };
             let scale_start = scale_layout.start_offset();
+            if !scale_start.is_multiple_of(4) {
+                candle_core::bail!("the norm scale must start 8-byte aligned");
+            }
             if s.scale.elem_count() != HEAD_DIM || !scale_layout.is_contiguous() {
                 candle_core::bail!("the norm scale must hold {HEAD_DIM} contiguous values");
             }
