@@ -226,6 +226,9 @@ fn vae_ops(
         time(out, &format!("vae_conv_{tag}"), Work::Flop(flop), &|| {
             x.conv2d(&weight, 1, 1, 1, 1)
         })?;
+        if device.is_cuda() && matches!(level, 1 | 8) {
+            conv_algorithms(out, time, &x, &weight, &tag, flop)?;
+        }
         let gn = candle_nn::GroupNorm::new(
             Tensor::ones(ch, dtype, device)?,
             Tensor::zeros(ch, dtype, device)?,
@@ -253,6 +256,39 @@ fn vae_ops(
                 Work::Bytes(5.0 * n),
                 &|| x.upsample_nearest2d(2 * h, 2 * w),
             )?;
+        }
+    }
+    Ok(())
+}
+
+/// The same 3×3 convolution with each cuDNN forward algorithm forced (candle otherwise takes
+/// cuDNN's heuristic pick): which one, if any, reaches tensor-core speed on bf16 NCHW. An
+/// algorithm cuDNN refuses for these inputs is reported as such, not fatal.
+fn conv_algorithms(
+    out: &mut dyn Write,
+    time: &TimeFn,
+    x: &Tensor,
+    weight: &Tensor,
+    tag: &str,
+    flop: f64,
+) -> Result<(), BenchError> {
+    use candle_core::conv::CudnnFwdAlgo as A;
+    for algo in [
+        A::ImplicitGemm,
+        A::ImplicitPrecompGemm,
+        A::Gemm,
+        A::Direct,
+        A::Fft,
+        A::FftTiling,
+        A::Winograd,
+        A::WinogradNonFused,
+    ] {
+        let name = format!("vae_conv_{tag}_{algo:?}").to_lowercase();
+        let run = time(out, &name, Work::Flop(flop), &|| {
+            x.conv2d_with_algo(weight, 1, 1, 1, 1, Some(algo))
+        });
+        if let Err(e) = run {
+            writeln!(out, "RATE op_{name}: unsupported ({e})")?;
         }
     }
     Ok(())
