@@ -46,24 +46,29 @@ pub enum BenchError {
     Usage(String),
 }
 
-/// Median, min and max of a sample, in the twin's `RESULT` format.
-pub fn result_line(name: &str, samples: &[f64]) -> String {
+/// Median of a sample (mean of the middle two for an even count); NaN when empty. The one
+/// median of the `RESULT` lines and the rates derived from them.
+pub fn median(samples: &[f64]) -> f64 {
     let mut v = samples.to_vec();
     v.sort_by(f64::total_cmp);
-    let median = if v.is_empty() {
+    if v.is_empty() {
         f64::NAN
     } else if v.len() % 2 == 1 {
         v[v.len() / 2]
     } else {
         (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
-    let (min, max) = (
-        v.first().copied().unwrap_or(f64::NAN),
-        v.last().copied().unwrap_or(f64::NAN),
-    );
+    }
+}
+
+/// Median, min and max of a sample, in the twin's `RESULT` format.
+pub fn result_line(name: &str, samples: &[f64]) -> String {
+    let median = median(samples);
+    // NaN.min(x) is x: an empty sample stays NaN, any other gives its extremes.
+    let min = samples.iter().copied().fold(f64::NAN, f64::min);
+    let max = samples.iter().copied().fold(f64::NAN, f64::max);
     format!(
         "RESULT {name}: median {median:.3} ms (min {min:.3}, max {max:.3}, n={})",
-        v.len()
+        samples.len()
     )
 }
 
@@ -78,20 +83,8 @@ fn time_ms(
 }
 
 /// Runs `f` `warmup` times untimed and `iters` times timed, writes the `RESULT` line, and
-/// returns the last output.
+/// returns the last output with the timed samples (ms).
 fn timed(
-    device: &Device,
-    warmup: usize,
-    iters: usize,
-    out: &mut dyn Write,
-    name: &str,
-    f: &dyn Fn() -> candle_core::Result<Tensor>,
-) -> Result<Tensor, BenchError> {
-    timed_samples(device, warmup, iters, out, name, f).map(|(last, _)| last)
-}
-
-/// [`timed`], also returning the timed samples (ms).
-fn timed_samples(
     device: &Device,
     warmup: usize,
     iters: usize,
@@ -211,10 +204,7 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
     let vb = VarBuilder::from_backend(Box::new(RandomWeights::on_device()), dtype, device.clone());
     let model: Box<dyn WithForward> = match opts.model {
         ModelImpl::Ours => {
-            let options = ModelOptions {
-                gemm: opts.gemm,
-                ..ModelOptions::new(opts.attention, opts.fp8)
-            };
+            let options = ModelOptions::new(opts.attention, opts.fp8, opts.gemm);
             let m = FluxModel::with_options(&flux_cfg, vb, options)?;
             writeln!(
                 out,
@@ -268,7 +258,7 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
     };
 
     let bench = |out: &mut dyn Write, name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| {
-        timed(&device, opts.warmup, opts.iters, out, name, f)
+        timed(&device, opts.warmup, opts.iters, out, name, f).map(|(last, _)| last)
     };
     bench(out, "one_step", &|| forward(&state.img, 1.0))?;
     let latents = bench(out, "four_steps", &four_steps)?;

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::flux::model::Config as FluxConfig;
 
-use super::{BenchError, GpuBenchOptions, timed_samples};
+use super::{BenchError, GpuBenchOptions, median, timed};
 use crate::pipeline::flux::attention;
 use crate::pipeline::flux::blocks::joined_qkv;
 use crate::pipeline::flux::layers::{
@@ -43,8 +43,8 @@ pub(super) fn run(
                 f: &dyn Fn() -> candle_core::Result<Tensor>|
      -> Result<(), BenchError> {
         let label = format!("op_{name}");
-        let (_, mut samples) = timed_samples(device, opts.warmup, opts.iters, out, &label, f)?;
-        let median = median_ms(&mut samples);
+        let (_, samples) = timed(device, opts.warmup, opts.iters, out, &label, f)?;
+        let median = median(&samples);
         let (rate, unit) = match work {
             Work::Flop(f) => (f / median / 1e9, "TFLOP/s"),
             Work::Bytes(b) => (b / median / 1e6, "GB/s"),
@@ -311,9 +311,4 @@ fn readable(x: f64) -> String {
     } else {
         format!("{x:.3e}")
     }
-}
-
-fn median_ms(samples: &mut [f64]) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
 }

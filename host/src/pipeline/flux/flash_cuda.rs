@@ -143,14 +143,12 @@ impl CustomOp3 for FlashAttentionCuda {
         let kernel = self.kernel;
         let func = dev.get_or_load_custom_func(kernel.entry(), "headshot_flash_attn", PTX)?;
         let smem = kernel.dynamic_smem();
-        if smem > 48 * 1024 {
-            // Above 48 KiB a kernel must opt in to its dynamic shared memory.
-            func.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .w()?;
-        }
+        // Every kernel uses more than 48 KiB of dynamic shared memory, which needs an opt-in.
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
         let rows = kernel.rows();
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(rows) as u32, (b * h) as u32, 1),

@@ -16,7 +16,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, Devic
 use candle_core::{CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
-use super::layers::Activation;
+use super::layers::{Activation, E4M3_MAX};
 
 /// cuBLASLt's default minimum pointer alignment (256 bytes), in bf16 elements.
 const LT_ALIGN_BF16: usize = 128;
@@ -549,11 +549,11 @@ impl CustomOp1 for QuantizeWeight {
     }
 }
 
-/// Per-tensor e4m3 quantization of a bf16 CUDA weight on the GPU: the bits as a u8 tensor,
-/// the scale (`bits · scale ≈ w`), and the scale as one f32 on the device for the GEMM.
+/// Per-tensor e4m3 quantization of a bf16 CUDA weight on the GPU: the bits as a u8 tensor
+/// and the scale (`bits · scale ≈ w`) as one f32 on the device, where the GEMM reads it.
 /// candle 0.11.1 cannot cast to F8E4M3 on CUDA (its cast kernels are looked up as
 /// `cast_*_f8e4m3` but built as `cast_*_f8_e4m3`), so the weight never becomes that dtype here.
-pub fn quantize_weight(w: &Tensor) -> Result<(Tensor, f64, Tensor)> {
+pub fn quantize_weight(w: &Tensor) -> Result<(Tensor, Tensor)> {
     let amax = w
         .abs()?
         .flatten_all()?
@@ -564,9 +564,8 @@ pub fn quantize_weight(w: &Tensor) -> Result<(Tensor, f64, Tensor)> {
         candle_core::bail!("cannot quantize a weight holding NaN or infinity to FP8");
     }
     let bits = w.contiguous()?.apply_op1_no_bwd(&QuantizeWeight { amax })?;
-    let scale = f64::from(amax.max(1e-12)) / 448.0;
-    let on_device = Tensor::new(&[scale as f32], w.device())?;
-    Ok((bits, scale, on_device))
+    let scale = f64::from(amax.max(1e-12)) / E4M3_MAX;
+    Ok((bits, Tensor::new(&[scale as f32], w.device())?))
 }
 
 /// Whether the FP8 GEMM takes this weight: cuBLASLt wants FP8 dimensions in multiples of 16.

@@ -7,7 +7,7 @@ use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// Largest finite e4m3 value: per-tensor scales map each weight's max |w| onto it.
-const E4M3_MAX: f64 = 448.0;
+pub(crate) const E4M3_MAX: f64 = 448.0;
 
 /// How a [`Dense`] layer stores its weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -67,18 +67,20 @@ impl From<WeightFormat> for Projections {
 enum Weight {
     /// The checkpoint's values in the activation dtype.
     Full(Tensor),
-    /// e4m3 values with `values · scale ≈ weight`.
+    /// e4m3 values with `values · scale ≈ weight`, widened for the GEMM.
     Fp8 {
-        /// The quantized weight (out × in).
+        /// The quantized weight (out × in), dtype F8E4M3.
         values: Tensor,
         /// Per-tensor scale.
         scale: f64,
-        /// The same scale as one f32 on the weight's device (the FP8 GEMM reads it there).
-        #[cfg_attr(
-            not(feature = "cuda"),
-            expect(dead_code, reason = "read by the CUDA GEMM")
-        )]
-        scale_on_device: Tensor,
+    },
+    /// e4m3 bits quantized on a GPU, for its FP8 GEMM only (see [`Dense::fp8_on_gpu`]).
+    #[cfg(feature = "cuda")]
+    Fp8Gpu {
+        /// The e4m3 bits (out × in) as u8: candle 0.11.1 cannot cast to F8E4M3 on CUDA.
+        bits: Tensor,
+        /// `bits · scale ≈ weight`, one f32 on the device (the GEMM reads it there).
+        scale: Tensor,
     },
 }
 
@@ -138,12 +140,7 @@ impl Dense {
             WeightFormat::Full => Weight::Full(weight),
             WeightFormat::Fp8 => {
                 let (values, scale) = quantize_e4m3(&weight)?;
-                let scale_on_device = Tensor::new(&[scale as f32], weight.device())?;
-                Weight::Fp8 {
-                    values,
-                    scale,
-                    scale_on_device,
-                }
+                Weight::Fp8 { values, scale }
             }
         };
         Ok(Self {
@@ -168,8 +165,8 @@ impl Dense {
                 how.gemm
             );
         }
-        let (values, scale, scale_on_device) = gemm_cuda::quantize_weight(&weight)?;
-        if !gemm_cuda::fp8_fits(&values) {
+        let (bits, scale) = gemm_cuda::quantize_weight(&weight)?;
+        if !gemm_cuda::fp8_fits(&bits) {
             candle_core::bail!(
                 "the FP8 GEMM needs dimensions in multiples of 16, this weight is {:?}",
                 weight.dims()
@@ -180,11 +177,7 @@ impl Dense {
             None => Tensor::zeros(output, DType::BF16, weight.device())?,
         };
         Ok(Self {
-            weight: Weight::Fp8 {
-                values,
-                scale,
-                scale_on_device,
-            },
+            weight: Weight::Fp8Gpu { bits, scale },
             bias: Some(bias),
             gemm: how.gemm,
         })
@@ -207,15 +200,14 @@ impl Dense {
         }
         let y = match &self.weight {
             Weight::Full(w) => x.broadcast_matmul(&w.t()?)?,
-            Weight::Fp8 { values, .. } if values.dtype() != DType::F8E4M3 => {
-                candle_core::bail!(
-                    "FP8 weights quantized on the GPU run only in its FP8 GEMM (bf16 input on \
-                     the same device), got {:?} input on {:?}",
-                    x.dtype(),
-                    x.device().location()
-                )
-            }
-            Weight::Fp8 { values, scale, .. } => {
+            #[cfg(feature = "cuda")]
+            Weight::Fp8Gpu { .. } => candle_core::bail!(
+                "FP8 weights quantized on the GPU run only in its FP8 GEMM (bf16 input on the \
+                 same device), got {:?} input on {:?}",
+                x.dtype(),
+                x.device().location()
+            ),
+            Weight::Fp8 { values, scale } => {
                 let w = values.to_dtype(DType::F16)?.to_dtype(x.dtype())?;
                 x.broadcast_matmul(&w.t()?)?.affine(*scale, 0.0)?
             }
@@ -243,12 +235,8 @@ impl Dense {
         match &self.weight {
             Weight::Full(w) if !gemm_cuda::aligned(w) || !gemm_cuda::aligned(b) => Ok(None),
             Weight::Full(w) => gemm_cuda::linear(x, w, b, act).map(Some),
-            Weight::Fp8 {
-                values,
-                scale_on_device,
-                ..
-            } if values.dtype() == DType::U8 => {
-                gemm_cuda::fp8_linear(x, values, scale_on_device, b, act).map(Some)
+            Weight::Fp8Gpu { bits, scale } => {
+                gemm_cuda::fp8_linear(x, bits, scale, b, act).map(Some)
             }
             Weight::Fp8 { .. } => Ok(None),
         }
@@ -259,6 +247,8 @@ impl Dense {
         let w = match &self.weight {
             Weight::Full(w) => w,
             Weight::Fp8 { values, .. } => values,
+            #[cfg(feature = "cuda")]
+            Weight::Fp8Gpu { bits, .. } => bits,
         };
         w.elem_count() * w.dtype().size_in_bytes()
     }

@@ -31,8 +31,8 @@ pub struct ModelOptions {
 }
 
 impl ModelOptions {
-    /// Options from the settings: `model.attention` and `model.fp8`.
-    pub fn new(attention: AttentionKernel, fp8: bool) -> Self {
+    /// Options from the settings: `model.attention`, `model.fp8` and `model.gemm`.
+    pub fn new(attention: AttentionKernel, fp8: bool, gemm: GemmKernel) -> Self {
         Self {
             attention,
             weights: if fp8 {
@@ -40,7 +40,7 @@ impl ModelOptions {
             } else {
                 WeightFormat::Full
             },
-            gemm: GemmKernel::default(),
+            gemm,
         }
     }
 

@@ -212,10 +212,7 @@ impl FluxPipeline {
         }
         let mut tf_status = ComponentStatus::of("transformer", &tf, dtype);
         let transformer = tf.build("FLUX transformer", dtype, &device, |vb| {
-            let options = ModelOptions {
-                gemm: opts.gemm,
-                ..ModelOptions::new(opts.attention, opts.fp8)
-            };
+            let options = ModelOptions::new(opts.attention, opts.fp8, opts.gemm);
             FluxModel::with_options(&tf_cfg, vb, options)
         })?;
         if opts.fp8 {
