@@ -18,12 +18,14 @@ start=$SECONDS
 xz -dc "$carry/headshot.xz" > /tmp/headshot && chmod +x /tmp/headshot
 py=${TORCH_PY:-python3}
 tdir=$("$py" -c "import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))" 2>/dev/null)
-libs=$(find ${tdir:+"$tdir"} -name 'libcublas.so*' -o -name 'libcurand.so*' -o -name 'libcudnn.so*' 2>/dev/null | xargs -r -n1 dirname | grep -v /stubs | sort -u | tr '\n' ':')
+[ -n "$tdir" ] || { echo "no torch install found (TORCH_PY=$py): its CUDA libraries are needed" >&2; exit 2; }
+libs=$(find "$tdir" -name 'libcublas.so*' -o -name 'libcurand.so*' -o -name 'libcudnn.so*' 2>/dev/null | xargs -r -n1 dirname | grep -v /stubs | sort -u | tr '\n' ':')
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:-}"
 # run-bench.sh puts every folder holding libcublas on the library path, /usr/local/cuda's
 # stubs/ too, whose libcuda.so stub makes the driver unusable ("CUDA_ERROR_STUB_LIBRARY");
 # the copy used here leaves stubs/ out and is otherwise unchanged.
 sed 's#dirname | sort -u#dirname | grep -v /stubs | sort -u#' "$carry/run-bench.sh" > "$carry/run-bench.nostubs.sh"
+grep -q 'grep -v /stubs' "$carry/run-bench.nostubs.sh" || { echo "run-bench.sh changed: the stubs/ filter no longer applies" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$out/gpu.txt" 2>&1
 left() { echo $(( budget - (SECONDS - start) )); }
 # run LIMIT ARGS...: one bench run, skipped when under LIMIT seconds remain.

@@ -529,6 +529,26 @@ impl Config {
         if m.load_attempts == 0 {
             return Err(invalid("model.load_attempts", "must be at least 1".into()));
         }
+        // FP8 weights on a GPU run only in the FP8 GEMM (bf16 activations, `gemm = "auto"`).
+        // With the device named, say so now rather than after reading the checkpoint.
+        if m.fp8 && matches!(m.device, crate::pipeline::device::DeviceSpec::Cuda(_)) {
+            use crate::pipeline::device::DTypeSpec;
+            if m.gemm == crate::pipeline::flux::layers::GemmKernel::Plain {
+                return Err(invalid(
+                    "model.gemm",
+                    "must be \"auto\" with model.fp8 on CUDA: FP8 weights run only in the FP8 GEMM"
+                        .into(),
+                ));
+            }
+            if !matches!(m.dtype, DTypeSpec::Auto | DTypeSpec::Bf16) {
+                return Err(invalid(
+                    "model.dtype",
+                    "must be \"auto\" or \"bf16\" with model.fp8 on CUDA: the FP8 GEMM takes \
+                     bf16 activations"
+                        .into(),
+                ));
+            }
+        }
         self.validate_policies()?;
         self.validate_service()?;
         for (name, template) in &self.styles {
@@ -951,6 +971,33 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn fp8_on_a_named_gpu_needs_the_fp8_gemm_and_bf16() {
+        for (toml, key) in [
+            (
+                "[model]\ndevice = \"cuda\"\nfp8 = true\ngemm = \"plain\"\n",
+                "model.gemm",
+            ),
+            (
+                "[model]\ndevice = \"cuda:0\"\nfp8 = true\ndtype = \"f32\"\n",
+                "model.dtype",
+            ),
+        ] {
+            let e = Config::from_layers(Some((toml, "f.toml")), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        // The same settings are fine on the CPU (weights widened for candle's matmul), and
+        // FP8 with bf16 and the fused GEMM is fine on CUDA.
+        for toml in [
+            "[model]\ndevice = \"cpu\"\nfp8 = true\ngemm = \"plain\"\ndtype = \"f32\"\n",
+            "[model]\ndevice = \"cuda\"\nfp8 = true\ndtype = \"bf16\"\n",
+        ] {
+            Config::from_layers(Some((toml, "f.toml")), env(&[])).unwrap();
         }
     }
 

@@ -142,7 +142,8 @@ fn fused_attention_draws_the_same_image_and_fp8_a_close_one() {
         height: 96,
         ..seeded("studio portrait", 7)
     };
-    let plain = run(&mut load(AttentionKernel::Plain), &params).unwrap();
+    let mut plain_pipeline = load(AttentionKernel::Plain);
+    let plain = run(&mut plain_pipeline, &params).unwrap();
     let fused = run(&mut load(AttentionKernel::Fused), &params).unwrap();
     let (a, b) = (pixels(&plain.images[0].png), pixels(&fused.images[0].png));
     assert_eq!(a.len(), 128 * 96 * 3);
@@ -167,7 +168,7 @@ fn fused_attention_draws_the_same_image_and_fp8_a_close_one() {
             .unwrap();
         (tf.bytes, tf.parameters)
     };
-    let (full_bytes, params_count) = bytes(&load(AttentionKernel::Plain));
+    let (full_bytes, params_count) = bytes(&plain_pipeline);
     let (fp8_bytes, _) = bytes(&fp8);
     assert_eq!(full_bytes, params_count * 4, "demo weights load as f32");
     assert!(

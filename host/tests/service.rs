@@ -182,15 +182,7 @@ async fn a_repeated_job_id_returns_the_recorded_result_without_generating_again(
     assert_eq!(second["output"], first["output"]);
     let third: Value = post_json(&c, api(&r, "/v2/local/run"), &body).await;
     assert_eq!(third["status"], "COMPLETED");
-    let job: Value = c
-        .get(admin(&r, "/admin/jobs/order-42"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = get_admin_json(&c, admin(&r, "/admin/jobs/order-42")).await;
     assert_eq!(job["job"]["attempts"], 1, "{job}");
     let files: Vec<_> = std::fs::read_dir(dir.path().join("images/user-1/order-42"))
         .unwrap()
@@ -347,32 +339,27 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
     )
     .await;
     assert_eq!(bad["status"], "FAILED");
-    let get = |path: String| {
-        let c = c.clone();
-        async move {
-            c.get(path)
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    };
-    let all = get(admin(&r, "/admin/jobs?limit=2")).await;
+    let all = get_admin_json(&c, admin(&r, "/admin/jobs?limit=2")).await;
     assert_eq!(all["jobs"].as_array().unwrap().len(), 2);
     let cursor = all["next_cursor"].as_str().unwrap().to_string();
-    let rest = get(admin(&r, &format!("/admin/jobs?limit=2&cursor={cursor}"))).await;
+    let rest = get_admin_json(
+        &c,
+        admin(&r, &format!("/admin/jobs?limit=2&cursor={cursor}")),
+    )
+    .await;
     assert_eq!(rest["jobs"].as_array().unwrap().len(), 2);
     assert!(rest["next_cursor"].is_null());
-    let bobs = get(admin(&r, "/admin/jobs?user_id=bob")).await;
+    let bobs = get_admin_json(&c, admin(&r, "/admin/jobs?user_id=bob")).await;
     assert_eq!(bobs["jobs"].as_array().unwrap().len(), 3);
-    let failed = get(admin(&r, "/admin/jobs?status=FAILED")).await;
+    let failed = get_admin_json(&c, admin(&r, "/admin/jobs?status=FAILED")).await;
     assert_eq!(failed["jobs"].as_array().unwrap().len(), 1);
     assert_eq!(failed["jobs"][0]["error"]["error_type"], "validation_error");
     let one = &all["jobs"][0]["id"];
-    let job = get(admin(&r, &format!("/admin/jobs/{}", one.as_str().unwrap()))).await;
+    let job = get_admin_json(
+        &c,
+        admin(&r, &format!("/admin/jobs/{}", one.as_str().unwrap())),
+    )
+    .await;
     assert!(
         job["job"]["timings"]["total_ms"].as_f64().is_some(),
         "{job}"
@@ -396,7 +383,29 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
     ] {
         assert!(metrics.contains(needle), "{needle} not in {metrics}");
     }
-    let policies = get(admin(&r, "/admin/policies")).await;
+    // Every family announces its type (and, but for the GPU readings, its help).
+    for (family, kind) in [
+        ("headshot_jobs", "gauge"),
+        ("headshot_jobs_retried_total", "counter"),
+        ("headshot_queue_depth", "gauge"),
+        ("headshot_model_loaded", "gauge"),
+        ("headshot_policy_calls_total", "counter"),
+        ("headshot_policy_failures_total", "counter"),
+        ("headshot_breaker_open", "gauge"),
+        ("headshot_job_stage_milliseconds", "summary"),
+        ("headshot_job_errors_total", "counter"),
+        ("headshot_policy_call_microseconds", "summary"),
+        ("headshot_memory_bytes", "gauge"),
+        ("headshot_model_load_failures_total", "counter"),
+    ] {
+        let header = format!("# TYPE {family} {kind}\n");
+        assert!(metrics.contains(&header), "{header} not in {metrics}");
+        assert!(
+            metrics.contains(&format!("# HELP {family} ")),
+            "{family}: {metrics}"
+        );
+    }
+    let policies = get_admin_json(&c, admin(&r, "/admin/policies")).await;
     assert_eq!(policies["slots"].as_array().unwrap().len(), 3);
     r.shutdown().await;
 }
@@ -485,15 +494,7 @@ async fn base64_output_and_openapi_documents() {
     );
     let doc: Value = get_json(&c, api(&r, "/openapi.json")).await;
     assert!(doc["paths"]["/v2/{endpoint}/runsync"].is_object());
-    let doc: Value = c
-        .get(admin(&r, "/openapi.json"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = get_admin_json(&c, admin(&r, "/openapi.json")).await;
     assert!(doc["paths"]["/admin/policies"].is_object());
     let ready = c.get(api(&r, "/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);

@@ -101,15 +101,7 @@ async fn storage_down_keeps_images_opens_the_breaker_and_the_breaker_survives_a_
     let err = job_error(&v);
     assert_eq!(err["error_type"], "circuit_open", "{err}");
     assert!(err["details"]["retry_after_ms"].as_u64().unwrap() > 0);
-    let breakers: Value = c
-        .get(admin(&r, "/admin/breakers"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let breakers: Value = get_admin_json(&c, admin(&r, "/admin/breakers")).await;
     assert_eq!(breakers["breakers"][0]["state"], "open", "{breakers}");
     r.shutdown().await;
 

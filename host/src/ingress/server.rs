@@ -266,6 +266,23 @@ fn family<V: std::fmt::Display>(
     }
 }
 
+/// Writes one summary family: `# HELP`, `# TYPE`, then `name_sum{labels}` and
+/// `name_count{labels}` per row of (labels, sum, count).
+fn summary(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (String, String, u64)>,
+) {
+    let samples = rows.into_iter().flat_map(|(labels, sum, count)| {
+        [
+            (format!("_sum{labels}"), sum),
+            (format!("_count{labels}"), count.to_string()),
+        ]
+    });
+    family(out, name, "summary", Some(help), samples);
+}
+
 /// `{key="value"}`.
 fn label(key: &str, value: impl std::fmt::Display) -> String {
     format!("{{{key}=\"{value}\"}}")
@@ -274,7 +291,6 @@ fn label(key: &str, value: impl std::fmt::Display) -> String {
 /// Prometheus text exposition of the worker's counters and gauges.
 pub fn metrics_text(service: &JobService) -> String {
     let mut out = String::new();
-    let out = &mut out;
     let counts = service.counts().ok();
     let by_status = counts.iter().flat_map(|c| {
         [
@@ -287,7 +303,7 @@ pub fn metrics_text(service: &JobService) -> String {
         .map(|(status, n)| (label("status", status), n))
     });
     family(
-        out,
+        &mut out,
         "headshot_jobs",
         "gauge",
         Some("Jobs in the history by status."),
@@ -296,7 +312,7 @@ pub fn metrics_text(service: &JobService) -> String {
     if let Some(c) = &counts {
         let help = Some("Runs restarted after a crash.");
         family(
-            out,
+            &mut out,
             "headshot_jobs_retried_total",
             "counter",
             help,
@@ -305,7 +321,7 @@ pub fn metrics_text(service: &JobService) -> String {
     }
     let help = Some("Jobs waiting to run.");
     family(
-        out,
+        &mut out,
         "headshot_queue_depth",
         "gauge",
         help,
@@ -315,29 +331,34 @@ pub fn metrics_text(service: &JobService) -> String {
     let help = Some("Whether the model is loaded.");
     let loaded = u8::from(model.loaded);
     family(
-        out,
+        &mut out,
         "headshot_model_loaded",
         "gauge",
         help,
         [(String::new(), loaded)],
     );
 
-    // One registry read serves the three policy families.
-    let slots = service.registry().status().unwrap_or_default();
-    let per_slot = |f: fn(&_) -> u64| slots.iter().map(move |s| (label("slot", s.kind), f(s)));
+    // One registry read serves the three policy families (the last two only when it worked).
+    let slots = service.registry().status().ok();
+    let per_slot = |f: fn(&_) -> u64| {
+        slots
+            .iter()
+            .flatten()
+            .map(move |s| (label("slot", s.kind), f(s)))
+    };
     let help = Some("Policy calls on the active version.");
     family(
-        out,
+        &mut out,
         "headshot_policy_calls_total",
         "counter",
         help,
         per_slot(|s| s.calls),
     );
-    if !slots.is_empty() {
+    if slots.is_some() {
         let help = Some("Policy calls that trapped or broke a limit.");
         let failures = per_slot(|s| s.failures);
         family(
-            out,
+            &mut out,
             "headshot_policy_failures_total",
             "counter",
             help,
@@ -352,25 +373,17 @@ pub fn metrics_text(service: &JobService) -> String {
         (label("breaker", name), u8::from(open))
     });
     let help = Some("Whether a circuit breaker refuses calls (open or forced open).");
-    family(out, "headshot_breaker_open", "gauge", help, open);
+    family(&mut out, "headshot_breaker_open", "gauge", help, open);
 
     let stages = service.metrics().stages();
-    let stage_lines = stages.iter().flat_map(|(stage, sum, count)| {
-        [
-            (format!("_sum{}", label("stage", stage)), sum.to_string()),
-            (
-                format!("_count{}", label("stage", stage)),
-                count.to_string(),
-            ),
-        ]
-    });
-    let help = Some("Time spent per job stage.");
-    family(
-        out,
+    let stage_rows = stages
+        .iter()
+        .map(|(stage, sum, count)| (label("stage", stage), sum.to_string(), *count));
+    summary(
+        &mut out,
         "headshot_job_stage_milliseconds",
-        "summary",
-        help,
-        stage_lines,
+        "Time spent per job stage.",
+        stage_rows,
     );
 
     let errors = service.metrics().errors();
@@ -378,23 +391,20 @@ pub fn metrics_text(service: &JobService) -> String {
         .iter()
         .map(|(kind, n)| (label("error_type", kind), n));
     let help = Some("Failed jobs by error category.");
-    family(out, "headshot_job_errors_total", "counter", help, errors);
+    family(
+        &mut out,
+        "headshot_job_errors_total",
+        "counter",
+        help,
+        errors,
+    );
 
-    if !slots.is_empty() {
-        let micros = slots.iter().flat_map(|s| {
-            [
-                (format!("_sum{}", label("slot", s.kind)), s.total_micros),
-                (format!("_count{}", label("slot", s.kind)), s.calls),
-            ]
-        });
-        let help = Some("Policy call time on the active version.");
-        family(
-            out,
-            "headshot_policy_call_microseconds",
-            "summary",
-            help,
-            micros,
-        );
+    if let Some(slots) = &slots {
+        let rows = slots
+            .iter()
+            .map(|s| (label("slot", s.kind), s.total_micros.to_string(), s.calls));
+        let help = "Policy call time on the active version.";
+        summary(&mut out, "headshot_policy_call_microseconds", help, rows);
     }
 
     let r = service.monitor().read();
@@ -408,7 +418,7 @@ pub fn metrics_text(service: &JobService) -> String {
         memory.push((label("kind", "gpu_free"), g.free_bytes));
     }
     family(
-        out,
+        &mut out,
         "headshot_memory_bytes",
         "gauge",
         Some("Memory readings."),
@@ -417,7 +427,7 @@ pub fn metrics_text(service: &JobService) -> String {
     if let Some(g) = &r.gpu {
         if let Some(u) = g.utilization_percent {
             family(
-                out,
+                &mut out,
                 "headshot_gpu_utilization_percent",
                 "gauge",
                 None,
@@ -426,7 +436,7 @@ pub fn metrics_text(service: &JobService) -> String {
         }
         if let Some(t) = g.temperature_c {
             family(
-                out,
+                &mut out,
                 "headshot_gpu_temperature_celsius",
                 "gauge",
                 None,
@@ -437,11 +447,11 @@ pub fn metrics_text(service: &JobService) -> String {
     let help = Some("Failed model loads.");
     let failures = [(String::new(), model.load_failures)];
     family(
-        out,
+        &mut out,
         "headshot_model_load_failures_total",
         "counter",
         help,
         failures,
     );
-    std::mem::take(out)
+    out
 }

@@ -78,14 +78,7 @@ pub async fn post_json<T: serde::Serialize + ?Sized>(
     url: impl reqwest::IntoUrl,
     body: &T,
 ) -> Value {
-    c.post(url)
-        .json(body)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("JSON answer")
+    json_answer(c.post(url).json(body)).await
 }
 
 /// Runs a 64×64 demo job for `prompt` through `/runsync` and returns the answer.
@@ -100,15 +93,7 @@ pub async fn runsync(c: &reqwest::Client, r: &Running, prompt: &str) -> Value {
 
 /// The sha256 of the active validator, from the admin API.
 pub async fn active_validator_sha(c: &reqwest::Client, r: &Running) -> String {
-    let v: Value = c
-        .get(admin(r, "/admin/policies"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("JSON answer");
+    let v = get_admin_json(c, admin(r, "/admin/policies")).await;
     v["slots"][0]["active"]["sha256"]
         .as_str()
         .expect("active validator sha256")
@@ -139,13 +124,23 @@ pub async fn swap_validator(
         .expect("swap request")
 }
 
-/// GETs `url` and returns the JSON answer.
-pub async fn get_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
-    c.get(url)
+/// Sends `request` and returns the JSON answer.
+async fn json_answer(request: reqwest::RequestBuilder) -> Value {
+    request
         .send()
         .await
         .expect("request")
         .json()
         .await
         .expect("JSON answer")
+}
+
+/// GETs `url` and returns the JSON answer.
+pub async fn get_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    json_answer(c.get(url)).await
+}
+
+/// GETs an admin API `url` with the test token and returns the JSON answer.
+pub async fn get_admin_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
+    json_answer(c.get(url).bearer_auth(ADMIN_TOKEN)).await
 }
