@@ -20,12 +20,53 @@ struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
-/// Adds `size` to the live count when the allocation `p` succeeded.
-fn counted(p: *mut u8, size: usize) -> *mut u8 {
+/// Live allocations by size class (bucket k holds sizes in [2^(k-1), 2^k)); bucket 0 holds
+/// over-aligned ones (alignment above 16, which glibc serves with memalign).
+static LIVE_BY_CLASS: [AtomicUsize; 48] = [const { AtomicUsize::new(0) }; 48];
+
+fn class(layout: Layout) -> usize {
+    if layout.align() > 16 {
+        0
+    } else {
+        ((usize::BITS - layout.size().leading_zeros()) as usize).clamp(1, 47)
+    }
+}
+
+/// Adds `layout` to the live counts when the allocation `p` succeeded.
+fn counted(p: *mut u8, layout: Layout) -> *mut u8 {
     if !p.is_null() {
-        LIVE.fetch_add(size, Ordering::Relaxed);
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        LIVE_BY_CLASS[class(layout)].fetch_add(1, Ordering::Relaxed);
     }
     p
+}
+
+fn uncounted(layout: Layout) {
+    LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    LIVE_BY_CLASS[class(layout)].fetch_sub(1, Ordering::Relaxed);
+}
+
+fn class_counts() -> Vec<usize> {
+    LIVE_BY_CLASS
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .collect()
+}
+
+/// The size classes whose live allocation count changed between two `class_counts`.
+fn class_changes(before: &[usize], after: &[usize]) -> String {
+    let mut out = Vec::new();
+    for (k, (b, a)) in before.iter().zip(after).enumerate() {
+        if a != b {
+            let name = if k == 0 {
+                "aligned".to_string()
+            } else {
+                format!("<{}", 1u64 << k)
+            };
+            out.push(format!("{name}: {b}->{a}"));
+        }
+    }
+    out.join(", ")
 }
 
 // SAFETY: forwards to the system allocator unchanged; only counts.
@@ -33,25 +74,28 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract as the caller's.
         let p = unsafe { System.alloc(layout) };
-        counted(p, layout.size())
+        counted(p, layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        uncounted(layout);
         // SAFETY: same contract as the caller's.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: same contract as the caller's.
         let p = unsafe { System.alloc_zeroed(layout) };
-        counted(p, layout.size())
+        counted(p, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: same contract as the caller's.
         let moved = unsafe { System.realloc(ptr, layout, new_size) };
         // On failure the old block stays allocated: count only a realloc that happened.
         if !moved.is_null() {
-            LIVE.fetch_add(new_size, Ordering::Relaxed);
-            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            uncounted(layout);
+            // SAFETY: the caller guarantees new_size, rounded to the alignment, fits isize.
+            counted(moved, unsafe {
+                Layout::from_size_align_unchecked(new_size, layout.align())
+            });
         }
         moved
     }
@@ -62,6 +106,48 @@ static ALLOC: Counting = Counting;
 
 fn live_mib() -> f64 {
     LIVE.load(Ordering::Relaxed) as f64 / 1048576.0
+}
+
+/// glibc's own view of its heap (all arenas), so bytes malloc'd outside Rust (C libraries,
+/// glibc itself) and free bytes kept in the arenas show next to the Rust live count.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn glibc_heap() -> String {
+    /// `struct mallinfo2` in glibc's malloc.h (2.33+): ten size_t fields.
+    #[repr(C)]
+    #[derive(Default)]
+    struct MallInfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+    unsafe extern "C" {
+        fn mallinfo2() -> MallInfo2;
+    }
+    // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value.
+    let m = unsafe { mallinfo2() };
+    let mib = |b: usize| b as f64 / 1048576.0;
+    format!(
+        "glibc: arenas {:.1} MiB (in use {:.1}, free {:.1} in {} chunks, fastbins {:.2}), mmapped {:.1} MiB in {}",
+        mib(m.arena),
+        mib(m.uordblks),
+        mib(m.fordblks),
+        m.ordblks,
+        mib(m.fsmblks),
+        mib(m.hblkhd),
+        m.hblks
+    )
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn glibc_heap() -> String {
+    String::new()
 }
 
 use headshot_host::ingress::server::start;
@@ -78,6 +164,7 @@ fn main() {
             .and_then(|v| v.parse::<usize>().ok())
     };
     let warmup = env("HEADSHOT_SOAK_WARMUP").unwrap_or((jobs / 10).max(50));
+    let report_every = env("HEADSHOT_SOAK_REPORT_EVERY").unwrap_or(1000).max(1);
     // As the `headshot` binary does first thing; HEADSHOT_SOAK_GLIBC_DEFAULTS=1 skips it to
     // measure glibc's own behaviour.
     if env("HEADSHOT_SOAK_GLIBC_DEFAULTS") != Some(1) {
@@ -109,13 +196,16 @@ fn main() {
         let t = Instant::now();
         let mut after_warmup = 0.0;
         let mut live_after_warmup = 0.0;
+        let mut classes_after_warmup = class_counts();
         let mut failed = 0;
         for i in 0..jobs {
             if i == warmup {
                 after_warmup = rss();
                 live_after_warmup = live_mib();
+                classes_after_warmup = class_counts();
                 println!(
-                    "INFO after {warmup} warm-up jobs: rss {after_warmup:.1} MiB, live heap {live_after_warmup:.1} MiB"
+                    "INFO after {warmup} warm-up jobs: rss {after_warmup:.1} MiB, live heap {live_after_warmup:.1} MiB; {}",
+                    glibc_heap()
                 );
             }
             let body = json!({ "input": { "prompt": format!("soak portrait {i}"), "user_id": "soak", "width": 64, "height": 64 } });
@@ -123,24 +213,40 @@ fn main() {
             if v["status"] != "COMPLETED" {
                 failed += 1;
             }
-            if i % 1000 == 999 {
+            if (i + 1) % report_every == 0 {
                 println!(
-                    "INFO {} jobs, rss {:.1} MiB, live heap {:.1} MiB, {:.0} s",
+                    "INFO {} jobs, rss {:.1} MiB, live heap {:.1} MiB, {:.0} s; {}",
                     i + 1,
                     rss(),
                     live_mib(),
-                    t.elapsed().as_secs_f64()
+                    t.elapsed().as_secs_f64(),
+                    glibc_heap()
                 );
+                if i >= warmup {
+                    println!(
+                        "INFO   live allocations by size class since warm-up: {}",
+                        class_changes(&classes_after_warmup, &class_counts())
+                    );
+                }
             }
         }
         let end = rss();
         let live_end = live_mib();
+        println!(
+            "INFO live allocations by size class, after warm-up -> end: {}",
+            class_changes(&classes_after_warmup, &class_counts())
+        );
         println!(
             "RESULT soak: {jobs} jobs ({failed} failed) in {:.0} s; rss {after_warmup:.1} MiB after warm-up -> {end:.1} MiB at the end ({:+.2}%); live heap {live_after_warmup:.1} -> {live_end:.1} MiB ({:+.2}%)",
             t.elapsed().as_secs_f64(),
             (end - after_warmup) / after_warmup * 100.0,
             (live_end - live_after_warmup) / live_after_warmup * 100.0
         );
+        // HEADSHOT_SOAK_EXIT_HOT=1 exits with everything still held, so a heap profiler
+        // (heaptrack) lists every live allocation as a leak, with its call count.
+        if env("HEADSHOT_SOAK_EXIT_HOT") == Some(1) {
+            std::process::exit(0);
+        }
         running.shutdown().await;
     });
 }

@@ -65,11 +65,27 @@ pub fn clip_tokenizer_json(
 }
 
 fn load_tokenizer_file(path: &Path, expected: &str) -> Result<Tokenizer, LoadError> {
-    Tokenizer::from_file(path).map_err(|e| LoadError::Corrupt {
-        file: path.to_path_buf(),
-        expected: expected.to_string(),
-        reason: e.to_string(),
-    })
+    Tokenizer::from_file(path)
+        .map(without_word_cache)
+        .map_err(|e| LoadError::Corrupt {
+            file: path.to_path_buf(),
+            expected: expected.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Turns off the tokenizer's per-word cache. The `tokenizers` models (unigram, BPE) keep
+/// every word they have split, up to 10 000 words, and never evict: a worker that sees new
+/// words in every prompt (names, numbers) grows by a few hundred bytes per job until the
+/// cache is full, which the soak bench showed as resident memory creeping over its first
+/// 10 000 jobs (docs/RELIABILITY.md), and users' prompt words stay in memory. Splitting a
+/// prompt's words again costs microseconds against a generation's seconds.
+fn without_word_cache(mut tokenizer: Tokenizer) -> Tokenizer {
+    // Cloning the model starts it on a fresh cache; capacity 0 then keeps it empty.
+    let mut model = tokenizer.get_model().clone();
+    model.resize_cache(0);
+    tokenizer.with_model(model);
+    tokenizer
 }
 
 /// The CLIP tokenizer: `tokenizer/tokenizer.json`, or built from `vocab.json` + `merges.txt`.
@@ -97,11 +113,13 @@ fn load_clip_tokenizer(files: &ModelFiles) -> Result<Tokenizer, LoadError> {
         expected: EXPECTED.into(),
         reason,
     })?;
-    Tokenizer::from_bytes(doc.to_string()).map_err(|e| LoadError::Corrupt {
-        file: vocab_path,
-        expected: EXPECTED.into(),
-        reason: e.to_string(),
-    })
+    Tokenizer::from_bytes(doc.to_string())
+        .map(without_word_cache)
+        .map_err(|e| LoadError::Corrupt {
+            file: vocab_path,
+            expected: EXPECTED.into(),
+            reason: e.to_string(),
+        })
 }
 
 /// The T5 shard files: `model.safetensors.index.json` and its shards, or `model.safetensors`.
