@@ -100,7 +100,13 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
         .map(|home| PathBuf::from(home).join("bin/nvcc"))
         .find(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    for kernel in ["flash_attn", "fp8_quant", "norm_rope", "adaln"] {
+    for kernel in [
+        "flash_attn",
+        "fp8_quant",
+        "norm_rope",
+        "adaln",
+        "group_norm",
+    ] {
         let source = manifest_dir.join(format!("kernels/{kernel}.cu"));
         println!("cargo:rerun-if-changed={}", source.display());
         let out = out_dir.join(format!("{kernel}.ptx"));

@@ -249,6 +249,24 @@ fn vae_ops(
             Work::Bytes(2.0 * n),
             &|| x.silu(),
         )?;
+        #[cfg(feature = "cuda")]
+        if crate::pipeline::flux::group_norm_cuda::supports(&x, 32) {
+            let (one, zero) = (
+                Tensor::ones(ch, dtype, device)?,
+                Tensor::zeros(ch, dtype, device)?,
+            );
+            // Reads x twice and writes once; what the decoder runs in place of the two above.
+            time(
+                out,
+                &format!("vae_group_norm_silu_fused_{tag}"),
+                Work::Bytes(3.0 * n),
+                &|| {
+                    crate::pipeline::flux::group_norm_cuda::group_norm(
+                        &x, &one, &zero, 32, 1e-6, true,
+                    )
+                },
+            )?;
+        }
         if level < 8 {
             time(
                 out,

@@ -111,18 +111,26 @@ impl Checkpoint {
 
     /// Bytes the weights take once loaded as `dtype`.
     pub fn bytes_as(&self, dtype: DType) -> u64 {
-        self.tensors
-            .tensors()
-            .iter()
-            .map(|(_, t)| t.shape().iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64)
-            .sum()
+        self.bytes_under("", dtype)
     }
 
     /// Number of parameters.
     pub fn parameters(&self) -> u64 {
+        self.parameters_under("")
+    }
+
+    /// Bytes the tensors named `prefix…` take once loaded as `dtype` (for a component that
+    /// loads only part of its file, as the decoder of the autoencoder).
+    pub fn bytes_under(&self, prefix: &str, dtype: DType) -> u64 {
+        self.parameters_under(prefix) * dtype.size_in_bytes() as u64
+    }
+
+    /// Number of parameters in the tensors named `prefix…`.
+    pub fn parameters_under(&self, prefix: &str) -> u64 {
         self.tensors
             .tensors()
             .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
             .map(|(_, t)| t.shape().iter().product::<usize>() as u64)
             .sum()
     }

@@ -24,11 +24,17 @@ pub struct ComponentStatus {
 impl ComponentStatus {
     /// Describes a checkpoint as loaded at `dtype`.
     pub fn of(name: &str, ckpt: &Checkpoint, dtype: DType) -> Self {
+        Self::of_part(name, ckpt, "", dtype)
+    }
+
+    /// Figures for the tensors named `prefix…` of `ckpt`: what a component that loads only
+    /// part of its file holds.
+    pub fn of_part(name: &str, ckpt: &Checkpoint, prefix: &str, dtype: DType) -> Self {
         Self {
             name: name.to_string(),
             files: ckpt.files().to_vec(),
-            parameters: ckpt.parameters(),
-            bytes: ckpt.bytes_as(dtype),
+            parameters: ckpt.parameters_under(prefix),
+            bytes: ckpt.bytes_under(prefix, dtype),
         }
     }
 }

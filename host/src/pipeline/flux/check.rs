@@ -323,6 +323,51 @@ pub fn run_into(
         let reference = plain_layer.forward_act(&x32, act)?;
         out.push(compare(name, &fast, &reference, tolerance)?);
     }
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && dtype == DType::BF16 {
+        group_norms(device, tolerance, out)?;
+    }
+    Ok(())
+}
+
+/// The decoder's fused group norm (+ SiLU) against candle's group norm in f32: a group that
+/// fits one block's chunk and one split over several, on activations whose mean is far from
+/// zero (where a sum-of-squares variance loses precision first).
+#[cfg(feature = "cuda")]
+fn group_norms(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> Result<()> {
+    use super::decoder::{EPS, GROUPS};
+    use super::group_norm_cuda::group_norm;
+    let mut rng = Rng::new(43);
+    for dims in [[2, 64, 12, 10], [1, 128, 64, 66]] {
+        let c = dims[1];
+        let x = ((rng.normal_tensor(&dims, device)? * 3.0)? + 1.5)?;
+        let weight = (rng.normal_tensor(&[c], device)? + 1.0)?;
+        let bias = rng.normal_tensor(&[c], device)?;
+        let norm = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), c, GROUPS, EPS)?;
+        let reference = candle_core::Module::forward(&norm, &x)?;
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+        for silu in [false, true] {
+            let fast = group_norm(
+                &bf16(&x)?,
+                &bf16(&weight)?,
+                &bf16(&bias)?,
+                GROUPS,
+                EPS as f32,
+                silu,
+            )?;
+            let want = if silu {
+                reference.silu()?
+            } else {
+                reference.clone()
+            };
+            let name = format!(
+                "group_norm{}_cuda_{}",
+                if silu { "_silu" } else { "" },
+                dims.map(|d| d.to_string()).join("x")
+            );
+            out.push(compare(&name, &fast, &want, tolerance)?);
+        }
+    }
     Ok(())
 }
 

@@ -8,12 +8,15 @@ pub mod blocks;
 pub mod check;
 #[cfg(feature = "cuda")]
 mod cuda_util;
+pub mod decoder;
 pub mod embed;
 pub mod flash_cpu;
 #[cfg(feature = "cuda")]
 pub mod flash_cuda;
 #[cfg(feature = "cuda")]
 pub mod gemm_cuda;
+#[cfg(feature = "cuda")]
+pub mod group_norm_cuda;
 pub mod layers;
 pub mod model;
 #[cfg(feature = "cuda")]

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::flux::autoencoder::AutoEncoder;
 use candle_transformers::models::flux::sampling;
 use serde::Serialize;
 
 use super::attention::AttentionKernel;
+use super::decoder::Decoder;
 use super::layers::GemmKernel;
 use super::model::{FluxModel, ModelOptions};
 use crate::config::Config;
@@ -146,7 +146,7 @@ pub struct FluxPipeline {
     limits: Limits,
     text: TextEncoders,
     transformer: FluxModel,
-    autoencoder: AutoEncoder,
+    decoder: Decoder,
     cache: LruCache<(String, Variant), PromptEmbedding>,
     source: String,
     location: String,
@@ -229,9 +229,15 @@ impl FluxPipeline {
             "the FLUX autoencoder (BFL tensor names)",
         )?;
         let ae_cfg = ae.autoencoder_config()?;
-        components.push(ComponentStatus::of("autoencoder", &ae, dtype));
-        let autoencoder = ae.build("FLUX autoencoder", dtype, &device, |vb| {
-            AutoEncoder::new(&ae_cfg, vb)
+        // Only the decoder loads (a worker never encodes images): count what is resident.
+        components.push(ComponentStatus::of_part(
+            "autoencoder",
+            &ae,
+            "decoder.",
+            dtype,
+        ));
+        let decoder = ae.build("FLUX autoencoder decoder", dtype, &device, |vb| {
+            Decoder::new(&ae_cfg, vb)
         })?;
 
         let load_ms = ms(started.elapsed());
@@ -248,7 +254,7 @@ impl FluxPipeline {
             limits: opts.limits.clone(),
             text,
             transformer,
-            autoencoder,
+            decoder,
             cache: LruCache::new(opts.embedding_cache_size),
             source: opts.source.to_string(),
             location: files.describe(),
@@ -326,7 +332,7 @@ impl FluxPipeline {
 
         let t = Instant::now();
         let rgb = (|| {
-            let decoded = self.autoencoder.decode(&latents)?;
+            let decoded = self.decoder.decode(&latents)?;
             image::batch_to_rgb(&decoded)
         })()
         .map_err(at("decode"))?;

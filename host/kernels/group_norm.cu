@@ -1,0 +1,121 @@
+// Group norm (+ optional SiLU) over bf16 (batch, channels, height, width), as the FLUX
+// autoencoder's decoder runs it before nearly every convolution. A group at full resolution
+// holds channels/groups · height · width values (4 · 1024 · 1024 for a 1024² image): one
+// block per group would leave most of the GPU idle, so the work is split in two launches,
+// each over many blocks:
+//   headshot_group_stats_bf16:  each block sums one chunk of one group (sum and sum of
+//                               squares in f32, combined in f64) into partials[group][chunk];
+//   headshot_group_apply_bf16:  each block combines its group's partials into mean and
+//                               1/std, then writes (x - mean) / std · weight[c] + bias[c],
+//                               through SiLU when asked, for its chunk.
+// Three passes over memory in all (read, read, write) where candle's group norm runs about
+// ten kernels, each a pass, in f32.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define GN_THREADS 256
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, off);
+    }
+    return v;
+}
+
+// grid (chunks, batch · groups), block 256. Group g of batch b is the contiguous run of
+// `group_len` values starting at (b · groups + g) · group_len (channels are contiguous
+// groups in NCHW). Chunk k covers [k · chunk_len, min((k + 1) · chunk_len, group_len)).
+// group_len and chunk_len are even, so values are read in bf16 pairs.
+extern "C" __global__ void __launch_bounds__(GN_THREADS)
+    headshot_group_stats_bf16(const __nv_bfloat16 *__restrict__ x, long long group_len,
+                              long long chunk_len, double *__restrict__ partials) {
+    __shared__ float sums[GN_THREADS / 32];
+    __shared__ float squares[GN_THREADS / 32];
+    const long long group = blockIdx.y;
+    const long long begin = (long long)blockIdx.x * chunk_len;
+    long long end = begin + chunk_len;
+    if (end > group_len) {
+        end = group_len;
+    }
+    const __nv_bfloat162 *xg = reinterpret_cast<const __nv_bfloat162 *>(x + group * group_len);
+    float s = 0.f, q = 0.f;
+    for (long long p = begin / 2 + threadIdx.x; p < end / 2; p += GN_THREADS) {
+        const float2 v = __bfloat1622float2(xg[p]);
+        s += v.x + v.y;
+        q += v.x * v.x + v.y * v.y;
+    }
+    s = warp_sum(s);
+    q = warp_sum(q);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) {
+        sums[warp] = s;
+        squares[warp] = q;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double ts = 0.0, tq = 0.0;
+#pragma unroll
+        for (int w = 0; w < GN_THREADS / 32; ++w) {
+            ts += sums[w];
+            tq += squares[w];
+        }
+        double *out = partials + 2 * (group * gridDim.x + blockIdx.x);
+        out[0] = ts;
+        out[1] = tq;
+    }
+}
+
+// grid (chunks, batch · groups), block 256: same chunks as the stats launch.
+// `channel_len` = height · width (even); channel of a value = its group's first channel
+// + offset / channel_len.
+extern "C" __global__ void __launch_bounds__(GN_THREADS)
+    headshot_group_apply_bf16(const __nv_bfloat16 *__restrict__ x,
+                              const double *__restrict__ partials, int chunks,
+                              const __nv_bfloat16 *__restrict__ weight,
+                              const __nv_bfloat16 *__restrict__ bias, int groups,
+                              long long group_len, long long chunk_len, long long channel_len,
+                              float eps, int silu, __nv_bfloat16 *__restrict__ y) {
+    __shared__ float stats[2];
+    const long long group = blockIdx.y;
+    if (threadIdx.x == 0) {
+        const double *p = partials + 2 * group * chunks;
+        double ts = 0.0, tq = 0.0;
+        for (int k = 0; k < chunks; ++k) {
+            ts += p[2 * k];
+            tq += p[2 * k + 1];
+        }
+        const double mean = ts / (double)group_len;
+        double var = tq / (double)group_len - mean * mean;
+        if (var < 0.0) {
+            var = 0.0;
+        }
+        stats[0] = (float)mean;
+        stats[1] = (float)(1.0 / sqrt(var + (double)eps));
+    }
+    __syncthreads();
+    const float mean = stats[0], rstd = stats[1];
+    const long long begin = (long long)blockIdx.x * chunk_len;
+    long long end = begin + chunk_len;
+    if (end > group_len) {
+        end = group_len;
+    }
+    const int channels_per_group = (int)(group_len / channel_len);
+    const int first_channel = (int)(group % groups) * channels_per_group;
+    const __nv_bfloat162 *xg = reinterpret_cast<const __nv_bfloat162 *>(x + group * group_len);
+    __nv_bfloat162 *yg = reinterpret_cast<__nv_bfloat162 *>(y + group * group_len);
+    for (long long p = begin / 2 + threadIdx.x; p < end / 2; p += GN_THREADS) {
+        // Both values of a pair share a channel: channel_len is even.
+        const int c = first_channel + (int)((2 * p) / channel_len);
+        const float w = __bfloat162float(weight[c]) * rstd;
+        const float b = __bfloat162float(bias[c]) - mean * w;
+        const float2 v = __bfloat1622float2(xg[p]);
+        float a0 = v.x * w + b, a1 = v.y * w + b;
+        if (silu) {
+            a0 = a0 / (1.f + __expf(-a0));
+            a1 = a1 / (1.f + __expf(-a1));
+        }
+        yg[p] = __floats2bfloat162_rn(a0, a1);
+    }
+}

@@ -1,0 +1,180 @@
+//! Group norm with an optional SiLU on CUDA (`host/kernels/group_norm.cu`), for the
+//! autoencoder's decoder. candle's group norm runs as a chain of f32 kernels at ~31 GB/s on an
+//! H100 (`headshot bench gpu --ops`: `vae_group_norm_*`), and at a 1024² image the decoder
+//! norms 128-channel activations of 256 MiB a dozen times per decode; this is two launches
+//! over many blocks (partial sums, then normalize) and three passes over memory.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
+
+/// PTX of `group_norm.cu`.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
+/// Threads per block, as in the kernels.
+const THREADS: u32 = 256;
+/// Smallest chunk of a group one block takes (values).
+const MIN_CHUNK: usize = 8192;
+/// Most chunks a group is split into: with 32 groups, up to 1024 blocks per image.
+const MAX_CHUNKS: usize = 32;
+
+/// Whether the kernels take `x`: bf16 `(batch, channels, height, width)` on CUDA, channels
+/// divisible by `groups`, and an even `height · width` (values go in pairs).
+pub fn supports(x: &Tensor, groups: usize) -> bool {
+    x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && x.dims4().is_ok_and(|(_, c, h, w)| {
+            groups > 0 && c.is_multiple_of(groups) && (h * w).is_multiple_of(2)
+        })
+}
+
+/// How a group of `group_len` values is split: `(chunk_len, chunks)`, chunk_len even.
+fn chunking(group_len: usize) -> (usize, usize) {
+    let chunk = group_len.div_ceil(MAX_CHUNKS).max(MIN_CHUNK);
+    let chunk = chunk + chunk % 2;
+    (chunk, group_len.div_ceil(chunk).max(1))
+}
+
+struct GroupNorm {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl CustomOp3 for GroupNorm {
+    fn name(&self) -> &'static str {
+        if self.silu {
+            "headshot-group-norm-silu"
+        } else {
+            "headshot-group-norm"
+        }
+    }
+
+    cuda_only_cpu_fwd!(3);
+
+    /// (x, weight, bias).
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (batch, channels, h, w) = l1.shape().dims4()?;
+        let groups = self.groups;
+        if groups == 0 || !channels.is_multiple_of(groups) || !(h * w).is_multiple_of(2) {
+            candle_core::bail!(
+                "group norm kernel: {channels} channels in {groups} groups over {h}x{w} \
+                 (channels must divide into groups, height·width must be even)"
+            );
+        }
+        if l2.shape().dims() != [channels] || l3.shape().dims() != [channels] {
+            candle_core::bail!(
+                "group norm kernel: weight and bias must be ({channels},), got {:?} and {:?}",
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let (CudaStorageSlice::BF16(xs), CudaStorageSlice::BF16(ws), CudaStorageSlice::BF16(bs)) =
+            (&s1.slice, &s2.slice, &s3.slice)
+        else {
+            candle_core::bail!("the group norm kernel wants bf16 input, weight and bias");
+        };
+        let dev = s1.device();
+        let x = contiguous_view(xs, l1, 2, "group norm input")?;
+        let weight = contiguous_view(ws, l2, 1, "group norm weight")?;
+        let bias = contiguous_view(bs, l3, 1, "group norm bias")?;
+        let channel_len = h * w;
+        let group_len = channels / groups * channel_len;
+        let (chunk_len, chunks) = chunking(group_len);
+        let all_groups = batch * groups;
+        // SAFETY: the stats launch writes every (group, chunk) pair of partials: one block
+        // per pair, its thread 0 writes both values.
+        let mut partials = unsafe { dev.alloc::<f64>(2 * all_groups * chunks) }?;
+        let mut y = alloc_like(dev, xs, batch * channels * channel_len)?;
+        let cfg = LaunchConfig {
+            grid_dim: (chunks as u32, all_groups as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (group_len_i, chunk_len_i, channel_len_i) =
+            (group_len as i64, chunk_len as i64, channel_len as i64);
+
+        let stats =
+            dev.get_or_load_custom_func("headshot_group_stats_bf16", "headshot_group_norm", PTX)?;
+        let mut builder = stats.builder();
+        builder.arg(&x);
+        builder.arg(&group_len_i);
+        builder.arg(&chunk_len_i);
+        builder.arg(&mut partials);
+        // SAFETY: block (k, g) reads values [k·chunk_len, (k+1)·chunk_len) ∩ [0, group_len)
+        // of group g, inside x's batch·channels·h·w values, and writes partials[g][k].
+        unsafe { builder.launch(cfg) }.w()?;
+
+        let apply =
+            dev.get_or_load_custom_func("headshot_group_apply_bf16", "headshot_group_norm", PTX)?;
+        let (chunks_i, groups_i, silu_i) = (chunks as i32, groups as i32, i32::from(self.silu));
+        let mut builder = apply.builder();
+        builder.arg(&x);
+        builder.arg(&partials);
+        builder.arg(&chunks_i);
+        builder.arg(&weight);
+        builder.arg(&bias);
+        builder.arg(&groups_i);
+        builder.arg(&group_len_i);
+        builder.arg(&chunk_len_i);
+        builder.arg(&channel_len_i);
+        builder.arg(&self.eps);
+        builder.arg(&silu_i);
+        builder.arg(&mut y);
+        // SAFETY: as the stats launch for x and y (same extents); each block reads its
+        // group's `chunks` partials and weight/bias at channels below `channels`.
+        unsafe { builder.launch(cfg) }.w()?;
+
+        let storage = CudaStorage {
+            slice: CudaStorageSlice::BF16(y),
+            device: dev.clone(),
+        };
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+/// Group norm of bf16 `x` `(batch, channels, height, width)` with per-channel `weight` and
+/// `bias`, through SiLU when `silu`.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f32,
+    silu: bool,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &GroupNorm { groups, eps, silu },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_each_group_with_even_chunks() {
+        for group_len in [2, 64, 8192, 8194, 262_144, 4 << 20, 16 * 129 * 130] {
+            let (chunk, chunks) = chunking(group_len);
+            assert!(chunk.is_multiple_of(2), "{group_len}: odd chunk {chunk}");
+            assert!(chunks <= MAX_CHUNKS, "{group_len}: {chunks} chunks");
+            assert!(chunk * chunks >= group_len, "{group_len} not covered");
+            assert!(
+                chunk * (chunks - 1) < group_len,
+                "{group_len}: an empty chunk"
+            );
+        }
+    }
+}
