@@ -6,8 +6,9 @@
 //! And its steps can take faster paths per device: on an H100 candle's decode of a
 //! 1024×1024 image took 634 ms against diffusers' 91 ms (docs/BENCHMARKS.md), with group
 //! norms at ~31 GB/s among the costs. On CUDA with bf16 each group norm and the SiLU after it
-//! run as one kernel pair (`group_norm_cuda.rs`); everywhere else the steps are candle ops,
-//! the same as candle's decoder (the test below holds the two to each other).
+//! can run as one kernel pair (`group_norm_cuda.rs`, opt-in with `HEADSHOT_GROUP_NORM=fused`
+//! until it has passed `--check` on a GPU); otherwise the steps are candle ops, the same as
+//! candle's decoder (the test below holds the two to each other).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder, conv2d};
@@ -44,7 +45,7 @@ impl GroupNorm {
 
     fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if super::group_norm_cuda::supports(x, GROUPS) {
+        if super::group_norm_cuda::enabled() && super::group_norm_cuda::supports(x, GROUPS) {
             return super::group_norm_cuda::group_norm(
                 x,
                 &self.weight,

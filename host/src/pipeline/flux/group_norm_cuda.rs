@@ -20,6 +20,17 @@ const MIN_CHUNK: usize = 8192;
 /// Most chunks a group is split into: with 32 groups, up to 1024 blocks per image.
 const MAX_CHUNKS: usize = 32;
 
+/// Whether the decoder runs its group norms through these kernels: `HEADSHOT_GROUP_NORM=fused`
+/// turns them on. Off by default until `headshot bench gpu --check` (which compares them with
+/// candle's group norm whatever this says) has passed on a GPU: they were written in a session
+/// without one. Read once.
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        std::env::var("HEADSHOT_GROUP_NORM").is_ok_and(|v| v.eq_ignore_ascii_case("fused"))
+    })
+}
+
 /// Whether the kernels take `x`: bf16 `(batch, channels, height, width)` on CUDA, channels
 /// divisible by `groups`, and an even `height · width` (values go in pairs).
 pub fn supports(x: &Tensor, groups: usize) -> bool {
