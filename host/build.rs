@@ -106,6 +106,7 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
         "norm_rope",
         "adaln",
         "group_norm",
+        "conv_gemm",
     ] {
         let source = manifest_dir.join(format!("kernels/{kernel}.cu"));
         println!("cargo:rerun-if-changed={}", source.display());

@@ -229,6 +229,20 @@ fn vae_ops(
         if device.is_cuda() && matches!(level, 1 | 8) {
             conv_algorithms(out, time, &x, &weight, &tag, flop)?;
         }
+        #[cfg(feature = "cuda")]
+        {
+            let taps = crate::pipeline::flux::decoder::gemm_taps(&weight)?;
+            let bias = Tensor::zeros(ch, dtype, device)?;
+            if crate::pipeline::flux::conv_gemm_cuda::supports(&x, &taps) {
+                // Padding, three GEMMs, bias and crop: what HEADSHOT_CONV=gemm runs.
+                time(
+                    out,
+                    &format!("vae_conv_gemm_{tag}"),
+                    Work::Flop(flop),
+                    &|| crate::pipeline::flux::conv_gemm_cuda::conv2d(&x, &taps, &bias),
+                )?;
+            }
+        }
         let gn = candle_nn::GroupNorm::new(
             Tensor::ones(ch, dtype, device)?,
             Tensor::zeros(ch, dtype, device)?,

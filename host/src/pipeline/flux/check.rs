@@ -326,6 +326,36 @@ pub fn run_into(
     #[cfg(feature = "cuda")]
     if device.is_cuda() && dtype == DType::BF16 {
         group_norms(device, tolerance, out)?;
+        convolutions(device, tolerance, out)?;
+    }
+    Ok(())
+}
+
+/// The decoder's convolutions as GEMMs against candle's convolution in f32: 3×3 on an image
+/// whose width needs row padding to a multiple of 8, 3×3 with a channel change, 1×1, and a
+/// batch of two different images.
+#[cfg(feature = "cuda")]
+fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> Result<()> {
+    use super::conv_gemm_cuda::conv2d;
+    use super::decoder::gemm_taps;
+    let mut rng = Rng::new(44);
+    for (batch, cin, cout, size, h, w) in [
+        (1, 64, 64, 3, 13, 21),
+        (1, 128, 64, 3, 32, 30),
+        (1, 64, 32, 1, 16, 12),
+        (2, 32, 32, 3, 9, 16),
+    ] {
+        let x = rng.normal_tensor(&[batch, cin, h, w], device)?;
+        let weight = (rng.normal_tensor(&[cout, cin, size, size], device)?
+            / ((cin * size * size) as f64).sqrt())?;
+        let bias = rng.normal_tensor(&[cout], device)?;
+        let reference = x
+            .conv2d(&weight, size / 2, 1, 1, 1)?
+            .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+        let fast = conv2d(&bf16(&x)?, &gemm_taps(&weight)?, &bf16(&bias)?)?;
+        let name = format!("conv{size}x{size}_gemm_cuda_{batch}x{cin}x{h}x{w}_to_{cout}");
+        out.push(compare(&name, &fast, &reference, tolerance)?);
     }
     Ok(())
 }

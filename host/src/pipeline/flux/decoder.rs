@@ -60,21 +60,90 @@ impl GroupNorm {
     }
 }
 
-fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    conv2d(in_c, out_c, 3, cfg, vb)
+/// A convolution of the decoder (3×3 with padding 1, or 1×1), run as cuBLASLt GEMMs on CUDA
+/// when `HEADSHOT_CONV=gemm` (`conv_gemm_cuda.rs`), else by candle.
+struct Conv {
+    inner: Conv2d,
+    /// Weights as [`gemm_taps`] lays them out, and the bias, for the GEMM path.
+    #[cfg(feature = "cuda")]
+    gemm: Option<(Tensor, Tensor)>,
+}
+
+impl Conv {
+    fn new(in_c: usize, out_c: usize, size: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: size / 2,
+            ..Default::default()
+        };
+        let inner = conv2d(in_c, out_c, size, cfg, vb)?;
+        #[cfg(feature = "cuda")]
+        let gemm = {
+            let w = inner.weight();
+            if super::conv_gemm_cuda::enabled()
+                && w.device().is_cuda()
+                && w.dtype() == candle_core::DType::BF16
+            {
+                let bias = match inner.bias() {
+                    Some(b) => b.clone(),
+                    None => Tensor::zeros(out_c, w.dtype(), w.device())?,
+                };
+                Some((gemm_taps(w)?, bias))
+            } else {
+                None
+            }
+        };
+        Ok(Self {
+            inner,
+            #[cfg(feature = "cuda")]
+            gemm,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some((taps, bias)) = &self.gemm
+            && super::conv_gemm_cuda::supports(x, taps)
+        {
+            return super::conv_gemm_cuda::conv2d(x, taps, bias);
+        }
+        self.inner.forward(x)
+    }
+}
+
+/// A convolution's weights `(C_out, C_in, k, k)` laid out for the GEMM path: `(taps, C_out,
+/// taps·C_in)` bf16, row tap `dy` holding `w[o, c, dy, dx]` at `[dy, o, dx·C_in + c]` (one
+/// tap for 1×1). Row tap `dy` is then the right operand of its GEMM, column-major
+/// `(taps·C_in) × C_out`.
+pub fn gemm_taps(w: &Tensor) -> Result<Tensor> {
+    let (cout, cin, kh, kw) = w.dims4()?;
+    match (kh, kw) {
+        (3, 3) => w
+            .permute((2, 0, 3, 1))?
+            .contiguous()?
+            .reshape((3, cout, 3 * cin))?
+            .to_dtype(candle_core::DType::BF16),
+        (1, 1) => w
+            .reshape((1, cout, cin))?
+            .to_dtype(candle_core::DType::BF16),
+        _ => candle_core::bail!("convolution GEMMs take 3x3 or 1x1 kernels, got {kh}x{kw}"),
+    }
+}
+
+fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv> {
+    Conv::new(in_c, out_c, 3, vb)
+}
+
+fn conv1x1(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv> {
+    Conv::new(in_c, out_c, 1, vb)
 }
 
 /// Norm, SiLU, 3×3 conv, twice, around a residual (a 1×1 conv on it where widths change).
 struct ResnetBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    conv2: Conv,
+    shortcut: Option<Conv>,
 }
 
 impl ResnetBlock {
@@ -82,13 +151,7 @@ impl ResnetBlock {
         let shortcut = if in_c == out_c {
             None
         } else {
-            Some(conv2d(
-                in_c,
-                out_c,
-                1,
-                Default::default(),
-                vb.pp("nin_shortcut"),
-            )?)
+            Some(conv1x1(in_c, out_c, vb.pp("nin_shortcut"))?)
         };
         Ok(Self {
             norm1: GroupNorm::new(in_c, vb.pp("norm1"))?,
@@ -112,15 +175,15 @@ impl ResnetBlock {
 /// Single-head self-attention over every latent position, in the decoder's middle.
 struct AttnBlock {
     norm: GroupNorm,
-    q: Conv2d,
-    k: Conv2d,
-    v: Conv2d,
-    proj_out: Conv2d,
+    q: Conv,
+    k: Conv,
+    v: Conv,
+    proj_out: Conv,
 }
 
 impl AttnBlock {
     fn new(c: usize, vb: VarBuilder) -> Result<Self> {
-        let one = |name: &str| conv2d(c, c, 1, Default::default(), vb.pp(name));
+        let one = |name: &str| conv1x1(c, c, vb.pp(name));
         Ok(Self {
             norm: GroupNorm::new(c, vb.pp("norm"))?,
             q: one("q")?,
@@ -148,19 +211,19 @@ impl AttnBlock {
 /// One resolution level: its resnet blocks, then (except at the top) a 2× upsample and conv.
 struct UpLevel {
     blocks: Vec<ResnetBlock>,
-    upsample: Option<Conv2d>,
+    upsample: Option<Conv>,
 }
 
 /// The decoder, with the latent scale and shift the transformer's latents are in.
 pub struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv,
     mid_block_1: ResnetBlock,
     mid_attn: AttnBlock,
     mid_block_2: ResnetBlock,
     /// Lowest resolution first, as they run.
     up: Vec<UpLevel>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
     scale_factor: f64,
     shift_factor: f64,
 }
@@ -286,6 +349,37 @@ mod tests {
         assert!(
             diff <= 1e-4 * scale,
             "max difference {diff} (output max {scale})"
+        );
+    }
+
+    #[test]
+    fn gemm_taps_are_laid_out_by_row_tap_then_column_tap_then_channel() {
+        let (cout, cin) = (2, 3);
+        let w = Tensor::arange(0f32, (cout * cin * 9) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((cout, cin, 3, 3))
+            .unwrap();
+        let taps = gemm_taps(&w).unwrap().to_dtype(DType::F32).unwrap();
+        assert_eq!(taps.dims(), &[3, cout, 3 * cin]);
+        let taps = taps.to_vec3::<f32>().unwrap();
+        for (dy, tap) in taps.iter().enumerate() {
+            for (o, row) in tap.iter().enumerate() {
+                for c in 0..cin {
+                    for dx in 0..3 {
+                        let want = (((o * cin + c) * 3 + dy) * 3 + dx) as f32;
+                        assert_eq!(row[dx * cin + c], want, "o{o} c{c} dy{dy} dx{dx}");
+                    }
+                }
+            }
+        }
+        let one = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3, 1, 1))
+            .unwrap();
+        let taps = gemm_taps(&one).unwrap().to_dtype(DType::F32).unwrap();
+        assert_eq!(
+            taps.to_vec3::<f32>().unwrap(),
+            vec![vec![vec![0., 1., 2.], vec![3., 4., 5.]]]
         );
     }
 

@@ -456,6 +456,103 @@ impl CustomOp3 for LtFp8Linear {
     }
 }
 
+/// Column-major `D (m×n, f32, leading dimension ldd) = A (m×k, bf16, lda) · B (k×n, bf16,
+/// ldb) + beta · D` through cuBLASLt on `dev`'s stream, with every pointer assumed only
+/// 16-byte aligned (the convolution GEMMs start their operands at row offsets).
+///
+/// # Safety
+/// The pointers are device addresses on `dev` of buffers at least as large as the layouts
+/// describe, alive until the GEMM has run on the stream (the caller holds their guards), and
+/// 16-byte aligned, as are `lda`, `ldb` (in bf16) and `ldd` (in f32) in bytes.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_bf16_f32(
+    dev: &CudaDevice,
+    (a, lda): (u64, usize),
+    (b, ldb): (u64, usize),
+    (d, ldd): (u64, usize),
+    (m, n, k): (usize, usize, usize),
+    beta: f32,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use lt_sys::cudaDataType_t as Ty;
+    let stream = dev.cuda_stream();
+    let (_, ctx) = cublaslt(dev)?;
+    let desc = Owned {
+        raw: lt::create_matmul_desc(
+            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            Ty::CUDA_R_32F,
+        )
+        .map_err(lt_error("cuBLASLt matmul descriptor"))?,
+        destroy: lt::destroy_matmul_desc,
+    };
+    let a_layout = layout(Ty::CUDA_R_16BF, m, k, lda)?;
+    let b_layout = layout(Ty::CUDA_R_16BF, k, n, ldb)?;
+    let d_layout = layout(Ty::CUDA_R_32F, m, n, ldd)?;
+    let pref = Owned {
+        raw: lt::create_matmul_pref().map_err(lt_error("cuBLASLt preference"))?,
+        destroy: lt::destroy_matmul_pref,
+    };
+    let (work_ptr, _work_guard) = ctx.workspace.device_ptr(&stream);
+    let alpha = 1f32;
+    use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+    // SAFETY: each preference value has the type cuBLASLt documents (workspace: size_t,
+    // alignments: uint32); the layouts and pointers are the caller's contract; the workspace
+    // is as large as declared and lives in `ctx`, held until the call is enqueued.
+    unsafe {
+        lt::set_matmul_pref_attribute(
+            pref.raw,
+            Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&WORKSPACE_BYTES as *const usize).cast(),
+            std::mem::size_of::<usize>(),
+        )
+        .map_err(lt_error("cuBLASLt workspace preference"))?;
+        for attr in [
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+        ] {
+            lt::set_matmul_pref_attribute(
+                pref.raw,
+                attr,
+                (&16u32 as *const u32).cast(),
+                std::mem::size_of::<u32>(),
+            )
+            .map_err(lt_error("cuBLASLt alignment preference"))?;
+        }
+        let heuristic = lt::get_matmul_algo_heuristic(
+            ctx.handle,
+            desc.raw,
+            a_layout.raw,
+            b_layout.raw,
+            d_layout.raw,
+            d_layout.raw,
+            pref.raw,
+        )
+        .map_err(lt_error("no cuBLASLt algorithm for this convolution GEMM"))?;
+        lt::matmul(
+            ctx.handle,
+            desc.raw,
+            (&alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            a as *const _,
+            a_layout.raw,
+            b as *const _,
+            b_layout.raw,
+            d as *const _,
+            d_layout.raw,
+            d as *mut _,
+            d_layout.raw,
+            &heuristic.algo,
+            work_ptr as *mut _,
+            WORKSPACE_BYTES,
+            stream.cu_stream() as *mut _,
+        )
+        .map_err(lt_error("cuBLASLt convolution GEMM"))?;
+    }
+    Ok(())
+}
+
 /// `act(x·(values·scale)ᵀ + b)` with e4m3 `values` `(n, k)`, `scale` one f32 on the device,
 /// bf16 x `(…, k)` and b `(n)`; the activations are quantized per call.
 pub fn fp8_linear(

@@ -7,6 +7,8 @@ pub mod attention;
 pub mod blocks;
 pub mod check;
 #[cfg(feature = "cuda")]
+pub mod conv_gemm_cuda;
+#[cfg(feature = "cuda")]
 mod cuda_util;
 pub mod decoder;
 pub mod embed;
