@@ -14,8 +14,10 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// `up` = 1 reads x at half the size (h/2 × w/2) through nearest 2× upsampling, so the
+// decoder's upsample-then-convolve never writes the upsampled image.
 extern "C" __global__ void headshot_conv_pad3_bf16(const __nv_bfloat16 *__restrict__ x,
-                                                   int channels, int h, int w, int wp,
+                                                   int channels, int h, int w, int wp, int up,
                                                    __nv_bfloat16 *__restrict__ out) {
     const long long plane = (long long)(h + 2) * wp;
     const long long total = 3 * (long long)channels * plane;
@@ -29,7 +31,7 @@ extern "C" __global__ void headshot_conv_pad3_bf16(const __nv_bfloat16 *__restri
         const int r = (int)(at / wp) - 1;
         const int col = (int)(at % wp) + dx - 1;
         out[i] = (r >= 0 && r < h && col >= 0 && col < w)
-                     ? x[((long long)c * h + r) * w + col]
+                     ? x[((long long)c * (h >> up) + (r >> up)) * (w >> up) + (col >> up)]
                      : zero;
     }
 }

@@ -336,7 +336,7 @@ pub fn run_into(
 /// batch of two different images.
 #[cfg(feature = "cuda")]
 fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> Result<()> {
-    use super::conv_gemm_cuda::conv2d;
+    use super::conv_gemm_cuda::{conv2d, upsample_conv2d};
     use super::decoder::gemm_taps;
     let mut rng = Rng::new(44);
     for (batch, cin, cout, size, h, w) in [
@@ -356,6 +356,15 @@ fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> 
         let fast = conv2d(&bf16(&x)?, &gemm_taps(&weight)?, &bf16(&bias)?)?;
         let name = format!("conv{size}x{size}_gemm_cuda_{batch}x{cin}x{h}x{w}_to_{cout}");
         out.push(compare(&name, &fast, &reference, tolerance)?);
+        if size == 3 {
+            let reference = x
+                .upsample_nearest2d(2 * h, 2 * w)?
+                .conv2d(&weight, 1, 1, 1, 1)?
+                .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
+            let fast = upsample_conv2d(&bf16(&x)?, &gemm_taps(&weight)?, &bf16(&bias)?)?;
+            let name = format!("upsample_{name}");
+            out.push(compare(&name, &fast, &reference, tolerance)?);
+        }
     }
     Ok(())
 }

@@ -66,7 +66,10 @@ fn grid(n: usize) -> LaunchConfig {
     }
 }
 
-struct ConvGemm;
+struct ConvGemm {
+    /// Convolve the input upsampled 2× (nearest), read through the padding pass.
+    upsample: bool,
+}
 
 impl CustomOp3 for ConvGemm {
     fn name(&self) -> &'static str {
@@ -85,9 +88,15 @@ impl CustomOp3 for ConvGemm {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (batch, cin, h, w) = l1.shape().dims4()?;
+        let (batch, cin, h0, w0) = l1.shape().dims4()?;
+        let up = usize::from(self.upsample);
+        let (h, w) = (h0 << up, w0 << up);
         let (taps, cout, k) = l2.shape().dims3()?;
-        if k != taps * cin || !matches!(taps, 1 | 3) || l3.shape().dims() != [cout] {
+        if k != taps * cin
+            || !matches!(taps, 1 | 3)
+            || (self.upsample && taps != 3)
+            || l3.shape().dims() != [cout]
+        {
             candle_core::bail!(
                 "convolution GEMM shapes do not fit: x {:?}, taps {:?}, bias {:?}",
                 l1.shape(),
@@ -114,7 +123,7 @@ impl CustomOp3 for ConvGemm {
         let wp = if taps == 3 { padded_width(w) } else { w };
         let plane = if taps == 3 { (h + 2) * wp } else { h * w };
         let rows = h * wp;
-        let image = cin * h * w;
+        let image = cin * h0 * w0;
         let mut y = alloc_like(dev, xs, batch * cout * h * w)?;
         // SAFETY: for each image the GEMMs write all cout·rows values (the first with beta 0)
         // before the crop reads them.
@@ -128,8 +137,14 @@ impl CustomOp3 for ConvGemm {
         let pad = dev.get_or_load_custom_func("headshot_conv_pad3_bf16", "headshot_conv", PTX)?;
         let crop =
             dev.get_or_load_custom_func("headshot_conv_crop_bias_bf16", "headshot_conv", PTX)?;
-        let (cin_i, cout_i, h_i, w_i, wp_i) =
-            (cin as i32, cout as i32, h as i32, w as i32, wp as i32);
+        let (cin_i, cout_i, h_i, w_i, wp_i, up_i) = (
+            cin as i32,
+            cout as i32,
+            h as i32,
+            w as i32,
+            wp as i32,
+            up as i32,
+        );
         for img in 0..batch {
             let x_img = x.slice(img * image..(img + 1) * image);
             if let Some(padded) = padded.as_mut() {
@@ -139,8 +154,10 @@ impl CustomOp3 for ConvGemm {
                 builder.arg(&h_i);
                 builder.arg(&w_i);
                 builder.arg(&wp_i);
+                builder.arg(&up_i);
                 builder.arg(padded);
-                // SAFETY: reads cin·h·w values of this image, writes 3·cin·(h+2)·wp.
+                // SAFETY: reads this image's cin·(h>>up)·(w>>up) values, writes
+                // 3·cin·(h+2)·wp.
                 unsafe { builder.launch(grid(3 * cin * plane)) }.w()?;
             }
             {
@@ -194,8 +211,21 @@ impl CustomOp3 for ConvGemm {
 /// The convolution (stride 1; padding 1 for 3×3, 0 for 1×1) of bf16 NCHW `x` with `taps`
 /// from `decoder::gemm_taps` and `bias` `(C_out)`.
 pub fn conv2d(x: &Tensor, taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3_no_bwd(&taps.contiguous()?, &bias.contiguous()?, &ConvGemm)
+    x.contiguous()?.apply_op3_no_bwd(
+        &taps.contiguous()?,
+        &bias.contiguous()?,
+        &ConvGemm { upsample: false },
+    )
+}
+
+/// [`conv2d`] (3×3) of `x` upsampled 2× by nearest neighbour, without writing the upsampled
+/// image: `(batch, C, h, w)` in, `(batch, C_out, 2h, 2w)` out.
+pub fn upsample_conv2d(x: &Tensor, taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &taps.contiguous()?,
+        &bias.contiguous()?,
+        &ConvGemm { upsample: true },
+    )
 }
 
 #[cfg(test)]

@@ -108,6 +108,19 @@ impl Conv {
         }
         self.inner.forward(x)
     }
+
+    /// This (3×3) convolution of `x` upsampled 2× by nearest neighbour; the GEMM path reads
+    /// through the upsampling instead of writing the 4× larger image first.
+    fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some((taps, bias)) = &self.gemm
+            && super::conv_gemm_cuda::supports(x, taps)
+        {
+            return super::conv_gemm_cuda::upsample_conv2d(x, taps, bias);
+        }
+        let (_, _, h, w) = x.dims4()?;
+        self.inner.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+    }
 }
 
 /// A convolution's weights `(C_out, C_in, k, k)` laid out for the GEMM path: `(taps, C_out,
@@ -281,8 +294,7 @@ impl Decoder {
                 h = block.forward(&h)?;
             }
             if let Some(conv) = &level.upsample {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+                h = conv.forward_upsampled(&h)?;
             }
         }
         self.conv_out.forward(&self.norm_out.forward(&h, true)?)
