@@ -241,6 +241,18 @@ fn vae_ops(
                     Work::Flop(flop),
                     &|| crate::pipeline::flux::conv_gemm_cuda::conv2d(&x, &taps, &bias),
                 )?;
+                if level < 8 {
+                    // The next level's upsample conv: 4x the pixels, the upsampling read
+                    // through instead of written.
+                    time(
+                        out,
+                        &format!("vae_upsample_conv_gemm_{tag}"),
+                        Work::Flop(4.0 * flop),
+                        &|| {
+                            crate::pipeline::flux::conv_gemm_cuda::upsample_conv2d(&x, &taps, &bias)
+                        },
+                    )?;
+                }
             }
         }
         let gn = candle_nn::GroupNorm::new(
