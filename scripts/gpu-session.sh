@@ -32,7 +32,7 @@ left() { echo $(( budget - (SECONDS - start) )); }
 run() {
   local limit=$1; shift
   if [ "$(left)" -lt "$limit" ]; then echo "== SKIPPED (time) $*" | tee -a "$out/session.txt"; return; fi
-  echo "== ${HEADSHOT_FLASH_KERNEL:+HEADSHOT_FLASH_KERNEL=$HEADSHOT_FLASH_KERNEL }${HEADSHOT_GROUP_NORM:+HEADSHOT_GROUP_NORM=$HEADSHOT_GROUP_NORM }$* (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
+  echo "== ${HEADSHOT_FLASH_KERNEL:+HEADSHOT_FLASH_KERNEL=$HEADSHOT_FLASH_KERNEL }${HEADSHOT_GROUP_NORM:+HEADSHOT_GROUP_NORM=$HEADSHOT_GROUP_NORM }${HEADSHOT_CONV:+HEADSHOT_CONV=$HEADSHOT_CONV }$* (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
   timeout "$limit" /tmp/headshot "$@" > "$out/last.txt" 2>&1; local rc=$?
   grep -E "RESULT|RATE|CHECK|MEMORY|model|Error|error|panick" "$out/last.txt" | tee -a "$out/session.txt"
   echo "exit $rc" | tee -a "$out/session.txt"
@@ -52,9 +52,10 @@ fi
 # 4. Variants: FP8, the other flash kernels in whole steps, 768x1024, plain GEMMs, plain
 #    attention, candle's stock module (in that order; what no longer fits is skipped).
 run 60 bench gpu --device cuda --attention fused --fp8 --iters 3 --warmup 1 --skip-vae
-# The decoder with the fused group norm + SiLU kernels (opt-in until step 1 has passed on a
-# GPU): its decode time against step 3's, same card, same call.
+# The decoder's own CUDA paths (opt-in until step 1 has passed on a GPU): fused group norm
+# + SiLU, then that with the convolutions as GEMMs; decode times against step 3's, same card.
 HEADSHOT_GROUP_NORM=fused run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
 if [ -n "${SHORT:-}" ]; then
   run 30 bench gpu --device cuda --ops --iters 5 --warmup 1 --skip-vae
   echo "done at t=$((SECONDS - start))s" | tee -a "$out/session.txt"
