@@ -9,6 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::flux::WithForward;
 use candle_transformers::models::flux::autoencoder::{AutoEncoder, Config as AeConfig};
+
+use crate::pipeline::flux::decoder::Decoder;
 use candle_transformers::models::flux::model::{Config as FluxConfig, Flux};
 use candle_transformers::models::flux::sampling;
 
@@ -273,15 +275,20 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         let t = Instant::now();
         let vb =
             VarBuilder::from_backend(Box::new(RandomWeights::on_device()), dtype, device.clone());
-        let vae = AutoEncoder::new(&ae_cfg, vb)?;
+        let vae = Decoder::new(&ae_cfg, vb.clone())?;
         device.synchronize()?;
         writeln!(
             out,
             "RESULT build_vae: {:.1} ms",
             t.elapsed().as_secs_f64() * 1e3
         )?;
+        // The decoder the pipeline runs, then candle's autoencoder (random weights of its own:
+        // the time does not depend on the values) as the baseline in the same process.
         let img = bench(out, "vae_decode", &|| vae.decode(&latents))?;
         writeln!(out, "decoded image {:?}", img.dims())?;
+        drop(vae);
+        let stock = AutoEncoder::new(&ae_cfg, vb)?;
+        bench(out, "vae_decode_candle", &|| stock.decode(&latents))?;
     }
     Ok(())
 }

@@ -184,6 +184,7 @@ fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
         "four_steps",
         "build_vae",
         "vae_decode",
+        "vae_decode_candle",
     ] {
         assert!(
             stdout.contains(&format!("RESULT {name}: ")),
