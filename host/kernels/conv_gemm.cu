@@ -14,41 +14,44 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// grid (x: over one plane, y: 3 · channels planes, the copy dx · channels + c), block 256.
 // `up` = 1 reads x at half the size (h/2 × w/2) through nearest 2× upsampling, so the
-// decoder's upsample-then-convolve never writes the upsampled image.
+// decoder's upsample-then-convolve never writes the upsampled image. A plane,
+// (h + 2) · wp values, fits 32 bits (the wrapper checks): no 64-bit division per value.
 extern "C" __global__ void headshot_conv_pad3_bf16(const __nv_bfloat16 *__restrict__ x,
                                                    int channels, int h, int w, int wp, int up,
                                                    __nv_bfloat16 *__restrict__ out) {
-    const long long plane = (long long)(h + 2) * wp;
-    const long long total = 3 * (long long)channels * plane;
+    const unsigned plane = (unsigned)(h + 2) * (unsigned)wp;
+    const int copy = blockIdx.y;
+    const int dx = copy / channels;
+    const int c = copy - dx * channels;
+    const __nv_bfloat16 *src = x + (long long)c * (h >> up) * (w >> up);
+    __nv_bfloat16 *dst = out + (long long)copy * plane;
     const __nv_bfloat16 zero = __float2bfloat16(0.f);
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long copy = i / plane; // dx · channels + c
-        const long long at = i - copy * plane;
-        const int dx = (int)(copy / channels);
-        const int c = (int)(copy - (long long)dx * channels);
-        const int r = (int)(at / wp) - 1;
-        const int col = (int)(at % wp) + dx - 1;
-        out[i] = (r >= 0 && r < h && col >= 0 && col < w)
-                     ? x[((long long)c * (h >> up) + (r >> up)) * (w >> up) + (col >> up)]
-                     : zero;
+    for (unsigned at = blockIdx.x * blockDim.x + threadIdx.x; at < plane;
+         at += gridDim.x * blockDim.x) {
+        const int r = (int)(at / (unsigned)wp) - 1;
+        const int col = (int)(at % (unsigned)wp) + dx - 1;
+        dst[at] = (r >= 0 && r < h && col >= 0 && col < w)
+                      ? src[(r >> up) * (w >> up) + (col >> up)]
+                      : zero;
     }
 }
 
+// grid (x: over one channel's h · w outputs, y: the output channel o), block 256.
 extern "C" __global__ void headshot_conv_crop_bias_bf16(const float *__restrict__ acc,
                                                         const __nv_bfloat16 *__restrict__ bias,
-                                                        int channels, int h, int w, int wp,
+                                                        int h, int w, int wp,
                                                         __nv_bfloat16 *__restrict__ y) {
-    const long long total = (long long)channels * h * w;
-    const long long pixels = (long long)h * w;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const int o = (int)(i / pixels);
-        const long long at = i - (long long)o * pixels;
-        const int r = (int)(at / w);
-        const int col = (int)(at - (long long)r * w);
-        const float v = acc[(long long)o * h * wp + (long long)r * wp + col];
-        y[i] = __float2bfloat16(v + __bfloat162float(bias[o]));
+    const int o = blockIdx.y;
+    const unsigned pixels = (unsigned)h * (unsigned)w;
+    const float b = __bfloat162float(bias[o]);
+    const float *src = acc + (long long)o * h * wp;
+    __nv_bfloat16 *dst = y + (long long)o * pixels;
+    for (unsigned at = blockIdx.x * blockDim.x + threadIdx.x; at < pixels;
+         at += gridDim.x * blockDim.x) {
+        const unsigned r = at / (unsigned)w;
+        const unsigned col = at - r * (unsigned)w;
+        dst[at] = __float2bfloat16(src[r * (unsigned)wp + col] + b);
     }
 }

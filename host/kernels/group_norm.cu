@@ -8,6 +8,9 @@
 //   headshot_group_apply_bf16:  each block combines its group's partials into mean and
 //                               1/std, then writes (x - mean) / std · weight[c] + bias[c],
 //                               through SiLU when asked, for its chunk.
+// The sums are of x - K, K the group's first value: var = E[(x-K)²] - E[x-K]² then keeps its
+// precision when the mean is large against the spread (summing x itself, the f32 error of
+// E[x²] would be multiplied by about mean²/var).
 // Three passes over memory in all (read, read, write) where candle's group norm runs about
 // ten kernels, each a pass, in f32.
 
@@ -40,11 +43,13 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
         end = group_len;
     }
     const __nv_bfloat162 *xg = reinterpret_cast<const __nv_bfloat162 *>(x + group * group_len);
+    const float shift = __bfloat162float(x[group * group_len]);
     float s = 0.f, q = 0.f;
     for (long long p = begin / 2 + threadIdx.x; p < end / 2; p += GN_THREADS) {
         const float2 v = __bfloat1622float2(xg[p]);
-        s += v.x + v.y;
-        q += v.x * v.x + v.y * v.y;
+        const float a = v.x - shift, b = v.y - shift;
+        s += a + b;
+        q += a * a + b * b;
     }
     s = warp_sum(s);
     q = warp_sum(q);
@@ -86,12 +91,12 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
             ts += p[2 * k];
             tq += p[2 * k + 1];
         }
-        const double mean = ts / (double)group_len;
-        double var = tq / (double)group_len - mean * mean;
+        const double shifted_mean = ts / (double)group_len;
+        double var = tq / (double)group_len - shifted_mean * shifted_mean;
         if (var < 0.0) {
             var = 0.0;
         }
-        stats[0] = (float)mean;
+        stats[0] = (float)((double)__bfloat162float(x[group * group_len]) + shifted_mean);
         stats[1] = (float)(1.0 / sqrt(var + (double)eps));
     }
     __syncthreads();
@@ -103,11 +108,14 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
     }
     const int channels_per_group = (int)(group_len / channel_len);
     const int first_channel = (int)(group % groups) * channels_per_group;
+    // Pairs per channel; a group's offsets fit 32 bits (the wrapper checks), so the channel
+    // of each pair is a 32-bit division.
+    const unsigned channel_pairs = (unsigned)(channel_len / 2);
     const __nv_bfloat162 *xg = reinterpret_cast<const __nv_bfloat162 *>(x + group * group_len);
     __nv_bfloat162 *yg = reinterpret_cast<__nv_bfloat162 *>(y + group * group_len);
     for (long long p = begin / 2 + threadIdx.x; p < end / 2; p += GN_THREADS) {
         // Both values of a pair share a channel: channel_len is even.
-        const int c = first_channel + (int)((2 * p) / channel_len);
+        const int c = first_channel + (int)((unsigned)p / channel_pairs);
         const float w = __bfloat162float(weight[c]) * rstd;
         const float b = __bfloat162float(bias[c]) - mean * w;
         const float2 v = __bfloat1622float2(xg[p]);

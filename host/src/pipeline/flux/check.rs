@@ -331,24 +331,30 @@ pub fn run_into(
     Ok(())
 }
 
-/// The decoder's convolutions as GEMMs against candle's convolution in f32: 3×3 on an image
-/// whose width needs row padding to a multiple of 8, 3×3 with a channel change, 1×1, and a
-/// batch of two different images.
+/// The decoder's convolutions as GEMMs (and 3×3 ones through 2× upsampling) against candle's
+/// convolution in f32.
 #[cfg(feature = "cuda")]
 fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> Result<()> {
     use super::conv_gemm_cuda::{conv2d, upsample_conv2d};
     use super::decoder::gemm_taps;
     let mut rng = Rng::new(44);
+    // Shapes the decoder has: conv_in (16 channels in), conv_out (3 out), a channel change,
+    // 1x1 shortcuts (one with a batch of two), and widths that need row padding.
     for (batch, cin, cout, size, h, w) in [
         (1, 64, 64, 3, 13, 21),
         (1, 128, 64, 3, 32, 30),
+        (1, 16, 64, 3, 12, 10),
+        (1, 64, 3, 3, 20, 18),
         (1, 64, 32, 1, 16, 12),
+        (2, 32, 48, 1, 8, 10),
         (2, 32, 32, 3, 9, 16),
     ] {
-        let x = rng.normal_tensor(&[batch, cin, h, w], device)?;
-        let weight = (rng.normal_tensor(&[cout, cin, size, size], device)?
-            / ((cin * size * size) as f64).sqrt())?;
-        let bias = rng.normal_tensor(&[cout], device)?;
+        let x = bf16_values(&rng.normal_tensor(&[batch, cin, h, w], device)?)?;
+        let weight = bf16_values(
+            &(rng.normal_tensor(&[cout, cin, size, size], device)?
+                / ((cin * size * size) as f64).sqrt())?,
+        )?;
+        let bias = bf16_values(&rng.normal_tensor(&[cout], device)?)?;
         let reference = x
             .conv2d(&weight, size / 2, 1, 1, 1)?
             .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
@@ -369,6 +375,12 @@ fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> 
     Ok(())
 }
 
+/// `t` (f32) rounded to bf16 and back: inputs a bf16 kernel and its f32 reference share.
+#[cfg(feature = "cuda")]
+fn bf16_values(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+}
+
 /// The decoder's fused group norm (+ SiLU) against candle's group norm in f32: a group that
 /// fits one block's chunk and one split over several, on activations whose mean is far from
 /// zero (where a sum-of-squares variance loses precision first).
@@ -379,9 +391,11 @@ fn group_norms(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> R
     let mut rng = Rng::new(43);
     for dims in [[2, 64, 12, 10], [1, 128, 64, 66]] {
         let c = dims[1];
-        let x = ((rng.normal_tensor(&dims, device)? * 3.0)? + 1.5)?;
-        let weight = (rng.normal_tensor(&[c], device)? + 1.0)?;
-        let bias = rng.normal_tensor(&[c], device)?;
+        // Mean 40 times the spread: a variance from plain sums of x and x² would be off.
+        // Inputs rounded to bf16 first, so the reference sees what the kernel sees.
+        let x = bf16_values(&((rng.normal_tensor(&dims, device)? * 0.5)? + 20.0)?)?;
+        let weight = bf16_values(&(rng.normal_tensor(&[c], device)? + 1.0)?)?;
+        let bias = bf16_values(&rng.normal_tensor(&[c], device)?)?;
         let norm = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), c, GROUPS, EPS)?;
         let reference = candle_core::Module::forward(&norm, &x)?;
         let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);

@@ -46,6 +46,9 @@ pub fn supports(x: &Tensor, taps: &Tensor) -> bool {
         && x.layout().start_offset().is_multiple_of(ALIGN)
         && k == t * cin
         && cin.is_multiple_of(ALIGN)
+        && taps
+            .dim(1)
+            .is_ok_and(|cout| fits(cin, cout, h << 1, w << 1))
         && match t {
             3 => true,
             1 => (h * w).is_multiple_of(ALIGN),
@@ -58,13 +61,23 @@ fn padded_width(w: usize) -> usize {
     (w + 2).div_ceil(ALIGN) * ALIGN
 }
 
-fn grid(n: usize) -> LaunchConfig {
+/// Blocks of 256 threads over `n` values of each of `planes` planes (grid-stride within one).
+fn grid(n: usize, planes: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+        grid_dim: (n.div_ceil(256).clamp(1, 4096) as u32, planes as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
 }
+
+/// Whether the kernels' grids and 32-bit plane indexing hold `3·c_in` padded planes of
+/// `(h+2)·wp` values and `c_out` output planes.
+fn fits(cin: usize, cout: usize, h: usize, w: usize) -> bool {
+    3 * cin <= MAX_GRID_Y && cout <= MAX_GRID_Y && (h + 2) * padded_width(w) <= u32::MAX as usize
+}
+
+/// CUDA's limit on a grid's y dimension (planes per launch).
+const MAX_GRID_Y: usize = 65_535;
 
 struct ConvGemm {
     /// Convolve the input upsampled 2× (nearest), read through the padding pass.
@@ -137,14 +150,12 @@ impl CustomOp3 for ConvGemm {
         let pad = dev.get_or_load_custom_func("headshot_conv_pad3_bf16", "headshot_conv", PTX)?;
         let crop =
             dev.get_or_load_custom_func("headshot_conv_crop_bias_bf16", "headshot_conv", PTX)?;
-        let (cin_i, cout_i, h_i, w_i, wp_i, up_i) = (
-            cin as i32,
-            cout as i32,
-            h as i32,
-            w as i32,
-            wp as i32,
-            up as i32,
-        );
+        if !fits(cin, cout, h, w) {
+            candle_core::bail!(
+                "convolution GEMMs: {cin} -> {cout} channels over {h}x{w} exceed the kernels' grid"
+            );
+        }
+        let (cin_i, h_i, w_i, wp_i, up_i) = (cin as i32, h as i32, w as i32, wp as i32, up as i32);
         for img in 0..batch {
             let x_img = x.slice(img * image..(img + 1) * image);
             if let Some(padded) = padded.as_mut() {
@@ -158,7 +169,7 @@ impl CustomOp3 for ConvGemm {
                 builder.arg(padded);
                 // SAFETY: reads this image's cin·(h>>up)·(w>>up) values, writes
                 // 3·cin·(h+2)·wp.
-                unsafe { builder.launch(grid(3 * cin * plane)) }.w()?;
+                unsafe { builder.launch(grid(plane, 3 * cin)) }.w()?;
             }
             {
                 let (a_base, _a_guard) = match padded.as_ref() {
@@ -192,13 +203,12 @@ impl CustomOp3 for ConvGemm {
             let mut builder = crop.builder();
             builder.arg(&acc);
             builder.arg(&bias);
-            builder.arg(&cout_i);
             builder.arg(&h_i);
             builder.arg(&w_i);
             builder.arg(&wp_i);
             builder.arg(&mut y_img);
             // SAFETY: reads cout·h·wp f32 and cout bias values, writes this image's cout·h·w.
-            unsafe { builder.launch(grid(cout * h * w)) }.w()?;
+            unsafe { builder.launch(grid(h * w, cout)) }.w()?;
         }
         let storage = CudaStorage {
             slice: CudaStorageSlice::BF16(y),

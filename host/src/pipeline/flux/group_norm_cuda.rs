@@ -19,6 +19,9 @@ const THREADS: u32 = 256;
 const MIN_CHUNK: usize = 8192;
 /// Most chunks a group is split into: with 32 groups, up to 1024 blocks per image.
 const MAX_CHUNKS: usize = 32;
+/// Most values in one group: the apply kernel finds a value's channel in 32-bit arithmetic.
+/// (A 4096² image with 128 channels in 32 groups has 2²⁶.)
+const MAX_GROUP_LEN: usize = u32::MAX as usize;
 
 /// Whether the decoder runs its group norms through these kernels: `HEADSHOT_GROUP_NORM=fused`
 /// turns them on. Off by default until `headshot bench gpu --check` (which compares them with
@@ -36,8 +39,12 @@ pub fn enabled() -> bool {
 pub fn supports(x: &Tensor, groups: usize) -> bool {
     x.device().is_cuda()
         && x.dtype() == DType::BF16
+        && x.layout().start_offset().is_multiple_of(2)
         && x.dims4().is_ok_and(|(_, c, h, w)| {
-            groups > 0 && c.is_multiple_of(groups) && (h * w).is_multiple_of(2)
+            groups > 0
+                && c.is_multiple_of(groups)
+                && (h * w).is_multiple_of(2)
+                && c / groups * h * w <= MAX_GROUP_LEN
         })
 }
 
@@ -77,10 +84,15 @@ impl CustomOp3 for GroupNorm {
     ) -> Result<(CudaStorage, Shape)> {
         let (batch, channels, h, w) = l1.shape().dims4()?;
         let groups = self.groups;
-        if groups == 0 || !channels.is_multiple_of(groups) || !(h * w).is_multiple_of(2) {
+        if groups == 0
+            || !channels.is_multiple_of(groups)
+            || !(h * w).is_multiple_of(2)
+            || channels / groups * h * w > MAX_GROUP_LEN
+        {
             candle_core::bail!(
                 "group norm kernel: {channels} channels in {groups} groups over {h}x{w} \
-                 (channels must divide into groups, height·width must be even)"
+                 (channels must divide into groups, height·width must be even, a group at \
+                 most {MAX_GROUP_LEN} values)"
             );
         }
         if l2.shape().dims() != [channels] || l3.shape().dims() != [channels] {
