@@ -192,7 +192,16 @@ fn main() {
         let running = start(config).await.expect("server");
         let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client");
         let url = format!("http://{}/v2/local/runsync", running.api_addr);
-        let rss = || running.service.monitor().read().process_rss_bytes as f64 / 1048576.0;
+        // Resident size between jobs: after the last response the job's tail (history write,
+        // stream bookkeeping, the allocator trim) may still run for a moment, and the
+        // monitor's reading can be up to 200 ms old, so wait briefly and read /proc directly.
+        // Every figure (warm-up, reports, end) is taken the same way.
+        let settle = || tokio::time::sleep(Duration::from_millis(300));
+        let rss = || {
+            headshot_host::heap::proc_status_mib("VmRSS").unwrap_or_else(|| {
+                running.service.monitor().read().process_rss_bytes as f64 / 1048576.0
+            })
+        };
         let t = Instant::now();
         let mut after_warmup = 0.0;
         let mut live_after_warmup = 0.0;
@@ -200,6 +209,7 @@ fn main() {
         let mut failed = 0;
         for i in 0..jobs {
             if i == warmup {
+                settle().await;
                 after_warmup = rss();
                 live_after_warmup = live_mib();
                 classes_after_warmup = class_counts();
@@ -214,6 +224,7 @@ fn main() {
                 failed += 1;
             }
             if (i + 1) % report_every == 0 {
+                settle().await;
                 println!(
                     "INFO {} jobs, rss {:.1} MiB, live heap {:.1} MiB, {:.0} s; {}",
                     i + 1,
@@ -230,6 +241,7 @@ fn main() {
                 }
             }
         }
+        settle().await;
         let end = rss();
         let live_end = live_mib();
         println!(
