@@ -23,6 +23,9 @@ static LIVE: AtomicUsize = AtomicUsize::new(0);
 /// Live allocations by size class (bucket k holds sizes in [2^(k-1), 2^k)); bucket 0 holds
 /// over-aligned ones (alignment above 16, which glibc serves with memalign).
 static LIVE_BY_CLASS: [AtomicUsize; 48] = [const { AtomicUsize::new(0) }; 48];
+/// Live bytes by the same classes (a buffer that grows by realloc inside its class changes
+/// these, not the counts).
+static BYTES_BY_CLASS: [AtomicUsize; 48] = [const { AtomicUsize::new(0) }; 48];
 
 fn class(layout: Layout) -> usize {
     if layout.align() > 16 {
@@ -37,6 +40,7 @@ fn counted(p: *mut u8, layout: Layout) -> *mut u8 {
     if !p.is_null() {
         LIVE.fetch_add(layout.size(), Ordering::Relaxed);
         LIVE_BY_CLASS[class(layout)].fetch_add(1, Ordering::Relaxed);
+        BYTES_BY_CLASS[class(layout)].fetch_add(layout.size(), Ordering::Relaxed);
     }
     p
 }
@@ -44,6 +48,7 @@ fn counted(p: *mut u8, layout: Layout) -> *mut u8 {
 fn uncounted(layout: Layout) {
     LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     LIVE_BY_CLASS[class(layout)].fetch_sub(1, Ordering::Relaxed);
+    BYTES_BY_CLASS[class(layout)].fetch_sub(layout.size(), Ordering::Relaxed);
 }
 
 fn class_counts() -> Vec<usize> {
@@ -51,6 +56,32 @@ fn class_counts() -> Vec<usize> {
         .iter()
         .map(|c| c.load(Ordering::Relaxed))
         .collect()
+}
+
+fn class_bytes() -> Vec<usize> {
+    BYTES_BY_CLASS
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .collect()
+}
+
+/// The size classes whose live bytes moved by at least 64 KiB between two `class_bytes`.
+fn byte_changes(before: &[usize], after: &[usize]) -> String {
+    let mut out = Vec::new();
+    for (k, (b, a)) in before.iter().zip(after).enumerate() {
+        if a.abs_diff(*b) >= 64 << 10 {
+            let name = if k == 0 {
+                "aligned".to_string()
+            } else {
+                format!("<{}", 1u64 << k)
+            };
+            out.push(format!(
+                "{name}: {:+.2} MiB",
+                (*a as f64 - *b as f64) / 1048576.0
+            ));
+        }
+    }
+    out.join(", ")
 }
 
 /// The size classes whose live allocation count changed between two `class_counts`.
@@ -206,6 +237,7 @@ fn main() {
         let mut after_warmup = 0.0;
         let mut live_after_warmup = 0.0;
         let mut classes_after_warmup = class_counts();
+        let mut bytes_after_warmup = class_bytes();
         let mut failed = 0;
         for i in 0..jobs {
             if i == warmup {
@@ -213,6 +245,7 @@ fn main() {
                 after_warmup = rss();
                 live_after_warmup = live_mib();
                 classes_after_warmup = class_counts();
+                bytes_after_warmup = class_bytes();
                 println!(
                     "INFO after {warmup} warm-up jobs: rss {after_warmup:.1} MiB, live heap {live_after_warmup:.1} MiB; {}",
                     glibc_heap()
@@ -237,6 +270,10 @@ fn main() {
                     println!(
                         "INFO   live allocations by size class since warm-up: {}",
                         class_changes(&classes_after_warmup, &class_counts())
+                    );
+                    println!(
+                        "INFO   live bytes by size class since warm-up: {}",
+                        byte_changes(&bytes_after_warmup, &class_bytes())
                     );
                 }
             }
