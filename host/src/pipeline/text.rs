@@ -79,7 +79,8 @@ fn load_tokenizer_file(path: &Path, expected: &str) -> Result<Tokenizer, LoadErr
 /// words in every prompt (names, numbers) grows by a few hundred bytes per job until the
 /// cache is full, which the soak bench showed as resident memory creeping over its first
 /// 10 000 jobs (docs/RELIABILITY.md), and users' prompt words stay in memory. Splitting a
-/// prompt's words again costs microseconds against a generation's seconds.
+/// prompt's few dozen words again on every job is small next to a generation's seconds (not
+/// timed on the real T5/CLIP vocabularies, which the development machine cannot download).
 fn without_word_cache(mut tokenizer: Tokenizer) -> Tokenizer {
     // Cloning the model starts it on a fresh cache; capacity 0 then keeps it empty.
     let mut model = tokenizer.get_model().clone();
