@@ -352,14 +352,7 @@ impl CustomOp3 for LtFp8Linear {
         let w_scale = w_scale.slice(start..start + 1);
         let y = alloc_like(dev, b, m * n)?;
         let (_, ctx) = cublaslt(dev)?;
-        let desc = Owned {
-            raw: lt::create_matmul_desc(
-                lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                Ty::CUDA_R_32F,
-            )
-            .map_err(lt_error("cuBLASLt matmul descriptor"))?,
-            destroy: lt::destroy_matmul_desc,
-        };
+        let desc = matmul_desc()?;
         let epilogue = match self.act {
             Activation::Identity => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
             Activation::GeluTanh => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
@@ -369,7 +362,6 @@ impl CustomOp3 for LtFp8Linear {
         let (b_ptr, _b_guard) = bv.device_ptr(&stream);
         let (ws_ptr, _ws_guard) = w_scale.device_ptr(&stream);
         let (xs_ptr, _xs_guard) = x_scale.device_ptr(&stream);
-        let (work_ptr, _work_guard) = ctx.workspace.device_ptr(&stream);
         // SAFETY: each value has the type cuBLASLt documents for its attribute (transpose:
         // int32, epilogue: its enum, pointers: device addresses, fast accumulation: int8).
         unsafe {
@@ -392,62 +384,24 @@ impl CustomOp3 for LtFp8Linear {
         let a_layout = layout(Ty::CUDA_R_8F_E4M3, k, n, k)?;
         let b_layout = layout(Ty::CUDA_R_8F_E4M3, k, m, k)?;
         let d_layout = layout(Ty::CUDA_R_16BF, n, m, n)?;
-        let pref = Owned {
-            raw: lt::create_matmul_pref().map_err(lt_error("cuBLASLt preference"))?,
-            destroy: lt::destroy_matmul_pref,
-        };
-        let (alpha, beta) = (1f32, 0f32);
         let (y_ptr, _y_guard) = y.device_ptr(&stream);
         // SAFETY: the layouts describe the buffers passed (w: n×k e4m3, xq: m×k e4m3, y: m×n
-        // bf16 used as C with beta 0 and as D); the workspace is as large as declared; the
-        // scale and bias pointers are live for the call, which is ordered on `stream`.
+        // bf16, written with beta 0); the scale and bias pointers set on `desc` are live for
+        // the call, which is ordered on `stream`.
         unsafe {
-            lt::set_matmul_pref_attribute(
-                pref.raw,
-                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                (&WORKSPACE_BYTES as *const usize).cast(),
-                std::mem::size_of::<usize>(),
-            )
-            .map_err(lt_error("cuBLASLt workspace preference"))?;
-            let heuristic = lt::get_matmul_algo_heuristic(
-                ctx.handle,
-                desc.raw,
-                a_layout.raw,
-                b_layout.raw,
-                d_layout.raw,
-                d_layout.raw,
-                pref.raw,
-            )
-            .map_err(lt_error("no cuBLASLt FP8 algorithm for this shape"))?;
-            lt::matmul(
-                ctx.handle,
-                desc.raw,
-                (&alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                w_ptr as *const _,
-                a_layout.raw,
-                x_ptr as *const _,
-                b_layout.raw,
-                y_ptr as *const _,
-                d_layout.raw,
-                y_ptr as *mut _,
-                d_layout.raw,
-                &heuristic.algo,
-                work_ptr as *mut _,
-                WORKSPACE_BYTES,
-                stream.cu_stream() as *mut _,
-            )
-            .map_err(lt_error("cuBLASLt FP8 GEMM"))?;
+            run_matmul(
+                &ctx,
+                &stream,
+                &desc,
+                (w_ptr, &a_layout),
+                (x_ptr, &b_layout),
+                (y_ptr, &d_layout),
+                0.0,
+                None,
+                "cuBLASLt FP8 GEMM",
+            )?;
         }
-        drop((
-            _w_guard,
-            _x_guard,
-            _b_guard,
-            _ws_guard,
-            _xs_guard,
-            _work_guard,
-            _y_guard,
-        ));
+        drop((_w_guard, _x_guard, _b_guard, _ws_guard, _xs_guard, _y_guard));
         let storage = CudaStorage {
             slice: CudaStorageSlice::BF16(y),
             device: dev.clone(),
@@ -464,7 +418,6 @@ impl CustomOp3 for LtFp8Linear {
 /// The pointers are device addresses on `dev` of buffers at least as large as the layouts
 /// describe, alive until the GEMM has run on the stream (the caller holds their guards), and
 /// 16-byte aligned, as are `lda`, `ldb` (in bf16) and `ldd` (in f32) in bytes.
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm_bf16_f32(
     dev: &CudaDevice,
     (a, lda): (u64, usize),
@@ -473,28 +426,71 @@ pub(super) unsafe fn gemm_bf16_f32(
     (m, n, k): (usize, usize, usize),
     beta: f32,
 ) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     use lt_sys::cudaDataType_t as Ty;
     let stream = dev.cuda_stream();
     let (_, ctx) = cublaslt(dev)?;
-    let desc = Owned {
-        raw: lt::create_matmul_desc(
-            lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            Ty::CUDA_R_32F,
-        )
-        .map_err(lt_error("cuBLASLt matmul descriptor"))?,
-        destroy: lt::destroy_matmul_desc,
-    };
+    let desc = matmul_desc()?;
     let a_layout = layout(Ty::CUDA_R_16BF, m, k, lda)?;
     let b_layout = layout(Ty::CUDA_R_16BF, k, n, ldb)?;
     let d_layout = layout(Ty::CUDA_R_32F, m, n, ldd)?;
+    // SAFETY: the layouts and pointers are the caller's contract, 16-byte alignment included.
+    unsafe {
+        run_matmul(
+            &ctx,
+            &stream,
+            &desc,
+            (a, &a_layout),
+            (b, &b_layout),
+            (d, &d_layout),
+            beta,
+            Some(16),
+            "cuBLASLt convolution GEMM",
+        )
+    }
+}
+
+/// A matmul descriptor with f32 compute and f32 scale type, the raw GEMMs' common setting.
+fn matmul_desc() -> Result<Owned<lt_sys::cublasLtMatmulDesc_t>> {
+    let raw = lt::create_matmul_desc(
+        lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        lt_sys::cudaDataType_t::CUDA_R_32F,
+    )
+    .map_err(lt_error("cuBLASLt matmul descriptor"))?;
+    Ok(Owned {
+        raw,
+        destroy: lt::destroy_matmul_desc,
+    })
+}
+
+/// Runs `D = A · B + beta · D` (alpha 1, D also as C) with the algorithm cuBLASLt's heuristic
+/// picks for `desc` and the layouts, using `ctx`'s workspace, on `stream`. `min_alignment`
+/// (bytes) tells cuBLASLt how aligned every pointer is when it is less than the 256 bytes it
+/// assumes otherwise. `what` names the GEMM in errors.
+///
+/// # Safety
+/// Each pointer is a device address on `stream`'s device of a buffer at least as large as
+/// its layout describes, alive until the GEMM has run (the caller holds the guards), and
+/// aligned to `min_alignment` (or 256) bytes; every pointer set on `desc` is live likewise.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_matmul(
+    ctx: &LtRaw,
+    stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+    desc: &Owned<lt_sys::cublasLtMatmulDesc_t>,
+    (a, a_layout): (u64, &Owned<lt_sys::cublasLtMatrixLayout_t>),
+    (b, b_layout): (u64, &Owned<lt_sys::cublasLtMatrixLayout_t>),
+    (d, d_layout): (u64, &Owned<lt_sys::cublasLtMatrixLayout_t>),
+    beta: f32,
+    min_alignment: Option<u32>,
+    what: &'static str,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
     let pref = Owned {
         raw: lt::create_matmul_pref().map_err(lt_error("cuBLASLt preference"))?,
         destroy: lt::destroy_matmul_pref,
     };
-    let (work_ptr, _work_guard) = ctx.workspace.device_ptr(&stream);
+    let (work_ptr, _work_guard) = ctx.workspace.device_ptr(stream);
     let alpha = 1f32;
-    use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
     // SAFETY: each preference value has the type cuBLASLt documents (workspace: size_t,
     // alignments: uint32); the layouts and pointers are the caller's contract; the workspace
     // is as large as declared and lives in `ctx`, held until the call is enqueued.
@@ -506,19 +502,21 @@ pub(super) unsafe fn gemm_bf16_f32(
             std::mem::size_of::<usize>(),
         )
         .map_err(lt_error("cuBLASLt workspace preference"))?;
-        for attr in [
-            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-        ] {
-            lt::set_matmul_pref_attribute(
-                pref.raw,
-                attr,
-                (&16u32 as *const u32).cast(),
-                std::mem::size_of::<u32>(),
-            )
-            .map_err(lt_error("cuBLASLt alignment preference"))?;
+        if let Some(bytes) = min_alignment {
+            for attr in [
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            ] {
+                lt::set_matmul_pref_attribute(
+                    pref.raw,
+                    attr,
+                    (&bytes as *const u32).cast(),
+                    std::mem::size_of::<u32>(),
+                )
+                .map_err(lt_error("cuBLASLt alignment preference"))?;
+            }
         }
         let heuristic = lt::get_matmul_algo_heuristic(
             ctx.handle,
@@ -529,7 +527,7 @@ pub(super) unsafe fn gemm_bf16_f32(
             d_layout.raw,
             pref.raw,
         )
-        .map_err(lt_error("no cuBLASLt algorithm for this convolution GEMM"))?;
+        .map_err(lt_error("no cuBLASLt algorithm for this GEMM's shape"))?;
         lt::matmul(
             ctx.handle,
             desc.raw,
@@ -548,7 +546,7 @@ pub(super) unsafe fn gemm_bf16_f32(
             WORKSPACE_BYTES,
             stream.cu_stream() as *mut _,
         )
-        .map_err(lt_error("cuBLASLt convolution GEMM"))?;
+        .map_err(lt_error(what))?;
     }
     Ok(())
 }
