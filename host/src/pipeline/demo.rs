@@ -191,7 +191,8 @@ fn write_json(path: &Path, value: &Value) -> Result<(), LoadError> {
     std::fs::write(path, text).map_err(io_err(path))
 }
 
-fn record<M>(
+/// The tensors `build` asks a seeded random `VarBuilder` for: weights for any module, by name.
+pub(crate) fn record<M>(
     seed: u64,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
 ) -> candle_core::Result<HashMap<String, Tensor>> {

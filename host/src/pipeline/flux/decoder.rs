@@ -304,7 +304,8 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::random_weights::RandomWeights;
+    use crate::pipeline::demo::record;
+    use crate::pipeline::flux::check::max_rel_error;
     use candle_core::{DType, Device};
     use candle_transformers::models::flux::autoencoder::AutoEncoder;
 
@@ -326,10 +327,7 @@ mod tests {
     #[test]
     fn decodes_as_candles_autoencoder_does() {
         let cfg = config();
-        let (weights, recording) = RandomWeights::seeded(7);
-        let vb = VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu);
-        drop(AutoEncoder::new(&cfg, vb).unwrap());
-        let tensors = recording.take();
+        let tensors = record(7, |vb| AutoEncoder::new(&cfg, vb)).unwrap();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         let reference = AutoEncoder::new(&cfg, vb.clone()).unwrap();
         let ours = Decoder::new(&cfg, vb).unwrap();
@@ -339,14 +337,6 @@ mod tests {
         let got = ours.decode(&latents).unwrap();
         assert_eq!(got.dims(), want.dims());
         assert_eq!(got.dims(), &[2, 3, 12, 10], "one upsample: 2x");
-        let diff = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
         let scale = want
             .abs()
             .unwrap()
@@ -358,10 +348,8 @@ mod tests {
             scale > 0.1,
             "the reference decode is degenerate: max {scale}"
         );
-        assert!(
-            diff <= 1e-4 * scale,
-            "max difference {diff} (output max {scale})"
-        );
+        let error = max_rel_error(&got, &want).unwrap();
+        assert!(error <= 1e-4, "max relative difference {error}");
     }
 
     #[test]
@@ -398,10 +386,7 @@ mod tests {
     #[test]
     fn only_decoder_weights_are_read() {
         let cfg = config();
-        let (weights, recording) = RandomWeights::seeded(7);
-        let vb = VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu);
-        drop(Decoder::new(&cfg, vb).unwrap());
-        let names = recording.take();
+        let names = record(7, |vb| Decoder::new(&cfg, vb)).unwrap();
         assert!(!names.is_empty());
         let stray: Vec<_> = names
             .keys()
