@@ -27,9 +27,7 @@ const ALIGN: usize = 8;
 /// session without one. Read once.
 pub fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        std::env::var("HEADSHOT_CONV").is_ok_and(|v| v.eq_ignore_ascii_case("gemm"))
-    })
+    *ENABLED.get_or_init(|| super::cuda_util::opt_in("HEADSHOT_CONV", "gemm"))
 }
 
 /// Whether [`conv2d`] takes `x` with `taps` from `decoder::gemm_taps`: bf16 NCHW on CUDA

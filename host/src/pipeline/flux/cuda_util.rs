@@ -33,6 +33,20 @@ pub fn contiguous_view<'a, T: DeviceRepr>(
     }
 }
 
+/// Whether the opt-in switch `var` is set to `on` (any case), for CUDA paths that stay off
+/// until verified on a GPU. Another value is not silently taken as "off": it is logged as a
+/// warning naming the one accepted. Callers read it once and keep the answer.
+pub fn opt_in(var: &str, on: &str) -> bool {
+    match std::env::var(var) {
+        Ok(v) if v.eq_ignore_ascii_case(on) => true,
+        Ok(v) if !v.is_empty() => {
+            tracing::warn!(%var, value = %v, accepted = %on, "unknown value; the path stays off");
+            false
+        }
+        _ => false,
+    }
+}
+
 /// `cpu_fwd` of a CUDA-only custom op with 1, 2 or 3 inputs: an error naming the op.
 macro_rules! cuda_only_cpu_fwd {
     (1) => {

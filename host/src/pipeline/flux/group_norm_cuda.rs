@@ -29,9 +29,7 @@ const MAX_GROUP_LEN: usize = u32::MAX as usize;
 /// without one. Read once.
 pub fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        std::env::var("HEADSHOT_GROUP_NORM").is_ok_and(|v| v.eq_ignore_ascii_case("fused"))
-    })
+    *ENABLED.get_or_init(|| super::cuda_util::opt_in("HEADSHOT_GROUP_NORM", "fused"))
 }
 
 /// Whether the kernels take `x`: bf16 `(batch, channels, height, width)` on CUDA, channels
