@@ -18,8 +18,6 @@ mod common;
 /// resident size rises is the allocator keeping freed pages (fragmentation).
 struct Counting;
 
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
 /// Live allocations by size class (bucket k holds sizes in [2^(k-1), 2^k)); bucket 0 holds
 /// over-aligned ones (alignment above 16, which glibc serves with memalign).
 static LIVE_BY_CLASS: [AtomicUsize; 48] = [const { AtomicUsize::new(0) }; 48];
@@ -38,7 +36,6 @@ fn class(layout: Layout) -> usize {
 /// Adds `layout` to the live counts when the allocation `p` succeeded.
 fn counted(p: *mut u8, layout: Layout) -> *mut u8 {
     if !p.is_null() {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
         LIVE_BY_CLASS[class(layout)].fetch_add(1, Ordering::Relaxed);
         BYTES_BY_CLASS[class(layout)].fetch_add(layout.size(), Ordering::Relaxed);
     }
@@ -46,58 +43,53 @@ fn counted(p: *mut u8, layout: Layout) -> *mut u8 {
 }
 
 fn uncounted(layout: Layout) {
-    LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     LIVE_BY_CLASS[class(layout)].fetch_sub(1, Ordering::Relaxed);
     BYTES_BY_CLASS[class(layout)].fetch_sub(layout.size(), Ordering::Relaxed);
 }
 
+fn load(classes: &[AtomicUsize; 48]) -> Vec<usize> {
+    classes.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+}
+
 fn class_counts() -> Vec<usize> {
-    LIVE_BY_CLASS
-        .iter()
-        .map(|c| c.load(Ordering::Relaxed))
-        .collect()
+    load(&LIVE_BY_CLASS)
 }
 
 fn class_bytes() -> Vec<usize> {
-    BYTES_BY_CLASS
-        .iter()
-        .map(|c| c.load(Ordering::Relaxed))
-        .collect()
+    load(&BYTES_BY_CLASS)
+}
+
+/// `describe(before, after)` for each size class where it has something to say, named.
+fn per_class(
+    before: &[usize],
+    after: &[usize],
+    describe: impl Fn(usize, usize) -> Option<String>,
+) -> String {
+    let mut out = Vec::new();
+    for (k, (&b, &a)) in before.iter().zip(after).enumerate() {
+        if let Some(change) = describe(b, a) {
+            let name = if k == 0 {
+                "aligned".to_string()
+            } else {
+                format!("<{}", 1u64 << k)
+            };
+            out.push(format!("{name}: {change}"));
+        }
+    }
+    out.join(", ")
 }
 
 /// The size classes whose live bytes moved by at least 64 KiB between two `class_bytes`.
 fn byte_changes(before: &[usize], after: &[usize]) -> String {
-    let mut out = Vec::new();
-    for (k, (b, a)) in before.iter().zip(after).enumerate() {
-        if a.abs_diff(*b) >= 64 << 10 {
-            let name = if k == 0 {
-                "aligned".to_string()
-            } else {
-                format!("<{}", 1u64 << k)
-            };
-            out.push(format!(
-                "{name}: {:+.2} MiB",
-                (*a as f64 - *b as f64) / 1048576.0
-            ));
-        }
-    }
-    out.join(", ")
+    per_class(before, after, |b, a| {
+        (a.abs_diff(b) >= 64 << 10)
+            .then(|| format!("{:+.2} MiB", (a as f64 - b as f64) / 1048576.0))
+    })
 }
 
 /// The size classes whose live allocation count changed between two `class_counts`.
 fn class_changes(before: &[usize], after: &[usize]) -> String {
-    let mut out = Vec::new();
-    for (k, (b, a)) in before.iter().zip(after).enumerate() {
-        if a != b {
-            let name = if k == 0 {
-                "aligned".to_string()
-            } else {
-                format!("<{}", 1u64 << k)
-            };
-            out.push(format!("{name}: {b}->{a}"));
-        }
-    }
-    out.join(", ")
+    per_class(before, after, |b, a| (a != b).then(|| format!("{b}->{a}")))
 }
 
 // SAFETY: forwards to the system allocator unchanged; only counts.
@@ -135,8 +127,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
+/// Live heap bytes: the sum over the size classes.
 fn live_mib() -> f64 {
-    LIVE.load(Ordering::Relaxed) as f64 / 1048576.0
+    class_bytes().iter().sum::<usize>() as f64 / 1048576.0
 }
 
 /// glibc's own view of its heap (all arenas), so bytes malloc'd outside Rust (C libraries,
