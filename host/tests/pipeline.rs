@@ -97,6 +97,26 @@ fn demo_weights_round_trip_through_safetensors_and_the_real_loader() {
         status.components.iter().map(|c| c.bytes).sum::<u64>()
     );
     assert!(status.weight_bytes > 1_000_000);
+    // Only the autoencoder's decoder loads, and only it is counted.
+    let ae = &status.components[3];
+    let (_, ae_tensors) = demo_tensors()
+        .unwrap()
+        .into_iter()
+        .find(|(rel, _)| *rel == "ae.safetensors")
+        .unwrap();
+    let parameters = |decoder_only: bool| -> u64 {
+        ae_tensors
+            .iter()
+            .filter(|(name, _)| !decoder_only || name.starts_with("decoder."))
+            .map(|(_, t)| t.elem_count() as u64)
+            .sum()
+    };
+    assert_eq!(ae.parameters, parameters(true));
+    assert!(
+        ae.parameters < parameters(false),
+        "the encoder is not counted"
+    );
+    assert_eq!(ae.bytes, ae.parameters * 4, "f32");
 }
 
 #[test]
