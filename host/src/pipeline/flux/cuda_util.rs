@@ -50,44 +50,22 @@ pub fn opt_in(var: &str, on: &str) -> bool {
 /// `cpu_fwd` of a CUDA-only custom op with 1, 2 or 3 inputs: an error naming the op.
 macro_rules! cuda_only_cpu_fwd {
     (1) => {
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            candle_core::bail!(
-                "{} takes CUDA tensors only",
-                <Self as candle_core::CustomOp1>::name(self)
-            )
-        }
+        $crate::pipeline::flux::cuda_util::cuda_only_cpu_fwd!(CustomOp1; _s1 _l1);
     };
     (2) => {
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            candle_core::bail!(
-                "{} takes CUDA tensors only",
-                <Self as candle_core::CustomOp2>::name(self)
-            )
-        }
+        $crate::pipeline::flux::cuda_util::cuda_only_cpu_fwd!(CustomOp2; _s1 _l1, _s2 _l2);
     };
     (3) => {
+        $crate::pipeline::flux::cuda_util::cuda_only_cpu_fwd!(CustomOp3; _s1 _l1, _s2 _l2, _s3 _l3);
+    };
+    ($op:ident; $($s:ident $l:ident),+) => {
         fn cpu_fwd(
             &self,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
             candle_core::bail!(
                 "{} takes CUDA tensors only",
-                <Self as candle_core::CustomOp3>::name(self)
+                <Self as candle_core::$op>::name(self)
             )
         }
     };
