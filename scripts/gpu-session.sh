@@ -34,7 +34,7 @@ run() {
   if [ "$(left)" -lt "$limit" ]; then echo "== SKIPPED (time) $*" | tee -a "$out/session.txt"; return; fi
   echo "== ${HEADSHOT_FLASH_KERNEL:+HEADSHOT_FLASH_KERNEL=$HEADSHOT_FLASH_KERNEL }${HEADSHOT_GROUP_NORM:+HEADSHOT_GROUP_NORM=$HEADSHOT_GROUP_NORM }${HEADSHOT_CONV:+HEADSHOT_CONV=$HEADSHOT_CONV }$* (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
   timeout "$limit" /tmp/headshot "$@" > "$out/last.txt" 2>&1; local rc=$?
-  grep -E "RESULT|RATE|CHECK|MEMORY|model|Error|error|panick" "$out/last.txt" | tee -a "$out/session.txt"
+  grep -E "RESULT|RATE|CHECK|MEMORY|model|Error|error|panick|per-row|WARN" "$out/last.txt" | tee -a "$out/session.txt"
   echo "exit $rc" | tee -a "$out/session.txt"
 }
 
@@ -49,9 +49,13 @@ if [ "$(left)" -gt 60 ]; then
   TORCH_ARGS="--iters 3 --warmup 1" WHEELS=$carry/wheels OUT=$out/vs-torch timeout $(( $(left) < 200 ? $(left) : 200 )) bash $carry/run-bench.nostubs.sh /tmp/headshot \
     bench gpu --device cuda --attention fused --iters 3 --warmup 1 | tee -a "$out/session.txt"
 fi
-# 4. Variants: FP8, the other flash kernels in whole steps, 768x1024, plain GEMMs, plain
+# 4. Variants: FP8 (per tensor, then per row), the other flash kernels in whole steps, 768x1024, plain GEMMs, plain
 #    attention, candle's stock module (in that order; what no longer fits is skipped).
 run 60 bench gpu --device cuda --attention fused --fp8 --iters 3 --warmup 1 --skip-vae
+# FP8 with per-row scales (model.fp8_scale = "row"): one pass over the activations, joined
+# inputs read in place. Falls back to per-tensor (logged "keeping per-tensor scales") where
+# cuBLASLt refuses the scaling mode; step 1's fp8_rows_* names say which ran.
+run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
 # The decoder's own CUDA paths (opt-in until step 1 has passed on a GPU): fused group norm
 # + SiLU, then that with the convolutions as GEMMs; decode times against step 3's, same card.
 HEADSHOT_GROUP_NORM=fused run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1

@@ -18,7 +18,7 @@ use crate::pipeline::demo::{demo_ae_config, demo_flux_config};
 use crate::pipeline::device::{DTypeSpec, DeviceSpec, device_name};
 use crate::pipeline::flux::attention::AttentionKernel;
 use crate::pipeline::flux::check::{self, CheckShape};
-use crate::pipeline::flux::layers::GemmKernel;
+use crate::pipeline::flux::layers::{Fp8Scale, GemmKernel, WeightFormat};
 use crate::pipeline::flux::model::{FluxModel, ModelOptions};
 use crate::pipeline::random_weights::RandomWeights;
 use crate::pipeline::rng::Rng;
@@ -138,6 +138,8 @@ pub struct GpuBenchOptions {
     pub dtype: DTypeSpec,
     /// FP8 e4m3 weights for the blocks' projections (our model only).
     pub fp8: bool,
+    /// How FP8 weights and activations are scaled.
+    pub fp8_scale: Fp8Scale,
     /// Time the model's ops one by one instead of whole steps.
     pub ops: bool,
     /// GEMM implementation of our model's projections.
@@ -206,13 +208,14 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
     let vb = VarBuilder::from_backend(Box::new(RandomWeights::on_device()), dtype, device.clone());
     let model: Box<dyn WithForward> = match opts.model {
         ModelImpl::Ours => {
-            let options = ModelOptions::new(opts.attention, opts.fp8, opts.gemm);
+            let weights = WeightFormat::from_settings(opts.fp8, opts.fp8_scale);
+            let options = ModelOptions::new(opts.attention, weights, opts.gemm);
             let m = FluxModel::with_options(&flux_cfg, vb, options)?;
             writeln!(
                 out,
                 "model: ours, attention {}, weights {:?}, gemm {:?}, block projections {:.1} MiB",
                 m.attention().name(),
-                options.weights,
+                options.weights.on(&device),
                 options.gemm,
                 m.projection_bytes() as f64 / (1u64 << 20) as f64
             )?;

@@ -362,6 +362,8 @@ pub struct ModelConfig {
     pub attention: crate::pipeline::flux::attention::AttentionKernel,
     /// FP8 e4m3 weights for the transformer blocks' projections.
     pub fp8: bool,
+    /// How FP8 weights and activations are scaled: per tensor or per row.
+    pub fp8_scale: crate::pipeline::flux::layers::Fp8Scale,
     /// GEMM implementation of the transformer blocks' projections.
     pub gemm: crate::pipeline::flux::layers::GemmKernel,
 }
@@ -962,6 +964,7 @@ mod tests {
             ("[model]\ndtype = \"int4\"\n", "model.dtype"),
             ("[model]\nattention = \"sparse\"\n", "model.attention"),
             ("[model]\ngemm = \"tensorrt\"\n", "model.gemm"),
+            ("[model]\nfp8_scale = \"channel\"\n", "model.fp8_scale"),
             (
                 "[jobs]\nstream_keep_finished = -1\n",
                 "jobs.stream_keep_finished",
@@ -1005,7 +1008,7 @@ mod tests {
     fn attention_kernel_and_stream_ring_are_settable() {
         let c = Config::from_layers(
             Some((
-                "[model]\nattention = \"fused\"\nfp8 = true\ngemm = \"plain\"\n[jobs]\nstream_keep_finished = 8\n",
+                "[model]\nattention = \"fused\"\nfp8 = true\nfp8_scale = \"row\"\ngemm = \"plain\"\n[jobs]\nstream_keep_finished = 8\n",
                 "f.toml",
             )),
             env(&[]),
@@ -1023,6 +1026,7 @@ mod tests {
             crate::pipeline::flux::attention::AttentionKernel::Fused
         );
         assert!(load.fp8);
+        assert_eq!(load.fp8_scale, crate::pipeline::flux::layers::Fp8Scale::Row);
         assert_eq!(load.gemm, crate::pipeline::flux::layers::GemmKernel::Plain);
         let d = Config::from_layers(None, env(&[])).unwrap();
         assert_eq!(
@@ -1035,6 +1039,10 @@ mod tests {
         );
         assert_eq!(d.jobs.stream_keep_finished, 1024);
         assert!(!d.model.fp8);
+        assert_eq!(
+            d.model.fp8_scale,
+            crate::pipeline::flux::layers::Fp8Scale::Tensor
+        );
     }
 
     #[test]

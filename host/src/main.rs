@@ -177,9 +177,13 @@ enum BenchCommand {
         /// Activation dtype: auto (f32 with --tiny or on the CPU, bf16 on CUDA), f32, bf16, f16.
         #[arg(long, default_value = "auto")]
         dtype: String,
-        /// FP8 e4m3 weights (per-tensor scale) for the transformer blocks' projections.
+        /// FP8 e4m3 weights for the transformer blocks' projections.
         #[arg(long)]
         fp8: bool,
+        /// FP8 scaling with --fp8: tensor (one scale per tensor) or row (per output channel
+        /// and per token; on CUDA where cuBLASLt runs it, else tensor with a warning).
+        #[arg(long, default_value = "tensor", requires = "fp8")]
+        fp8_scale: String,
         /// Time the model's ops one by one (attention kernels, GEMMs, norms) instead of steps.
         #[arg(long, conflicts_with = "check")]
         ops: bool,
@@ -497,9 +501,13 @@ fn run(cli: Cli) -> Result<()> {
             check,
             dtype,
             fp8,
+            fp8_scale,
             ops,
             gemm,
         }) => {
+            let fp8_scale = fp8_scale
+                .parse::<headshot_host::pipeline::flux::layers::Fp8Scale>()
+                .map_err(|e| anyhow::anyhow!("--fp8-scale: {e}"))?;
             let gemm = gemm
                 .parse::<headshot_host::pipeline::flux::layers::GemmKernel>()
                 .map_err(|e| anyhow::anyhow!("--gemm: {e}"))?;
@@ -530,6 +538,7 @@ fn run(cli: Cli) -> Result<()> {
                 check,
                 dtype,
                 fp8,
+                fp8_scale,
                 ops,
                 gemm,
             };

@@ -8,7 +8,7 @@ use std::time::Duration;
 use headshot_host::pipeline::demo::{demo_tensors, ensure_demo_weights, write_demo_weights};
 use headshot_host::pipeline::device::{DTypeSpec, DeviceSpec};
 use headshot_host::pipeline::flux::attention::AttentionKernel;
-use headshot_host::pipeline::flux::layers::GemmKernel;
+use headshot_host::pipeline::flux::layers::{Fp8Scale, GemmKernel};
 use headshot_host::pipeline::{
     FluxPipeline, GenerateError, Generation, GenerationParams, Limits, LoadError, LoadOptions,
     ModelSource, StepProgress, Variant,
@@ -27,6 +27,7 @@ fn options(source: ModelSource, data_dir: &Path, variant: Variant) -> LoadOption
         load_backoff: Duration::from_millis(1),
         attention: AttentionKernel::Auto,
         fp8: false,
+        fp8_scale: Fp8Scale::Tensor,
         gemm: GemmKernel::Auto,
     }
 }
@@ -207,6 +208,27 @@ fn fused_attention_draws_the_same_image_and_fp8_a_close_one() {
     assert!(
         fp8_drift < 8.0,
         "FP8 moved pixels by {fp8_drift:.2} levels on average"
+    );
+
+    // Per-row scales (`model.fp8_scale = "row"`) reach the weights: another close picture,
+    // not the per-tensor one, in the same one byte per weight (plus one scale per row).
+    let mut rows = FluxPipeline::load(&LoadOptions {
+        fp8: true,
+        fp8_scale: Fp8Scale::Row,
+        ..options(ModelSource::Demo, tmp.path(), Variant::Schnell)
+    })
+    .unwrap();
+    let r = pixels(&run(&mut rows, &params).unwrap().images[0].png);
+    let row_drift = mean(&a, &r);
+    assert!(
+        row_drift > 0.0 && row_drift < 8.0,
+        "per-row FP8 moved pixels by {row_drift:.2} levels on average"
+    );
+    assert_ne!(r, c, "per-row and per-tensor scales drew the same picture");
+    let (row_bytes, _) = bytes(&rows);
+    assert!(
+        row_bytes < full_bytes * 6 / 10,
+        "per-row fp8 {row_bytes} vs f32 {full_bytes}"
     );
 }
 

@@ -91,6 +91,7 @@ pub(super) fn run(
             ("_bias", WeightFormat::Full, GemmKernel::Auto),
             ("_bias_plain", WeightFormat::Full, GemmKernel::Plain),
             ("_bias_fp8", WeightFormat::Fp8, GemmKernel::Auto),
+            ("_bias_fp8_rows", WeightFormat::Fp8Rows, GemmKernel::Auto),
         ];
         for (tag, format, gemm) in variants {
             let dense =
@@ -110,6 +111,31 @@ pub(super) fn run(
             input.broadcast_matmul(&wt)
         })?;
     }
+
+    // The single block's linear2 reads the attention output and the MLP hidden layer joined:
+    // joined first (a copy), then the GEMM; per-row FP8 quantizes from the two parts in place.
+    let attn_out = randn(&[1, tokens, hidden])?;
+    let w2 = (randn(&[hidden, hidden + mlp])? / ((hidden + mlp) as f64).sqrt())?;
+    let b2 = randn(&[hidden])?;
+    let flop = 2.0 * (tokens * (hidden + mlp) * hidden) as f64;
+    for (tag, format) in [
+        ("", WeightFormat::Full),
+        ("_fp8", WeightFormat::Fp8),
+        ("_fp8_rows", WeightFormat::Fp8Rows),
+    ] {
+        let how = Projections {
+            format,
+            gemm: GemmKernel::Auto,
+        };
+        let dense = Dense::from_parts(w2.clone(), Some(b2.clone()), how)?;
+        time(
+            out,
+            &format!("single_linear2_joined{tag}"),
+            Work::Flop(flop),
+            &|| dense.apply(&dense.prepare(&[&attn_out, &wide])?, Activation::Identity),
+        )?;
+    }
+    drop((attn_out, w2, b2));
 
     // Memory-bound ops, rated by the bytes they must move at least (read + write once).
     let n_x = (tokens * hidden) as f64 * bytes;

@@ -267,14 +267,20 @@ impl SingleBlock {
                 let mlp = h.narrow(D::Minus1, 3 * self.hidden, rest)?.gelu()?;
                 (h.narrow(D::Minus1, 0, 3 * self.hidden)?, mlp)
             }
-            Linear1::Split { qkv, mlp } => (
-                qkv.forward(&x_mod)?,
-                mlp.forward_act(&x_mod, Activation::GeluTanh)?,
-            ),
+            Linear1::Split { qkv, mlp } => {
+                // Both halves read the same input: quantized once for per-row FP8.
+                let input = qkv.prepare(&[&x_mod])?;
+                (
+                    qkv.apply(&input, Activation::Identity)?,
+                    mlp.apply(&input, Activation::GeluTanh)?,
+                )
+            }
         };
         let (q, k, v) = joined_qkv(&[(&qkv, &self.q_norm, &self.k_norm)], self.heads, rope)?;
         let attn = attention.run(&q, &k, &v)?;
-        let out = self.linear2.forward(&Tensor::cat(&[attn, mlp], 2)?)?;
+        // linear2 reads attention output and MLP joined; per-row FP8 reads both in place.
+        let joined = self.linear2.prepare(&[&attn, &mlp])?;
+        let out = self.linear2.apply(&joined, Activation::Identity)?;
         m[0].gated_add(x, &out)
     }
 }

@@ -313,6 +313,42 @@ pub fn run_into(
         &fp8_layer.forward(&x)?,
         1e-6,
     )?);
+    // Per-row FP8 (`model.fp8_scale = "row"`): the model and one projection against full
+    // precision, then an input quantized from two parts where they lie (the single block's
+    // linear2) against the same input joined first: equal by construction. On a GPU whose
+    // cuBLASLt refuses per-row scales the layers fall back to per-tensor, and the names say so.
+    let rows_name = |base: &str| match WeightFormat::Fp8Rows.on(device) {
+        WeightFormat::Fp8Rows => base.to_string(),
+        _ => format!("{base}_fell_back_to_tensor"),
+    };
+    let rows_model = load(WeightFormat::Fp8Rows)?;
+    let fast_rows = rows_model.forward(&s.img, &s.img_ids, &s.txt, &s.txt_ids, &t, &s.vec, g)?;
+    out.push(compare(
+        &rows_name("model_fp8_rows_vs_full"),
+        &fast_rows,
+        &fast,
+        FP8_TOLERANCE,
+    )?);
+    let rows_layer = layer(dtype, WeightFormat::Fp8Rows, GemmKernel::Auto)?;
+    let rows_out = rows_layer.forward(&x)?;
+    out.push(compare(
+        &rows_name("fp8_rows_linear_vs_full"),
+        &rows_out,
+        &full,
+        FP8_TOLERANCE,
+    )?);
+    let split = cfg.hidden_size / 4;
+    let parts = [
+        &x.narrow(2, 0, split)?,
+        &x.narrow(2, split, cfg.hidden_size - split)?,
+    ];
+    let from_parts = rows_layer.apply(&rows_layer.prepare(&parts)?, Activation::Identity)?;
+    out.push(compare(
+        &rows_name("fp8_rows_joined_parts"),
+        &from_parts,
+        &rows_out,
+        1e-6,
+    )?);
     let fast_layer = layer(dtype, WeightFormat::Full, GemmKernel::Auto)?;
     let plain_layer = layer(DType::F32, WeightFormat::Full, GemmKernel::Plain)?;
     for (name, act) in [
@@ -500,6 +536,9 @@ mod tests {
                         "model_fp8_vs_full",
                         "fp8_linear_vs_full",
                         "fp8_batch_independent",
+                        "model_fp8_rows_vs_full",
+                        "fp8_rows_linear_vs_full",
+                        "fp8_rows_joined_parts",
                         "gemm_bias",
                         "gemm_bias_gelu"
                     ]
@@ -507,7 +546,7 @@ mod tests {
                 for r in &results {
                     let against_full = r.name.contains("fp8") && r.name.ends_with("full");
                     let bound = match r.name.as_str() {
-                        "fp8_batch_independent" => 1e-6,
+                        "fp8_batch_independent" | "fp8_rows_joined_parts" => 1e-6,
                         _ if against_full => FP8_TOLERANCE,
                         _ => tolerance,
                     };

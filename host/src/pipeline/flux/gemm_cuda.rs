@@ -191,7 +191,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Ten
 }
 
 /// PTX of `fp8_quant.cu`: max |x| and per-tensor e4m3 quantization of activations.
-const FP8_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8_quant.ptx"));
+pub(super) const FP8_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8_quant.ptx"));
 
 /// A cuBLASLt handle and workspace of our own for the FP8 GEMM (the safe wrapper's workspace
 /// is not reachable from outside cudarc).
@@ -310,7 +310,6 @@ impl CustomOp3 for LtFp8Linear {
     ) -> Result<(CudaStorage, Shape)> {
         use candle_core::cuda_backend::WrapErr;
         use candle_core::cuda_backend::cudarc::driver::{DevicePtr, PushKernelArg};
-        use lt_sys::{cublasLtMatmulDescAttributes_t as Attr, cudaDataType_t as Ty};
 
         let (m, n, k) = projection_dims(xl, wl, bl, 16)?;
         let (CudaStorageSlice::BF16(x), CudaStorageSlice::U8(w), CudaStorageSlice::BF16(b)) =
@@ -351,54 +350,26 @@ impl CustomOp3 for LtFp8Linear {
         let start = scale_layout.start_offset();
         let w_scale = w_scale.slice(start..start + 1);
         let y = alloc_like(dev, b, m * n)?;
-        let (_, ctx) = cublaslt(dev)?;
-        let desc = matmul_desc()?;
-        let epilogue = match self.act {
-            Activation::Identity => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-            Activation::GeluTanh => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
-        };
         let (w_ptr, _w_guard) = wv.device_ptr(&stream);
         let (x_ptr, _x_guard) = xq.device_ptr(&stream);
         let (b_ptr, _b_guard) = bv.device_ptr(&stream);
         let (ws_ptr, _ws_guard) = w_scale.device_ptr(&stream);
         let (xs_ptr, _xs_guard) = x_scale.device_ptr(&stream);
-        // SAFETY: each value has the type cuBLASLt documents for its attribute (transpose:
-        // int32, epilogue: its enum, pointers: device addresses, fast accumulation: int8).
-        unsafe {
-            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
-            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
-            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
-            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &b_ptr)?;
-            set(
-                desc.raw,
-                Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                &ws_ptr,
-            )?;
-            set(
-                desc.raw,
-                Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                &xs_ptr,
-            )?;
-            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
-        }
-        let a_layout = layout(Ty::CUDA_R_8F_E4M3, k, n, k)?;
-        let b_layout = layout(Ty::CUDA_R_8F_E4M3, k, m, k)?;
-        let d_layout = layout(Ty::CUDA_R_16BF, n, m, n)?;
         let (y_ptr, _y_guard) = y.device_ptr(&stream);
-        // SAFETY: the layouts describe the buffers passed (w: n×k e4m3, xq: m×k e4m3, y: m×n
-        // bf16, written with beta 0); the scale and bias pointers set on `desc` are live for
-        // the call, which is ordered on `stream`.
+        // SAFETY: w holds n×k e4m3, xq m×k e4m3, b n bf16 and y m×n bf16; each scale is one
+        // f32; all are on `dev` and held by the guards until the GEMM is enqueued.
         unsafe {
-            run_matmul(
-                &ctx,
-                &stream,
-                &desc,
-                (w_ptr, &a_layout),
-                (x_ptr, &b_layout),
-                (y_ptr, &d_layout),
-                0.0,
-                None,
-                "cuBLASLt FP8 GEMM",
+            fp8_gemm(
+                dev,
+                Fp8Operands {
+                    weight: (w_ptr, ws_ptr),
+                    input: (x_ptr, xs_ptr),
+                    bias: b_ptr,
+                    out: y_ptr,
+                },
+                (m, n, k),
+                self.act,
+                Fp8Scales::PerTensor,
             )?;
         }
         drop((_w_guard, _x_guard, _b_guard, _ws_guard, _xs_guard, _y_guard));
@@ -407,6 +378,96 @@ impl CustomOp3 for LtFp8Linear {
             device: dev.clone(),
         };
         Ok((storage, projection_shape(xl, n)))
+    }
+}
+
+/// How the FP8 GEMM reads its two scale pointers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fp8Scales {
+    /// One f32 each for the weight and the activations.
+    PerTensor,
+    /// One f32 per output channel (n) for the weight and per token (m) for the activations:
+    /// cuBLASLt's "outer vector" scaling (cuBLAS 12.9 and later).
+    PerRow,
+}
+
+/// Device addresses of one FP8 projection's buffers: `(values, scales)` of the e4m3 weight
+/// (n×k) and activations (m×k), the bf16 bias (n) and the bf16 output (m×n).
+pub(super) struct Fp8Operands {
+    pub weight: (u64, u64),
+    pub input: (u64, u64),
+    pub bias: u64,
+    pub out: u64,
+}
+
+/// Enqueues `out = act(input · weightᵀ, scaled + bias)` on `dev`'s stream: the FP8 GEMM
+/// in the "TN" layout of `LtLinear` (column-major outᵀ = weight · inputᵀ), f32 accumulation
+/// with fast accumulation, bias and GELU in the epilogue.
+///
+/// # Safety
+/// Every address is a live buffer on `dev` of the size `(m, n, k)` and `scales` imply, held
+/// until the GEMM is enqueued; the bits start 256-byte aligned.
+pub(super) unsafe fn fp8_gemm(
+    dev: &CudaDevice,
+    ops: Fp8Operands,
+    (m, n, k): (usize, usize, usize),
+    act: Activation,
+    scales: Fp8Scales,
+) -> Result<()> {
+    use lt_sys::{cublasLtMatmulDescAttributes_t as Attr, cudaDataType_t as Ty};
+    let stream = dev.cuda_stream();
+    let (_, ctx) = cublaslt(dev)?;
+    let desc = matmul_desc()?;
+    let epilogue = match act {
+        Activation::Identity => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+        Activation::GeluTanh => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+    };
+    // SAFETY: each value has the type cuBLASLt documents for its attribute (transpose:
+    // int32, epilogue and scale mode: their enums, pointers: device addresses, fast
+    // accumulation: int8).
+    unsafe {
+        set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
+        set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
+        set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
+        set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ops.bias)?;
+        if scales == Fp8Scales::PerRow {
+            let mode =
+                lt_sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
+            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
+        }
+        set(
+            desc.raw,
+            Attr::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+            &ops.weight.1,
+        )?;
+        set(
+            desc.raw,
+            Attr::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+            &ops.input.1,
+        )?;
+        set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &1i8)?;
+    }
+    let a_layout = layout(Ty::CUDA_R_8F_E4M3, k, n, k)?;
+    let b_layout = layout(Ty::CUDA_R_8F_E4M3, k, m, k)?;
+    let d_layout = layout(Ty::CUDA_R_16BF, n, m, n)?;
+    // SAFETY: the layouts describe the caller's buffers (weight n×k, input m×k, out m×n,
+    // written with beta 0); the pointers set on `desc` are the caller's, live for the call.
+    unsafe {
+        run_matmul(
+            &ctx,
+            &stream,
+            &desc,
+            (ops.weight.0, &a_layout),
+            (ops.input.0, &b_layout),
+            (ops.out, &d_layout),
+            0.0,
+            None,
+            match scales {
+                Fp8Scales::PerTensor => "cuBLASLt FP8 GEMM",
+                Fp8Scales::PerRow => "cuBLASLt FP8 GEMM with per-row scales",
+            },
+        )
     }
 }
 

@@ -17,6 +17,68 @@ pub enum WeightFormat {
     Full,
     /// FP8 e4m3 with one f32 scale per tensor (`model.fp8`): half the bytes of bf16.
     Fp8,
+    /// FP8 e4m3 with one f32 scale per output channel (`model.fp8_scale = "row"`); on CUDA
+    /// the activations get one per token, and the GEMM applies both (see
+    /// [`super::fp8_rows_cuda`]). Where the GPU's cuBLASLt refuses that, per tensor.
+    Fp8Rows,
+}
+
+impl WeightFormat {
+    /// The format the settings `model.fp8` and `model.fp8_scale` choose.
+    pub fn from_settings(fp8: bool, scale: Fp8Scale) -> Self {
+        match (fp8, scale) {
+            (false, _) => Self::Full,
+            (true, Fp8Scale::Tensor) => Self::Fp8,
+            (true, Fp8Scale::Row) => Self::Fp8Rows,
+        }
+    }
+
+    /// The format layers on `device` store: per-row FP8 stays per-tensor on a GPU whose
+    /// cuBLASLt does not run it right (checked once, logged; see
+    /// `fp8_rows_cuda::available`).
+    pub fn on(self, device: &candle_core::Device) -> Self {
+        if self == Self::Fp8Rows && fp8_rows_refused(device) {
+            Self::Fp8
+        } else {
+            self
+        }
+    }
+}
+
+/// Whether `device` is a GPU that cannot run the per-row FP8 GEMM.
+fn fp8_rows_refused(device: &candle_core::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    return device.is_cuda() && !super::fp8_rows_cuda::available(device);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// How FP8 weights and activations are scaled (`model.fp8_scale`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fp8Scale {
+    /// One scale per tensor: measured on an H100 (docs/BENCHMARKS.md).
+    #[default]
+    Tensor,
+    /// One scale per output channel and per token: one pass fewer over the activations and
+    /// finer rounding; needs cuBLAS 12.9 or later on the GPU (checked at load).
+    Row,
+}
+
+impl std::str::FromStr for Fp8Scale {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "tensor" => Ok(Self::Tensor),
+            "row" => Ok(Self::Row),
+            other => Err(format!(
+                "unknown FP8 scaling {other:?}: expected \"tensor\" or \"row\""
+            )),
+        }
+    }
 }
 
 /// Which GEMM runs a projection (`model.gemm`).
@@ -74,6 +136,13 @@ enum Weight {
         /// Per-tensor scale.
         scale: f64,
     },
+    /// e4m3 values with `values · scales ≈ weight` row by row, widened for the GEMM.
+    Fp8Rows {
+        /// The quantized weight (out × in), dtype F8E4M3.
+        values: Tensor,
+        /// One f32 scale per output channel (out).
+        scales: Tensor,
+    },
     /// e4m3 bits quantized on a GPU, for its FP8 GEMM only (see [`Dense::fp8_on_gpu`]).
     #[cfg(feature = "cuda")]
     Fp8Gpu {
@@ -82,6 +151,21 @@ enum Weight {
         /// `bits · scale ≈ weight`, one f32 on the device (the GEMM reads it there).
         scale: Tensor,
     },
+    /// e4m3 rows with one scale per output channel, for the per-row FP8 GEMM only.
+    #[cfg(feature = "cuda")]
+    Fp8GpuRows(super::fp8_rows_cuda::QuantizedRows),
+}
+
+/// A projection's input, made ready once for every layer that reads it (the single block's
+/// two halves of `linear1` share one): the values, or on CUDA for per-row FP8 layers their
+/// e4m3 rows with one scale each.
+#[derive(Debug, Clone)]
+pub enum ProjectionInput {
+    /// The values, in the activation dtype.
+    Values(Tensor),
+    /// Quantized for per-row FP8 layers.
+    #[cfg(feature = "cuda")]
+    Fp8Rows(super::fp8_rows_cuda::QuantizedRows),
 }
 
 /// Activation applied to a projection's output.
@@ -132,8 +216,14 @@ impl Dense {
 
     /// A layer from its tensors (the single block splits its fused projection this way).
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>, how: Projections) -> Result<Self> {
+        let how = Projections {
+            format: how.format.on(weight.device()),
+            ..how
+        };
         #[cfg(feature = "cuda")]
-        if how.format == WeightFormat::Fp8 && weight.device().is_cuda() {
+        if matches!(how.format, WeightFormat::Fp8 | WeightFormat::Fp8Rows)
+            && weight.device().is_cuda()
+        {
             return Self::fp8_on_gpu(weight, bias, how);
         }
         let weight = match how.format {
@@ -141,6 +231,10 @@ impl Dense {
             WeightFormat::Fp8 => {
                 let (values, scale) = quantize_e4m3(&weight)?;
                 Weight::Fp8 { values, scale }
+            }
+            WeightFormat::Fp8Rows => {
+                let (values, scales) = quantize_e4m3_rows(&weight)?;
+                Weight::Fp8Rows { values, scales }
             }
         };
         Ok(Self {
@@ -152,10 +246,11 @@ impl Dense {
 
     /// FP8 weights on a GPU: quantized there, for the FP8 GEMM only (candle cannot widen e4m3
     /// on CUDA, so there is no plain fallback). A missing bias becomes zeros, so every FP8
-    /// projection runs the same GEMM.
+    /// projection runs the same GEMM. `how.format` is already what the GPU runs
+    /// ([`WeightFormat::on`]).
     #[cfg(feature = "cuda")]
     fn fp8_on_gpu(weight: Tensor, bias: Option<Tensor>, how: Projections) -> Result<Self> {
-        use super::gemm_cuda;
+        use super::{fp8_rows_cuda, gemm_cuda};
         let (output, _) = weight.dims2()?;
         if weight.dtype() != DType::BF16 || how.gemm != GemmKernel::Auto {
             candle_core::bail!(
@@ -165,8 +260,7 @@ impl Dense {
                 how.gemm
             );
         }
-        let (bits, scale) = gemm_cuda::quantize_weight(&weight)?;
-        if !gemm_cuda::fp8_fits(&bits) {
+        if !gemm_cuda::fp8_fits(&weight) {
             candle_core::bail!(
                 "the FP8 GEMM needs dimensions in multiples of 16, this weight is {:?}",
                 weight.dims()
@@ -176,8 +270,15 @@ impl Dense {
             Some(b) => b,
             None => Tensor::zeros(output, DType::BF16, weight.device())?,
         };
+        let weight =
+            if how.format == WeightFormat::Fp8Rows && fp8_rows_cuda::available(weight.device()) {
+                Weight::Fp8GpuRows(fp8_rows_cuda::QuantizedRows::quantize(&[&weight])?)
+            } else {
+                let (bits, scale) = gemm_cuda::quantize_weight(&weight)?;
+                Weight::Fp8Gpu { bits, scale }
+            };
         Ok(Self {
-            weight: Weight::Fp8Gpu { bits, scale },
+            weight,
             bias: Some(bias),
             gemm: how.gemm,
         })
@@ -190,10 +291,46 @@ impl Dense {
 
     /// Applies the layer, then `act`. With `model.gemm = auto` on CUDA in bf16 the bias and
     /// the activation run inside the GEMM (cuBLASLt epilogue), and FP8 weights multiply on
-    /// FP8 tensor cores (activations quantized per call, per-tensor scale). FP8 weights
-    /// elsewhere are widened for the GEMM (e4m3 → f16 → activation dtype, both exact) and the
-    /// per-tensor scale is applied to the product, which saves memory, not time.
+    /// FP8 tensor cores (activations quantized per call, per tensor or per token as the
+    /// weight is scaled). FP8 weights elsewhere are widened for the GEMM (e4m3 → f16 →
+    /// activation dtype, both exact) and their scales are applied to the product, which saves
+    /// memory, not time.
     pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        self.apply(&self.prepare(&[x])?, act)
+    }
+
+    /// `parts` joined along their last dimension, made ready for this layer once, for
+    /// [`Dense::apply`] here and on layers stored the same way. Per-row FP8 layers on CUDA
+    /// quantize the parts straight from where they lie; otherwise they are joined (one part
+    /// is taken as is).
+    pub fn prepare(&self, parts: &[&Tensor]) -> Result<ProjectionInput> {
+        #[cfg(feature = "cuda")]
+        if matches!(self.weight, Weight::Fp8GpuRows(_)) && super::fp8_rows_cuda::supports(parts) {
+            return super::fp8_rows_cuda::QuantizedRows::quantize(parts)
+                .map(ProjectionInput::Fp8Rows);
+        }
+        match parts {
+            [one] => Ok(ProjectionInput::Values((*one).clone())),
+            _ => Tensor::cat(parts, D::Minus1).map(ProjectionInput::Values),
+        }
+    }
+
+    /// Applies the layer, then `act`, to an input from [`Dense::prepare`].
+    pub fn apply(&self, input: &ProjectionInput, act: Activation) -> Result<Tensor> {
+        match input {
+            ProjectionInput::Values(x) => self.forward_values(x, act),
+            #[cfg(feature = "cuda")]
+            ProjectionInput::Fp8Rows(q) => match (&self.weight, &self.bias) {
+                (Weight::Fp8GpuRows(w), Some(b)) => super::fp8_rows_cuda::linear(q, w, b, act),
+                _ => candle_core::bail!(
+                    "an input quantized by row feeds only per-row FP8 layers on the GPU"
+                ),
+            },
+        }
+    }
+
+    /// [`Dense::forward_act`] on values.
+    fn forward_values(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(y) = self.forward_cuda(x, act)? {
             return Ok(y);
@@ -201,15 +338,21 @@ impl Dense {
         let y = match &self.weight {
             Weight::Full(w) => x.broadcast_matmul(&w.t()?)?,
             #[cfg(feature = "cuda")]
-            Weight::Fp8Gpu { .. } => candle_core::bail!(
+            Weight::Fp8Gpu { .. } | Weight::Fp8GpuRows(_) => candle_core::bail!(
                 "FP8 weights quantized on the GPU run only in its FP8 GEMM (bf16 input on the \
-                 same device), got {:?} input on {:?}",
+                 same device, widths in multiples of 16), got {:?} input {:?} on {:?}",
                 x.dtype(),
+                x.dims(),
                 x.device().location()
             ),
             Weight::Fp8 { values, scale } => {
                 let w = values.to_dtype(DType::F16)?.to_dtype(x.dtype())?;
                 x.broadcast_matmul(&w.t()?)?.affine(*scale, 0.0)?
+            }
+            Weight::Fp8Rows { values, scales } => {
+                let w = values.to_dtype(DType::F16)?.to_dtype(x.dtype())?;
+                x.broadcast_matmul(&w.t()?)?
+                    .broadcast_mul(&scales.to_dtype(x.dtype())?)?
             }
         };
         let y = match &self.bias {
@@ -238,31 +381,54 @@ impl Dense {
             Weight::Fp8Gpu { bits, scale } => {
                 gemm_cuda::fp8_linear(x, bits, scale, b, act).map(Some)
             }
-            Weight::Fp8 { .. } => Ok(None),
+            Weight::Fp8 { .. } | Weight::Fp8Rows { .. } | Weight::Fp8GpuRows(_) => Ok(None),
         }
     }
 
     /// Bytes the weight occupies as stored.
     pub fn weight_bytes(&self) -> usize {
-        let w = match &self.weight {
-            Weight::Full(w) => w,
-            Weight::Fp8 { values, .. } => values,
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match &self.weight {
+            Weight::Full(w) => bytes(w),
+            Weight::Fp8 { values, .. } => bytes(values),
+            Weight::Fp8Rows { values, scales } => bytes(values) + bytes(scales),
             #[cfg(feature = "cuda")]
-            Weight::Fp8Gpu { bits, .. } => bits,
-        };
-        w.elem_count() * w.dtype().size_in_bytes()
+            Weight::Fp8Gpu { bits, .. } => bytes(bits),
+            #[cfg(feature = "cuda")]
+            Weight::Fp8GpuRows(rows) => rows.bytes(),
+        }
     }
+}
+
+/// An error unless every value of the f32 tensor `w` is finite. (candle's max skips NaN, so
+/// the range alone cannot tell: w · 0 is 0 for finite values and NaN otherwise.)
+fn ensure_finite(w: &Tensor) -> Result<()> {
+    let bad = (w * 0.0)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    if bad != 0.0 {
+        candle_core::bail!("cannot quantize a weight holding NaN or infinity to FP8");
+    }
+    Ok(())
 }
 
 /// Per-tensor e4m3 quantization: `values · scale ≈ w`, with max |w| mapped to 448.
 pub fn quantize_e4m3(w: &Tensor) -> Result<(Tensor, f64)> {
     let w = w.to_dtype(DType::F32)?;
+    ensure_finite(&w)?;
     let amax = f64::from(w.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?);
-    if !amax.is_finite() {
-        candle_core::bail!("cannot quantize a weight holding NaN or infinity to FP8");
-    }
     let scale = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
     Ok((w.affine(1.0 / scale, 0.0)?.to_dtype(DType::F8E4M3)?, scale))
+}
+
+/// Per-row e4m3 quantization: `values · scales ≈ w` row by row, each row's max |w| mapped to
+/// 448, `scales` f32 `(rows)`.
+pub fn quantize_e4m3_rows(w: &Tensor) -> Result<(Tensor, Tensor)> {
+    let w = w.to_dtype(DType::F32)?;
+    ensure_finite(&w)?;
+    let amax = w.abs()?.max_keepdim(D::Minus1)?;
+    // An all-zero row keeps zeros under any scale; 1e-12 only avoids dividing by zero.
+    let scales = (amax.maximum(1e-12)? / E4M3_MAX)?;
+    let values = w.broadcast_div(&scales)?.to_dtype(DType::F8E4M3)?;
+    Ok((values, scales.squeeze(D::Minus1)?))
 }
 
 /// LayerNorm over the last dimension without learned scale or bias (eps 1e-6), as FLUX uses
@@ -467,5 +633,115 @@ impl FinalLayer {
             .broadcast_mul(&(scale + 1.0)?)?
             .broadcast_add(&shift)?;
         self.linear.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A (4, 32) weight of positive values (no cancellation in the products, so errors are
+    /// the quantization's) whose rows span six orders of magnitude.
+    fn uneven_weight() -> Tensor {
+        let wave = Tensor::arange(0u32, 128, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| ((t * 0.7)?.sin()? * 0.5)? + 1.0)
+            .and_then(|t| t.reshape((4, 32)))
+            .expect("wave");
+        let range = Tensor::new(&[[1e-5f32], [1e-3], [0.1], [10.0]], &Device::Cpu).expect("range");
+        wave.broadcast_mul(&range).expect("weight")
+    }
+
+    #[test]
+    fn row_quantization_maps_each_rows_max_to_448_and_keeps_zero_rows() {
+        let w = Tensor::cat(
+            &[
+                &uneven_weight(),
+                &Tensor::zeros((1, 32), DType::F32, &Device::Cpu).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        let (values, scales) = quantize_e4m3_rows(&w).unwrap();
+        assert_eq!(values.dtype(), DType::F8E4M3);
+        assert_eq!(scales.dims(), [5]);
+        let row_max: Vec<f32> = values
+            .to_dtype(DType::F32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(row_max, [448.0, 448.0, 448.0, 448.0, 0.0]);
+        // Dequantized, every row is within e4m3's rounding (2⁻⁴) of its own range.
+        let back = values
+            .to_dtype(DType::F32)
+            .unwrap()
+            .broadcast_mul(&scales.unsqueeze(1).unwrap())
+            .unwrap();
+        for r in 0..4 {
+            let err = crate::pipeline::flux::check::max_rel_error(
+                &back.get(r).unwrap(),
+                &w.get(r).unwrap(),
+            )
+            .unwrap();
+            assert!(err <= 1.0 / 16.0, "row {r}: {err}");
+        }
+        for bad in [f32::NAN, f32::INFINITY] {
+            let w = Tensor::new(&[[1f32, bad]], &Device::Cpu).unwrap();
+            assert!(quantize_e4m3_rows(&w).is_err(), "{bad}");
+            assert!(quantize_e4m3(&w).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn per_row_fp8_keeps_small_output_channels_that_per_tensor_rounds_away() {
+        let w = uneven_weight();
+        let x = Tensor::arange(0u32, 64, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| ((t * 0.3)?.cos()? * 0.5)? + 1.0)
+            .and_then(|t| t.reshape((1, 2, 32)))
+            .unwrap();
+        let layer =
+            |format: WeightFormat| Dense::from_parts(w.clone(), None, format.into()).unwrap();
+        let full = layer(WeightFormat::Full).forward(&x).unwrap();
+        let rows = layer(WeightFormat::Fp8Rows).forward(&x).unwrap();
+        let tensor = layer(WeightFormat::Fp8).forward(&x).unwrap();
+        // The smallest channel (w's row scaled by 1e-5: below e4m3's smallest subnormal under
+        // the one scale that fits the 10× row), relative to its own size.
+        let channel = |y: &Tensor| y.narrow(2, 0, 1).unwrap();
+        let err = |y: &Tensor| {
+            crate::pipeline::flux::check::max_rel_error(&channel(y), &channel(&full)).unwrap()
+        };
+        let (row_err, tensor_err) = (err(&rows), err(&tensor));
+        assert!(row_err < 0.05, "per-row: {row_err}");
+        assert!(tensor_err > 0.5, "per-tensor: {tensor_err}");
+        // One byte per weight and one f32 per output channel.
+        assert_eq!(layer(WeightFormat::Fp8Rows).weight_bytes(), 4 * 32 + 4 * 4);
+    }
+
+    #[test]
+    fn settings_choose_the_weight_format() {
+        assert_eq!(
+            WeightFormat::from_settings(false, Fp8Scale::Row),
+            WeightFormat::Full
+        );
+        assert_eq!(
+            WeightFormat::from_settings(true, Fp8Scale::Tensor),
+            WeightFormat::Fp8
+        );
+        assert_eq!(
+            WeightFormat::from_settings(true, Fp8Scale::Row),
+            WeightFormat::Fp8Rows
+        );
+        assert_eq!("row".parse::<Fp8Scale>(), Ok(Fp8Scale::Row));
+        let err = "channel".parse::<Fp8Scale>().unwrap_err();
+        assert!(
+            err.contains("\"channel\"") && err.contains("\"row\""),
+            "{err}"
+        );
     }
 }

@@ -16,6 +16,8 @@ pub mod flash_cpu;
 #[cfg(feature = "cuda")]
 pub mod flash_cuda;
 #[cfg(feature = "cuda")]
+pub mod fp8_rows_cuda;
+#[cfg(feature = "cuda")]
 pub mod gemm_cuda;
 #[cfg(feature = "cuda")]
 pub mod group_norm_cuda;

@@ -31,15 +31,12 @@ pub struct ModelOptions {
 }
 
 impl ModelOptions {
-    /// Options from the settings: `model.attention`, `model.fp8` and `model.gemm`.
-    pub fn new(attention: AttentionKernel, fp8: bool, gemm: GemmKernel) -> Self {
+    /// Options from the settings: `model.attention`, `model.fp8` with `model.fp8_scale`
+    /// (see [`WeightFormat::from_settings`]) and `model.gemm`.
+    pub fn new(attention: AttentionKernel, weights: WeightFormat, gemm: GemmKernel) -> Self {
         Self {
             attention,
-            weights: if fp8 {
-                WeightFormat::Fp8
-            } else {
-                WeightFormat::Full
-            },
+            weights,
             gemm,
         }
     }

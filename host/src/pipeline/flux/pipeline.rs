@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::attention::AttentionKernel;
 use super::decoder::Decoder;
-use super::layers::GemmKernel;
+use super::layers::{Fp8Scale, GemmKernel, WeightFormat};
 use super::model::{FluxModel, ModelOptions};
 use crate::config::Config;
 use crate::pipeline::cache::LruCache;
@@ -55,6 +55,8 @@ pub struct LoadOptions {
     pub attention: AttentionKernel,
     /// FP8 weights for the transformer blocks' projections.
     pub fp8: bool,
+    /// How FP8 weights and activations are scaled.
+    pub fp8_scale: Fp8Scale,
     /// GEMM implementation of the blocks' projections.
     pub gemm: GemmKernel,
 }
@@ -75,6 +77,7 @@ impl LoadOptions {
             load_backoff: Duration::from_millis(m.load_backoff_ms),
             attention: m.attention,
             fp8: m.fp8,
+            fp8_scale: m.fp8_scale,
             gemm: m.gemm,
         }
     }
@@ -212,7 +215,8 @@ impl FluxPipeline {
         }
         let mut tf_status = ComponentStatus::of("transformer", &tf, dtype);
         let transformer = tf.build("FLUX transformer", dtype, &device, |vb| {
-            let options = ModelOptions::new(opts.attention, opts.fp8, opts.gemm);
+            let weights = WeightFormat::from_settings(opts.fp8, opts.fp8_scale);
+            let options = ModelOptions::new(opts.attention, weights, opts.gemm);
             FluxModel::with_options(&tf_cfg, vb, options)
         })?;
         if opts.fp8 {
@@ -245,6 +249,7 @@ impl FluxPipeline {
             load_ms,
             attention = transformer.attention().name(),
             fp8 = opts.fp8,
+            fp8_scale = ?opts.fp8_scale,
             "FLUX pipeline ready"
         );
         Ok(Self {
