@@ -164,6 +164,40 @@ pub(super) fn run(
     time(out, "adaln_norm_modulate", Work::Bytes(2.0 * n_x), &|| {
         modulation.norm_scale_shift(&norm, &x)
     })?;
+    // The same for a per-row FP8 projection: the norm kernel writes e4m3 (1 byte a value)
+    // against the norm in bf16 and the per-row quantization after it.
+    let rows_layer = Dense::from_parts(
+        randn(&[hidden, hidden])?,
+        Some(randn(&[hidden])?),
+        Projections {
+            format: WeightFormat::Fp8Rows,
+            gemm: GemmKernel::Auto,
+        },
+    )?;
+    let bytes_e4m3 = (tokens * hidden) as f64 * (bytes + 1.0);
+    time(
+        out,
+        "adaln_norm_modulate_fp8_rows_fused",
+        Work::Bytes(bytes_e4m3),
+        &|| {
+            Ok(modulation
+                .norm_scale_shift_for(&norm, &x, &rows_layer)?
+                .tensor()
+                .clone())
+        },
+    )?;
+    time(
+        out,
+        "adaln_norm_modulate_then_fp8_rows",
+        Work::Bytes(bytes_e4m3),
+        &|| {
+            Ok(rows_layer
+                .prepare(&[&modulation.norm_scale_shift(&norm, &x)?])?
+                .tensor()
+                .clone())
+        },
+    )?;
+    drop(rows_layer);
     time(out, "adaln_gated_residual", Work::Bytes(3.0 * n_x), &|| {
         modulation.gated_add(&x, &x)
     })?;

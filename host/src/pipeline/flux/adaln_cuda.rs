@@ -10,6 +10,7 @@ use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
+use super::fp8_rows_cuda::{QuantizedRows, packed_len, scales_offset};
 
 /// PTX of `adaln.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adaln.ptx"));
@@ -189,4 +190,96 @@ pub fn gated_residual(residual: &Tensor, x: &Tensor, gate: &Tensor) -> Result<Te
     residual
         .contiguous()?
         .apply_op3_no_bwd(&x.contiguous()?, gate, &AdaLn(Step::GatedResidual))
+}
+
+/// The norm step with per-row e4m3 output: (x, scale, shift) to a packed buffer of
+/// [`QuantizedRows`].
+struct NormModulateRows;
+
+impl CustomOp3 for NormModulateRows {
+    fn name(&self) -> &'static str {
+        "headshot-norm-modulate-e4m3"
+    }
+
+    cuda_only_cpu_fwd!(3);
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (batch, rows, hidden) = l1.shape().dims3()?;
+        if !hidden.is_multiple_of(16) || hidden > MAX_HIDDEN {
+            candle_core::bail!(
+                "the FP8 adaLN kernel takes widths in multiples of 16 up to {MAX_HIDDEN}, got \
+                 {hidden}"
+            );
+        }
+        let (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b), CudaStorageSlice::BF16(c)) =
+            (&s1.slice, &s2.slice, &s3.slice)
+        else {
+            candle_core::bail!("the adaLN kernels want bf16 inputs");
+        };
+        let dev = s1.device();
+        let x = contiguous_view(a, l1, 2, "adaLN input")?;
+        let (scale, vec_batch) = modulation(b, l2, batch, hidden)?;
+        let (shift, shift_batch) = modulation(c, l3, batch, hidden)?;
+        if shift_batch != vec_batch {
+            candle_core::bail!("adaLN wants scale and shift rows laid out alike");
+        }
+        let total_rows = batch * rows;
+        // SAFETY: the kernel writes every value byte and every row's scale; the padding
+        // between them is never read.
+        let mut packed = unsafe { dev.alloc::<u8>(packed_len(total_rows, hidden)) }?;
+        {
+            let (mut values, mut tail) = packed.split_at_mut(scales_offset(total_rows, hidden));
+            // SAFETY: the tail holds 4 bytes per row from a 256-byte aligned offset.
+            let mut row_scales =
+                unsafe { tail.transmute_mut::<f32>(total_rows) }.ok_or_else(|| {
+                    candle_core::Error::Msg("FP8 adaLN: scale buffer too small".into())
+                })?;
+            let func =
+                dev.get_or_load_custom_func("headshot_norm_modulate_e4m3", "headshot_adaln", PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, batch as u32, 1),
+                block_dim: (THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (rows_i, hidden_i) = (rows as i32, hidden as i32);
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&scale);
+            builder.arg(&shift);
+            builder.arg(&vec_batch);
+            builder.arg(&mut values);
+            builder.arg(&mut row_scales);
+            builder.arg(&rows_i);
+            builder.arg(&hidden_i);
+            builder.arg(&EPS);
+            // SAFETY: one block per row reads that row of x and the batch's modulation rows,
+            // all inside the views above, and writes that row's hidden bytes and its scale.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        let len = packed.len();
+        let storage = CudaStorage {
+            slice: CudaStorageSlice::U8(packed),
+            device: dev.clone(),
+        };
+        Ok((storage, Shape::from(len)))
+    }
+}
+
+/// `LayerNorm(x) · (1 + scale) + shift` as [`norm_modulate`], quantized row by row to e4m3
+/// in the same kernel for a per-row FP8 projection: bit for bit [`norm_modulate`] followed by
+/// [`QuantizedRows::quantize`], without the bf16 result in memory.
+pub fn norm_modulate_rows(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<QuantizedRows> {
+    let (batch, rows, hidden) = x.dims3()?;
+    let packed = x
+        .contiguous()?
+        .apply_op3_no_bwd(scale, shift, &NormModulateRows)?;
+    QuantizedRows::from_packed(packed, &[batch, rows], hidden)
 }

@@ -152,7 +152,8 @@ impl DoubleBlock {
         let img_mod = self.img.modulator.forward(silu_vec)?;
         let txt_mod = self.txt.modulator.forward(silu_vec)?;
         let qkv_of = |s: &Stream, x: &Tensor, m: &Modulation| {
-            s.qkv.forward(&m.norm_scale_shift(&s.norm, x)?)
+            let input = m.norm_scale_shift_for(&s.norm, x, &s.qkv)?;
+            s.qkv.apply(&input, Activation::Identity)
         };
         let txt_qkv = qkv_of(&self.txt, txt, &txt_mod[0])?;
         let img_qkv = qkv_of(&self.img, img, &img_mod[0])?;
@@ -171,7 +172,7 @@ impl DoubleBlock {
 
         let finish = |s: &Stream, x: &Tensor, a: &Tensor, m: &[Modulation]| {
             let x = m[0].gated_add(x, &s.proj.forward(a)?)?;
-            let mlp = s.mlp.forward(&m[1].norm_scale_shift(&s.norm, &x)?)?;
+            let mlp = s.mlp.forward_modulated(&m[1], &s.norm, &x)?;
             m[1].gated_add(&x, &mlp)
         };
         Ok((
@@ -259,17 +260,17 @@ impl SingleBlock {
         attention: Resolved,
     ) -> Result<Tensor> {
         let m = self.modulator.forward(silu_vec)?;
-        let x_mod = m[0].norm_scale_shift(&self.norm, x)?;
         let (qkv, mlp) = match &self.linear1 {
             Linear1::Joint(linear1) => {
-                let h = linear1.forward(&x_mod)?;
+                let h = linear1.forward(&m[0].norm_scale_shift(&self.norm, x)?)?;
                 let rest = h.dim(D::Minus1)? - 3 * self.hidden;
                 let mlp = h.narrow(D::Minus1, 3 * self.hidden, rest)?.gelu()?;
                 (h.narrow(D::Minus1, 0, 3 * self.hidden)?, mlp)
             }
             Linear1::Split { qkv, mlp } => {
-                // Both halves read the same input: quantized once for per-row FP8.
-                let input = qkv.prepare(&[&x_mod])?;
+                // Both halves read the same input: for per-row FP8, quantized once, by the
+                // norm kernel itself.
+                let input = m[0].norm_scale_shift_for(&self.norm, x, qkv)?;
                 (
                     qkv.apply(&input, Activation::Identity)?,
                     mlp.apply(&input, Activation::GeluTanh)?,

@@ -349,6 +349,16 @@ pub fn run_into(
         &rows_out,
         1e-6,
     )?);
+    // The norm kernel quantizing its own output for a per-row FP8 projection, against its
+    // bf16 output quantized afterwards: equal bit for bit.
+    let fused = fast_mod.norm_scale_shift_for(&fast_norm, &x, &rows_layer)?;
+    let unfused = rows_layer.prepare(&[&fast_mod.norm_scale_shift(&fast_norm, &x)?])?;
+    out.push(compare(
+        &rows_name("adaln_fp8_rows_fused"),
+        &rows_layer.apply(&fused, Activation::Identity)?,
+        &rows_layer.apply(&unfused, Activation::Identity)?,
+        1e-6,
+    )?);
     let fast_layer = layer(dtype, WeightFormat::Full, GemmKernel::Auto)?;
     let plain_layer = layer(DType::F32, WeightFormat::Full, GemmKernel::Plain)?;
     for (name, act) in [
@@ -539,6 +549,7 @@ mod tests {
                         "model_fp8_rows_vs_full",
                         "fp8_rows_linear_vs_full",
                         "fp8_rows_joined_parts",
+                        "adaln_fp8_rows_fused",
                         "gemm_bias",
                         "gemm_bias_gelu"
                     ]
@@ -546,7 +557,9 @@ mod tests {
                 for r in &results {
                     let against_full = r.name.contains("fp8") && r.name.ends_with("full");
                     let bound = match r.name.as_str() {
-                        "fp8_batch_independent" | "fp8_rows_joined_parts" => 1e-6,
+                        "fp8_batch_independent"
+                        | "fp8_rows_joined_parts"
+                        | "adaln_fp8_rows_fused" => 1e-6,
                         _ if against_full => FP8_TOLERANCE,
                         _ => tolerance,
                     };

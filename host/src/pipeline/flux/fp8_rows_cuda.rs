@@ -33,12 +33,12 @@ pub struct QuantizedRows {
 }
 
 /// Byte offset of the scales in a packed buffer (256-byte aligned, as cuBLASLt prefers).
-fn scales_offset(rows: usize, width: usize) -> usize {
+pub(super) fn scales_offset(rows: usize, width: usize) -> usize {
     (rows * width).next_multiple_of(256)
 }
 
 /// Bytes of a packed buffer.
-fn packed_len(rows: usize, width: usize) -> usize {
+pub(super) fn packed_len(rows: usize, width: usize) -> usize {
     scales_offset(rows, width) + 4 * rows
 }
 
@@ -106,6 +106,31 @@ impl QuantizedRows {
             width: a_width + b_width,
             lead: lead.to_vec(),
         })
+    }
+
+    /// Rows quantized by another kernel into a packed buffer laid out as [`packed_len`]
+    /// describes (the adaLN kernel's FP8 variant), for an input shaped `lead` × `width`.
+    pub(super) fn from_packed(packed: Tensor, lead: &[usize], width: usize) -> Result<Self> {
+        let rows = lead.iter().product();
+        if packed.dtype() != DType::U8 || packed.dims() != [packed_len(rows, width)] {
+            candle_core::bail!(
+                "a packed FP8 buffer for {rows}×{width} holds {} bytes, got {:?} {:?}",
+                packed_len(rows, width),
+                packed.dims(),
+                packed.dtype()
+            );
+        }
+        Ok(Self {
+            packed,
+            rows,
+            width,
+            lead: lead.to_vec(),
+        })
+    }
+
+    /// The packed device buffer (values, then scales).
+    pub fn packed(&self) -> &Tensor {
+        &self.packed
     }
 
     /// Values per row.

@@ -177,6 +177,17 @@ pub enum Activation {
     GeluTanh,
 }
 
+impl ProjectionInput {
+    /// The tensor holding the input: the values, or the quantized rows' device buffer.
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Self::Values(v) => v,
+            #[cfg(feature = "cuda")]
+            Self::Fp8Rows(q) => q.packed(),
+        }
+    }
+}
+
 /// A linear layer `y = x·Wᵀ + b` (`weight`, `bias`): the one place a quantized or fused GEMM
 /// slots in for every projection of the model.
 #[derive(Debug, Clone)]
@@ -313,6 +324,13 @@ impl Dense {
             [one] => Ok(ProjectionInput::Values((*one).clone())),
             _ => Tensor::cat(parts, D::Minus1).map(ProjectionInput::Values),
         }
+    }
+
+    /// Whether the layer multiplies per-row FP8 on the GPU (its input is best quantized by
+    /// the kernel that produces it).
+    #[cfg(feature = "cuda")]
+    fn takes_fp8_rows(&self) -> bool {
+        matches!(self.weight, Weight::Fp8GpuRows(_))
     }
 
     /// Applies the layer, then `act`, to an input from [`Dense::prepare`].
@@ -530,6 +548,26 @@ impl Modulation {
         self.scale_shift(&norm.forward(x)?)
     }
 
+    /// [`Modulation::norm_scale_shift`] made ready for `layer` ([`Dense::prepare`]). For a
+    /// per-row FP8 layer on CUDA the norm kernel quantizes its output itself: one pass, and
+    /// no bf16 copy of the activations in memory.
+    pub fn norm_scale_shift_for(
+        &self,
+        norm: &PlainLayerNorm,
+        x: &Tensor,
+        layer: &Dense,
+    ) -> Result<ProjectionInput> {
+        #[cfg(feature = "cuda")]
+        if layer.takes_fp8_rows()
+            && super::adaln_cuda::supports(x)
+            && x.dim(D::Minus1)?.is_multiple_of(16)
+        {
+            return super::adaln_cuda::norm_modulate_rows(x, &self.scale, &self.shift)
+                .map(ProjectionInput::Fp8Rows);
+        }
+        layer.prepare(&[&self.norm_scale_shift(norm, x)?])
+    }
+
     /// `residual + gate · x`: one kernel on CUDA in bf16.
     pub fn gated_add(&self, residual: &Tensor, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
@@ -593,6 +631,19 @@ impl FeedForward {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.lin2
             .forward(&self.lin1.forward_act(x, Activation::GeluTanh)?)
+    }
+
+    /// Applies the MLP to `norm(x) · (1 + scale) + shift` of `m`, made ready for its first
+    /// projection by [`Modulation::norm_scale_shift_for`].
+    pub fn forward_modulated(
+        &self,
+        m: &Modulation,
+        norm: &PlainLayerNorm,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let input = m.norm_scale_shift_for(norm, x, &self.lin1)?;
+        self.lin2
+            .forward(&self.lin1.apply(&input, Activation::GeluTanh)?)
     }
 
     /// Bytes of the two projection weights.
