@@ -5,7 +5,9 @@
 #
 # Not built in CI (no Docker engine there); see README "Docker image".
 
-ARG CUDA_VERSION=12.8.1
+# 12.9 or later: cuBLASLt's per-row FP8 scaling (`model.fp8_scale = "row"`) needs it; with
+# an older toolkit the worker keeps per-tensor scales (checked at load, logged).
+ARG CUDA_VERSION=12.9.1
 
 # --- build: Rust + CUDA toolkit, the worker with --features cuda ---------------------------
 FROM nvidia/cuda:${CUDA_VERSION}-cudnn-devel-ubuntu24.04 AS build

@@ -44,7 +44,8 @@ pub(super) fn packed_len(rows: usize, width: usize) -> usize {
 
 /// Whether [`QuantizedRows::quantize`] takes `parts`: one or two bf16 CUDA tensors with the
 /// same leading dimensions, each as wide as a multiple of 8 (the kernel loads 8 values at a
-/// time) and together a multiple of 16 (cuBLASLt's FP8 GEMM), starting 16-byte aligned.
+/// time) and together a multiple of 16 (cuBLASLt's FP8 GEMM), starting 16-byte aligned
+/// when contiguous.
 pub fn supports(parts: &[&Tensor]) -> bool {
     let Some(first) = parts.first() else {
         return false;
@@ -62,7 +63,8 @@ pub fn supports(parts: &[&Tensor]) -> bool {
                 && p.dtype() == DType::BF16
                 && p.rank() >= 1
                 && p.dims().last().is_some_and(|w| w.is_multiple_of(8))
-                && p.layout().start_offset().is_multiple_of(8)
+                // A view that is not contiguous is copied (to offset 0) before the kernel.
+                && (!p.is_contiguous() || p.layout().start_offset().is_multiple_of(8))
                 && lead(p) == lead(first)
         })
 }
@@ -285,7 +287,7 @@ impl CustomOp3 for RowScaledLinear {
         bs: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
         let (m, n, k) = (self.m, self.n, self.k);
         let (CudaStorageSlice::U8(x), CudaStorageSlice::U8(w), CudaStorageSlice::BF16(b_all)) =
             (&xs.slice, &ws.slice, &bs.slice)
@@ -306,11 +308,11 @@ impl CustomOp3 for RowScaledLinear {
         }
         let dev = xs.device();
         let stream = dev.cuda_stream();
-        let y = alloc_like(dev, b_all, m * n)?;
+        let mut y = alloc_like(dev, b_all, m * n)?;
         let (x_ptr, _x_guard) = x.device_ptr(&stream);
         let (w_ptr, _w_guard) = w.device_ptr(&stream);
         let (b_ptr, _b_guard) = b.device_ptr(&stream);
-        let (y_ptr, _y_guard) = y.device_ptr(&stream);
+        let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
         let (x_scales, w_scales) = (
             x_ptr + scales_offset(m, k) as u64,
             w_ptr + scales_offset(n, k) as u64,
@@ -366,8 +368,8 @@ pub fn linear(x: &QuantizedRows, w: &QuantizedRows, b: &Tensor, act: Activation)
 }
 
 /// Whether this GPU runs the per-row FP8 GEMM, and runs it right: checked once per GPU on a
-/// small projection whose rows span three orders of magnitude, with and without GELU,
-/// against the same projection in f32. cuBLAS before 12.9 (or a GPU before Hopper) refuses
+/// small projection at FLUX's input width (3072, quantized from two parts) whose rows span
+/// three orders of magnitude, with and without GELU, against the same projection in f32. cuBLAS before 12.9 (or a GPU before Hopper) refuses
 /// the scaling mode; either failure is logged once and the caller keeps per-tensor scales.
 pub fn available(device: &Device) -> bool {
     static PROBED: OnceLock<Mutex<HashMap<usize, bool>>> = OnceLock::new();
@@ -376,6 +378,7 @@ pub fn available(device: &Device) -> bool {
     };
     let ordinal = dev.cuda_stream().context().ordinal();
     let Ok(mut probed) = PROBED.get_or_init(Default::default).lock() else {
+        tracing::warn!("per-row FP8 probe state is poisoned; keeping per-tensor scales");
         return false;
     };
     *probed.entry(ordinal).or_insert_with(|| match probe(device) {
@@ -399,9 +402,11 @@ pub fn available(device: &Device) -> bool {
 /// rounding per factor), and the sums over 64 products average it down.
 const PROBE_TOLERANCE: f32 = 0.1;
 
-/// The probe's worst relative error (per row and per column) over both activations.
+/// The probe's worst relative error (per row and per column) over both activations;
+/// infinite when the GEMM's output is not finite.
 fn probe(device: &Device) -> Result<f32> {
-    let (m, n, k) = (32usize, 48usize, 64usize);
+    // FLUX's projection input width, as the single block's linear2 gets it: two parts.
+    let (m, n, k, split) = (64usize, 64usize, 3072usize, 1024usize);
     // Positive values (no cancellation in the sums, so errors are the quantization's); row i
     // spans (1 + i)³/1000 × 0.5…1.5: one scale for all would round the small rows to nothing.
     let rows = |count: usize, phase: f64| -> Result<Tensor> {
@@ -419,15 +424,19 @@ fn probe(device: &Device) -> Result<f32> {
     let x = rows(m, 0.0)?;
     let w = (rows(n, 1.0)? / (k as f64).sqrt())?;
     let b = (Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)? * 0.01)?;
-    let (xq, wq) = (
-        QuantizedRows::quantize(&[&x.to_dtype(DType::BF16)?])?,
-        QuantizedRows::quantize(&[&w.to_dtype(DType::BF16)?])?,
-    );
+    let x16 = x.to_dtype(DType::BF16)?;
+    let (left, right) = (x16.narrow(1, 0, split)?, x16.narrow(1, split, k - split)?);
+    let xq = QuantizedRows::quantize(&[&left, &right])?;
+    let wq = QuantizedRows::quantize(&[&w.to_dtype(DType::BF16)?])?;
     let b16 = b.to_dtype(DType::BF16)?;
     let plain = x.matmul(&w.t()?)?.broadcast_add(&b)?;
     let mut worst = 0f32;
     for act in [Activation::Identity, Activation::GeluTanh] {
         let fast = linear(&xq, &wq, &b16, act)?.to_dtype(DType::F32)?;
+        // candle's max skips NaN: a sum does not (w · 0 is 0 only for finite w).
+        if (&fast * 0.0)?.abs()?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+            return Ok(f32::INFINITY);
+        }
         let reference = match act {
             Activation::Identity => plain.clone(),
             Activation::GeluTanh => plain.gelu()?,
@@ -443,12 +452,7 @@ fn probe(device: &Device) -> Result<f32> {
                 .flatten_all()?
                 .max(0)?
                 .to_scalar::<f32>()?;
-            // NaN compares false: count it as the worst.
-            worst = if rel.is_nan() {
-                f32::INFINITY
-            } else {
-                worst.max(rel)
-            };
+            worst = worst.max(rel);
         }
     }
     Ok(worst)

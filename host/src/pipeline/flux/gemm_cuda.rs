@@ -381,6 +381,12 @@ impl CustomOp3 for LtFp8Linear {
     }
 }
 
+/// `CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F` (an int32 attribute value). cudarc names it
+/// only in its CUDA 12.9+ bindings, and the build picks the bindings of the toolkit it finds:
+/// with the raw value a 12.8 build compiles too, and its cuBLASLt refuses the mode at run
+/// time, which the load-time probe turns into per-tensor scales.
+const OUTER_VEC_32F: i32 = 3;
+
 /// How the FP8 GEMM reads its two scale pointers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Fp8Scales {
@@ -422,19 +428,25 @@ pub(super) unsafe fn fp8_gemm(
         Activation::Identity => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
         Activation::GeluTanh => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
     };
-    // SAFETY: each value has the type cuBLASLt documents for its attribute (transpose:
-    // int32, epilogue and scale mode: their enums, pointers: device addresses, fast
-    // accumulation: int8).
+    // SAFETY: each value has the type cuBLASLt documents for its attribute (transpose and
+    // scale mode: int32, epilogue: its enum, pointers: device addresses, fast accumulation:
+    // int8).
     unsafe {
         set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
         set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
         set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
         set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ops.bias)?;
         if scales == Fp8Scales::PerRow {
-            let mode =
-                lt_sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode)?;
-            set(desc.raw, Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode)?;
+            set(
+                desc.raw,
+                Attr::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                &OUTER_VEC_32F,
+            )?;
+            set(
+                desc.raw,
+                Attr::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+                &OUTER_VEC_32F,
+            )?;
         }
         set(
             desc.raw,

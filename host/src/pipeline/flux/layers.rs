@@ -281,13 +281,14 @@ impl Dense {
             Some(b) => b,
             None => Tensor::zeros(output, DType::BF16, weight.device())?,
         };
-        let weight =
-            if how.format == WeightFormat::Fp8Rows && fp8_rows_cuda::available(weight.device()) {
-                Weight::Fp8GpuRows(fp8_rows_cuda::QuantizedRows::quantize(&[&weight])?)
-            } else {
-                let (bits, scale) = gemm_cuda::quantize_weight(&weight)?;
-                Weight::Fp8Gpu { bits, scale }
-            };
+        let weight = if how.format == WeightFormat::Fp8Rows {
+            // The row kernel would turn an infinite weight into a NaN row, silently.
+            ensure_finite(&weight)?;
+            Weight::Fp8GpuRows(fp8_rows_cuda::QuantizedRows::quantize(&[&weight])?)
+        } else {
+            let (bits, scale) = gemm_cuda::quantize_weight(&weight)?;
+            Weight::Fp8Gpu { bits, scale }
+        };
         Ok(Self {
             weight,
             bias: Some(bias),
@@ -316,9 +317,18 @@ impl Dense {
     /// is taken as is).
     pub fn prepare(&self, parts: &[&Tensor]) -> Result<ProjectionInput> {
         #[cfg(feature = "cuda")]
-        if matches!(self.weight, Weight::Fp8GpuRows(_)) && super::fp8_rows_cuda::supports(parts) {
-            return super::fp8_rows_cuda::QuantizedRows::quantize(parts)
-                .map(ProjectionInput::Fp8Rows);
+        if matches!(self.weight, Weight::Fp8GpuRows(_)) {
+            use super::fp8_rows_cuda::{QuantizedRows, supports};
+            if supports(parts) {
+                return QuantizedRows::quantize(parts).map(ProjectionInput::Fp8Rows);
+            }
+            // Parts the kernel cannot read where they lie (more than two, or widths not in
+            // multiples of 8): joined first. What still does not fit is refused by `apply`.
+            let joined = Tensor::cat(parts, D::Minus1)?;
+            if supports(&[&joined]) {
+                return QuantizedRows::quantize(&[&joined]).map(ProjectionInput::Fp8Rows);
+            }
+            return Ok(ProjectionInput::Values(joined));
         }
         match parts {
             [one] => Ok(ProjectionInput::Values((*one).clone())),
@@ -368,9 +378,14 @@ impl Dense {
                 x.broadcast_matmul(&w.t()?)?.affine(*scale, 0.0)?
             }
             Weight::Fp8Rows { values, scales } => {
-                let w = values.to_dtype(DType::F16)?.to_dtype(x.dtype())?;
+                // Dequantized in f32 before the GEMM: in f16 a row of small weights would lose
+                // its scale (below f16's range), and 448-sized values could overflow the sums.
+                let w = values
+                    .to_dtype(DType::F16)?
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(&scales.unsqueeze(1)?)?
+                    .to_dtype(x.dtype())?;
                 x.broadcast_matmul(&w.t()?)?
-                    .broadcast_mul(&scales.to_dtype(x.dtype())?)?
             }
         };
         let y = match &self.bias {
@@ -418,10 +433,14 @@ impl Dense {
     }
 }
 
-/// An error unless every value of the f32 tensor `w` is finite. (candle's max skips NaN, so
-/// the range alone cannot tell: w · 0 is 0 for finite values and NaN otherwise.)
+/// An error unless every value of `w` is finite. (candle's max skips NaN, so the range alone
+/// cannot tell: w · 0 is 0 for finite values and NaN otherwise, and a sum keeps NaN.)
 fn ensure_finite(w: &Tensor) -> Result<()> {
-    let bad = (w * 0.0)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    let bad = (w * 0.0)?
+        .abs()?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
     if bad != 0.0 {
         candle_core::bail!("cannot quantize a weight holding NaN or infinity to FP8");
     }
