@@ -106,6 +106,30 @@ pub(super) fn run(
                 })?;
             }
         }
+        // The FP8 GEMMs again with cuBLASLt's candidates timed (HEADSHOT_GEMM_TUNE=on).
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() && dtype == DType::BF16 {
+            use crate::pipeline::flux::gemm_algo_cuda::{set_tuning, tuning};
+            let was = tuning();
+            set_tuning(true);
+            let timed = [
+                ("_bias_fp8_tuned", WeightFormat::Fp8),
+                ("_bias_fp8_rows_tuned", WeightFormat::Fp8Rows),
+            ]
+            .into_iter()
+            .try_for_each(|(tag, format)| {
+                let how = Projections {
+                    format,
+                    gemm: GemmKernel::Auto,
+                };
+                let dense = Dense::from_parts(w.clone(), Some(b.clone()), how)?;
+                time(out, &format!("{name}{tag}"), Work::Flop(flop), &|| {
+                    dense.forward(input)
+                })
+            });
+            set_tuning(was);
+            timed?;
+        }
         let wt = w.t()?;
         time(out, &format!("{name}_matmul"), Work::Flop(flop), &|| {
             input.broadcast_matmul(&wt)

@@ -16,6 +16,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, Devic
 use candle_core::{CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
+use super::gemm_algo_cuda::{self, TuneKey};
 use super::layers::{Activation, E4M3_MAX};
 
 /// cuBLASLt's default minimum pointer alignment (256 bytes), in bf16 elements.
@@ -479,6 +480,15 @@ pub(super) unsafe fn fp8_gemm(
                 Fp8Scales::PerTensor => "cuBLASLt FP8 GEMM",
                 Fp8Scales::PerRow => "cuBLASLt FP8 GEMM with per-row scales",
             },
+            Some(TuneKey {
+                ordinal: stream.context().ordinal(),
+                what: match scales {
+                    Fp8Scales::PerTensor => "fp8-tensor",
+                    Fp8Scales::PerRow => "fp8-rows",
+                },
+                variant: act as u32,
+                dims: [n, m, k, k, k, n],
+            }),
         )
     }
 }
@@ -518,6 +528,12 @@ pub(super) unsafe fn gemm_bf16_f32(
             beta,
             Some(16),
             "cuBLASLt convolution GEMM",
+            Some(TuneKey {
+                ordinal: stream.context().ordinal(),
+                what: "conv-bf16-f32",
+                variant: 0,
+                dims: [m, n, k, lda, ldb, ldd],
+            }),
         )
     }
 }
@@ -535,8 +551,10 @@ fn matmul_desc() -> Result<Owned<lt_sys::cublasLtMatmulDesc_t>> {
     })
 }
 
-/// Runs `D = A · B + beta · D` (alpha 1, D also as C) with the algorithm cuBLASLt's heuristic
-/// picks for `desc` and the layouts, using `ctx`'s workspace, on `stream`. `min_alignment`
+/// Runs `D = A · B + beta · D` (alpha 1, D also as C) with the algorithm
+/// [`gemm_algo_cuda::choose`] picks for `desc` and the layouts (cuBLASLt's heuristic, or
+/// with tuning on the fastest of its picks for `tune`; never tuned when beta is not 0, as the
+/// timing runs would accumulate), using `ctx`'s workspace, on `stream`. `min_alignment`
 /// (bytes) tells cuBLASLt how aligned every pointer is when it is less than the 256 bytes it
 /// assumes otherwise. `what` names the GEMM in errors.
 ///
@@ -555,6 +573,7 @@ unsafe fn run_matmul(
     beta: f32,
     min_alignment: Option<u32>,
     what: &'static str,
+    tune: Option<TuneKey>,
 ) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     use lt_sys::cublasLtMatmulPreferenceAttributes_t as Pref;
@@ -591,37 +610,46 @@ unsafe fn run_matmul(
                 .map_err(lt_error("cuBLASLt alignment preference"))?;
             }
         }
-        let heuristic = lt::get_matmul_algo_heuristic(
-            ctx.handle,
-            desc.raw,
-            a_layout.raw,
-            b_layout.raw,
-            d_layout.raw,
-            d_layout.raw,
-            pref.raw,
-        )
-        .map_err(lt_error("no cuBLASLt algorithm for this GEMM's shape"))?;
-        lt::matmul(
-            ctx.handle,
-            desc.raw,
-            (&alpha as *const f32).cast(),
-            (&beta as *const f32).cast(),
-            a as *const _,
-            a_layout.raw,
-            b as *const _,
-            b_layout.raw,
-            d as *const _,
-            d_layout.raw,
-            d as *mut _,
-            d_layout.raw,
-            &heuristic.algo,
-            work_ptr as *mut _,
-            WORKSPACE_BYTES,
-            stream.cu_stream() as *mut _,
-        )
-        .map_err(lt_error(what))?;
     }
-    Ok(())
+    let matmul = |algo: &lt_sys::cublasLtMatmulAlgo_t| -> Result<()> {
+        // SAFETY: the layouts and pointers are the caller's contract; the workspace is as
+        // large as declared and lives in `ctx`; `algo` comes from cuBLASLt for this GEMM.
+        unsafe {
+            lt::matmul(
+                ctx.handle,
+                desc.raw,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                a as *const _,
+                a_layout.raw,
+                b as *const _,
+                b_layout.raw,
+                d as *const _,
+                d_layout.raw,
+                d as *mut _,
+                d_layout.raw,
+                algo,
+                work_ptr as *mut _,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as *mut _,
+            )
+        }
+        .map_err(lt_error(what))
+    };
+    // SAFETY: the handle, descriptor, layouts and preference are live; `matmul` runs exactly
+    // this GEMM.
+    let algo = unsafe {
+        gemm_algo_cuda::choose(
+            ctx.handle,
+            desc.raw,
+            (a_layout.raw, b_layout.raw, d_layout.raw),
+            pref.raw,
+            tune.filter(|_| beta == 0.0),
+            stream,
+            &matmul,
+        )
+    }?;
+    matmul(&algo)
 }
 
 /// `act(x·(values·scale)ᵀ + b)` with e4m3 `values` `(n, k)`, `scale` one f32 on the device,

@@ -18,6 +18,8 @@ pub mod flash_cuda;
 #[cfg(feature = "cuda")]
 pub mod fp8_rows_cuda;
 #[cfg(feature = "cuda")]
+pub mod gemm_algo_cuda;
+#[cfg(feature = "cuda")]
 pub mod gemm_cuda;
 #[cfg(feature = "cuda")]
 pub mod group_norm_cuda;
