@@ -32,7 +32,7 @@ left() { echo $(( budget - (SECONDS - start) )); }
 run() {
   local limit=$1; shift
   if [ "$(left)" -lt "$limit" ]; then echo "== SKIPPED (time) $*" | tee -a "$out/session.txt"; return; fi
-  echo "== ${HEADSHOT_FLASH_KERNEL:+HEADSHOT_FLASH_KERNEL=$HEADSHOT_FLASH_KERNEL }${HEADSHOT_GROUP_NORM:+HEADSHOT_GROUP_NORM=$HEADSHOT_GROUP_NORM }${HEADSHOT_CONV:+HEADSHOT_CONV=$HEADSHOT_CONV }${HEADSHOT_GEMM_TUNE:+HEADSHOT_GEMM_TUNE=$HEADSHOT_GEMM_TUNE }$* (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
+  echo "== ${HEADSHOT_FLASH_KERNEL:+HEADSHOT_FLASH_KERNEL=$HEADSHOT_FLASH_KERNEL }${HEADSHOT_GROUP_NORM:+HEADSHOT_GROUP_NORM=$HEADSHOT_GROUP_NORM }${HEADSHOT_CONV:+HEADSHOT_CONV=$HEADSHOT_CONV }${HEADSHOT_GEMM_TUNE:+HEADSHOT_GEMM_TUNE=$HEADSHOT_GEMM_TUNE }${HEADSHOT_SPLIT_GEMM:+HEADSHOT_SPLIT_GEMM=$HEADSHOT_SPLIT_GEMM }$* (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
   timeout "$limit" /tmp/headshot "$@" > "$out/last.txt" 2>&1; local rc=$?
   grep -E "RESULT|RATE|CHECK|MEMORY|model|Error|error|panick|per-row|WARN|GEMM tuned" "$out/last.txt" | tee -a "$out/session.txt"
   echo "exit $rc" | tee -a "$out/session.txt"
@@ -59,6 +59,8 @@ run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3
 # The FP8 GEMMs with cuBLASLt's first candidates timed per shape (logged "GEMM tuned").
 HEADSHOT_GEMM_TUNE=on run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
 HEADSHOT_GEMM_TUNE=on run 60 bench gpu --device cuda --attention fused --fp8 --iters 3 --warmup 1 --skip-vae
+# bf16 with the single block's linear2 as two GEMMs over its input's parts (no join copy).
+HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 # The decoder's own CUDA paths (opt-in until step 1 has passed on a GPU): fused group norm
 # + SiLU, then that with the convolutions as GEMMs; decode times against step 3's, same card.
 HEADSHOT_GROUP_NORM=fused run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1

@@ -158,6 +158,26 @@ pub(super) fn run(
             Work::Flop(flop),
             &|| dense.apply(&dense.prepare(&[&attn_out, &wide])?, Activation::Identity),
         )?;
+        // The join as a copy, then one GEMM (what the model did before).
+        time(
+            out,
+            &format!("single_linear2_cat{tag}"),
+            Work::Flop(flop),
+            &|| dense.forward(&Tensor::cat(&[&attn_out, &wide], 2)?),
+        )?;
+    }
+    // bf16: one GEMM per part, the second accumulating (HEADSHOT_SPLIT_GEMM=on in the model).
+    #[cfg(feature = "cuda")]
+    if crate::pipeline::flux::gemm_cuda::supports_parts(&attn_out, &wide, &w2) {
+        time(out, "single_linear2_parts", Work::Flop(flop), &|| {
+            crate::pipeline::flux::gemm_cuda::linear_parts(
+                &attn_out,
+                &wide,
+                &w2,
+                &b2,
+                Activation::Identity,
+            )
+        })?;
     }
     drop((attn_out, w2, b2));
 

@@ -279,7 +279,8 @@ impl SingleBlock {
         };
         let (q, k, v) = joined_qkv(&[(&qkv, &self.q_norm, &self.k_norm)], self.heads, rope)?;
         let attn = attention.run(&q, &k, &v)?;
-        // linear2 reads attention output and MLP joined; per-row FP8 reads both in place.
+        // linear2 reads attention output and MLP joined: per-row FP8 quantizes both where they
+        // lie, and bf16 cuBLASLt multiplies each by its weight columns; elsewhere a copy joins.
         let joined = self.linear2.prepare(&[&attn, &mlp])?;
         let out = self.linear2.apply(&joined, Activation::Identity)?;
         m[0].gated_add(x, &out)

@@ -369,6 +369,30 @@ pub fn run_into(
         let reference = plain_layer.forward_act(&x32, act)?;
         out.push(compare(name, &fast, &reference, tolerance)?);
     }
+    // The same GEMMs fed a join's two parts unjoined (the single block's linear2): on CUDA in
+    // bf16 one GEMM per part over its weight columns, the second accumulating, checked here
+    // whether or not `HEADSHOT_SPLIT_GEMM` sends the model through it; elsewhere joined.
+    let split = cfg.hidden_size / 4;
+    let x_parts = [
+        x.narrow(2, 0, split)?.contiguous()?,
+        x.narrow(2, split, cfg.hidden_size - split)?.contiguous()?,
+    ];
+    for (name, act) in [
+        ("gemm_bias_parts", Activation::Identity),
+        ("gemm_bias_gelu_parts", Activation::GeluTanh),
+    ] {
+        #[cfg(feature = "cuda")]
+        let fast = if super::gemm_cuda::supports_parts(&x_parts[0], &x_parts[1], &w) {
+            let (w, b) = (w.to_dtype(dtype)?, b.to_dtype(dtype)?);
+            super::gemm_cuda::linear_parts(&x_parts[0], &x_parts[1], &w, &b, act)?
+        } else {
+            fast_layer.apply(&fast_layer.prepare(&[&x_parts[0], &x_parts[1]])?, act)?
+        };
+        #[cfg(not(feature = "cuda"))]
+        let fast = fast_layer.apply(&fast_layer.prepare(&[&x_parts[0], &x_parts[1]])?, act)?;
+        let reference = plain_layer.forward_act(&x32, act)?;
+        out.push(compare(name, &fast, &reference, tolerance)?);
+    }
     #[cfg(feature = "cuda")]
     if device.is_cuda() && dtype == DType::BF16 {
         group_norms(device, tolerance, out)?;
@@ -551,7 +575,9 @@ mod tests {
                         "fp8_rows_joined_parts",
                         "adaln_fp8_rows_fused",
                         "gemm_bias",
-                        "gemm_bias_gelu"
+                        "gemm_bias_gelu",
+                        "gemm_bias_parts",
+                        "gemm_bias_gelu_parts"
                     ]
                 );
                 for r in &results {

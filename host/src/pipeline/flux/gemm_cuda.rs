@@ -191,6 +191,168 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Ten
         .apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &LtLinear { act })
 }
 
+/// `act(x0 · w[:, ..k0]ᵀ + x1 · w[:, k0..]ᵀ + b)`: the projection of `x0 (…, k0)` and
+/// `x1 (…, k1)` joined along their last dimension, without the join (a copy of both, read
+/// again by the GEMM). Two cuBLASLt GEMMs over column blocks of `w (n, k0 + k1)` (its leading
+/// dimension stays k0 + k1, so nothing is copied); the second accumulates into the first's
+/// output (beta 1) and applies the bias and activation in its epilogue. The partial sum
+/// rounds to bf16 once in between.
+struct LtLinearParts {
+    act: Activation,
+    /// The bias `(n)`, bf16 on the same device.
+    bias: Tensor,
+}
+
+impl CustomOp3 for LtLinearParts {
+    fn name(&self) -> &'static str {
+        "headshot-cublaslt-linear-parts"
+    }
+
+    cuda_only_cpu_fwd!(3);
+
+    /// (x0, x1, w).
+    fn cuda_fwd(
+        &self,
+        s0: &CudaStorage,
+        l0: &Layout,
+        s1: &CudaStorage,
+        l1: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, k) = wl.shape().dims2()?;
+        let (k0, k1) = (
+            l0.shape().dims().last().copied().unwrap_or(0),
+            l1.shape().dims().last().copied().unwrap_or(0),
+        );
+        let m = l0.shape().elem_count() / k0.max(1);
+        if k0 + k1 != k
+            || k0 == 0
+            || k1 == 0
+            || l1.shape().elem_count() != m * k1
+            || !k0.is_multiple_of(LT_ALIGN_BF16)
+        {
+            candle_core::bail!(
+                "split projection shapes do not fit: parts {:?} and {:?}, weight {:?}",
+                l0.shape(),
+                l1.shape(),
+                wl.shape()
+            );
+        }
+        let (bias_storage, bias_layout) = self.bias.storage_and_layout();
+        let candle_core::Storage::Cuda(bias_storage) = &*bias_storage else {
+            candle_core::bail!("the split projection's bias is not on the GPU");
+        };
+        let (
+            CudaStorageSlice::BF16(x0),
+            CudaStorageSlice::BF16(x1),
+            CudaStorageSlice::BF16(w),
+            CudaStorageSlice::BF16(b_all),
+        ) = (&s0.slice, &s1.slice, &ws.slice, &bias_storage.slice)
+        else {
+            candle_core::bail!("the split cuBLASLt projection wants bf16 inputs");
+        };
+        if bias_layout.shape().dims() != [n] {
+            candle_core::bail!(
+                "split projection bias {:?} for {n} outputs",
+                bias_layout.shape()
+            );
+        }
+        let (x0, x1, w, b) = (
+            contiguous_view(x0, l0, LT_ALIGN_BF16, "split projection input (first part)")?,
+            contiguous_view(
+                x1,
+                l1,
+                LT_ALIGN_BF16,
+                "split projection input (second part)",
+            )?,
+            contiguous_view(w, wl, LT_ALIGN_BF16, "split projection weight")?,
+            contiguous_view(b_all, bias_layout, LT_ALIGN_BF16, "split projection bias")?,
+        );
+        let dev = s0.device();
+        let mut y = alloc_like(dev, b_all, m * n)?;
+        let cfg = |ki: usize, beta: f32| MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: ki as u64,
+            alpha: 1.0,
+            lda: k as i64,
+            ldb: ki as i64,
+            beta,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        let act = match self.act {
+            Activation::Identity => None,
+            Activation::GeluTanh => Some(LtActivation::Gelu),
+        };
+        let (blas, _) = cublaslt(dev)?;
+        let w_rest = w.slice(k0..);
+        // SAFETY: the first GEMM reads the first k0 columns of each of w's n rows (leading
+        // dimension k) and x0 (m×k0), writing all of y; the second reads the k1 columns from
+        // k0 on (a view starting there, 256-byte aligned as k0 is a multiple of 128) and x1
+        // (m×k1), adding y, then the bias (n) and the activation.
+        unsafe {
+            blas.matmul(cfg(k0, 0.0), &w, &x0, &mut y, None, None)
+                .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt projection: {e:?}")))?;
+            blas.matmul(cfg(k1, 1.0), &w_rest, &x1, &mut y, Some(&b), act.as_ref())
+                .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt projection: {e:?}")))?;
+        }
+        let storage = CudaStorage {
+            slice: CudaStorageSlice::BF16(y),
+            device: dev.clone(),
+        };
+        Ok((storage, projection_shape(l0, n)))
+    }
+}
+
+/// Whether the model's joined projection inputs go through [`linear_parts`]
+/// (`HEADSHOT_SPLIT_GEMM=on`): opt-in until `--check` (`gemm_bias_parts`) has passed on a GPU.
+pub fn split_gemm() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| super::cuda_util::opt_in("HEADSHOT_SPLIT_GEMM", "on"))
+}
+
+/// Whether [`linear_parts`] takes `x0` and `x1` for weight `w`: bf16 CUDA tensors, 256-byte
+/// aligned, with equal leading dimensions, and a first part as wide as a multiple of 128
+/// (where the weight's second column block starts aligned).
+pub fn supports_parts(x0: &Tensor, x1: &Tensor, w: &Tensor) -> bool {
+    let lead = |t: &Tensor| t.dims().split_last().map(|(_, l)| l.to_vec());
+    supports(x0)
+        && supports(x1)
+        && aligned(w)
+        && lead(x0).is_some()
+        && lead(x0) == lead(x1)
+        && x0
+            .dims()
+            .last()
+            .is_some_and(|k0| k0.is_multiple_of(LT_ALIGN_BF16))
+}
+
+/// `act([x0, x1] · wᵀ + b)` for the join of `x0 (…, k0)` and `x1 (…, k1)` along the last
+/// dimension, without making it (see [`supports_parts`]).
+pub fn linear_parts(
+    x0: &Tensor,
+    x1: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
+    let op = LtLinearParts {
+        act,
+        bias: b.contiguous()?,
+    };
+    x0.contiguous()?
+        .apply_op3_no_bwd(&x1.contiguous()?, &w.contiguous()?, &op)
+}
+
 /// PTX of `fp8_quant.cu`: max |x| and per-tensor e4m3 quantization of activations.
 pub(super) const FP8_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fp8_quant.ptx"));
 

@@ -166,6 +166,11 @@ pub enum ProjectionInput {
     /// Quantized for per-row FP8 layers.
     #[cfg(feature = "cuda")]
     Fp8Rows(super::fp8_rows_cuda::QuantizedRows),
+    /// Two parts of a join left unjoined for a bf16 cuBLASLt layer, which multiplies each by
+    /// its block of weight columns ([`super::gemm_cuda::linear_parts`], opt-in by
+    /// `HEADSHOT_SPLIT_GEMM=on`).
+    #[cfg(feature = "cuda")]
+    Parts(Tensor, Tensor),
 }
 
 /// Activation applied to a projection's output.
@@ -178,12 +183,15 @@ pub enum Activation {
 }
 
 impl ProjectionInput {
-    /// The tensor holding the input: the values, or the quantized rows' device buffer.
+    /// A tensor that holds the prepared input (for unjoined parts, the second): what a
+    /// benchmark waits on.
     pub fn tensor(&self) -> &Tensor {
         match self {
             Self::Values(v) => v,
             #[cfg(feature = "cuda")]
             Self::Fp8Rows(q) => q.packed(),
+            #[cfg(feature = "cuda")]
+            Self::Parts(_, last) => last,
         }
     }
 }
@@ -330,6 +338,14 @@ impl Dense {
             }
             return Ok(ProjectionInput::Values(joined));
         }
+        #[cfg(feature = "cuda")]
+        if let (Weight::Full(w), [x0, x1], GemmKernel::Auto, Some(_)) =
+            (&self.weight, parts, self.gemm, &self.bias)
+            && super::gemm_cuda::split_gemm()
+            && super::gemm_cuda::supports_parts(x0, x1, w)
+        {
+            return Ok(ProjectionInput::Parts((*x0).clone(), (*x1).clone()));
+        }
         match parts {
             [one] => Ok(ProjectionInput::Values((*one).clone())),
             _ => Tensor::cat(parts, D::Minus1).map(ProjectionInput::Values),
@@ -353,6 +369,13 @@ impl Dense {
                 _ => candle_core::bail!(
                     "an input quantized by row feeds only per-row FP8 layers on the GPU"
                 ),
+            },
+            #[cfg(feature = "cuda")]
+            ProjectionInput::Parts(x0, x1) => match (&self.weight, &self.bias) {
+                (Weight::Full(w), Some(b)) if super::gemm_cuda::supports_parts(x0, x1, w) => {
+                    super::gemm_cuda::linear_parts(x0, x1, w, b, act)
+                }
+                _ => self.forward_values(&Tensor::cat(&[x0, x1], D::Minus1)?, act),
             },
         }
     }
