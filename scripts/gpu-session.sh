@@ -65,6 +65,8 @@ HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 
 # + SiLU, then that with the convolutions as GEMMs; decode times against step 3's, same card.
 HEADSHOT_GROUP_NORM=fused run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
+# The checks again with GEMM tuning on: a tuned algorithm must be as right as the heuristic's.
+HEADSHOT_GEMM_TUNE=on run 90 bench gpu --device cuda --check --attention fused
 if [ -n "${SHORT:-}" ]; then
   run 30 bench gpu --device cuda --ops --iters 5 --warmup 1 --skip-vae
   echo "done at t=$((SECONDS - start))s" | tee -a "$out/session.txt"

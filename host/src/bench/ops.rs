@@ -82,6 +82,13 @@ pub(super) fn run(
         ("mlp_down", &wide, hidden),
         ("single_linear1", &x, 3 * hidden + mlp),
     ];
+    // Untuned unless a row says so (HEADSHOT_GEMM_TUNE=on would tune every row).
+    #[cfg(feature = "cuda")]
+    let tuning_from_env = {
+        let was = crate::pipeline::flux::gemm_algo_cuda::tuning();
+        crate::pipeline::flux::gemm_algo_cuda::set_tuning(false);
+        was
+    };
     for (name, input, output) in gemms {
         let inner = input.dim(2)?;
         let flop = 2.0 * (tokens * inner * output) as f64;
@@ -135,6 +142,9 @@ pub(super) fn run(
             input.broadcast_matmul(&wt)
         })?;
     }
+
+    #[cfg(feature = "cuda")]
+    crate::pipeline::flux::gemm_algo_cuda::set_tuning(tuning_from_env);
 
     // The single block's linear2 reads the attention output and the MLP hidden layer joined:
     // joined first (a copy), then the GEMM; per-row FP8 quantizes from the two parts in place.

@@ -25,8 +25,9 @@ const EPS: f32 = 1e-6;
 pub fn supports(x: &Tensor) -> bool {
     x.device().is_cuda()
         && x.dtype() == DType::BF16
-        && x.dims3()
-            .is_ok_and(|(_, _, h)| h.is_multiple_of(2) && h <= MAX_HIDDEN)
+        && x.dims3().is_ok_and(|(b, n, h)| {
+            b > 0 && n > 0 && h > 0 && h.is_multiple_of(2) && h <= MAX_HIDDEN
+        })
 }
 
 /// A `(batch, 1, hidden)` modulation row: its slice from the first batch's row on, and the

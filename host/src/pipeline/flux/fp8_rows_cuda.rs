@@ -135,6 +135,16 @@ impl QuantizedRows {
         &self.packed
     }
 
+    /// The values and the scales' bytes, without the (unwritten) padding between them: what
+    /// two quantizations of the same rows must agree on.
+    pub fn contents(&self) -> Result<Tensor> {
+        let values = self.packed.narrow(0, 0, self.rows * self.width)?;
+        let scales = self
+            .packed
+            .narrow(0, scales_offset(self.rows, self.width), 4 * self.rows)?;
+        Tensor::cat(&[&values, &scales], 0)
+    }
+
     /// Values per row.
     pub fn width(&self) -> usize {
         self.width

@@ -5,8 +5,10 @@
 //! cuBLASLt's heuristic ranks algorithms by a model, not by measurement, and on shapes whose
 //! tiles fill the GPU unevenly (the FP8 MLP down-projection at 1024×1024 runs ~30% below the
 //! other projections) its first pick need not be the fastest. Tuning costs a few milliseconds
-//! per distinct shape on first use; the choice can differ between processes, so outputs stay
-//! reproducible within a process, not across them. Off by default until measured on a GPU.
+//! per distinct shape on first use (each candidate runs six times; tens of milliseconds for
+//! the decoder's largest convolutions at 1024×1024, again for each new image size); the
+//! choice can differ between processes, so outputs stay reproducible within a process, not
+//! across them. Off by default until measured on a GPU.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +24,10 @@ use super::cuda_util::opt_in;
 /// Heuristic candidates timed per shape.
 const CANDIDATES: usize = 8;
 /// Timed runs per candidate (after one untimed run).
-const REPS: usize = 3;
+const REPS: usize = 5;
+/// GEMMs below this many multiply-adds are not tuned: a few microseconds each, where launch
+/// gaps would decide the timing.
+const MIN_TUNED_MACS: usize = 1 << 29;
 
 type Algo = lt_sys::cublasLtMatmulAlgo_t;
 
@@ -45,7 +50,8 @@ fn switch() -> &'static AtomicBool {
     ON.get_or_init(|| AtomicBool::new(opt_in("HEADSHOT_GEMM_TUNE", "on")))
 }
 
-/// Whether GEMMs are tuned (`HEADSHOT_GEMM_TUNE=on`, or [`set_tuning`]).
+/// Whether GEMMs are tuned (`HEADSHOT_GEMM_TUNE=on`, or [`set_tuning`]). While on, the
+/// candidates are limited to algorithms that reduce split sums in f32 (see `run_matmul`).
 pub fn tuning() -> bool {
     switch().load(Ordering::Relaxed)
 }
@@ -95,8 +101,11 @@ unsafe fn heuristics(
             &mut returned,
         )
     };
-    if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || returned <= 0 {
+    if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
         candle_core::bail!("no cuBLASLt algorithm for this GEMM's shape: {status:?}");
+    }
+    if returned <= 0 {
+        candle_core::bail!("cuBLASLt offered no algorithm for this GEMM's shape");
     }
     Ok(results
         .into_iter()
@@ -147,7 +156,8 @@ pub(super) unsafe fn choose(
     stream: &CudaStream,
     run: &dyn Fn(&Algo) -> Result<()>,
 ) -> Result<Algo> {
-    let Some(key) = key.filter(|_| tuning()) else {
+    let worth = |k: &TuneKey| k.dims[0] * k.dims[1] * k.dims[2] >= MIN_TUNED_MACS;
+    let Some(key) = key.filter(|k| tuning() && worth(k)) else {
         // SAFETY: the caller's contract.
         let first = unsafe { heuristics(handle, desc, layouts, pref, 1) }?;
         return first
@@ -190,6 +200,7 @@ pub(super) unsafe fn choose(
         best_index,
         "GEMM tuned"
     );
-    lock()?.insert(key, best);
-    Ok(best)
+    // Another thread may have tuned the same GEMM meanwhile: every later call uses the first
+    // choice stored, so one process runs one algorithm per shape.
+    Ok(*lock()?.entry(key).or_insert(best))
 }

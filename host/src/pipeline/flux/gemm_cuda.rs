@@ -756,6 +756,19 @@ unsafe fn run_matmul(
             std::mem::size_of::<usize>(),
         )
         .map_err(lt_error("cuBLASLt workspace preference"))?;
+        if tune.is_some() && gemm_algo_cuda::tuning() {
+            // Tuning may pick a split-K candidate the heuristic ranked lower: only those that
+            // add their partial sums in f32 (CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE, a uint32
+            // mask), not in the bf16 output.
+            let mask: u32 = 2;
+            lt::set_matmul_pref_attribute(
+                pref.raw,
+                Pref::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                (&mask as *const u32).cast(),
+                std::mem::size_of::<u32>(),
+            )
+            .map_err(lt_error("cuBLASLt reduction preference"))?;
+        }
         if let Some(bytes) = min_alignment {
             for attr in [
                 Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
