@@ -59,6 +59,8 @@ run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3
 # The FP8 GEMMs with cuBLASLt's first candidates timed per shape (logged "GEMM tuned").
 HEADSHOT_GEMM_TUNE=on run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
 HEADSHOT_GEMM_TUNE=on run 60 bench gpu --device cuda --attention fused --fp8 --iters 3 --warmup 1 --skip-vae
+# bf16 with the lazy-softmax attention kernel (step 2's op_attention_wide32_lazy row alone).
+HEADSHOT_FLASH_KERNEL=wide32_lazy run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 # bf16 with the single block's linear2 as two GEMMs over its input's parts (no join copy).
 HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 # The decoder's own CUDA paths (opt-in until step 1 has passed on a GPU): fused group norm

@@ -8,10 +8,12 @@
 // through mma.sync m16n8k16 (bf16 in, f32 accumulate). The score fragment of q·kᵀ is reused
 // as the A operand of p·v without leaving registers.
 //
-// Three kernels, all checked by `headshot bench gpu --check` and timed by `--ops`
+// Five kernels, all checked by `headshot bench gpu --check` and timed by `--ops`
 // (docs/BENCHMARKS.md, H100): pipe4 (16 rows a warp, Q in registers; 180 TFLOP/s), wide
 // (32 rows a warp, Q in shared memory; 260 TFLOP/s, a few registers spilled) and wide32 (the
-// same, 32 keys at a time: 255 TFLOP/s, no spills; the model's default). A first kernel with
+// same, 32 keys at a time: 255 TFLOP/s, no spills; the model's default), and both wide
+// kernels again with a lazy softmax (wide_lazy, wide32_lazy: fewer non-mma instructions, see
+// flash_wide; not yet run on a GPU). A first kernel with
 // synchronous tile loads and scalar fragment loads (125 TFLOP/s) and an 8-warp pipe kernel
 // (176 TFLOP/s) were measured and removed.
 //
@@ -288,7 +290,17 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // STEP keys of the shared tile go through scores, softmax and P·V at a time: 64 keeps the
 // most work per rescale, 32 halves the score registers (255 → fewer, no spills).
-template <int STEP>
+//
+// LAZY trims the softmax's non-tensor-core work, which competes with the mma instructions for
+// issue slots (per 32-key step a warp issues 128 mma next to ~300 other instructions):
+// - the accumulator is rescaled only when a row's maximum grows by more than LAZY_SLACK
+//   (log2 units) over the one its exponentials are taken against, not at every step: the
+//   result is the same (numerator and denominator share the stale maximum), probabilities
+//   stay ≤ 2^LAZY_SLACK, well inside bf16 and f32;
+// - the scale folds into the exponent's argument (one fma instead of a multiply and an add);
+// - key masking runs only on steps that reach past the last key.
+#define LAZY_SLACK 8.f
+template <int STEP, bool LAZY>
 __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
                                            const __nv_bfloat16 *__restrict__ k,
                                            const __nv_bfloat16 *__restrict__ v,
@@ -398,48 +410,110 @@ __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
             }
         }
 
+        if constexpr (LAZY) {
+            const bool partial = kb + k0 + STEP > tokens;
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-            float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+            for (int mt = 0; mt < 2; ++mt) {
+                float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
 #pragma unroll
-            for (int j = 0; j < GROUPS; ++j) {
+                for (int j = 0; j < GROUPS; ++j) {
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const bool valid = kb + k0 + j * 8 + 2 * t + e < tokens;
-                    s[mt][j][e] = valid ? s[mt][j][e] * scale_log2 : -INFINITY;
-                    s[mt][j][2 + e] = valid ? s[mt][j][2 + e] * scale_log2 : -INFINITY;
-                    tile_max0 = fmaxf(tile_max0, s[mt][j][e]);
-                    tile_max1 = fmaxf(tile_max1, s[mt][j][2 + e]);
+                    for (int e = 0; e < 2; ++e) {
+                        if (partial && kb + k0 + j * 8 + 2 * t + e >= tokens) {
+                            s[mt][j][e] = -INFINITY;
+                            s[mt][j][2 + e] = -INFINITY;
+                        }
+                        tile_max0 = fmaxf(tile_max0, s[mt][j][e]);
+                        tile_max1 = fmaxf(tile_max1, s[mt][j][2 + e]);
+                    }
+                }
+#pragma unroll
+                for (int off = 1; off <= 2; off <<= 1) {
+                    tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, off));
+                    tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, off));
+                }
+                // scale_log2 > 0, so the scaled maximum is the maximum of the scaled scores.
+                tile_max0 *= scale_log2;
+                tile_max1 *= scale_log2;
+                // The four lanes of a row agree on its maximum, so they branch alike.
+                if (tile_max0 > row_max[mt][0] + LAZY_SLACK) {
+                    const float corr = exp2f(row_max[mt][0] - tile_max0);
+                    row_max[mt][0] = tile_max0;
+                    row_sum[mt][0] *= corr;
+#pragma unroll
+                    for (int n = 0; n < 16; ++n) {
+                        acc[mt][n][0] *= corr;
+                        acc[mt][n][1] *= corr;
+                    }
+                }
+                if (tile_max1 > row_max[mt][1] + LAZY_SLACK) {
+                    const float corr = exp2f(row_max[mt][1] - tile_max1);
+                    row_max[mt][1] = tile_max1;
+                    row_sum[mt][1] *= corr;
+#pragma unroll
+                    for (int n = 0; n < 16; ++n) {
+                        acc[mt][n][2] *= corr;
+                        acc[mt][n][3] *= corr;
+                    }
+                }
+                // A row that has seen no key yet (only fully masked steps) keeps -inf: its
+                // exponentials must come out 0, not exp2(-inf + inf).
+                const float neg0 = row_max[mt][0] == -INFINITY ? 0.f : -row_max[mt][0];
+                const float neg1 = row_max[mt][1] == -INFINITY ? 0.f : -row_max[mt][1];
+#pragma unroll
+                for (int j = 0; j < GROUPS; ++j) {
+                    s[mt][j][0] = exp2f(fmaf(s[mt][j][0], scale_log2, neg0));
+                    s[mt][j][1] = exp2f(fmaf(s[mt][j][1], scale_log2, neg0));
+                    s[mt][j][2] = exp2f(fmaf(s[mt][j][2], scale_log2, neg1));
+                    s[mt][j][3] = exp2f(fmaf(s[mt][j][3], scale_log2, neg1));
+                    row_sum[mt][0] += s[mt][j][0] + s[mt][j][1];
+                    row_sum[mt][1] += s[mt][j][2] + s[mt][j][3];
                 }
             }
-#pragma unroll
-            for (int off = 1; off <= 2; off <<= 1) {
-                tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, off));
-                tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, off));
-            }
-            const float new0 = fmaxf(row_max[mt][0], tile_max0);
-            const float new1 = fmaxf(row_max[mt][1], tile_max1);
-            const float corr0 = exp2f(row_max[mt][0] - new0);
-            const float corr1 = exp2f(row_max[mt][1] - new1);
-            row_max[mt][0] = new0;
-            row_max[mt][1] = new1;
-            row_sum[mt][0] *= corr0;
-            row_sum[mt][1] *= corr1;
-#pragma unroll
-            for (int j = 0; j < GROUPS; ++j) {
-                s[mt][j][0] = exp2f(s[mt][j][0] - new0);
-                s[mt][j][1] = exp2f(s[mt][j][1] - new0);
-                s[mt][j][2] = exp2f(s[mt][j][2] - new1);
-                s[mt][j][3] = exp2f(s[mt][j][3] - new1);
-                row_sum[mt][0] += s[mt][j][0] + s[mt][j][1];
-                row_sum[mt][1] += s[mt][j][2] + s[mt][j][3];
-            }
-#pragma unroll
-            for (int n = 0; n < 16; ++n) {
-                acc[mt][n][0] *= corr0;
-                acc[mt][n][1] *= corr0;
-                acc[mt][n][2] *= corr1;
-                acc[mt][n][3] *= corr1;
+        } else {
+    #pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+    #pragma unroll
+                for (int j = 0; j < GROUPS; ++j) {
+    #pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const bool valid = kb + k0 + j * 8 + 2 * t + e < tokens;
+                        s[mt][j][e] = valid ? s[mt][j][e] * scale_log2 : -INFINITY;
+                        s[mt][j][2 + e] = valid ? s[mt][j][2 + e] * scale_log2 : -INFINITY;
+                        tile_max0 = fmaxf(tile_max0, s[mt][j][e]);
+                        tile_max1 = fmaxf(tile_max1, s[mt][j][2 + e]);
+                    }
+                }
+    #pragma unroll
+                for (int off = 1; off <= 2; off <<= 1) {
+                    tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, off));
+                    tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, off));
+                }
+                const float new0 = fmaxf(row_max[mt][0], tile_max0);
+                const float new1 = fmaxf(row_max[mt][1], tile_max1);
+                const float corr0 = exp2f(row_max[mt][0] - new0);
+                const float corr1 = exp2f(row_max[mt][1] - new1);
+                row_max[mt][0] = new0;
+                row_max[mt][1] = new1;
+                row_sum[mt][0] *= corr0;
+                row_sum[mt][1] *= corr1;
+    #pragma unroll
+                for (int j = 0; j < GROUPS; ++j) {
+                    s[mt][j][0] = exp2f(s[mt][j][0] - new0);
+                    s[mt][j][1] = exp2f(s[mt][j][1] - new0);
+                    s[mt][j][2] = exp2f(s[mt][j][2] - new1);
+                    s[mt][j][3] = exp2f(s[mt][j][3] - new1);
+                    row_sum[mt][0] += s[mt][j][0] + s[mt][j][1];
+                    row_sum[mt][1] += s[mt][j][2] + s[mt][j][3];
+                }
+    #pragma unroll
+                for (int n = 0; n < 16; ++n) {
+                    acc[mt][n][0] *= corr0;
+                    acc[mt][n][1] *= corr0;
+                    acc[mt][n][2] *= corr1;
+                    acc[mt][n][3] *= corr1;
+                }
             }
         }
 
@@ -503,7 +577,7 @@ extern "C" __global__ void __launch_bounds__(128)
                                        const __nv_bfloat16 *__restrict__ v,
                                        __nv_bfloat16 *__restrict__ o, int tokens, int heads,
                                        float scale_log2) {
-    flash_wide<64>(q, k, v, o, tokens, heads, scale_log2);
+    flash_wide<64, false>(q, k, v, o, tokens, heads, scale_log2);
 }
 
 // As above, 32 keys at a time.
@@ -513,5 +587,25 @@ extern "C" __global__ void __launch_bounds__(128)
                                          const __nv_bfloat16 *__restrict__ v,
                                          __nv_bfloat16 *__restrict__ o, int tokens, int heads,
                                          float scale_log2) {
-    flash_wide<32>(q, k, v, o, tokens, heads, scale_log2);
+    flash_wide<32, false>(q, k, v, o, tokens, heads, scale_log2);
+}
+
+// wide32 with the lazy softmax (see flash_wide).
+extern "C" __global__ void __launch_bounds__(128)
+    headshot_flash_attn_wide32_lazy_bf16_d128(const __nv_bfloat16 *__restrict__ q,
+                                              const __nv_bfloat16 *__restrict__ k,
+                                              const __nv_bfloat16 *__restrict__ v,
+                                              __nv_bfloat16 *__restrict__ o, int tokens,
+                                              int heads, float scale_log2) {
+    flash_wide<32, true>(q, k, v, o, tokens, heads, scale_log2);
+}
+
+// wide (64 keys a step) with the lazy softmax.
+extern "C" __global__ void __launch_bounds__(128)
+    headshot_flash_attn_wide_lazy_bf16_d128(const __nv_bfloat16 *__restrict__ q,
+                                            const __nv_bfloat16 *__restrict__ k,
+                                            const __nv_bfloat16 *__restrict__ v,
+                                            __nv_bfloat16 *__restrict__ o, int tokens,
+                                            int heads, float scale_log2) {
+    flash_wide<64, true>(q, k, v, o, tokens, heads, scale_log2);
 }

@@ -525,6 +525,18 @@ fn cuda_kernels(
     let pair = |a: usize, b: usize| Tensor::cat(&[&qkv[a], &qkv[b]], 0);
     let batch = [pair(0, 1)?, pair(1, 2)?, pair(2, 0)?];
     let batch_reference = plain(&batch[0], &batch[1], &batch[2])?;
+    // Keys near the end scaled 8×: each row's maximum jumps by ~2⁵ (log2 units) after most of
+    // the tiles, where a lazy softmax must rescale its accumulator (random keys alone move
+    // the maximum by less than its 2⁸ slack after the first tile).
+    let late = tokens.min(100);
+    let peaked_k = Tensor::cat(
+        &[
+            qkv[1].narrow(1, 0, tokens - late)?,
+            (qkv[1].narrow(1, tokens - late, late)? * 8.0)?,
+        ],
+        1,
+    )?;
+    let peak_reference = plain(&qkv[0], &peaked_k, &qkv[2])?;
     for kernel in FlashKernel::ALL {
         let fast = attention_with(
             kernel,
@@ -540,6 +552,9 @@ fn cuda_kernels(
         let fast = attention_with(kernel, &bf16(&cut[0])?, &bf16(&cut[1])?, &bf16(&cut[2])?)?;
         let name = format!("attention_cuda_{}_{ragged}_tokens", kernel.name());
         out.push(compare(&name, &fast, &cut_reference, tolerance)?);
+        let fast = attention_with(kernel, &bf16(&qkv[0])?, &bf16(&peaked_k)?, &bf16(&qkv[2])?)?;
+        let name = format!("attention_cuda_{}_late_peak", kernel.name());
+        out.push(compare(&name, &fast, &peak_reference, tolerance)?);
     }
     Ok(())
 }
