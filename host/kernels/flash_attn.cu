@@ -298,8 +298,17 @@ extern "C" __global__ void __launch_bounds__(128)
 //   result is the same (numerator and denominator share the stale maximum), probabilities
 //   stay ≤ 2^LAZY_SLACK, well inside bf16 and f32;
 // - the scale folds into the exponent's argument (one fma instead of a multiply and an add);
-// - key masking runs only on steps that reach past the last key.
+// - key masking runs only on steps that reach past the last key;
+// - exponentials in one instruction each (fast_exp2).
 #define LAZY_SLACK 8.f
+
+// 2^x in one MUFU.EX2 (results below f32's normal range flush to 0, as they may for softmax
+// weights). exp2f adds a range check and two multiplies around it for denormal results.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 template <int STEP, bool LAZY>
 __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
                                            const __nv_bfloat16 *__restrict__ k,
@@ -437,7 +446,7 @@ __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
                 tile_max1 *= scale_log2;
                 // The four lanes of a row agree on its maximum, so they branch alike.
                 if (tile_max0 > row_max[mt][0] + LAZY_SLACK) {
-                    const float corr = exp2f(row_max[mt][0] - tile_max0);
+                    const float corr = fast_exp2(row_max[mt][0] - tile_max0);
                     row_max[mt][0] = tile_max0;
                     row_sum[mt][0] *= corr;
 #pragma unroll
@@ -447,7 +456,7 @@ __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
                     }
                 }
                 if (tile_max1 > row_max[mt][1] + LAZY_SLACK) {
-                    const float corr = exp2f(row_max[mt][1] - tile_max1);
+                    const float corr = fast_exp2(row_max[mt][1] - tile_max1);
                     row_max[mt][1] = tile_max1;
                     row_sum[mt][1] *= corr;
 #pragma unroll
@@ -462,10 +471,10 @@ __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
                 const float neg1 = row_max[mt][1] == -INFINITY ? 0.f : -row_max[mt][1];
 #pragma unroll
                 for (int j = 0; j < GROUPS; ++j) {
-                    s[mt][j][0] = exp2f(fmaf(s[mt][j][0], scale_log2, neg0));
-                    s[mt][j][1] = exp2f(fmaf(s[mt][j][1], scale_log2, neg0));
-                    s[mt][j][2] = exp2f(fmaf(s[mt][j][2], scale_log2, neg1));
-                    s[mt][j][3] = exp2f(fmaf(s[mt][j][3], scale_log2, neg1));
+                    s[mt][j][0] = fast_exp2(fmaf(s[mt][j][0], scale_log2, neg0));
+                    s[mt][j][1] = fast_exp2(fmaf(s[mt][j][1], scale_log2, neg0));
+                    s[mt][j][2] = fast_exp2(fmaf(s[mt][j][2], scale_log2, neg1));
+                    s[mt][j][3] = fast_exp2(fmaf(s[mt][j][3], scale_log2, neg1));
                     row_sum[mt][0] += s[mt][j][0] + s[mt][j][1];
                     row_sum[mt][1] += s[mt][j][2] + s[mt][j][3];
                 }
