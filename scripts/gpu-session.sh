@@ -49,8 +49,13 @@ if [ "$(left)" -gt 60 ]; then
   TORCH_ARGS="--iters 3 --warmup 1" WHEELS=$carry/wheels OUT=$out/vs-torch timeout $(( $(left) < 200 ? $(left) : 200 )) bash $carry/run-bench.nostubs.sh /tmp/headshot \
     bench gpu --device cuda --attention fused --iters 3 --warmup 1 | tee -a "$out/session.txt"
 fi
-# 4. Variants: FP8 (per tensor, then per row), the other flash kernels in whole steps, 768x1024, plain GEMMs, plain
-#    attention, candle's stock module (in that order; what no longer fits is skipped).
+# 4. Variants (what no longer fits is skipped): every opt-in path of this session together,
+#    FP8 and bf16 (the figures against step 3's diffusers step); then each alone: FP8 per
+#    tensor and per row, GEMM tuning, the lazy attention kernel, the split linear2; the
+#    decoder paths; --check with tuning; the older variants (other flash kernels, 768x1024,
+#    plain GEMMs, plain attention, candle's stock module).
+HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wide32_lazy run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
+HEADSHOT_FLASH_KERNEL=wide32_lazy HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 run 60 bench gpu --device cuda --attention fused --fp8 --iters 3 --warmup 1 --skip-vae
 # FP8 with per-row scales (model.fp8_scale = "row"): one pass over the activations, joined
 # inputs read in place. Falls back to per-tensor (logged "keeping per-tensor scales") where
