@@ -423,7 +423,8 @@ __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
             const bool partial = kb + k0 + STEP > tokens;
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt) {
-                float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+                // Row r of this thread's pair (g, g + 8) holds s[mt][j][2r] and s[mt][j][2r+1].
+                float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
                 for (int j = 0; j < GROUPS; ++j) {
 #pragma unroll
@@ -432,49 +433,40 @@ __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
                             s[mt][j][e] = -INFINITY;
                             s[mt][j][2 + e] = -INFINITY;
                         }
-                        tile_max0 = fmaxf(tile_max0, s[mt][j][e]);
-                        tile_max1 = fmaxf(tile_max1, s[mt][j][2 + e]);
+                        tile_max[0] = fmaxf(tile_max[0], s[mt][j][e]);
+                        tile_max[1] = fmaxf(tile_max[1], s[mt][j][2 + e]);
                     }
                 }
+                float neg[2];
 #pragma unroll
-                for (int off = 1; off <= 2; off <<= 1) {
-                    tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, off));
-                    tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, off));
-                }
-                // scale_log2 > 0, so the scaled maximum is the maximum of the scaled scores.
-                tile_max0 *= scale_log2;
-                tile_max1 *= scale_log2;
-                // The four lanes of a row agree on its maximum, so they branch alike.
-                if (tile_max0 > row_max[mt][0] + LAZY_SLACK) {
-                    const float corr = fast_exp2(row_max[mt][0] - tile_max0);
-                    row_max[mt][0] = tile_max0;
-                    row_sum[mt][0] *= corr;
+                for (int r = 0; r < 2; ++r) {
 #pragma unroll
-                    for (int n = 0; n < 16; ++n) {
-                        acc[mt][n][0] *= corr;
-                        acc[mt][n][1] *= corr;
+                    for (int off = 1; off <= 2; off <<= 1) {
+                        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], off));
                     }
-                }
-                if (tile_max1 > row_max[mt][1] + LAZY_SLACK) {
-                    const float corr = fast_exp2(row_max[mt][1] - tile_max1);
-                    row_max[mt][1] = tile_max1;
-                    row_sum[mt][1] *= corr;
+                    // scale_log2 > 0, so the scaled maximum is the maximum of the scaled scores.
+                    tile_max[r] *= scale_log2;
+                    // The four lanes of a row agree on its maximum, so they branch alike.
+                    if (tile_max[r] > row_max[mt][r] + LAZY_SLACK) {
+                        const float corr = fast_exp2(row_max[mt][r] - tile_max[r]);
+                        row_max[mt][r] = tile_max[r];
+                        row_sum[mt][r] *= corr;
 #pragma unroll
-                    for (int n = 0; n < 16; ++n) {
-                        acc[mt][n][2] *= corr;
-                        acc[mt][n][3] *= corr;
+                        for (int n = 0; n < 16; ++n) {
+                            acc[mt][n][2 * r] *= corr;
+                            acc[mt][n][2 * r + 1] *= corr;
+                        }
                     }
+                    // A row that has seen no key yet (only fully masked steps) keeps -inf: its
+                    // exponentials must come out 0, not exp2(-inf + inf).
+                    neg[r] = row_max[mt][r] == -INFINITY ? 0.f : -row_max[mt][r];
                 }
-                // A row that has seen no key yet (only fully masked steps) keeps -inf: its
-                // exponentials must come out 0, not exp2(-inf + inf).
-                const float neg0 = row_max[mt][0] == -INFINITY ? 0.f : -row_max[mt][0];
-                const float neg1 = row_max[mt][1] == -INFINITY ? 0.f : -row_max[mt][1];
 #pragma unroll
                 for (int j = 0; j < GROUPS; ++j) {
-                    s[mt][j][0] = fast_exp2(fmaf(s[mt][j][0], scale_log2, neg0));
-                    s[mt][j][1] = fast_exp2(fmaf(s[mt][j][1], scale_log2, neg0));
-                    s[mt][j][2] = fast_exp2(fmaf(s[mt][j][2], scale_log2, neg1));
-                    s[mt][j][3] = fast_exp2(fmaf(s[mt][j][3], scale_log2, neg1));
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        s[mt][j][c] = fast_exp2(fmaf(s[mt][j][c], scale_log2, neg[c >> 1]));
+                    }
                     row_sum[mt][0] += s[mt][j][0] + s[mt][j][1];
                     row_sum[mt][1] += s[mt][j][2] + s[mt][j][3];
                 }

@@ -10,7 +10,7 @@ use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
-use super::fp8_rows_cuda::{QuantizedRows, packed_len, scales_offset};
+use super::fp8_rows_cuda::{QuantizedRows, write_packed};
 
 /// PTX of `adaln.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adaln.ptx"));
@@ -232,19 +232,9 @@ impl CustomOp3 for NormModulateRows {
         if shift_batch != vec_batch {
             candle_core::bail!("adaLN wants scale and shift rows laid out alike");
         }
-        let total_rows = batch * rows;
-        // SAFETY: the kernel writes every value byte and every row's scale; the padding
-        // between them is never read.
-        let mut packed = unsafe { dev.alloc::<u8>(packed_len(total_rows, hidden)) }?;
-        {
-            let (mut values, mut tail) = packed.split_at_mut(scales_offset(total_rows, hidden));
-            // SAFETY: the tail holds 4 bytes per row from a 256-byte aligned offset.
-            let mut row_scales =
-                unsafe { tail.transmute_mut::<f32>(total_rows) }.ok_or_else(|| {
-                    candle_core::Error::Msg("FP8 adaLN: scale buffer too small".into())
-                })?;
-            let func =
-                dev.get_or_load_custom_func("headshot_norm_modulate_e4m3", "headshot_adaln", PTX)?;
+        let func =
+            dev.get_or_load_custom_func("headshot_norm_modulate_e4m3", "headshot_adaln", PTX)?;
+        write_packed(dev, batch * rows, hidden, |values, row_scales| {
             let cfg = LaunchConfig {
                 grid_dim: (rows as u32, batch as u32, 1),
                 block_dim: (THREADS as u32, 1, 1),
@@ -256,21 +246,16 @@ impl CustomOp3 for NormModulateRows {
             builder.arg(&scale);
             builder.arg(&shift);
             builder.arg(&vec_batch);
-            builder.arg(&mut values);
-            builder.arg(&mut row_scales);
+            builder.arg(values);
+            builder.arg(row_scales);
             builder.arg(&rows_i);
             builder.arg(&hidden_i);
             builder.arg(&EPS);
             // SAFETY: one block per row reads that row of x and the batch's modulation rows,
             // all inside the views above, and writes that row's hidden bytes and its scale.
             unsafe { builder.launch(cfg) }.w()?;
-        }
-        let len = packed.len();
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::U8(packed),
-            device: dev.clone(),
-        };
-        Ok((storage, Shape::from(len)))
+            Ok(())
+        })
     }
 }
 

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, DeviceRepr};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
@@ -33,13 +33,42 @@ pub struct QuantizedRows {
 }
 
 /// Byte offset of the scales in a packed buffer (256-byte aligned, as cuBLASLt prefers).
-pub(super) fn scales_offset(rows: usize, width: usize) -> usize {
+fn scales_offset(rows: usize, width: usize) -> usize {
     (rows * width).next_multiple_of(256)
 }
 
 /// Bytes of a packed buffer.
-pub(super) fn packed_len(rows: usize, width: usize) -> usize {
+fn packed_len(rows: usize, width: usize) -> usize {
     scales_offset(rows, width) + 4 * rows
+}
+
+/// A packed buffer for `rows` × `width` values written by `fill`, which gets the value bytes
+/// and the row scales as two views (and must write all of both before the kernel it enqueues
+/// reads nothing else of the buffer), and the candle storage and shape that hold it.
+pub(super) fn write_packed(
+    dev: &CudaDevice,
+    rows: usize,
+    width: usize,
+    fill: impl FnOnce(&mut CudaViewMut<'_, u8>, &mut CudaViewMut<'_, f32>) -> Result<()>,
+) -> Result<(CudaStorage, Shape)> {
+    // SAFETY: `fill`'s kernel writes every value byte and every scale; the padding between
+    // them is never read.
+    let mut packed = unsafe { dev.alloc::<u8>(packed_len(rows, width)) }?;
+    {
+        // The views borrow `packed` until the kernel is enqueued.
+        let (mut values, mut tail) = packed.split_at_mut(scales_offset(rows, width));
+        // SAFETY: the tail holds 4·rows bytes from a 256-byte aligned offset: rows f32.
+        let mut scales = unsafe { tail.transmute_mut::<f32>(rows) }.ok_or_else(|| {
+            candle_core::Error::Msg("packed FP8 rows: scale buffer too small".into())
+        })?;
+        fill(&mut values, &mut scales)?;
+    }
+    let len = packed.len();
+    let storage = CudaStorage {
+        slice: CudaStorageSlice::U8(packed),
+        device: dev.clone(),
+    };
+    Ok((storage, Shape::from(len)))
 }
 
 /// Whether [`QuantizedRows::quantize`] takes `parts`: one or two bf16 CUDA tensors with the
@@ -165,13 +194,13 @@ struct QuantizeRows {
 
 impl QuantizeRows {
     /// Launches the kernel on `a` (rows × a_width) and `b` (rows × b_width, unread when
-    /// b_width is 0) and returns the packed buffer.
+    /// b_width is 0) into a packed buffer.
     fn launch<T: DeviceRepr>(
         &self,
         dev: &CudaDevice,
         a: &CudaView<'_, T>,
         b: &CudaView<'_, T>,
-    ) -> Result<CudaSlice<u8>> {
+    ) -> Result<(CudaStorage, Shape)> {
         use candle_core::cuda_backend::WrapErr;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         let (rows, width) = (self.rows, self.a_width + self.b_width);
@@ -185,30 +214,17 @@ impl QuantizeRows {
         };
         let (a_width, b_width, rows32) =
             (narrow(self.a_width)?, narrow(self.b_width)?, narrow(rows)?);
-        let offset = scales_offset(rows, width);
-        // SAFETY: the kernel writes every value byte and every scale; the padding between
-        // them is never read.
-        let mut packed = unsafe { dev.alloc::<u8>(packed_len(rows, width)) }?;
-        // The views borrow `packed` until the kernel is enqueued.
-        {
-            let (mut values, mut tail) = packed.split_at_mut(offset);
-            // SAFETY: the tail holds 4·rows bytes from a 256-byte aligned offset: rows f32.
-            let mut scales = unsafe { tail.transmute_mut::<f32>(rows) }.ok_or_else(|| {
-                candle_core::Error::Msg("per-row FP8 quantization: scale buffer too small".into())
-            })?;
-            let f = dev.get_or_load_custom_func(
-                "headshot_quantize_rows_e4m3",
-                "headshot_fp8",
-                FP8_PTX,
-            )?;
+        let f =
+            dev.get_or_load_custom_func("headshot_quantize_rows_e4m3", "headshot_fp8", FP8_PTX)?;
+        write_packed(dev, rows, width, |values, scales| {
             let mut builder = f.builder();
             builder.arg(a);
             builder.arg(&a_width);
             builder.arg(b);
             builder.arg(&b_width);
             builder.arg(&rows32);
-            builder.arg(&mut values);
-            builder.arg(&mut scales);
+            builder.arg(values);
+            builder.arg(scales);
             let cfg = LaunchConfig {
                 grid_dim: (rows32.clamp(1, 1 << 16), 1, 1),
                 block_dim: (256, 1, 1),
@@ -217,17 +233,8 @@ impl QuantizeRows {
             // SAFETY: reads rows·a_width and rows·b_width bf16 (lengths checked above, both
             // 16-byte aligned by `supports`), writes rows·width bytes and rows f32, sized so.
             unsafe { builder.launch(cfg) }.w()?;
-        }
-        Ok(packed)
-    }
-
-    fn output(&self, dev: &CudaDevice, packed: CudaSlice<u8>) -> (CudaStorage, Shape) {
-        let len = packed.len();
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::U8(packed),
-            device: dev.clone(),
-        };
-        (storage, Shape::from(len))
+            Ok(())
+        })
     }
 }
 
@@ -243,8 +250,7 @@ impl CustomOp1 for QuantizeRows {
             candle_core::bail!("per-row FP8 quantization takes bf16");
         };
         let a = contiguous_view(a, l, 8, "per-row FP8 input")?;
-        let packed = self.launch(s.device(), &a, &a)?;
-        Ok(self.output(s.device(), packed))
+        self.launch(s.device(), &a, &a)
     }
 }
 
@@ -267,8 +273,7 @@ impl CustomOp2 for QuantizeRows {
         };
         let a = contiguous_view(a, l1, 8, "per-row FP8 input (first part)")?;
         let b = contiguous_view(b, l2, 8, "per-row FP8 input (second part)")?;
-        let packed = self.launch(s1.device(), &a, &b)?;
-        Ok(self.output(s1.device(), packed))
+        self.launch(s1.device(), &a, &b)
     }
 }
 

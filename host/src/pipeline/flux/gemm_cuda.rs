@@ -113,6 +113,30 @@ fn projection_shape(xl: &Layout, n: usize) -> Shape {
     Shape::from(dims)
 }
 
+/// cudarc's config for row-major `y (m×n) = x (m×k) · wᵀ (+ beta · y)` with w's rows `lda`
+/// apart: column-major yᵀ (n×m) = w (n×k, stored as column-major k×n, so transposed) · xᵀ
+/// (column-major k×m), the "TN" layout.
+fn tn_config((m, n, k): (usize, usize, usize), lda: usize, beta: f32) -> MatmulConfig {
+    MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: lda as i64,
+        ldb: k as i64,
+        beta,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    }
+}
+
 struct LtLinear {
     act: Activation,
 }
@@ -148,26 +172,7 @@ impl CustomOp3 for LtLinear {
         let dev = xs.device();
         // The GEMM writes all m·n elements (beta is 0, so nothing is read first).
         let mut y = alloc_like(dev, b_all, m * n)?;
-        // Row-major y (m×n) = x (m×k) · wᵀ is column-major yᵀ (n×m) = w (n×k, stored as
-        // column-major k×n, so transposed) · xᵀ (column-major k×m): the "TN" layout.
-        let cfg = MatmulConfig {
-            transa: true,
-            transb: false,
-            transc: false,
-            m: n as u64,
-            n: m as u64,
-            k: k as u64,
-            alpha: 1.0,
-            lda: k as i64,
-            ldb: k as i64,
-            beta: 0.0,
-            ldc: n as i64,
-            stride_a: None,
-            stride_b: None,
-            stride_c: None,
-            stride_bias: None,
-            batch_size: None,
-        };
+        let cfg = tn_config((m, n, k), k, 0.0);
         let act = match self.act {
             Activation::Identity => None,
             Activation::GeluTanh => Some(LtActivation::Gelu),
@@ -271,24 +276,7 @@ impl CustomOp3 for LtLinearParts {
         );
         let dev = s0.device();
         let mut y = alloc_like(dev, b_all, m * n)?;
-        let cfg = |ki: usize, beta: f32| MatmulConfig {
-            transa: true,
-            transb: false,
-            transc: false,
-            m: n as u64,
-            n: m as u64,
-            k: ki as u64,
-            alpha: 1.0,
-            lda: k as i64,
-            ldb: ki as i64,
-            beta,
-            ldc: n as i64,
-            stride_a: None,
-            stride_b: None,
-            stride_c: None,
-            stride_bias: None,
-            batch_size: None,
-        };
+        let cfg = |ki: usize, beta: f32| tn_config((m, n, ki), k, beta);
         let act = match self.act {
             Activation::Identity => None,
             Activation::GeluTanh => Some(LtActivation::Gelu),
