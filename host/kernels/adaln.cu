@@ -19,10 +19,15 @@
 // Pairs of values per thread: rows up to 2 · 8 · 256 = 4096 wide.
 #define ADALN_PAIRS 8
 
-__device__ __forceinline__ float block_sum(float v, float *scratch) {
+// Sum (or, with MAX, maximum: of non-negative values) of v over the block, in every thread.
+template <bool MAX> __device__ __forceinline__ float combine(float a, float b) {
+    return MAX ? fmaxf(a, b) : a + b;
+}
+
+template <bool MAX> __device__ __forceinline__ float block_reduce(float v, float *scratch) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, off);
+        v = combine<MAX>(v, __shfl_xor_sync(0xffffffffu, v, off));
     }
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
@@ -34,29 +39,17 @@ __device__ __forceinline__ float block_sum(float v, float *scratch) {
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < ADALN_THREADS / 32; ++w) {
-        total += scratch[w];
+        total = combine<MAX>(total, scratch[w]);
     }
     return total;
 }
 
+__device__ __forceinline__ float block_sum(float v, float *scratch) {
+    return block_reduce<false>(v, scratch);
+}
+
 __device__ __forceinline__ float block_max(float v, float *scratch) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-    }
-    const int warp = threadIdx.x >> 5;
-    const int lane = threadIdx.x & 31;
-    __syncthreads(); // scratch may still be read from the previous reduction
-    if (lane == 0) {
-        scratch[warp] = v;
-    }
-    __syncthreads();
-    float m = 0.f;
-#pragma unroll
-    for (int w = 0; w < ADALN_THREADS / 32; ++w) {
-        m = fmaxf(m, scratch[w]);
-    }
-    return m;
+    return block_reduce<true>(v, scratch);
 }
 
 // LayerNorm(x) · (1 + scale) + shift of the block's row (blockIdx.x of batch blockIdx.y),
