@@ -77,6 +77,7 @@ HEADSHOT_GEMM_TUNE=on run 90 bench gpu --device cuda --check --attention fused
 if [ -n "${SHORT:-}" ]; then
   run 30 bench gpu --device cuda --ops --iters 5 --warmup 1 --skip-vae
   echo "done at t=$((SECONDS - start))s" | tee -a "$out/session.txt"
+  "$py" scripts/gpu-summary.py "$out" | tee "$out/summary.txt"
   exit 0
 fi
 HEADSHOT_FLASH_KERNEL=pipe4 run 45 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
@@ -85,3 +86,5 @@ run 45 bench gpu --device cuda --attention fused --gemm plain --iters 3 --warmup
 run 45 bench gpu --device cuda --attention plain --iters 3 --warmup 1 --skip-vae
 run 45 bench gpu --device cuda --model stock --iters 3 --warmup 1 --skip-vae
 echo "done at t=$((SECONDS - start))s" | tee -a "$out/session.txt"
+# Last, so it ends the call's output: ratios to diffusers, failed checks, fallbacks.
+"$py" scripts/gpu-summary.py "$out" | tee "$out/summary.txt"

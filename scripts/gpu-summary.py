@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Summary of one scripts/gpu-session.sh run: every run's step and decode time as a ratio to
+the diffusers twin measured in the same call, the checks that failed, and the log lines that
+decide whether an opt-in path really ran (per-row FP8 fallback, GEMM tuning).
+
+    python3 scripts/gpu-summary.py OUT_DIR      (OUT_DIR holds session.txt and vs-torch/)
+
+Standard library only: the device machine has Python but nothing from this repo's toolchain.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+RESULT = re.compile(r"RESULT (\w+): median ([0-9.]+) ms")
+CHECK = re.compile(r"CHECK (\S+): max relative error (\S+)(.*)\(bound (\S+)\) (ok|FAIL)")
+
+
+def medians(lines):
+    """{name: median ms} of the RESULT lines."""
+    out = {}
+    for line in lines:
+        m = RESULT.search(line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def runs(session):
+    """[(header, lines)] for each "== ..." section of session.txt."""
+    sections, header, lines = [], None, []
+    for line in session.splitlines():
+        if line.startswith("== "):
+            if header is not None:
+                sections.append((header, lines))
+            header, lines = line[3:], []
+        elif header is not None:
+            lines.append(line)
+    if header is not None:
+        sections.append((header, lines))
+    return sections
+
+
+def log_message(line):
+    """The message of a JSON tracing line, with its fields, or the line itself."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line.strip()
+    fields = record.get("fields", {})
+    message = fields.pop("message", "")
+    rest = ", ".join(f"{k}={v}" for k, v in fields.items())
+    return f"{message} ({rest})" if rest else message
+
+
+def main(out_dir):
+    out = Path(out_dir)
+    session = (out / "session.txt").read_text(errors="replace")
+    torch_file = out / "vs-torch" / "torch.txt"
+    torch = medians(torch_file.read_text(errors="replace").splitlines()) if torch_file.exists() else {}
+    base_step, base_decode = torch.get("one_step"), torch.get("vae_decode")
+    print(f"diffusers (same call): one_step {base_step} ms, vae_decode {base_decode} ms")
+    ours_file = out / "vs-torch" / "ours.txt"
+    sections = runs(session)
+    if ours_file.exists():
+        sections.insert(0, ("ours vs diffusers (default paths)", ours_file.read_text(errors="replace").splitlines()))
+    print(f"{'run (switches beyond --device cuda --attention fused)':<100} {'one_step':>9} {'ratio':>6} {'decode':>9} {'ratio':>6}")
+    failed = []
+    for header, lines in sections:
+        header = re.sub(r" \(t=\d+s\)$", "", header)
+        # What every run shares says nothing: keep the switches that differ.
+        for common in ("bench gpu ", "--device cuda ", "--attention fused "):
+            header = header.replace(common, "")
+        header = re.sub(r"--(iters|warmup) \d+\s*", "", header).strip()
+        if header == "vs torch":
+            continue  # both sides' lines, tee'd; read from vs-torch/ above
+        # Ratios only at the diffusers twin's size (1024x1024).
+        same_size = "--width" not in header and "--height" not in header
+        m = medians(lines)
+        step, decode = m.get("one_step"), m.get("vae_decode")
+        ratio = lambda x, b: f"{x / b:.3f}" if x and b and same_size else "-"
+        if step or decode:
+            print(
+                f"{header[:100]:<100} {step or '-':>9} {ratio(step, base_step):>6} "
+                f"{decode or '-':>9} {ratio(decode, base_decode):>6}"
+            )
+            if "vae_decode_candle" in m:
+                print(f"{'':<100} {'':>9} {'':>6} {m['vae_decode_candle']:>9} (candle AutoEncoder)")
+        for line in lines:
+            c = CHECK.search(line)
+            if c and c.group(5) == "FAIL":
+                failed.append(f"{header}: {c.group(1)} {c.group(2)}{c.group(3)}(bound {c.group(4)})")
+            if "CHECK stopped" in line or "panicked" in line:
+                failed.append(f"{header}: {line.strip()}")
+    fell_back = sorted({c.group(1) for c in CHECK.finditer(session) if "fell_back_to_tensor" in c.group(1)})
+    print("checks failed:" if failed else "checks failed: none")
+    for f in failed:
+        print("  " + f)
+    if fell_back:
+        print("per-row FP8 fell back to per-tensor scales: " + ", ".join(fell_back))
+    notes = [
+        log_message(line)
+        for line in session.splitlines()
+        if "GEMM tuned" in line or "per-row FP8" in line or "keeping per-tensor" in line
+    ]
+    for note in dict.fromkeys(notes):
+        print("log: " + note)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "gpu-out")
