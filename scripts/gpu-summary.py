@@ -48,7 +48,9 @@ def log_message(line):
         record = json.loads(line)
     except ValueError:
         return line.strip()
-    fields = record.get("fields", {})
+    fields = record.get("fields") if isinstance(record, dict) else None
+    if not isinstance(fields, dict):
+        return line.strip()
     message = fields.pop("message", "")
     rest = ", ".join(f"{k}={v}" for k, v in fields.items())
     return f"{message} ({rest})" if rest else message
@@ -56,6 +58,9 @@ def log_message(line):
 
 def main(out_dir):
     out = Path(out_dir)
+    if not (out / "session.txt").exists():
+        print(f"no {out / 'session.txt'}: the session wrote nothing")
+        return
     session = (out / "session.txt").read_text(errors="replace")
     torch_file = out / "vs-torch" / "torch.txt"
     torch = medians(torch_file.read_text(errors="replace").splitlines()) if torch_file.exists() else {}
@@ -70,9 +75,8 @@ def main(out_dir):
     for header, lines in sections:
         header = re.sub(r" \(t=\d+s\)$", "", header)
         # What every run shares says nothing: keep the switches that differ.
-        for common in ("bench gpu ", "--device cuda ", "--attention fused "):
-            header = header.replace(common, "")
-        header = re.sub(r"--(iters|warmup) \d+\s*", "", header).strip()
+        header = re.sub(r"bench gpu |--device cuda\b\s*|--attention fused\b\s*", "", header)
+        header = re.sub(r"--(iters|warmup) \d+\s*", "", header).strip() or "(defaults)"
         if header == "vs torch":
             continue  # both sides' lines, tee'd; read from vs-torch/ above
         # Ratios only at the diffusers twin's size (1024x1024).
@@ -93,8 +97,16 @@ def main(out_dir):
                 failed.append(f"{header}: {c.group(1)} {c.group(2)}{c.group(3)}(bound {c.group(4)})")
             if "CHECK stopped" in line or "panicked" in line:
                 failed.append(f"{header}: {line.strip()}")
+        # A run that failed or ran out of time has no table row: say so.
+        exits = [l.split()[1] for l in lines if l.startswith("exit ") and len(l.split()) > 1]
+        if exits and exits[-1] != "0":
+            code = exits[-1]
+            why = " (timed out)" if code in ("124", "137") else ""
+            failed.append(f"{header}: exit {code}{why}")
+        if "--check" in header and not any(l.startswith("RESULT check:") for l in lines):
+            failed.append(f"{header}: no 'RESULT check' line (cut short)")
     fell_back = sorted({c.group(1) for c in CHECK.finditer(session) if "fell_back_to_tensor" in c.group(1)})
-    print("checks failed:" if failed else "checks failed: none")
+    print("failed (checks, runs):" if failed else "failed (checks, runs): none")
     for f in failed:
         print("  " + f)
     if fell_back:

@@ -178,7 +178,7 @@ pub(super) fn run(
     }
     // bf16: one GEMM per part, the second accumulating (HEADSHOT_SPLIT_GEMM=on in the model).
     #[cfg(feature = "cuda")]
-    if crate::pipeline::flux::gemm_cuda::supports_parts(&attn_out, &wide, &w2) {
+    if crate::pipeline::flux::gemm_cuda::supports_parts(&attn_out, &wide, &w2, &b2) {
         time(out, "single_linear2_parts", Work::Flop(flop), &|| {
             crate::pipeline::flux::gemm_cuda::linear_parts(
                 &attn_out,

@@ -308,14 +308,15 @@ pub fn split_gemm() -> bool {
     *ON.get_or_init(|| super::cuda_util::opt_in("HEADSHOT_SPLIT_GEMM", "on"))
 }
 
-/// Whether [`linear_parts`] takes `x0` and `x1` for weight `w`: bf16 CUDA tensors, 256-byte
-/// aligned, with equal leading dimensions, and a first part as wide as a multiple of 128
+/// Whether [`linear_parts`] takes `x0` and `x1` for weight `w` and bias `b`: bf16 CUDA
+/// tensors, all 256-byte aligned, with equal leading dimensions, and a first part as wide as a multiple of 128
 /// (where the weight's second column block starts aligned).
-pub fn supports_parts(x0: &Tensor, x1: &Tensor, w: &Tensor) -> bool {
+pub fn supports_parts(x0: &Tensor, x1: &Tensor, w: &Tensor, b: &Tensor) -> bool {
     let lead = |t: &Tensor| t.dims().split_last().map(|(_, l)| l.to_vec());
     supports(x0)
         && supports(x1)
         && aligned(w)
+        && aligned(b)
         && lead(x0).is_some()
         && lead(x0) == lead(x1)
         && x0

@@ -339,10 +339,10 @@ impl Dense {
             return Ok(ProjectionInput::Values(joined));
         }
         #[cfg(feature = "cuda")]
-        if let (Weight::Full(w), [x0, x1], GemmKernel::Auto, Some(_)) =
+        if let (Weight::Full(w), [x0, x1], GemmKernel::Auto, Some(b)) =
             (&self.weight, parts, self.gemm, &self.bias)
             && super::gemm_cuda::split_gemm()
-            && super::gemm_cuda::supports_parts(x0, x1, w)
+            && super::gemm_cuda::supports_parts(x0, x1, w, b)
         {
             return Ok(ProjectionInput::Parts((*x0).clone(), (*x1).clone()));
         }
@@ -372,7 +372,7 @@ impl Dense {
             },
             #[cfg(feature = "cuda")]
             ProjectionInput::Parts(x0, x1) => match (&self.weight, &self.bias) {
-                (Weight::Full(w), Some(b)) if super::gemm_cuda::supports_parts(x0, x1, w) => {
+                (Weight::Full(w), Some(b)) if super::gemm_cuda::supports_parts(x0, x1, w, b) => {
                     super::gemm_cuda::linear_parts(x0, x1, w, b, act)
                 }
                 _ => self.forward_values(&Tensor::cat(&[x0, x1], D::Minus1)?, act),
