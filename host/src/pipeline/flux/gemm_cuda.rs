@@ -552,9 +552,13 @@ pub(super) enum Fp8Scales {
 /// Device addresses of one FP8 projection's buffers: `(values, scales)` of the e4m3 weight
 /// (n×k) and activations (m×k), the bf16 bias (n) and the bf16 output (m×n).
 pub(super) struct Fp8Operands {
+    /// The weight's e4m3 values (n×k) and its scale(s).
     pub weight: (u64, u64),
+    /// The activations' e4m3 values (m×k) and their scale(s).
     pub input: (u64, u64),
+    /// The bias, n bf16.
     pub bias: u64,
+    /// The output, m×n bf16.
     pub out: u64,
 }
 
