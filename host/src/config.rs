@@ -531,6 +531,13 @@ impl Config {
         if m.load_attempts == 0 {
             return Err(invalid("model.load_attempts", "must be at least 1".into()));
         }
+        // A scaling for FP8 weights that are not FP8 would be silently ignored: say so.
+        if !m.fp8 && m.fp8_scale != crate::pipeline::flux::layers::Fp8Scale::Tensor {
+            return Err(invalid(
+                "model.fp8_scale",
+                "\"row\" scales FP8 weights: set model.fp8 = true, or leave fp8_scale out".into(),
+            ));
+        }
         // FP8 weights on a GPU run only in the FP8 GEMM (bf16 activations, `gemm = "auto"`).
         // With the device named, say so now rather than after reading the checkpoint.
         if m.fp8 && matches!(m.device, crate::pipeline::device::DeviceSpec::Cuda(_)) {
@@ -988,6 +995,7 @@ mod tests {
                 "[model]\ndevice = \"cuda:0\"\nfp8 = true\ndtype = \"f32\"\n",
                 "model.dtype",
             ),
+            ("[model]\nfp8_scale = \"row\"\n", "model.fp8_scale"),
         ] {
             let e = Config::from_layers(Some((toml, "f.toml")), env(&[]))
                 .unwrap_err()
