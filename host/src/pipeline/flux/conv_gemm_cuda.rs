@@ -14,7 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKer
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
+use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 
 /// PTX of `conv_gemm.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_gemm.ptx"));
@@ -208,11 +208,12 @@ impl CustomOp3 for ConvGemm {
             // SAFETY: reads cout·h·wp f32 and cout bias values, writes this image's cout·h·w.
             unsafe { builder.launch(grid(h * w, cout)) }.w()?;
         }
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::BF16(y),
-            device: dev.clone(),
-        };
-        Ok((storage, Shape::from((batch, cout, h, w))))
+        Ok(output(
+            dev,
+            CudaStorageSlice::BF16,
+            y,
+            Shape::from((batch, cout, h, w)),
+        ))
     }
 }
 

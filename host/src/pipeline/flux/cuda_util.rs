@@ -1,9 +1,9 @@
 //! What every CUDA custom op of the model needs: fresh output buffers, contiguous aligned
 //! views of its inputs, and a clear error when candle offers it CPU tensors.
 
-use candle_core::cuda_backend::CudaDevice;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
-use candle_core::{Layout, Result};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::{Layout, Result, Shape};
 
 /// A fresh device buffer of `len` elements of the same type as `_like` (naming the element
 /// type is not possible from outside candle for bf16 and e4m3).
@@ -14,6 +14,22 @@ pub fn alloc_like<T: DeviceRepr>(
 ) -> Result<CudaSlice<T>> {
     // SAFETY: every caller's kernel writes all `len` elements before the tensor is read.
     unsafe { dev.alloc::<T>(len) }
+}
+
+/// A custom op's result: `slice` on `dev`, wrapped as its candle variant (`variant` is e.g.
+/// `CudaStorageSlice::BF16`, whose element type cannot be named from outside candle), with
+/// `shape`.
+pub fn output<T>(
+    dev: &CudaDevice,
+    variant: fn(CudaSlice<T>) -> CudaStorageSlice,
+    slice: CudaSlice<T>,
+    shape: impl Into<Shape>,
+) -> (CudaStorage, Shape) {
+    let storage = CudaStorage {
+        slice: variant(slice),
+        device: dev.clone(),
+    };
+    (storage, shape.into())
 }
 
 /// The contiguous part of `x` that `l` describes, starting at a multiple of `align`

@@ -11,7 +11,7 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
+use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 
 /// PTX of `flash_attn.cu` for the compute capability the build targeted.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
@@ -184,11 +184,12 @@ impl CustomOp3 for FlashAttentionCuda {
         // SAFETY: the kernel reads b·n·h·d elements of q, k, v and writes as many to `out`,
         // all sized so above; launch parameters match its declaration.
         unsafe { builder.launch(cfg) }.w()?;
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::BF16(out),
-            device: dev.clone(),
-        };
-        Ok((storage, Shape::from((b, n, h, d))))
+        Ok(output(
+            dev,
+            CudaStorageSlice::BF16,
+            out,
+            Shape::from((b, n, h, d)),
+        ))
     }
 }
 

@@ -16,7 +16,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, DeviceRep
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
-use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
+use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 use super::gemm_cuda::{FP8_PTX, Fp8Operands, Fp8Scales, fp8_gemm};
 use super::layers::Activation;
 
@@ -64,11 +64,7 @@ pub(super) fn write_packed(
         fill(&mut values, &mut scales)?;
     }
     let len = packed.len();
-    let storage = CudaStorage {
-        slice: CudaStorageSlice::U8(packed),
-        device: dev.clone(),
-    };
-    Ok((storage, Shape::from(len)))
+    Ok(output(dev, CudaStorageSlice::U8, packed, Shape::from(len)))
 }
 
 /// Whether [`QuantizedRows::quantize`] takes `parts`: one or two bf16 CUDA tensors with the
@@ -172,11 +168,6 @@ impl QuantizedRows {
             .packed
             .narrow(0, scales_offset(self.rows, self.width), 4 * self.rows)?;
         Tensor::cat(&[&values, &scales], 0)
-    }
-
-    /// Values per row.
-    pub fn width(&self) -> usize {
-        self.width
     }
 
     /// Bytes held on the device: one per value and four per row.
@@ -350,11 +341,12 @@ impl CustomOp3 for RowScaledLinear {
             )?;
         }
         drop((_x_guard, _w_guard, _b_guard, _y_guard));
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::BF16(y),
-            device: dev.clone(),
-        };
-        Ok((storage, self.out_shape.clone()))
+        Ok(output(
+            dev,
+            CudaStorageSlice::BF16,
+            y,
+            self.out_shape.clone(),
+        ))
     }
 }
 

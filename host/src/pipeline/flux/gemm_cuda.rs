@@ -15,7 +15,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr}
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
 use candle_core::{CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
+use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 use super::gemm_algo_cuda::{self, TuneKey};
 use super::layers::{Activation, E4M3_MAX};
 
@@ -182,11 +182,12 @@ impl CustomOp3 for LtLinear {
         // elements, one per row of the column-major result.
         unsafe { blas.matmul(cfg, &w, &x, &mut y, Some(&b), act.as_ref()) }
             .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt projection: {e:?}")))?;
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::BF16(y),
-            device: dev.clone(),
-        };
-        Ok((storage, projection_shape(xl, n)))
+        Ok(output(
+            dev,
+            CudaStorageSlice::BF16,
+            y,
+            projection_shape(xl, n),
+        ))
     }
 }
 
@@ -293,11 +294,12 @@ impl CustomOp3 for LtLinearParts {
             blas.matmul(cfg(k1, 1.0), &w_rest, &x1, &mut y, Some(&b), act.as_ref())
                 .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt projection: {e:?}")))?;
         }
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::BF16(y),
-            device: dev.clone(),
-        };
-        Ok((storage, projection_shape(l0, n)))
+        Ok(output(
+            dev,
+            CudaStorageSlice::BF16,
+            y,
+            projection_shape(l0, n),
+        ))
     }
 }
 
@@ -525,11 +527,12 @@ impl CustomOp3 for LtFp8Linear {
             )?;
         }
         drop((_w_guard, _x_guard, _b_guard, _ws_guard, _xs_guard, _y_guard));
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::BF16(y),
-            device: dev.clone(),
-        };
-        Ok((storage, projection_shape(xl, n)))
+        Ok(output(
+            dev,
+            CudaStorageSlice::BF16,
+            y,
+            projection_shape(xl, n),
+        ))
     }
 }
 
@@ -905,11 +908,7 @@ impl CustomOp1 for QuantizeWeight {
         let dev = s.device();
         let amax = dev.clone_htod(std::slice::from_ref(&self.amax))?;
         let (bits, _) = quantize(dev, &w, &amax.slice(0..1))?;
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::U8(bits),
-            device: dev.clone(),
-        };
-        Ok((storage, l.shape().clone()))
+        Ok(output(dev, CudaStorageSlice::U8, bits, l.shape().clone()))
     }
 }
 

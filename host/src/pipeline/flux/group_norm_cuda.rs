@@ -9,7 +9,7 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd};
+use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 
 /// PTX of `group_norm.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
@@ -156,11 +156,7 @@ impl CustomOp3 for GroupNorm {
         // group's `chunks` partials and weight/bias at channels below `channels`.
         unsafe { builder.launch(cfg) }.w()?;
 
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::BF16(y),
-            device: dev.clone(),
-        };
-        Ok((storage, l1.shape().clone()))
+        Ok(output(dev, CudaStorageSlice::BF16, y, l1.shape().clone()))
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::cuda_util::{alloc_like, cuda_only_cpu_fwd};
+use super::cuda_util::{alloc_like, cuda_only_cpu_fwd, output};
 use super::embed::RopeTable;
 
 /// PTX of `norm_rope.cu`.
@@ -162,11 +162,12 @@ impl NormRope {
             unsafe { builder.launch(cfg) }.w()?;
             offset += rows;
         }
-        let storage = CudaStorage {
-            slice: CudaStorageSlice::BF16(dst),
-            device: dev,
-        };
-        Ok((storage, Shape::from((batch, total, self.heads, HEAD_DIM))))
+        Ok(output(
+            &dev,
+            CudaStorageSlice::BF16,
+            dst,
+            Shape::from((batch, total, self.heads, HEAD_DIM)),
+        ))
     }
 }
 
