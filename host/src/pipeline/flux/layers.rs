@@ -289,9 +289,10 @@ impl Dense {
             Some(b) => b,
             None => Tensor::zeros(output, DType::BF16, weight.device())?,
         };
+        // Both GPU quantizers would turn NaN or infinity into NaN values or scales, silently
+        // (candle's max on CUDA skips NaN, so a range check cannot tell).
+        ensure_finite(&weight)?;
         let weight = if how.format == WeightFormat::Fp8Rows {
-            // The row kernel would turn an infinite weight into a NaN row, silently.
-            ensure_finite(&weight)?;
             Weight::Fp8GpuRows(fp8_rows_cuda::QuantizedRows::quantize(&[&weight])?)
         } else {
             let (bits, scale) = gemm_cuda::quantize_weight(&weight)?;
@@ -325,7 +326,7 @@ impl Dense {
     /// is taken as is).
     pub fn prepare(&self, parts: &[&Tensor]) -> Result<ProjectionInput> {
         #[cfg(feature = "cuda")]
-        if matches!(self.weight, Weight::Fp8GpuRows(_)) {
+        if self.takes_fp8_rows() {
             use super::fp8_rows_cuda::{QuantizedRows, supports};
             if supports(parts) {
                 return QuantizedRows::quantize(parts).map(ProjectionInput::Fp8Rows);
