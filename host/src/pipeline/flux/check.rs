@@ -337,12 +337,16 @@ pub fn run_into(
         &full,
         FP8_TOLERANCE,
     )?);
+    // Two parts of x, as the single block's linear2 gets attention output and MLP hidden.
     let split = cfg.hidden_size / 4;
-    let parts = [
-        &x.narrow(2, 0, split)?,
-        &x.narrow(2, split, cfg.hidden_size - split)?,
+    let x_parts = [
+        x.narrow(2, 0, split)?.contiguous()?,
+        x.narrow(2, split, cfg.hidden_size - split)?.contiguous()?,
     ];
-    let from_parts = rows_layer.apply(&rows_layer.prepare(&parts)?, Activation::Identity)?;
+    let from_parts = rows_layer.apply(
+        &rows_layer.prepare(&[&x_parts[0], &x_parts[1]])?,
+        Activation::Identity,
+    )?;
     out.push(compare(
         &rows_name("fp8_rows_joined_parts"),
         &from_parts,
@@ -380,11 +384,6 @@ pub fn run_into(
     // The same GEMMs fed a join's two parts unjoined (the single block's linear2): on CUDA in
     // bf16 one GEMM per part over its weight columns, the second accumulating, checked here
     // whether or not `HEADSHOT_SPLIT_GEMM` sends the model through it; elsewhere joined.
-    let split = cfg.hidden_size / 4;
-    let x_parts = [
-        x.narrow(2, 0, split)?.contiguous()?,
-        x.narrow(2, split, cfg.hidden_size - split)?.contiguous()?,
-    ];
     for (name, act) in [
         ("gemm_bias_parts", Activation::Identity),
         ("gemm_bias_gelu_parts", Activation::GeluTanh),
@@ -443,7 +442,6 @@ fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> 
         let reference = x
             .conv2d(&weight, size / 2, 1, 1, 1)?
             .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
-        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
         let fast = conv2d(&bf16(&x)?, &gemm_taps(&weight)?, &bf16(&bias)?)?;
         let name = format!("conv{size}x{size}_gemm_cuda_{batch}x{cin}x{h}x{w}_to_{cout}");
         out.push(compare(&name, &fast, &reference, tolerance)?);
@@ -463,7 +461,13 @@ fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> 
 /// `t` (f32) rounded to bf16 and back: inputs a bf16 kernel and its f32 reference share.
 #[cfg(feature = "cuda")]
 fn bf16_values(t: &Tensor) -> Result<Tensor> {
-    t.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+    bf16(t)?.to_dtype(DType::F32)
+}
+
+/// `t` in bf16, as the CUDA kernels take it.
+#[cfg(feature = "cuda")]
+fn bf16(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::BF16)
 }
 
 /// The decoder's fused group norm (+ SiLU) against candle's group norm in f32: a group that
@@ -483,7 +487,6 @@ fn group_norms(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> R
         let bias = bf16_values(&rng.normal_tensor(&[c], device)?)?;
         let norm = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), c, GROUPS, EPS)?;
         let reference = candle_core::Module::forward(&norm, &x)?;
-        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
         for silu in [false, true] {
             let fast = group_norm(
                 &bf16(&x)?,
@@ -520,7 +523,6 @@ fn cuda_kernels(
     out: &mut Vec<CheckResult>,
 ) -> Result<()> {
     use super::flash_cuda::{FlashKernel, attention_with};
-    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
     let tokens = qkv[0].dim(1)?;
     let ragged = tokens.saturating_sub(37).max(1);
     let cut: Vec<Tensor> = qkv
