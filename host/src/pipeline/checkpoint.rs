@@ -109,23 +109,8 @@ impl Checkpoint {
         (0..).take_while(|i| self.has(&pattern(*i))).count()
     }
 
-    /// Bytes the weights take once loaded as `dtype`.
-    pub fn bytes_as(&self, dtype: DType) -> u64 {
-        self.bytes_under("", dtype)
-    }
-
-    /// Number of parameters.
-    pub fn parameters(&self) -> u64 {
-        self.parameters_under("")
-    }
-
-    /// Bytes the tensors named `prefix…` take once loaded as `dtype` (for a component that
-    /// loads only part of its file, as the decoder of the autoencoder).
-    pub fn bytes_under(&self, prefix: &str, dtype: DType) -> u64 {
-        self.parameters_under(prefix) * dtype.size_in_bytes() as u64
-    }
-
-    /// Number of parameters in the tensors named `prefix…`.
+    /// Number of parameters in the tensors named `prefix…` (all of them for `""`; a prefix for
+    /// a component that loads only part of its file, as the decoder of the autoencoder).
     pub fn parameters_under(&self, prefix: &str) -> u64 {
         self.tensors
             .tensors()

@@ -30,11 +30,12 @@ impl ComponentStatus {
     /// Figures for the tensors named `prefix…` of `ckpt`: what a component that loads only
     /// part of its file holds.
     pub fn of_part(name: &str, ckpt: &Checkpoint, prefix: &str, dtype: DType) -> Self {
+        let parameters = ckpt.parameters_under(prefix);
         Self {
             name: name.to_string(),
             files: ckpt.files().to_vec(),
-            parameters: ckpt.parameters_under(prefix),
-            bytes: ckpt.bytes_under(prefix, dtype),
+            parameters,
+            bytes: parameters * dtype.size_in_bytes() as u64,
         }
     }
 }
