@@ -217,7 +217,7 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
                 m.attention().name(),
                 options.weights.on(&device),
                 options.gemm,
-                m.projection_bytes() as f64 / (1u64 << 20) as f64
+                m.projection_size().bytes as f64 / (1u64 << 20) as f64
             )?;
             Box::new(m)
         }

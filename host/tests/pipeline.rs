@@ -230,6 +230,11 @@ fn fused_attention_draws_the_same_image_and_fp8_a_close_one() {
         row_bytes < full_bytes * 6 / 10,
         "per-row fp8 {row_bytes} vs f32 {full_bytes}"
     );
+    // The same bytes per value as per-tensor, plus one f32 scale per output channel.
+    assert!(
+        row_bytes > fp8_bytes && row_bytes - fp8_bytes < full_bytes / 100,
+        "per-row fp8 {row_bytes} vs per-tensor {fp8_bytes}"
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@ use super::attention::Resolved;
 use super::embed::RopeTable;
 use super::layers::{
     Activation, Dense, FeedForward, Modulation, Modulator, PlainLayerNorm, Projections,
-    ScaledRmsNorm,
+    ScaledRmsNorm, WeightSize,
 };
 
 /// Width of the MLP for a config.
@@ -112,8 +112,8 @@ impl Stream {
 }
 
 impl Stream {
-    fn weight_bytes(&self) -> usize {
-        self.qkv.weight_bytes() + self.proj.weight_bytes() + self.mlp.weight_bytes()
+    fn weight_size(&self) -> WeightSize {
+        self.qkv.weight_size() + self.proj.weight_size() + self.mlp.weight_size()
     }
 }
 
@@ -135,9 +135,9 @@ impl DoubleBlock {
         })
     }
 
-    /// Bytes of the projection weights (those `model.fp8` stores as FP8).
-    pub fn projection_bytes(&self) -> usize {
-        self.img.weight_bytes() + self.txt.weight_bytes()
+    /// The projection weights (those `model.fp8` stores as FP8).
+    pub fn projection_size(&self) -> WeightSize {
+        self.img.weight_size() + self.txt.weight_size()
     }
 
     /// Updates image and text tokens; `rope` covers text tokens first, then image tokens.
@@ -242,13 +242,13 @@ impl SingleBlock {
         })
     }
 
-    /// Bytes of the projection weights (those `model.fp8` stores as FP8).
-    pub fn projection_bytes(&self) -> usize {
+    /// The projection weights (those `model.fp8` stores as FP8).
+    pub fn projection_size(&self) -> WeightSize {
         let first = match &self.linear1 {
-            Linear1::Joint(d) => d.weight_bytes(),
-            Linear1::Split { qkv, mlp } => qkv.weight_bytes() + mlp.weight_bytes(),
+            Linear1::Joint(d) => d.weight_size(),
+            Linear1::Split { qkv, mlp } => qkv.weight_size() + mlp.weight_size(),
         };
-        first + self.linear2.weight_bytes()
+        first + self.linear2.weight_size()
     }
 
     /// Updates all tokens `x` (text first, then image).

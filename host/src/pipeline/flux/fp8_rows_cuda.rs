@@ -170,6 +170,11 @@ impl QuantizedRows {
         Tensor::cat(&[&values, &scales], 0)
     }
 
+    /// Values held (rows × width).
+    pub fn values(&self) -> usize {
+        self.rows * self.width
+    }
+
     /// Bytes held on the device: one per value and four per row.
     pub fn bytes(&self) -> usize {
         self.packed.elem_count()

@@ -442,18 +442,48 @@ impl Dense {
         }
     }
 
-    /// Bytes the weight occupies as stored.
-    pub fn weight_bytes(&self) -> usize {
+    /// The weight's parameters and the bytes it occupies as stored (scales included).
+    pub fn weight_size(&self) -> WeightSize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        match &self.weight {
-            Weight::Full(w) => bytes(w),
-            Weight::Fp8 { values, .. } => bytes(values),
-            Weight::Fp8Rows { values, scales } => bytes(values) + bytes(scales),
+        let (parameters, bytes) = match &self.weight {
+            Weight::Full(w) => (w.elem_count(), bytes(w)),
+            Weight::Fp8 { values, .. } => (values.elem_count(), bytes(values)),
+            Weight::Fp8Rows { values, scales } => {
+                (values.elem_count(), bytes(values) + bytes(scales))
+            }
             #[cfg(feature = "cuda")]
-            Weight::Fp8Gpu { bits, .. } => bytes(bits),
+            Weight::Fp8Gpu { bits, .. } => (bits.elem_count(), bytes(bits)),
             #[cfg(feature = "cuda")]
-            Weight::Fp8GpuRows(rows) => rows.bytes(),
+            Weight::Fp8GpuRows(rows) => (rows.values(), rows.bytes()),
+        };
+        WeightSize { parameters, bytes }
+    }
+}
+
+/// What weights hold: their parameters, and the bytes those take as stored. The two differ
+/// from `parameters · dtype size` once weights are quantized, which the pipeline's status
+/// reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WeightSize {
+    /// Parameters.
+    pub parameters: usize,
+    /// Bytes as stored.
+    pub bytes: usize,
+}
+
+impl std::ops::Add for WeightSize {
+    type Output = Self;
+    fn add(self, other: Self) -> Self {
+        Self {
+            parameters: self.parameters + other.parameters,
+            bytes: self.bytes + other.bytes,
         }
+    }
+}
+
+impl std::iter::Sum for WeightSize {
+    fn sum<I: Iterator<Item = Self>>(sizes: I) -> Self {
+        sizes.fold(Self::default(), |a, b| a + b)
     }
 }
 
@@ -689,9 +719,9 @@ impl FeedForward {
             .forward(&self.lin1.apply(&input, Activation::GeluTanh)?)
     }
 
-    /// Bytes of the two projection weights.
-    pub fn weight_bytes(&self) -> usize {
-        self.lin1.weight_bytes() + self.lin2.weight_bytes()
+    /// The two projection weights.
+    pub fn weight_size(&self) -> WeightSize {
+        self.lin1.weight_size() + self.lin2.weight_size()
     }
 }
 
@@ -814,7 +844,13 @@ mod tests {
         assert!(row_err < 0.05, "per-row: {row_err}");
         assert!(tensor_err > 0.5, "per-tensor: {tensor_err}");
         // One byte per weight and one f32 per output channel.
-        assert_eq!(layer(WeightFormat::Fp8Rows).weight_bytes(), 4 * 32 + 4 * 4);
+        assert_eq!(
+            layer(WeightFormat::Fp8Rows).weight_size(),
+            WeightSize {
+                parameters: 4 * 32,
+                bytes: 4 * 32 + 4 * 4
+            }
+        );
     }
 
     #[test]

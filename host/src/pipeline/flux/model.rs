@@ -13,7 +13,7 @@ use super::attention::{AttentionKernel, Resolved};
 use super::blocks::{DoubleBlock, SingleBlock};
 use super::embed::{RopeTable, timestep_embedding};
 use super::layers::{Dense, FinalLayer, MlpEmbedder};
-use super::layers::{GemmKernel, Projections, WeightFormat};
+use super::layers::{GemmKernel, Projections, WeightFormat, WeightSize};
 
 /// Width of the sinusoidal timestep/guidance embedding.
 const TIME_EMBED_DIM: usize = 256;
@@ -115,18 +115,18 @@ impl FluxModel {
         self.attention
     }
 
-    /// Bytes of the blocks' projection weights, the bulk of the model (and what FP8 halves
-    /// against bf16).
-    pub fn projection_bytes(&self) -> usize {
-        let double: usize = self
+    /// The blocks' projection weights, the bulk of the model (and what FP8 halves against
+    /// bf16).
+    pub fn projection_size(&self) -> WeightSize {
+        let double: WeightSize = self
             .double_blocks
             .iter()
-            .map(DoubleBlock::projection_bytes)
+            .map(DoubleBlock::projection_size)
             .sum();
-        let single: usize = self
+        let single: WeightSize = self
             .single_blocks
             .iter()
-            .map(SingleBlock::projection_bytes)
+            .map(SingleBlock::projection_size)
             .sum();
         double + single
     }
@@ -330,8 +330,10 @@ mod tests {
             ..ModelOptions::default()
         };
         let fp8 = FluxModel::with_options(&cfg, vb, options).expect("fp8 model");
-        assert!(full.projection_bytes() > 0);
-        assert_eq!(fp8.projection_bytes() * 4, full.projection_bytes());
+        let (full, fp8) = (full.projection_size(), fp8.projection_size());
+        assert!(full.bytes > 0);
+        assert_eq!(fp8.bytes * 4, full.bytes);
+        assert_eq!(fp8.parameters, full.parameters);
     }
 
     #[test]

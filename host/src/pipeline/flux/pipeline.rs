@@ -220,11 +220,14 @@ impl FluxPipeline {
             FluxModel::with_options(&tf_cfg, vb, options)
         })?;
         if opts.fp8 {
-            // FP8 projections take one byte where the checkpoint estimate counted the dtype's
-            // size: report what is resident, for admission estimates and /readyz.
-            let fp8 = transformer.projection_bytes() as u64;
-            let saved = fp8 * (dtype.size_in_bytes() as u64).saturating_sub(1);
-            tf_status.bytes = tf_status.bytes.saturating_sub(saved);
+            // FP8 projections (and their scales) take less than the checkpoint estimate's
+            // dtype size per parameter: report what is resident, for admission estimates and
+            // /readyz.
+            let size = transformer.projection_size();
+            let as_dtype = (size.parameters * dtype.size_in_bytes()) as u64;
+            tf_status.bytes = tf_status
+                .bytes
+                .saturating_sub(as_dtype.saturating_sub(size.bytes as u64));
         }
         components.push(tf_status);
 
