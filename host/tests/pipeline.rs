@@ -8,6 +8,7 @@ use std::time::Duration;
 use headshot_host::pipeline::demo::{demo_tensors, ensure_demo_weights, write_demo_weights};
 use headshot_host::pipeline::device::{DTypeSpec, DeviceSpec};
 use headshot_host::pipeline::flux::attention::AttentionKernel;
+use headshot_host::pipeline::flux::decoder;
 use headshot_host::pipeline::flux::layers::{Fp8Scale, GemmKernel};
 use headshot_host::pipeline::{
     FluxPipeline, GenerateError, Generation, GenerationParams, Limits, LoadError, LoadOptions,
@@ -99,7 +100,11 @@ fn demo_weights_round_trip_through_safetensors_and_the_real_loader() {
     );
     assert!(status.weight_bytes > 1_000_000);
     // Only the autoencoder's decoder loads, and only it is counted.
-    let ae = &status.components[3];
+    let ae = status
+        .components
+        .iter()
+        .find(|c| c.name == "autoencoder")
+        .unwrap();
     let (_, ae_tensors) = demo_tensors()
         .unwrap()
         .into_iter()
@@ -108,7 +113,7 @@ fn demo_weights_round_trip_through_safetensors_and_the_real_loader() {
     let parameters = |decoder_only: bool| -> u64 {
         ae_tensors
             .iter()
-            .filter(|(name, _)| !decoder_only || name.starts_with("decoder."))
+            .filter(|(name, _)| !decoder_only || name.starts_with(decoder::PREFIX))
             .map(|(_, t)| t.elem_count() as u64)
             .sum()
     };

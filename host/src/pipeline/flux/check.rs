@@ -411,7 +411,57 @@ pub fn run_into(
     if device.is_cuda() && dtype == DType::BF16 {
         group_norms(device, tolerance, out)?;
         convolutions(device, tolerance, out)?;
+        decoders(device, out)?;
     }
+    Ok(())
+}
+
+/// A whole (small) decoder with both CUDA paths on, as the pipeline runs it (every norm with
+/// and without SiLU, the upsampling convolution, the attention block's 1×1 convolutions),
+/// against the same weights decoding in f32 with candle's ops. bf16 through a dozen layers
+/// strays further than one op does, so the bound is set by candle's own ops in bf16 on the
+/// same input: the fast paths may be at most twice as far off (and within 1e-2 in any case).
+#[cfg(feature = "cuda")]
+fn decoders(device: &Device, out: &mut Vec<CheckResult>) -> Result<()> {
+    use super::decoder::{Decoder, DecoderPaths};
+    use candle_transformers::models::flux::autoencoder::{AutoEncoder, Config as AeConfig};
+    // Widths in multiples of the 32 groups, 16 latent channels, 12x10 latents (pixel counts
+    // in multiples of 8, as the 1x1 GEMMs want), two levels: one upsample.
+    let cfg = AeConfig {
+        resolution: 64,
+        in_channels: 3,
+        ch: 32,
+        out_ch: 3,
+        ch_mult: vec![1, 2],
+        num_res_blocks: 1,
+        z_channels: 16,
+        scale_factor: 0.3611,
+        shift_factor: 0.1159,
+    };
+    let tensors = crate::pipeline::demo::record(45, |vb| AutoEncoder::new(&cfg, vb))?;
+    let decoder = |dtype: DType, paths: DecoderPaths| {
+        let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
+        Decoder::with_paths(&cfg, paths, vb)
+    };
+    let latents = Rng::new(46).normal_tensor(&[1, 16, 12, 10], device)?;
+    let reference = decoder(DType::F32, DecoderPaths::default())?.decode(&latents)?;
+    let latents = bf16(&latents)?;
+    let candle_ops = decoder(DType::BF16, DecoderPaths::default())?.decode(&latents)?;
+    let baseline = compare(
+        "decoder_bf16_candle_ops_vs_f32",
+        &candle_ops,
+        &reference,
+        0.1,
+    )?;
+    let bound = (2.0 * baseline.max_rel_error).max(BF16_TOLERANCE);
+    out.push(baseline);
+    let fast = decoder(DType::BF16, DecoderPaths::all())?.decode(&latents)?;
+    out.push(compare(
+        "decoder_bf16_cuda_paths_vs_f32",
+        &fast,
+        &reference,
+        bound,
+    )?);
     Ok(())
 }
 

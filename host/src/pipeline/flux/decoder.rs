@@ -16,44 +16,80 @@ use candle_transformers::models::flux::autoencoder::Config;
 
 /// Groups of every group norm in the autoencoder.
 pub const GROUPS: usize = 32;
+/// Where the decoder's tensors sit in the autoencoder's checkpoint: all the worker loads.
+pub const PREFIX: &str = "decoder.";
 /// Epsilon of every group norm in the autoencoder.
 pub const EPS: f64 = 1e-6;
+
+/// Which of the decoder's CUDA paths it takes (bf16 on CUDA only; elsewhere candle's ops).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecoderPaths {
+    /// Group norm (+ SiLU) as one kernel pair (`group_norm_cuda.rs`).
+    pub fused_norm: bool,
+    /// Convolutions as cuBLASLt GEMMs (`conv_gemm_cuda.rs`).
+    pub conv_gemm: bool,
+}
+
+impl DecoderPaths {
+    /// The paths the environment turns on (`HEADSHOT_GROUP_NORM=fused`, `HEADSHOT_CONV=gemm`):
+    /// opt-in until `--check` has passed on a GPU. None without the `cuda` feature.
+    pub fn from_env() -> Self {
+        #[cfg(feature = "cuda")]
+        return Self {
+            fused_norm: super::group_norm_cuda::enabled(),
+            conv_gemm: super::conv_gemm_cuda::enabled(),
+        };
+        #[cfg(not(feature = "cuda"))]
+        Self::default()
+    }
+
+    /// Both paths, for `--check`.
+    pub fn all() -> Self {
+        Self {
+            fused_norm: true,
+            conv_gemm: true,
+        }
+    }
+}
+
+/// Whether a decoder layer's weight `w` can take a CUDA path.
+#[cfg(feature = "cuda")]
+fn on_cuda_bf16(w: &Tensor) -> bool {
+    w.device().is_cuda() && w.dtype() == candle_core::DType::BF16
+}
 
 /// A group norm over `(batch, channels, height, width)`, optionally followed by SiLU (the
 /// decoder always applies one after a norm, except in its attention block).
 struct GroupNorm {
     /// candle's norm: the path off CUDA, and the reference the fused kernel is checked against.
     inner: candle_nn::GroupNorm,
+    /// Weight and bias for the fused kernel, when the decoder takes that path.
     #[cfg(feature = "cuda")]
-    weight: Tensor,
-    #[cfg(feature = "cuda")]
-    bias: Tensor,
+    fused: Option<(Tensor, Tensor)>,
 }
 
 impl GroupNorm {
-    fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(channels: usize, paths: DecoderPaths, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
+        #[cfg(feature = "cuda")]
+        let fused =
+            (paths.fused_norm && on_cuda_bf16(&weight)).then(|| (weight.clone(), bias.clone()));
+        #[cfg(not(feature = "cuda"))]
+        let _ = paths;
         Ok(Self {
-            inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, GROUPS, EPS)?,
+            inner: candle_nn::GroupNorm::new(weight, bias, channels, GROUPS, EPS)?,
             #[cfg(feature = "cuda")]
-            weight,
-            #[cfg(feature = "cuda")]
-            bias,
+            fused,
         })
     }
 
     fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if super::group_norm_cuda::enabled() && super::group_norm_cuda::supports(x, GROUPS) {
-            return super::group_norm_cuda::group_norm(
-                x,
-                &self.weight,
-                &self.bias,
-                GROUPS,
-                EPS as f32,
-                silu,
-            );
+        if let Some((weight, bias)) = &self.fused
+            && super::group_norm_cuda::supports(x, GROUPS)
+        {
+            return super::group_norm_cuda::group_norm(x, weight, bias, GROUPS, EPS as f32, silu);
         }
         let y = x.apply(&self.inner)?;
         if silu { y.silu() } else { Ok(y) }
@@ -61,7 +97,7 @@ impl GroupNorm {
 }
 
 /// A convolution of the decoder (3×3 with padding 1, or 1×1), run as cuBLASLt GEMMs on CUDA
-/// when `HEADSHOT_CONV=gemm` (`conv_gemm_cuda.rs`), else by candle.
+/// with [`DecoderPaths::conv_gemm`] (`conv_gemm_cuda.rs`), else by candle.
 struct Conv {
     inner: Conv2d,
     /// Weights as [`gemm_taps`] lays them out, and the bias, for the GEMM path.
@@ -70,28 +106,27 @@ struct Conv {
 }
 
 impl Conv {
-    fn new(in_c: usize, out_c: usize, size: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        in_c: usize,
+        out_c: usize,
+        size: usize,
+        paths: DecoderPaths,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let cfg = Conv2dConfig {
             padding: size / 2,
             ..Default::default()
         };
         let inner = conv2d(in_c, out_c, size, cfg, vb)?;
         #[cfg(feature = "cuda")]
-        let gemm = {
-            let w = inner.weight();
-            if super::conv_gemm_cuda::enabled()
-                && w.device().is_cuda()
-                && w.dtype() == candle_core::DType::BF16
-            {
-                let bias = match inner.bias() {
-                    Some(b) => b.clone(),
-                    None => Tensor::zeros(out_c, w.dtype(), w.device())?,
-                };
-                Some((gemm_taps(w)?, bias))
-            } else {
-                None
+        let gemm = match inner.bias() {
+            Some(bias) if paths.conv_gemm && on_cuda_bf16(inner.weight()) => {
+                Some((gemm_taps(inner.weight())?, bias.clone()))
             }
+            _ => None,
         };
+        #[cfg(not(feature = "cuda"))]
+        let _ = paths;
         Ok(Self {
             inner,
             #[cfg(feature = "cuda")]
@@ -142,12 +177,12 @@ pub fn gemm_taps(w: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv> {
-    Conv::new(in_c, out_c, 3, vb)
+fn conv3x3(in_c: usize, out_c: usize, paths: DecoderPaths, vb: VarBuilder) -> Result<Conv> {
+    Conv::new(in_c, out_c, 3, paths, vb)
 }
 
-fn conv1x1(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv> {
-    Conv::new(in_c, out_c, 1, vb)
+fn conv1x1(in_c: usize, out_c: usize, paths: DecoderPaths, vb: VarBuilder) -> Result<Conv> {
+    Conv::new(in_c, out_c, 1, paths, vb)
 }
 
 /// Norm, SiLU, 3×3 conv, twice, around a residual (a 1×1 conv on it where widths change).
@@ -160,17 +195,17 @@ struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    fn new(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(in_c: usize, out_c: usize, paths: DecoderPaths, vb: VarBuilder) -> Result<Self> {
         let shortcut = if in_c == out_c {
             None
         } else {
-            Some(conv1x1(in_c, out_c, vb.pp("nin_shortcut"))?)
+            Some(conv1x1(in_c, out_c, paths, vb.pp("nin_shortcut"))?)
         };
         Ok(Self {
-            norm1: GroupNorm::new(in_c, vb.pp("norm1"))?,
-            conv1: conv3x3(in_c, out_c, vb.pp("conv1"))?,
-            norm2: GroupNorm::new(out_c, vb.pp("norm2"))?,
-            conv2: conv3x3(out_c, out_c, vb.pp("conv2"))?,
+            norm1: GroupNorm::new(in_c, paths, vb.pp("norm1"))?,
+            conv1: conv3x3(in_c, out_c, paths, vb.pp("conv1"))?,
+            norm2: GroupNorm::new(out_c, paths, vb.pp("norm2"))?,
+            conv2: conv3x3(out_c, out_c, paths, vb.pp("conv2"))?,
             shortcut,
         })
     }
@@ -195,10 +230,10 @@ struct AttnBlock {
 }
 
 impl AttnBlock {
-    fn new(c: usize, vb: VarBuilder) -> Result<Self> {
-        let one = |name: &str| conv1x1(c, c, vb.pp(name));
+    fn new(c: usize, paths: DecoderPaths, vb: VarBuilder) -> Result<Self> {
+        let one = |name: &str| conv1x1(c, c, paths, vb.pp(name));
         Ok(Self {
-            norm: GroupNorm::new(c, vb.pp("norm"))?,
+            norm: GroupNorm::new(c, paths, vb.pp("norm"))?,
             q: one("q")?,
             k: one("k")?,
             v: one("v")?,
@@ -209,13 +244,13 @@ impl AttnBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.norm.forward(x, false)?;
         let (b, c, hh, ww) = h.dims4()?;
-        // (batch, channels, h, w) -> (batch, positions, channels).
-        let tokens = |t: Tensor| t.flatten_from(2)?.transpose(1, 2)?.contiguous();
-        let q = tokens(self.q.forward(&h)?)?;
-        let k = tokens(self.k.forward(&h)?)?;
-        let v = tokens(self.v.forward(&h)?)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (c as f64).sqrt()))?;
-        let att = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        // (batch, channels, h, w) -> (batch, positions, 1 head, channels).
+        let tokens = |t: Tensor| t.flatten_from(2)?.transpose(1, 2)?.unsqueeze(2);
+        let att = super::attention::plain(
+            &tokens(self.q.forward(&h)?)?,
+            &tokens(self.k.forward(&h)?)?,
+            &tokens(self.v.forward(&h)?)?,
+        )?;
         let att = att.transpose(1, 2)?.reshape((b, c, hh, ww))?;
         self.proj_out.forward(&att)? + x
     }
@@ -242,30 +277,46 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Builds the decoder from `vb` at the autoencoder's root (tensors under `decoder.`).
+    /// Builds the decoder from `vb` at the autoencoder's root (tensors under [`PREFIX`]), with
+    /// the CUDA paths the environment turns on ([`DecoderPaths::from_env`]).
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let vb = vb.pp("decoder");
+        Self::with_paths(cfg, DecoderPaths::from_env(), vb)
+    }
+
+    /// [`Decoder::new`] with the CUDA paths chosen by the caller (`--check` takes both).
+    pub fn with_paths(cfg: &Config, paths: DecoderPaths, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp(PREFIX.trim_end_matches('.'));
         let Some(&top_mult) = cfg.ch_mult.last() else {
             candle_core::bail!("the autoencoder config has no resolution levels (ch_mult)");
         };
         let mut width = cfg.ch * top_mult;
-        let conv_in = conv3x3(cfg.z_channels, width, vb.pp("conv_in"))?;
-        let mid_block_1 = ResnetBlock::new(width, width, vb.pp("mid.block_1"))?;
-        let mid_attn = AttnBlock::new(width, vb.pp("mid.attn_1"))?;
-        let mid_block_2 = ResnetBlock::new(width, width, vb.pp("mid.block_2"))?;
+        let conv_in = conv3x3(cfg.z_channels, width, paths, vb.pp("conv_in"))?;
+        let mid_block_1 = ResnetBlock::new(width, width, paths, vb.pp("mid.block_1"))?;
+        let mid_attn = AttnBlock::new(width, paths, vb.pp("mid.attn_1"))?;
+        let mid_block_2 = ResnetBlock::new(width, width, paths, vb.pp("mid.block_2"))?;
         let mut up = Vec::with_capacity(cfg.ch_mult.len());
         for (level, mult) in cfg.ch_mult.iter().enumerate().rev() {
             let vb_level = vb.pp("up").pp(level);
             let out = cfg.ch * mult;
             let mut blocks = Vec::with_capacity(cfg.num_res_blocks + 1);
             for i in 0..=cfg.num_res_blocks {
-                blocks.push(ResnetBlock::new(width, out, vb_level.pp("block").pp(i))?);
+                blocks.push(ResnetBlock::new(
+                    width,
+                    out,
+                    paths,
+                    vb_level.pp("block").pp(i),
+                )?);
                 width = out;
             }
             let upsample = if level == 0 {
                 None
             } else {
-                Some(conv3x3(width, width, vb_level.pp("upsample").pp("conv"))?)
+                Some(conv3x3(
+                    width,
+                    width,
+                    paths,
+                    vb_level.pp("upsample").pp("conv"),
+                )?)
             };
             up.push(UpLevel { blocks, upsample });
         }
@@ -275,8 +326,8 @@ impl Decoder {
             mid_attn,
             mid_block_2,
             up,
-            norm_out: GroupNorm::new(width, vb.pp("norm_out"))?,
-            conv_out: conv3x3(width, cfg.out_ch, vb.pp("conv_out"))?,
+            norm_out: GroupNorm::new(width, paths, vb.pp("norm_out"))?,
+            conv_out: conv3x3(width, cfg.out_ch, paths, vb.pp("conv_out"))?,
             scale_factor: cfg.scale_factor,
             shift_factor: cfg.shift_factor,
         })
@@ -384,14 +435,19 @@ mod tests {
     }
 
     #[test]
-    fn only_decoder_weights_are_read() {
+    fn reads_every_decoder_weight_and_nothing_else() {
         let cfg = config();
-        let names = record(7, |vb| Decoder::new(&cfg, vb)).unwrap();
-        assert!(!names.is_empty());
-        let stray: Vec<_> = names
-            .keys()
-            .filter(|n| !n.starts_with("decoder."))
-            .collect();
-        assert!(stray.is_empty(), "read outside the decoder: {stray:?}");
+        let ours = record(7, |vb| Decoder::new(&cfg, vb)).unwrap();
+        let all = record(7, |vb| AutoEncoder::new(&cfg, vb)).unwrap();
+        let mut read: Vec<&String> = ours.keys().collect();
+        let mut decoder: Vec<&String> = all.keys().filter(|n| n.starts_with(PREFIX)).collect();
+        read.sort();
+        decoder.sort();
+        assert!(!read.is_empty());
+        assert_eq!(read, decoder);
+        assert!(
+            decoder.len() < all.len(),
+            "the autoencoder holds an encoder too"
+        );
     }
 }

@@ -240,7 +240,7 @@ impl FluxPipeline {
         components.push(ComponentStatus::of_part(
             "autoencoder",
             &ae,
-            "decoder.",
+            super::decoder::PREFIX,
             dtype,
         ));
         let decoder = ae.build("FLUX autoencoder decoder", dtype, &device, |vb| {
