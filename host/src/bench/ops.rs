@@ -13,6 +13,7 @@ use candle_transformers::models::flux::model::Config as FluxConfig;
 use super::{BenchError, GpuBenchOptions, median, timed};
 use crate::pipeline::flux::attention;
 use crate::pipeline::flux::blocks::joined_qkv;
+use crate::pipeline::flux::decoder::{EPS, GROUPS};
 use crate::pipeline::flux::layers::{
     Activation, Dense, GemmKernel, Modulation, PlainLayerNorm, Projections, ScaledRmsNorm,
     WeightFormat,
@@ -347,7 +348,7 @@ fn vae_ops(
         {
             let taps = crate::pipeline::flux::decoder::gemm_taps(&weight)?;
             let bias = Tensor::zeros(ch, dtype, device)?;
-            if crate::pipeline::flux::conv_gemm_cuda::supports(&x, &taps) {
+            if crate::pipeline::flux::conv_gemm_cuda::supports(&x, &taps, false) {
                 // Padding, three GEMMs, bias and crop: what HEADSHOT_CONV=gemm runs.
                 time(
                     out,
@@ -355,7 +356,7 @@ fn vae_ops(
                     Work::Flop(flop),
                     &|| crate::pipeline::flux::conv_gemm_cuda::conv2d(&x, &taps, &bias),
                 )?;
-                if level < 8 {
+                if level < 8 && crate::pipeline::flux::conv_gemm_cuda::supports(&x, &taps, true) {
                     // The next level's upsample conv: 4x the pixels, the upsampling read
                     // through instead of written.
                     time(
@@ -369,13 +370,12 @@ fn vae_ops(
                 }
             }
         }
-        let gn = candle_nn::GroupNorm::new(
+        // The decoder's norms: unit weight, zero bias, its groups and epsilon.
+        let (one, zero) = (
             Tensor::ones(ch, dtype, device)?,
             Tensor::zeros(ch, dtype, device)?,
-            ch,
-            32,
-            1e-6,
-        )?;
+        );
+        let gn = candle_nn::GroupNorm::new(one.clone(), zero.clone(), ch, GROUPS, EPS)?;
         let n = (ch * h * w) as f64 * bytes;
         time(
             out,
@@ -390,11 +390,7 @@ fn vae_ops(
             &|| x.silu(),
         )?;
         #[cfg(feature = "cuda")]
-        if crate::pipeline::flux::group_norm_cuda::supports(&x, 32) {
-            let (one, zero) = (
-                Tensor::ones(ch, dtype, device)?,
-                Tensor::zeros(ch, dtype, device)?,
-            );
+        if crate::pipeline::flux::group_norm_cuda::supports(&x, GROUPS) {
             // Reads x twice and writes once; what the decoder runs in place of the two above.
             time(
                 out,
@@ -402,7 +398,7 @@ fn vae_ops(
                 Work::Bytes(3.0 * n),
                 &|| {
                     crate::pipeline::flux::group_norm_cuda::group_norm(
-                        &x, &one, &zero, 32, 1e-6, true,
+                        &x, &one, &zero, GROUPS, EPS as f32, true,
                     )
                 },
             )?;

@@ -30,28 +30,47 @@ pub fn enabled() -> bool {
     *ENABLED.get_or_init(|| super::cuda_util::opt_in("HEADSHOT_CONV", "gemm"))
 }
 
-/// Whether [`conv2d`] takes `x` with `taps` from `decoder::gemm_taps`: bf16 NCHW on CUDA
-/// starting 16-byte aligned, and for 1×1 a pixel count that keeps channel planes aligned.
-pub fn supports(x: &Tensor, taps: &Tensor) -> bool {
-    let Ok((_, cin, h, w)) = x.dims4() else {
-        return false;
-    };
-    let Ok((t, _, k)) = taps.dims3() else {
+/// Whether [`conv2d`] (or with `upsample`, [`upsample_conv2d`]) takes `x` with `taps` from
+/// `decoder::gemm_taps`: bf16 NCHW on CUDA starting 16-byte aligned, in the shapes
+/// [`check_shapes`] accepts.
+pub fn supports(x: &Tensor, taps: &Tensor, upsample: bool) -> bool {
+    let (Ok((_, cin, h, w)), Ok(taps_dims)) = (x.dims4(), taps.dims3()) else {
         return false;
     };
     x.device().is_cuda()
         && x.dtype() == DType::BF16
         && x.layout().start_offset().is_multiple_of(ALIGN)
-        && k == t * cin
-        && cin.is_multiple_of(ALIGN)
-        && taps
-            .dim(1)
-            .is_ok_and(|cout| fits(cin, cout, h << 1, w << 1))
-        && match t {
-            3 => true,
-            1 => (h * w).is_multiple_of(ALIGN),
-            _ => false,
-        }
+        && check_shapes((cin, h, w), taps_dims, upsample).is_ok()
+}
+
+/// The shapes the kernels take: `taps` `(1 or 3, C_out, taps·C_in)` for input `(C_in, h, w)`
+/// (upsampled 2× only for 3×3), C_in in multiples of 8, for 1×1 a pixel count too (channel
+/// planes stay aligned), and grids within CUDA's limits. Returns the output's `(h, w)`.
+fn check_shapes(
+    (cin, h0, w0): (usize, usize, usize),
+    (taps, cout, k): (usize, usize, usize),
+    upsample: bool,
+) -> Result<(usize, usize)> {
+    let up = usize::from(upsample);
+    let (h, w) = (h0 << up, w0 << up);
+    if k != taps * cin || !matches!(taps, 1 | 3) || (upsample && taps != 3) {
+        candle_core::bail!(
+            "convolution GEMM shapes do not fit: {cin} channels in, taps {:?}",
+            (taps, cout, k)
+        );
+    }
+    if !cin.is_multiple_of(ALIGN) || (taps == 1 && !(h * w).is_multiple_of(ALIGN)) {
+        candle_core::bail!(
+            "convolution GEMMs want C_in (and for 1x1, h·w) multiples of {ALIGN}: \
+             {cin} channels, {h}x{w}"
+        );
+    }
+    if !fits(cin, cout, h, w) {
+        candle_core::bail!(
+            "convolution GEMMs: {cin} -> {cout} channels over {h}x{w} exceed the kernels' grid"
+        );
+    }
+    Ok((h, w))
 }
 
 /// Padded row length for a 3×3 convolution over width `w`.
@@ -101,24 +120,13 @@ impl CustomOp3 for ConvGemm {
     ) -> Result<(CudaStorage, Shape)> {
         let (batch, cin, h0, w0) = l1.shape().dims4()?;
         let up = usize::from(self.upsample);
-        let (h, w) = (h0 << up, w0 << up);
         let (taps, cout, k) = l2.shape().dims3()?;
-        if k != taps * cin
-            || !matches!(taps, 1 | 3)
-            || (self.upsample && taps != 3)
-            || l3.shape().dims() != [cout]
-        {
+        // Checked before anything is allocated (the padded copies run to gigabytes).
+        let (h, w) = check_shapes((cin, h0, w0), (taps, cout, k), self.upsample)?;
+        if l3.shape().dims() != [cout] {
             candle_core::bail!(
-                "convolution GEMM shapes do not fit: x {:?}, taps {:?}, bias {:?}",
-                l1.shape(),
-                l2.shape(),
+                "convolution GEMM bias {:?} for {cout} output channels",
                 l3.shape()
-            );
-        }
-        if !cin.is_multiple_of(ALIGN) || (taps == 1 && !(h * w).is_multiple_of(ALIGN)) {
-            candle_core::bail!(
-                "convolution GEMMs want C_in (and for 1x1, h·w) multiples of {ALIGN}: \
-                 {cin} channels, {h}x{w}"
             );
         }
         let (CudaStorageSlice::BF16(xs), CudaStorageSlice::BF16(ts), CudaStorageSlice::BF16(bs)) =
@@ -148,11 +156,6 @@ impl CustomOp3 for ConvGemm {
         let pad = dev.get_or_load_custom_func("headshot_conv_pad3_bf16", "headshot_conv", PTX)?;
         let crop =
             dev.get_or_load_custom_func("headshot_conv_crop_bias_bf16", "headshot_conv", PTX)?;
-        if !fits(cin, cout, h, w) {
-            candle_core::bail!(
-                "convolution GEMMs: {cin} -> {cout} channels over {h}x{w} exceed the kernels' grid"
-            );
-        }
         let (cin_i, h_i, w_i, wp_i, up_i) = (cin as i32, h as i32, w as i32, wp as i32, up as i32);
         for img in 0..batch {
             let x_img = x.slice(img * image..(img + 1) * image);

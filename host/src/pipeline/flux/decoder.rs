@@ -137,7 +137,7 @@ impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some((taps, bias)) = &self.gemm
-            && super::conv_gemm_cuda::supports(x, taps)
+            && super::conv_gemm_cuda::supports(x, taps, false)
         {
             return super::conv_gemm_cuda::conv2d(x, taps, bias);
         }
@@ -149,7 +149,7 @@ impl Conv {
     fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some((taps, bias)) = &self.gemm
-            && super::conv_gemm_cuda::supports(x, taps)
+            && super::conv_gemm_cuda::supports(x, taps, true)
         {
             return super::conv_gemm_cuda::upsample_conv2d(x, taps, bias);
         }

@@ -38,12 +38,25 @@ pub fn supports(x: &Tensor, groups: usize) -> bool {
     x.device().is_cuda()
         && x.dtype() == DType::BF16
         && x.layout().start_offset().is_multiple_of(2)
-        && x.dims4().is_ok_and(|(_, c, h, w)| {
-            groups > 0
-                && c.is_multiple_of(groups)
-                && (h * w).is_multiple_of(2)
-                && c / groups * h * w <= MAX_GROUP_LEN
-        })
+        && x.dims4()
+            .is_ok_and(|(_, c, h, w)| check_shape(c, h, w, groups).is_ok())
+}
+
+/// The shapes the kernels take: channels divisible into `groups`, an even `height · width`,
+/// a group of at most [`MAX_GROUP_LEN`] values.
+fn check_shape(channels: usize, h: usize, w: usize, groups: usize) -> Result<()> {
+    if groups == 0
+        || !channels.is_multiple_of(groups)
+        || !(h * w).is_multiple_of(2)
+        || channels / groups * h * w > MAX_GROUP_LEN
+    {
+        candle_core::bail!(
+            "group norm kernel: {channels} channels in {groups} groups over {h}x{w} \
+             (channels must divide into groups, height·width must be even, a group at most \
+             {MAX_GROUP_LEN} values)"
+        );
+    }
+    Ok(())
 }
 
 /// How a group of `group_len` values is split: `(chunk_len, chunks)`, chunk_len even.
@@ -82,17 +95,7 @@ impl CustomOp3 for GroupNorm {
     ) -> Result<(CudaStorage, Shape)> {
         let (batch, channels, h, w) = l1.shape().dims4()?;
         let groups = self.groups;
-        if groups == 0
-            || !channels.is_multiple_of(groups)
-            || !(h * w).is_multiple_of(2)
-            || channels / groups * h * w > MAX_GROUP_LEN
-        {
-            candle_core::bail!(
-                "group norm kernel: {channels} channels in {groups} groups over {h}x{w} \
-                 (channels must divide into groups, height·width must be even, a group at \
-                 most {MAX_GROUP_LEN} values)"
-            );
-        }
+        check_shape(channels, h, w, groups)?;
         if l2.shape().dims() != [channels] || l3.shape().dims() != [channels] {
             candle_core::bail!(
                 "group norm kernel: weight and bias must be ({channels},), got {:?} and {:?}",
