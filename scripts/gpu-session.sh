@@ -32,7 +32,9 @@ left() { echo $(( budget - (SECONDS - start) )); }
 run() {
   local limit=$1; shift
   if [ "$(left)" -lt "$limit" ]; then echo "== SKIPPED (time) $*" | tee -a "$out/session.txt"; return; fi
-  echo "== ${HEADSHOT_FLASH_KERNEL:+HEADSHOT_FLASH_KERNEL=$HEADSHOT_FLASH_KERNEL }${HEADSHOT_GROUP_NORM:+HEADSHOT_GROUP_NORM=$HEADSHOT_GROUP_NORM }${HEADSHOT_CONV:+HEADSHOT_CONV=$HEADSHOT_CONV }${HEADSHOT_GEMM_TUNE:+HEADSHOT_GEMM_TUNE=$HEADSHOT_GEMM_TUNE }${HEADSHOT_SPLIT_GEMM:+HEADSHOT_SPLIT_GEMM=$HEADSHOT_SPLIT_GEMM }$* (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
+  # The HEADSHOT_* switches this run was given (exported with the command), then the command.
+  local switches; switches=$(env | grep -E '^HEADSHOT_' | sort | tr '\n' ' ')
+  echo "== $switches$* (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
   timeout "$limit" /tmp/headshot "$@" > "$out/last.txt" 2>&1; local rc=$?
   grep -E "RESULT|RATE|CHECK|MEMORY|model|Error|error|panick|per-row|WARN|GEMM tuned" "$out/last.txt" | tee -a "$out/session.txt"
   echo "exit $rc" | tee -a "$out/session.txt"
@@ -49,11 +51,15 @@ if [ "$(left)" -gt 60 ]; then
   TORCH_ARGS="--iters 3 --warmup 1" WHEELS=$carry/wheels OUT=$out/vs-torch timeout $(( $(left) < 200 ? $(left) : 200 )) bash $carry/run-bench.nostubs.sh /tmp/headshot \
     bench gpu --device cuda --attention fused --iters 3 --warmup 1 | tee -a "$out/session.txt"
 fi
-# 4. Variants (what no longer fits is skipped): every opt-in path of this session together,
-#    FP8 and bf16 (the figures against step 3's diffusers step); then each alone: FP8 per
-#    tensor and per row, GEMM tuning, the lazy attention kernel, the split linear2; the
-#    decoder paths; --check with tuning; the older variants (other flash kernels, 768x1024,
-#    plain GEMMs, plain attention, candle's stock module).
+# 4. Variants (what no longer fits is skipped): the decoder's CUDA paths first (the target
+#    furthest off: fused group norm + SiLU, then that with the convolutions as GEMMs; decode
+#    times against step 3's, same card); every other opt-in path together, FP8 and bf16 (the
+#    figures against step 3's diffusers step); then each alone: FP8 per tensor and per row,
+#    GEMM tuning, the lazy attention kernel, the split linear2; --check with tuning; the
+#    older variants (other flash kernels, 768x1024, plain GEMMs, plain attention, candle's
+#    stock module).
+HEADSHOT_GROUP_NORM=fused run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
 HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wide32_lazy run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
 HEADSHOT_FLASH_KERNEL=wide32_lazy HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 run 60 bench gpu --device cuda --attention fused --fp8 --iters 3 --warmup 1 --skip-vae
@@ -68,10 +74,6 @@ HEADSHOT_GEMM_TUNE=on run 60 bench gpu --device cuda --attention fused --fp8 --i
 HEADSHOT_FLASH_KERNEL=wide32_lazy run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 # bf16 with the single block's linear2 as two GEMMs over its input's parts (no join copy).
 HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
-# The decoder's own CUDA paths (opt-in until step 1 has passed on a GPU): fused group norm
-# + SiLU, then that with the convolutions as GEMMs; decode times against step 3's, same card.
-HEADSHOT_GROUP_NORM=fused run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
 # The checks again with GEMM tuning on: a tuned algorithm must be as right as the heuristic's.
 HEADSHOT_GEMM_TUNE=on run 90 bench gpu --device cuda --check --attention fused
 if [ -n "${SHORT:-}" ]; then
