@@ -5,48 +5,12 @@
 //! allocations alive, which the soak bench showed as resident memory creeping job after job.
 //! Its own process: the live-allocation counter is a global allocator.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
-
 use candle_core::{DType, Device};
 use headshot_host::pipeline::source::ModelFiles;
 use headshot_host::pipeline::text::TextEncoders;
 
-struct Counting;
-
-static LIVE_ALLOCATIONS: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: same contract as the caller's.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_ALLOCATIONS.fetch_sub(1, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: same contract as the caller's.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            LIVE_ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: same contract as the caller's; a realloc keeps the count.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
 #[test]
 fn encoding_new_words_leaves_no_allocations_behind() {
@@ -69,12 +33,12 @@ fn encoding_new_words_leaves_no_allocations_behind() {
     for i in 0..20 {
         encode(i);
     }
-    let before = LIVE_ALLOCATIONS.load(Ordering::Relaxed);
+    let before = counting_alloc::live_allocations() as isize;
     const PROMPTS: usize = 1000;
     for i in 20..20 + PROMPTS {
         encode(i);
     }
-    let grown = LIVE_ALLOCATIONS.load(Ordering::Relaxed) - before;
+    let grown = counting_alloc::live_allocations() as isize - before;
     eprintln!("live allocations after {PROMPTS} prompts with new words: {grown:+}");
     // Each new word the caches kept was at least three allocations (the word, its pieces'
     // list, a piece) in each of the two tokenizers: thousands over this run.
