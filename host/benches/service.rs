@@ -18,6 +18,7 @@ fn pct(mut v: Vec<f64>, q: f64) -> f64 {
 }
 
 fn main() {
+    common::tune_allocator();
     let quick =
         std::env::var("HEADSHOT_BENCH_QUICK").is_ok() || std::env::args().any(|a| a == "--quick");
     let n = if quick { 50 } else { 300 };

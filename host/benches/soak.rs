@@ -110,14 +110,7 @@ fn main() {
     };
     let warmup = env("HEADSHOT_SOAK_WARMUP").unwrap_or((jobs / 10).max(50));
     let report_every = env("HEADSHOT_SOAK_REPORT_EVERY").unwrap_or(1000).max(1);
-    // As the `headshot` binary does first thing; HEADSHOT_SOAK_GLIBC_DEFAULTS=1 skips it to
-    // measure glibc's own behaviour.
-    if env("HEADSHOT_SOAK_GLIBC_DEFAULTS") != Some(1) {
-        println!(
-            "INFO allocator tuned: {}",
-            headshot_host::heap::tune_allocator()
-        );
-    }
+    common::tune_allocator();
     let rt = common::runtime();
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");

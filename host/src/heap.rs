@@ -1,7 +1,8 @@
 //! Giving freed heap memory back to the operating system.
 //!
-//! glibc's allocator keeps freed pages inside its arenas (one per thread that allocated) and
-//! returns only the top of each heap on its own. A worker that generates image after image
+//! glibc's allocator keeps freed pages inside its arenas (by default one per thread that
+//! allocated; [`tune_allocator`] caps them at one) and returns only the top of each heap on
+//! its own. A worker that generates image after image
 //! frees large, differently sized buffers on several threads, so its resident size creeps up
 //! while the bytes it really holds stay flat (the soak bench counts both:
 //! docs/RELIABILITY.md). `malloc_trim` walks every arena and releases whole free pages.
@@ -27,7 +28,7 @@ pub fn release_free_pages() {
 pub const MMAP_THRESHOLD_BYTES: usize = 128 * 1024;
 
 /// Heap arenas glibc may keep: one, shared by every thread.
-pub const ARENAS: usize = 1;
+const ARENAS: usize = 1;
 
 /// Sets glibc's allocator up for a long-running worker; call once, first thing in `main`,
 /// before any thread starts. A no-op off glibc. Returns whether the allocator took every
@@ -38,7 +39,7 @@ pub const ARENAS: usize = 1;
 ///   raised, the image-sized buffers every job allocates and frees land in the arenas between
 ///   small allocations that live longer, and the arenas only grow: 2.5 MiB less resident at
 ///   job 1000 with it fixed.
-/// - [`ARENAS`] arena. glibc gives threads their own arenas (up to 8 per core); a worker's
+/// - One arena (`ARENAS`). glibc gives threads their own arenas (up to 8 per core); a worker's
 ///   long-lived small allocations (job history, stream ring, database cache) are made on
 ///   whichever runtime or blocking thread ran that step, so each arena ends up with free
 ///   holes between them that no other thread's allocations fill. With one arena the soak's

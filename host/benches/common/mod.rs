@@ -24,3 +24,16 @@ pub fn config(dir: &std::path::Path) -> Config {
     config.validate().expect("bench config is valid");
     config
 }
+
+/// Tunes glibc's allocator as the `headshot` binary does first thing (call before any thread
+/// starts), unless `HEADSHOT_BENCH_GLIBC_DEFAULTS=1` asks to measure glibc's own behaviour.
+pub fn tune_allocator() {
+    if std::env::var("HEADSHOT_BENCH_GLIBC_DEFAULTS").as_deref() == Ok("1") {
+        println!("INFO allocator: glibc defaults (HEADSHOT_BENCH_GLIBC_DEFAULTS=1)");
+    } else {
+        println!(
+            "INFO allocator tuned: {}",
+            headshot_host::heap::tune_allocator()
+        );
+    }
+}

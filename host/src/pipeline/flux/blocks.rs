@@ -207,7 +207,7 @@ pub struct SingleBlock {
 
 impl SingleBlock {
     /// Loads `linear1`, `linear2`, `norm.*` and `modulation` under `vb`, the two projections
-    /// as `how` says. On CUDA `linear1` is split (see [`Linear1::Split`]); elsewhere the
+    /// as `how` says. On CUDA `linear1` is split (`Linear1::Split`); elsewhere the
     /// split buys nothing and it stays one GEMM.
     pub fn new(cfg: &Config, how: Projections, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;

@@ -19,7 +19,7 @@ pub enum WeightFormat {
     Fp8,
     /// FP8 e4m3 with one f32 scale per output channel (`model.fp8_scale = "row"`); on CUDA
     /// the activations get one per token, and the GEMM applies both (see
-    /// [`super::fp8_rows_cuda`]). Where the GPU's cuBLASLt refuses that, per tensor.
+    /// `fp8_rows_cuda.rs`). Where the GPU's cuBLASLt refuses that, per tensor.
     Fp8Rows,
 }
 
