@@ -25,6 +25,14 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// The dynamic shared memory of a block. The CPU emulator (kernels/emu, which also stands in
+// for the inline PTX below) hands out a guarded buffer instead.
+#ifdef HEADSHOT_EMULATE
+#define DYNAMIC_SMEM(name) unsigned char *name = emu_dynamic_smem()
+#else
+#define DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 #define HEAD_DIM 128
 #define BLOCK_K 64
 // Shared-memory rows padded by 16 bytes so the fragment loads of the 4 lanes of a group fall
@@ -40,6 +48,7 @@ __device__ __forceinline__ uint32_t load_pair(const __nv_bfloat16 *p) {
     return *reinterpret_cast<const uint32_t *>(p);
 }
 
+#ifndef HEADSHOT_EMULATE
 __device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0,
                                                uint32_t b1) {
     asm volatile(
@@ -48,6 +57,7 @@ __device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Pipelined kernel: the costs of a plain tiled kernel removed.
@@ -63,6 +73,7 @@ __device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], 
 
 #define PIPE_TILE (BLOCK_K * KV_STRIDE)
 
+#ifndef HEADSHOT_EMULATE
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);
 }
@@ -90,6 +101,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) 
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(p)));
 }
+#endif
 
 template <int WARPS>
 __device__ __forceinline__ void flash_pipelined(const __nv_bfloat16 *__restrict__ q,
@@ -98,7 +110,7 @@ __device__ __forceinline__ void flash_pipelined(const __nv_bfloat16 *__restrict_
                                                 __nv_bfloat16 *__restrict__ o, int tokens,
                                                 int heads, float scale_log2) {
     constexpr int threads = WARPS * 32;
-    extern __shared__ __align__(16) unsigned char pipe_smem[];
+    DYNAMIC_SMEM(pipe_smem);
     __nv_bfloat16 *ring = reinterpret_cast<__nv_bfloat16 *>(pipe_smem);
 
     const int b = blockIdx.y / heads;
@@ -304,11 +316,13 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // 2^x in one MUFU.EX2 (results below f32's normal range flush to 0, as they may for softmax
 // weights). exp2f adds a range check and two multiplies around it for denormal results.
+#ifndef HEADSHOT_EMULATE
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+#endif
 template <int STEP, bool LAZY>
 __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
                                            const __nv_bfloat16 *__restrict__ k,
@@ -316,7 +330,7 @@ __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
                                            __nv_bfloat16 *__restrict__ o, int tokens, int heads,
                                            float scale_log2) {
     constexpr int GROUPS = STEP / 8;
-    extern __shared__ __align__(16) unsigned char wide_smem[];
+    DYNAMIC_SMEM(wide_smem);
     __nv_bfloat16 *q_tile = reinterpret_cast<__nv_bfloat16 *>(wide_smem);
     __nv_bfloat16 *ring = q_tile + WIDE_SMEM_Q;
 

@@ -1,0 +1,639 @@
+// Runs one kernel of host/kernels on the CPU emulator (cuda_emu.h) and writes its outputs,
+// for host/tests/kernel_emulation.rs:
+//
+//   runner [--reverse] KERNEL GX GY GZ BX BY BZ DYNAMIC_SMEM_BYTES ARG...
+//
+// ARG is what the host pushes for each kernel parameter, in order, and the runner checks it
+// against the parameter's type (a wrong kind or width is an error, as it would be a silent
+// bug on the GPU):
+//   in:PATH            a buffer read from PATH (pointer parameters)
+//   out:PATH:BYTES     a buffer of BYTES, filled with 0xff (NaN in bf16, f32 and e4m3), written
+//                      to PATH after the launch
+//   inout:IN:OUT       read from IN, written to OUT after the launch
+//   i32:N u32:N i64:N u64:N f32:X   scalars
+// Buffers end at a PROT_NONE page (and start after one), so a read or write past a buffer
+// stops the run with the block and thread named. --reverse runs each block's threads in
+// reverse order, which moves the points a missing barrier would show.
+
+#include "cuda_emu.h"
+
+#include <csignal>
+#include <cstdarg>
+#include <string>
+#include <sys/mman.h>
+#include <tuple>
+#include <type_traits>
+#include <ucontext.h>
+#include <unistd.h>
+#include <utility>
+
+uint3 threadIdx, blockIdx, blockDim, gridDim;
+
+// The kernels, each in its own namespace (their helpers share names across files).
+namespace k_adaln {
+#include "../adaln.cu"
+}
+namespace k_conv_gemm {
+#include "../conv_gemm.cu"
+}
+namespace k_flash_attn {
+#include "../flash_attn.cu"
+}
+namespace k_fp8_quant {
+#include "../fp8_quant.cu"
+}
+namespace k_group_norm {
+#include "../group_norm.cu"
+}
+namespace k_norm_rope {
+#include "../norm_rope.cu"
+}
+
+namespace {
+
+const size_t PAGE = (size_t)sysconf(_SC_PAGESIZE);
+constexpr size_t STACK_BYTES = 256 * 1024;
+constexpr int SLOT_WORDS = 8;
+
+[[noreturn]] void fail_plain(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    std::fputs("kernel emulator: ", stderr);
+    std::vfprintf(stderr, fmt, ap);
+    std::fputc('\n', stderr);
+    va_end(ap);
+    std::exit(3);
+}
+
+// A buffer between two PROT_NONE pages, ending (16-byte aligned) as close to the upper one
+// as alignment allows.
+struct Guarded {
+    unsigned char *base = nullptr;
+    size_t mapped = 0;
+    unsigned char *data = nullptr;
+    size_t size = 0;
+
+    explicit Guarded(size_t bytes) : size(bytes) {
+        const size_t pages = (bytes + PAGE - 1) / PAGE;
+        mapped = (pages + 2) * PAGE;
+        void *m = mmap(nullptr, mapped, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            fail_plain("cannot map %zu bytes", mapped);
+        }
+        base = static_cast<unsigned char *>(m);
+        if (pages > 0 && mprotect(base + PAGE, pages * PAGE, PROT_READ | PROT_WRITE) != 0) {
+            fail_plain("cannot unprotect %zu bytes", pages * PAGE);
+        }
+        data = base + PAGE + ((pages * PAGE - bytes) & ~(size_t)15);
+    }
+    Guarded(const Guarded &) = delete;
+    Guarded &operator=(const Guarded &) = delete;
+    ~Guarded() { munmap(base, mapped); }
+};
+
+struct Copy {
+    unsigned char *dst;
+    const unsigned char *src;
+    int bytes;
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    unsigned char *stack = nullptr;
+    uint3 tid{};
+    unsigned linear = 0;
+    bool done = false;
+    std::vector<Copy> open;                 // cp.async not yet committed
+    std::vector<std::vector<Copy>> pending; // committed groups, oldest first
+};
+
+struct Barrier {
+    unsigned live = 0, arrived = 0;
+    uint64_t generation = 0;
+};
+
+ucontext_t scheduler;
+std::vector<Fiber> fibers;
+Fiber *current = nullptr;
+Barrier block_barrier;
+std::vector<Barrier> warp_barriers;
+std::vector<uint32_t> warp_slots;
+bool progressed = false;
+void (*body)(void *) = nullptr;
+void *body_arg = nullptr;
+Guarded *dynamic_smem = nullptr;
+
+void where(char *out, size_t n) {
+    if (current == nullptr) {
+        std::snprintf(out, n, "outside any block");
+        return;
+    }
+    std::snprintf(out, n, "block (%u,%u,%u) thread (%u,%u,%u)", blockIdx.x, blockIdx.y,
+                  blockIdx.z, current->tid.x, current->tid.y, current->tid.z);
+}
+
+void yield() { swapcontext(&current->ctx, &scheduler); }
+
+void release(Barrier &b) {
+    b.arrived = 0;
+    b.generation += 1;
+    progressed = true;
+}
+
+void wait(Barrier &b) {
+    progressed = true;
+    const uint64_t generation = b.generation;
+    if (++b.arrived == b.live) {
+        release(b);
+        return;
+    }
+    while (b.generation == generation) {
+        yield();
+    }
+}
+
+void leave(Barrier &b) {
+    b.live -= 1;
+    if (b.arrived > 0 && b.arrived == b.live) {
+        release(b);
+    }
+}
+
+void trampoline() {
+    body(body_arg);
+    current->done = true;
+    current->open.clear();
+    current->pending.clear();
+    progressed = true;
+    leave(block_barrier);
+    leave(warp_barriers[current->linear / 32]);
+    // uc_link returns to the scheduler.
+}
+
+void run_block(bool reverse) {
+    const unsigned n = blockDim.x * blockDim.y * blockDim.z;
+    for (unsigned i = 0; i < n; ++i) {
+        Fiber &f = fibers[i];
+        f.done = false;
+        f.open.clear();
+        f.pending.clear();
+        f.linear = i;
+        f.tid = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = STACK_BYTES;
+        f.ctx.uc_link = &scheduler;
+        makecontext(&f.ctx, trampoline, 0);
+    }
+    block_barrier = Barrier{n, 0, 0};
+    warp_barriers.assign((n + 31) / 32, Barrier{});
+    for (unsigned w = 0; w < warp_barriers.size(); ++w) {
+        warp_barriers[w].live = n - 32 * w < 32 ? n - 32 * w : 32;
+    }
+    if (dynamic_smem != nullptr) {
+        std::memset(dynamic_smem->data, 0xff, dynamic_smem->size);
+    }
+    for (;;) {
+        progressed = false;
+        bool alive = false;
+        for (unsigned k = 0; k < n; ++k) {
+            Fiber &f = fibers[reverse ? n - 1 - k : k];
+            if (f.done) {
+                continue;
+            }
+            alive = true;
+            current = &f;
+            threadIdx = f.tid;
+            swapcontext(&scheduler, &f.ctx);
+        }
+        current = nullptr;
+        if (!alive) {
+            return;
+        }
+        if (!progressed) {
+            fail_plain("deadlock in block (%u,%u,%u): threads wait at a barrier the others never "
+                       "reach",
+                       blockIdx.x, blockIdx.y, blockIdx.z);
+        }
+    }
+}
+
+void on_fault(int sig, siginfo_t *info, void *) {
+    char at[128];
+    where(at, sizeof at);
+    char msg[256];
+    const int len = std::snprintf(msg, sizeof msg,
+                                  "kernel emulator: %s at address %p in %s (outside every "
+                                  "buffer, or a stack overflow)\n",
+                                  sig == SIGSEGV ? "segmentation fault" : "bus error",
+                                  info->si_addr, at);
+    if (len > 0) {
+        ssize_t ignored = write(2, msg, (size_t)len);
+        (void)ignored;
+    }
+    _exit(4);
+}
+
+// ---- arguments ----------------------------------------------------------------------------
+
+enum class Kind { Buffer, I32, U32, I64, U64, F32 };
+
+struct Arg {
+    Kind kind;
+    std::string spec;
+    long long i = 0;
+    unsigned long long u = 0;
+    float f = 0.f;
+    Guarded *buffer = nullptr;
+    std::string write_to;
+};
+
+std::vector<unsigned char> read_file(const std::string &path) {
+    FILE *fp = std::fopen(path.c_str(), "rb");
+    if (fp == nullptr) {
+        fail_plain("cannot read %s", path.c_str());
+    }
+    std::vector<unsigned char> bytes;
+    unsigned char chunk[65536];
+    size_t got;
+    while ((got = std::fread(chunk, 1, sizeof chunk, fp)) > 0) {
+        bytes.insert(bytes.end(), chunk, chunk + got);
+    }
+    std::fclose(fp);
+    return bytes;
+}
+
+Arg parse_arg(const std::string &spec) {
+    const size_t colon = spec.find(':');
+    if (colon == std::string::npos) {
+        fail_plain("argument %s is not KIND:VALUE", spec.c_str());
+    }
+    const std::string kind = spec.substr(0, colon), rest = spec.substr(colon + 1);
+    Arg a;
+    a.kind = Kind::Buffer;
+    a.spec = spec;
+    if (kind == "in" || kind == "inout") {
+        std::string in = rest;
+        if (kind == "inout") {
+            const size_t c = rest.find(':');
+            if (c == std::string::npos) {
+                fail_plain("inout wants IN:OUT, got %s", spec.c_str());
+            }
+            in = rest.substr(0, c);
+            a.write_to = rest.substr(c + 1);
+        }
+        const std::vector<unsigned char> bytes = read_file(in);
+        a.buffer = new Guarded(bytes.size());
+        if (!bytes.empty()) {
+            std::memcpy(a.buffer->data, bytes.data(), bytes.size());
+        }
+    } else if (kind == "out") {
+        const size_t c = rest.rfind(':');
+        if (c == std::string::npos) {
+            fail_plain("out wants PATH:BYTES, got %s", spec.c_str());
+        }
+        a.write_to = rest.substr(0, c);
+        a.buffer = new Guarded(std::stoull(rest.substr(c + 1)));
+        std::memset(a.buffer->data, 0xff, a.buffer->size);
+    } else if (kind == "i32" || kind == "i64") {
+        a.kind = kind == "i32" ? Kind::I32 : Kind::I64;
+        a.i = std::stoll(rest);
+    } else if (kind == "u32" || kind == "u64") {
+        a.kind = kind == "u32" ? Kind::U32 : Kind::U64;
+        a.u = std::stoull(rest);
+    } else if (kind == "f32") {
+        a.kind = Kind::F32;
+        a.f = std::stof(rest);
+    } else {
+        fail_plain("unknown argument kind in %s", spec.c_str());
+    }
+    return a;
+}
+
+template <class T> T convert(const Arg &a, size_t index) {
+    auto wrong = [&](const char *want) {
+        fail_plain("parameter %zu wants %s, the launch passed %s", index, want, a.spec.c_str());
+    };
+    if constexpr (std::is_pointer_v<T>) {
+        if (a.kind != Kind::Buffer) {
+            wrong("a buffer");
+        }
+        return reinterpret_cast<T>(a.buffer->data);
+    } else if constexpr (std::is_same_v<T, float>) {
+        if (a.kind != Kind::F32) {
+            wrong("f32");
+        }
+        return a.f;
+    } else if constexpr (std::is_integral_v<T> && std::is_signed_v<T>) {
+        if (a.kind != (sizeof(T) == 4 ? Kind::I32 : Kind::I64) || (sizeof(T) != 4 && sizeof(T) != 8)) {
+            wrong(sizeof(T) == 4 ? "i32" : "i64");
+        }
+        return (T)a.i;
+    } else {
+        static_assert(std::is_integral_v<T> && std::is_unsigned_v<T>, "unsupported parameter type");
+        if (a.kind != (sizeof(T) == 4 ? Kind::U32 : Kind::U64) || (sizeof(T) != 4 && sizeof(T) != 8)) {
+            wrong(sizeof(T) == 4 ? "u32" : "u64");
+        }
+        return (T)a.u;
+    }
+}
+
+template <class... P, size_t... I>
+std::tuple<P...> convert_all(const std::vector<Arg> &args, std::index_sequence<I...>) {
+    return std::tuple<P...>(convert<P>(args[I], I)...);
+}
+
+struct Launch {
+    uint3 grid, block;
+    size_t smem;
+    bool reverse;
+};
+
+template <class... P> void launch(void (*kernel)(P...), const std::vector<Arg> &args, const Launch &l) {
+    if (args.size() != sizeof...(P)) {
+        fail_plain("the kernel takes %zu parameters, the launch passed %zu", sizeof...(P),
+                   args.size());
+    }
+    struct Bound {
+        void (*kernel)(P...);
+        std::tuple<P...> params;
+    } bound{kernel, convert_all<P...>(args, std::index_sequence_for<P...>{})};
+    body = [](void *p) {
+        Bound *b = static_cast<Bound *>(p);
+        std::apply(b->kernel, b->params);
+    };
+    body_arg = &bound;
+    gridDim = l.grid;
+    blockDim = l.block;
+    const unsigned threads = l.block.x * l.block.y * l.block.z;
+    if (threads == 0 || threads > 1024) {
+        fail_plain("a block of %u threads (1 to 1024)", threads);
+    }
+    fibers = std::vector<Fiber>(threads);
+    std::vector<Guarded *> stacks;
+    for (Fiber &f : fibers) {
+        stacks.push_back(new Guarded(STACK_BYTES));
+        f.stack = stacks.back()->data;
+    }
+    warp_slots.assign(((threads + 31) / 32) * 32 * SLOT_WORDS, 0);
+    if (l.smem > 0) {
+        dynamic_smem = new Guarded(l.smem);
+    }
+    for (unsigned z = 0; z < l.grid.z; ++z) {
+        for (unsigned y = 0; y < l.grid.y; ++y) {
+            for (unsigned x = 0; x < l.grid.x; ++x) {
+                blockIdx = uint3{x, y, z};
+                run_block(l.reverse);
+            }
+        }
+    }
+    for (Guarded *g : stacks) {
+        delete g;
+    }
+}
+
+struct Entry {
+    const char *name;
+    void (*run)(const std::vector<Arg> &, const Launch &);
+};
+
+#define KERNEL(ns, fn)                                                                         \
+    Entry {                                                                                    \
+        #fn, [](const std::vector<Arg> &a, const Launch &l) { launch(&ns::fn, a, l); }         \
+    }
+
+const Entry KERNELS[] = {
+    KERNEL(k_adaln, headshot_norm_modulate_bf16),
+    KERNEL(k_adaln, headshot_norm_modulate_e4m3),
+    KERNEL(k_adaln, headshot_gated_residual_bf16),
+    KERNEL(k_conv_gemm, headshot_conv_pad3_bf16),
+    KERNEL(k_conv_gemm, headshot_conv_crop_bias_bf16),
+    KERNEL(k_flash_attn, headshot_flash_attn_pipe4_bf16_d128),
+    KERNEL(k_flash_attn, headshot_flash_attn_wide_bf16_d128),
+    KERNEL(k_flash_attn, headshot_flash_attn_wide32_bf16_d128),
+    KERNEL(k_flash_attn, headshot_flash_attn_wide32_lazy_bf16_d128),
+    KERNEL(k_flash_attn, headshot_flash_attn_wide_lazy_bf16_d128),
+    KERNEL(k_fp8_quant, headshot_amax_bf16),
+    KERNEL(k_fp8_quant, headshot_quantize_e4m3),
+    KERNEL(k_fp8_quant, headshot_quantize_rows_e4m3),
+    KERNEL(k_group_norm, headshot_group_stats_bf16),
+    KERNEL(k_group_norm, headshot_group_apply_bf16),
+    KERNEL(k_norm_rope, headshot_rmsnorm_rope_bf16),
+};
+
+Fiber &self() {
+    if (current == nullptr) {
+        fail_plain("a device function ran outside a block");
+    }
+    return *current;
+}
+
+bool in_smem(const void *p, size_t bytes) {
+    const unsigned char *c = static_cast<const unsigned char *>(p);
+    return dynamic_smem != nullptr && c >= dynamic_smem->data &&
+           c + bytes <= dynamic_smem->data + dynamic_smem->size;
+}
+
+uint16_t half_of(uint32_t word, int k) { return (uint16_t)(k & 1 ? word >> 16 : word & 0xffff); }
+
+float bf16_value(uint16_t bits) { return emu_bits_f32((uint32_t)bits << 16); }
+
+} // namespace
+
+// ---- what cuda_emu.h declares --------------------------------------------------------------
+
+void emu_fail(const char *what) {
+    char at[128];
+    where(at, sizeof at);
+    fail_plain("%s (%s)", what, at);
+}
+
+unsigned emu_lane() { return self().linear & 31; }
+
+unsigned char *emu_dynamic_smem() {
+    if (dynamic_smem == nullptr) {
+        emu_fail("the kernel uses dynamic shared memory, the launch gave none");
+    }
+    return dynamic_smem->data;
+}
+
+__attribute__((noinline)) void __syncthreads() {
+    self();
+    wait(block_barrier);
+}
+
+__attribute__((noinline)) void emu_warp_exchange(unsigned mask, const uint32_t *mine, int words,
+                                                 uint32_t *all) {
+    Fiber &f = self();
+    Barrier &warp = warp_barriers[f.linear / 32];
+    if (mask != 0xffffffffu) {
+        emu_fail("warp operations with a partial mask are not emulated");
+    }
+    if (warp.live != 32) {
+        emu_fail("a full-mask warp operation while lanes of the warp have exited");
+    }
+    uint32_t *slots = &warp_slots[(f.linear / 32) * 32 * SLOT_WORDS];
+    std::memcpy(slots + (f.linear & 31) * SLOT_WORDS, mine, sizeof(uint32_t) * words);
+    wait(warp);
+    for (int lane = 0; lane < 32; ++lane) {
+        std::memcpy(all + lane * words, slots + lane * SLOT_WORDS, sizeof(uint32_t) * words);
+    }
+    wait(warp);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, lane = 4g + t (PTX ISA fragment
+// layouts): A a0 (g, 2t..) a1 (g+8, 2t..) a2 (g, 2t+8..) a3 (g+8, 2t+8..); B b0 (k 2t.., n g)
+// b1 (k 2t+8.., n g); C c0 c1 (g, 2t, 2t+1) c2 c3 (g+8, 2t, 2t+1). The lower-numbered column
+// (or k) of each pair sits in the low half of its register.
+void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+    uint32_t all[32 * 6];
+    emu_warp_exchange(0xffffffffu, mine, 6, all);
+    const unsigned lane = emu_lane(), g = lane >> 2, t = lane & 3;
+    auto A = [&](int r, int k) {
+        const int src = 4 * (r & 7) + ((k & 7) >> 1);
+        const int reg = (r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+        return bf16_value(half_of(all[src * 6 + reg], k));
+    };
+    auto B = [&](int k, int n) {
+        const int src = 4 * n + ((k & 7) >> 1);
+        const int reg = 4 + (k >= 8 ? 1 : 0);
+        return bf16_value(half_of(all[src * 6 + reg], k));
+    };
+    for (int i = 0; i < 4; ++i) {
+        const int r = (int)g + (i >= 2 ? 8 : 0), n = 2 * (int)t + (i & 1);
+        float acc = c[i];
+        for (int k = 0; k < 16; ++k) {
+            acc += A(r, k) * B(k, n);
+        }
+        c[i] = acc;
+    }
+}
+
+namespace {
+// The row addresses of ldmatrix: lane L names row (L & 7) of matrix (L >> 3), 16-byte aligned,
+// in shared memory.
+void row_addresses(const void *p, const uint16_t *rows[32]) {
+    if (((uintptr_t)p & 15) != 0 || !in_smem(p, 16)) {
+        emu_fail("ldmatrix row address not 16-byte aligned inside the dynamic shared memory");
+    }
+    const uint64_t mine = (uint64_t)(uintptr_t)p;
+    uint32_t words[2] = {(uint32_t)mine, (uint32_t)(mine >> 32)};
+    uint32_t all[64];
+    emu_warp_exchange(0xffffffffu, words, 2, all);
+    for (int lane = 0; lane < 32; ++lane) {
+        rows[lane] = reinterpret_cast<const uint16_t *>(
+            (uintptr_t)((uint64_t)all[2 * lane] | (uint64_t)all[2 * lane + 1] << 32));
+    }
+}
+} // namespace
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: register m of lane L holds row L/4, columns
+// 2(L%4) and 2(L%4)+1 of matrix m.
+void ldmatrix_x4(uint32_t r[4], const void *p) {
+    const uint16_t *rows[32];
+    row_addresses(p, rows);
+    const unsigned lane = emu_lane();
+    for (int m = 0; m < 4; ++m) {
+        const uint16_t *row = rows[m * 8 + (lane >> 2)];
+        r[m] = (uint32_t)row[2 * (lane & 3)] | (uint32_t)row[2 * (lane & 3) + 1] << 16;
+    }
+}
+
+// .trans: the same fragment of each matrix's transpose, so register m of lane L holds rows
+// 2(L%4) and 2(L%4)+1, column L/4.
+void ldmatrix_x4_trans(uint32_t r[4], const void *p) {
+    const uint16_t *rows[32];
+    row_addresses(p, rows);
+    const unsigned lane = emu_lane();
+    for (int m = 0; m < 4; ++m) {
+        const uint16_t *lo = rows[m * 8 + 2 * (lane & 3)], *hi = rows[m * 8 + 2 * (lane & 3) + 1];
+        r[m] = (uint32_t)lo[lane >> 2] | (uint32_t)hi[lane >> 2] << 16;
+    }
+}
+
+// cp.async.cg.shared.global 16 bytes, `bytes` of them read and the rest zero-filled, deferred
+// until a cp.async.wait_group retires the group.
+void cp_async_16(void *dst, const void *src, int bytes) {
+    if (((uintptr_t)dst & 15) != 0 || !in_smem(dst, 16)) {
+        emu_fail("cp.async destination not 16-byte aligned inside the dynamic shared memory");
+    }
+    if (bytes < 0 || bytes > 16 || (bytes > 0 && ((uintptr_t)src & 15) != 0)) {
+        emu_fail("cp.async source not 16-byte aligned, or a size outside 0..16");
+    }
+    self().open.push_back(Copy{static_cast<unsigned char *>(dst),
+                               static_cast<const unsigned char *>(src), bytes});
+}
+
+void cp_async_commit() {
+    Fiber &f = self();
+    f.pending.push_back(std::move(f.open));
+    f.open.clear();
+}
+
+void emu_cp_async_wait(int keep) {
+    Fiber &f = self();
+    while (f.pending.size() > (size_t)keep) {
+        for (const Copy &c : f.pending.front()) {
+            if (c.bytes > 0) {
+                std::memcpy(c.dst, c.src, (size_t)c.bytes);
+            }
+            std::memset(c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
+        }
+        f.pending.erase(f.pending.begin());
+    }
+}
+
+int main(int argc, char **argv) {
+    int at = 1;
+    bool reverse = false;
+    if (at < argc && std::string(argv[at]) == "--reverse") {
+        reverse = true;
+        ++at;
+    }
+    if (argc - at < 8) {
+        fail_plain("usage: runner [--reverse] KERNEL GX GY GZ BX BY BZ DYNAMIC_SMEM_BYTES ARG...");
+    }
+    const std::string name = argv[at];
+    auto number = [&](int i) { return (unsigned)std::stoul(argv[at + i]); };
+    const Launch l{uint3{number(1), number(2), number(3)}, uint3{number(4), number(5), number(6)},
+                   (size_t)std::stoull(argv[at + 7]), reverse};
+    std::vector<Arg> args;
+    for (int i = at + 8; i < argc; ++i) {
+        args.push_back(parse_arg(argv[i]));
+    }
+
+    static unsigned char alt_stack[1 << 16];
+    stack_t ss{};
+    ss.ss_sp = alt_stack;
+    ss.ss_size = sizeof alt_stack;
+    sigaltstack(&ss, nullptr);
+    struct sigaction sa{};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+
+    const Entry *entry = nullptr;
+    for (const Entry &e : KERNELS) {
+        if (name == e.name) {
+            entry = &e;
+        }
+    }
+    if (entry == nullptr) {
+        fail_plain("no kernel named %s", name.c_str());
+    }
+    entry->run(args, l);
+
+    for (const Arg &a : args) {
+        if (a.write_to.empty()) {
+            continue;
+        }
+        FILE *fp = std::fopen(a.write_to.c_str(), "wb");
+        if (fp == nullptr || std::fwrite(a.buffer->data, 1, a.buffer->size, fp) != a.buffer->size ||
+            std::fclose(fp) != 0) {
+            fail_plain("cannot write %s", a.write_to.c_str());
+        }
+    }
+    return 0;
+}

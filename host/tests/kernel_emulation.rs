@@ -1,0 +1,535 @@
+//! The CUDA kernels of `host/kernels` run on the CPU emulator of `host/kernels/emu` against
+//! plain references, so their index math, barriers, fragment layouts and roundings are
+//! tested on every machine, not only in the sessions that are lent a GPU.
+//!
+//! The kernel sources compile unchanged with the machine's C++ compiler (`$CXX`, else `c++`)
+//! into one runner binary (cached under the target dir by a hash of the sources). Each launch
+//! here passes the grid, block, shared memory and arguments the host module passes (named in
+//! each test); the runner checks every argument's kind and width against the kernel's
+//! parameter, fills outputs with NaN bytes first, and stops on any access past a buffer.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use headshot_host::pipeline::flux::check::max_rel_error;
+use headshot_host::pipeline::flux::decoder::gemm_taps;
+
+// ---- the runner ----------------------------------------------------------------------------
+
+fn kernels_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels")
+}
+
+/// Builds the runner once per test process, reusing a binary built from the same sources.
+fn runner() -> &'static Path {
+    static RUNNER: OnceLock<PathBuf> = OnceLock::new();
+    RUNNER.get_or_init(|| {
+        let kernels = kernels_dir();
+        let mut sources: Vec<PathBuf> = Vec::new();
+        for dir in [kernels.clone(), kernels.join("emu"), kernels.join("emu/include")] {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_file() {
+                    sources.push(path);
+                }
+            }
+        }
+        sources.sort();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for path in &sources {
+            std::fs::read(path).unwrap().hash(&mut hasher);
+        }
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+        compiler.hash(&mut hasher);
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu");
+        std::fs::create_dir_all(&out).unwrap();
+        let bin = out.join(format!("runner-{:016x}", hasher.finish()));
+        if !bin.exists() {
+            let partial = out.join(format!("runner-{}.partial", std::process::id()));
+            let output = Command::new(&compiler)
+                .args(["-std=c++17", "-O2", "-fno-strict-aliasing", "-DHEADSHOT_EMULATE"])
+                .args(["-Wall", "-Wextra", "-Wno-unknown-pragmas"])
+                .arg("-I")
+                .arg(kernels.join("emu/include"))
+                .arg("-I")
+                .arg(kernels.join("emu"))
+                .arg(kernels.join("emu/runner.cpp"))
+                .arg("-o")
+                .arg(&partial)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "the kernel emulation tests build host/kernels with a C++17 compiler \
+                         ({compiler}, from $CXX or `c++`), which did not start: {e}"
+                    )
+                });
+            assert!(
+                output.status.success(),
+                "building the kernel emulator failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            std::fs::rename(&partial, &bin).unwrap();
+        }
+        bin
+    })
+}
+
+/// One kernel parameter, as the host pushes it.
+enum Arg {
+    /// A device buffer holding these bytes.
+    In(Vec<u8>),
+    /// A device buffer of this many bytes the kernel writes; returned after the launch.
+    Out(usize),
+    /// A device buffer holding these bytes that the kernel updates; returned after the launch.
+    InOut(Vec<u8>),
+    I32(i32),
+    U32(u32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+}
+
+/// A launch configuration: grid, threads per block (1-D, as every kernel here), dynamic
+/// shared memory bytes.
+struct Config {
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+}
+
+/// Runs `kernel` on the emulator and returns the `Out` and `InOut` buffers in order. `reverse` runs each
+/// block's threads in reverse order.
+fn launch(kernel: &str, cfg: &Config, args: &[Arg], reverse: bool) -> Vec<Vec<u8>> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(runner());
+    if reverse {
+        cmd.arg("--reverse");
+    }
+    cmd.arg(kernel);
+    for n in [cfg.grid.0, cfg.grid.1, cfg.grid.2, cfg.block, 1, 1, cfg.smem] {
+        cmd.arg(n.to_string());
+    }
+    let mut outputs = Vec::new();
+    for (i, arg) in args.iter().enumerate() {
+        let path = dir.path().join(format!("arg{i}"));
+        let spec = match arg {
+            Arg::In(bytes) => {
+                std::fs::write(&path, bytes).unwrap();
+                format!("in:{}", path.display())
+            }
+            Arg::Out(bytes) => {
+                outputs.push(path.clone());
+                format!("out:{}:{bytes}", path.display())
+            }
+            Arg::InOut(bytes) => {
+                std::fs::write(&path, bytes).unwrap();
+                let updated = dir.path().join(format!("arg{i}.out"));
+                outputs.push(updated.clone());
+                format!("inout:{}:{}", path.display(), updated.display())
+            }
+            Arg::I32(v) => format!("i32:{v}"),
+            Arg::U32(v) => format!("u32:{v}"),
+            Arg::I64(v) => format!("i64:{v}"),
+            Arg::U64(v) => format!("u64:{v}"),
+            Arg::F32(v) => format!("f32:{v:e}"),
+        };
+        cmd.arg(spec);
+    }
+    let output = cmd.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{kernel} failed on the emulator ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    outputs
+        .iter()
+        .map(|path| std::fs::read(path).unwrap())
+        .collect()
+}
+
+// ---- values --------------------------------------------------------------------------------
+
+/// Round to nearest even, as `__float2bfloat16`.
+fn bf16(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let u = x.to_bits();
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+fn bf16_value(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// `values` rounded to bf16: (the bytes, the rounded values).
+fn bf16_buffer(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let bits: Vec<u16> = values.iter().map(|&v| bf16(v)).collect();
+    let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    (bytes, bits.iter().map(|&b| bf16_value(b)).collect())
+}
+
+fn bf16_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| bf16_value(u16::from_le_bytes([c[0], c[1]])))
+        .collect()
+}
+
+fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The value of an e4m3 byte (bias 7, 0x7f/0xff NaN).
+fn e4m3_value(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (exp, mant) = (i32::from((b >> 3) & 15), f32::from(b & 7));
+    if exp == 15 && mant == 7.0 {
+        return f32::NAN;
+    }
+    sign * if exp == 0 {
+        mant * 2f32.powi(-9)
+    } else {
+        (1.0 + mant / 8.0) * 2f32.powi(exp - 7)
+    }
+}
+
+/// candle's own f32 → F8E4M3 conversion (the `float8` crate), read back as f32: the
+/// reference for the kernels' `__nv_cvt_float_to_fp8`.
+fn candle_e4m3(values: &[f32]) -> Vec<f32> {
+    Tensor::from_vec(values.to_vec(), values.len(), &Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F8E4M3))
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec1())
+        .unwrap()
+}
+
+/// Deterministic standard-normal-ish values (sum of four uniforms, scaled).
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut uniform = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| (((0..4).map(|_| uniform()).sum::<f64>() - 2.0) * 1.732) as f32)
+        .collect()
+}
+
+fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
+    let t = |v: &[f32]| Tensor::from_vec(v.to_vec(), v.len(), &Device::Cpu).unwrap();
+    max_rel_error(&t(got), &t(want)).unwrap()
+}
+
+// ---- fp8 -------------------------------------------------------------------------------------
+
+/// `gemm_cuda::elementwise`: blocks of 256 threads, 8 values each, at most 4096 blocks.
+fn elementwise(n: usize) -> Config {
+    Config {
+        grid: ((n / 8).div_ceil(256).clamp(1, 4096) as u32, 1, 1),
+        block: 256,
+        smem: 0,
+    }
+}
+
+#[test]
+fn e4m3_conversion_matches_candle_for_every_bf16_up_to_448_and_saturates_past_it() {
+    // Every finite bf16 of magnitude ≤ 448, then a few past it, through the per-tensor
+    // quantizer with its amax forced to 448 (scale 1), as gemm_cuda's FP8 path launches it.
+    let mut values: Vec<f32> = (0u16..=0xffff)
+        .map(bf16_value)
+        .filter(|v| v.is_finite() && v.abs() <= 448.0)
+        .collect();
+    let exact = values.len();
+    values.extend([449.0, -460.0, 1e6, -3e38]);
+    values.push(0.5); // 8-aligned tail differs from the vector body: test both
+    let (bytes, rounded) = bf16_buffer(&values);
+    let n = values.len();
+    let amax = f32_bytes(&[448.0]);
+    let out = launch(
+        "headshot_quantize_e4m3",
+        &elementwise(n),
+        &[
+            Arg::In(bytes.clone()),
+            Arg::U64(n as u64),
+            Arg::In(amax),
+            Arg::Out(n),
+            Arg::Out(4),
+        ],
+        false,
+    );
+    let got: Vec<f32> = out[0].iter().map(|&b| e4m3_value(b)).collect();
+    assert_eq!(f32_values(&out[1]), [1.0], "the scale is amax / 448");
+    let want = candle_e4m3(&rounded[..exact]);
+    for (i, (g, w)) in got[..exact].iter().zip(&want).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits() || (*g == 0.0 && *w == 0.0),
+            "{} -> {g}, candle says {w} (index {i})",
+            rounded[i]
+        );
+    }
+    assert_eq!(&got[exact..], [448.0, -448.0, 448.0, -448.0, 0.5]);
+
+    // The amax kernel over the same values (zeroed first, as the host does).
+    let amax = launch(
+        "headshot_amax_bf16",
+        &elementwise(n),
+        &[
+            Arg::In(bytes),
+            Arg::U64(n as u64),
+            Arg::InOut(f32_bytes(&[0.0])),
+        ],
+        false,
+    );
+    let max = rounded.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert_eq!(f32_values(&amax[0]), [max]);
+}
+
+/// The per-row quantizer's launch (`fp8_rows_cuda::QuantizeRows::launch`): rows of `a`, or
+/// of `a` and `b` joined, into `rows × width` e4m3 bytes and `rows` f32 scales.
+fn quantize_rows(a: &[u8], a_width: usize, b: Option<(&[u8], usize)>, rows: usize) -> Vec<Vec<u8>> {
+    let (b, b_width) = b.unwrap_or((a, 0));
+    launch(
+        "headshot_quantize_rows_e4m3",
+        &Config {
+            grid: ((rows as u32).clamp(1, 1 << 16), 1, 1),
+            block: 256,
+            smem: 0,
+        },
+        &[
+            Arg::In(a.to_vec()),
+            Arg::U32(a_width as u32),
+            Arg::In(b.to_vec()),
+            Arg::U32(b_width as u32),
+            Arg::U32(rows as u32),
+            Arg::Out(rows * (a_width + b_width)),
+            Arg::Out(4 * rows),
+        ],
+        false,
+    )
+}
+
+/// The reference for one row: max |x| ↦ 448 (the kernel's f32 arithmetic: `inv = 448 / amax`,
+/// then `x · inv`), converted by candle.
+fn reference_row(row: &[f32]) -> (Vec<f32>, f32) {
+    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    let inv = 448.0 / amax;
+    let scaled: Vec<f32> = row.iter().map(|v| v * inv).collect();
+    (candle_e4m3(&scaled), amax / 448.0)
+}
+
+#[test]
+fn row_quantizer_maps_each_rows_max_to_448_from_one_part_or_two() {
+    let rows = 5;
+    let (a_width, b_width) = (40, 24);
+    // Rows spanning 1e-4 to 1e2, and an all-zero row.
+    let row_scaled = |values: Vec<f32>, width: usize| -> Vec<f32> {
+        values
+            .chunks(width)
+            .enumerate()
+            .flat_map(|(r, row)| {
+                let s = if r == 3 { 0.0 } else { 10f32.powi(r as i32 * 2 - 4) };
+                row.iter().map(move |v| v * s).collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (a_bytes, a) = bf16_buffer(&row_scaled(random(rows * a_width, 1), a_width));
+    let (b_bytes, b) = bf16_buffer(&row_scaled(random(rows * b_width, 2), b_width));
+    for two_parts in [false, true] {
+        let width = a_width + if two_parts { b_width } else { 0 };
+        let parts = two_parts.then_some((b_bytes.as_slice(), b_width));
+        let out = quantize_rows(&a_bytes, a_width, parts, rows);
+        let scales = f32_values(&out[1]);
+        for r in 0..rows {
+            let mut row = a[r * a_width..(r + 1) * a_width].to_vec();
+            if two_parts {
+                row.extend_from_slice(&b[r * b_width..(r + 1) * b_width]);
+            }
+            let (want, scale) = reference_row(&row);
+            let got: Vec<f32> = out[0][r * width..(r + 1) * width]
+                .iter()
+                .map(|&b| e4m3_value(b))
+                .collect();
+            assert_eq!(got, want, "row {r}, two parts: {two_parts}");
+            assert_eq!(scales[r], scale, "row {r} scale, two parts: {two_parts}");
+            if r != 3 {
+                let max = got.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert_eq!(max, 448.0, "row {r}: its max maps to 448");
+            }
+        }
+    }
+}
+
+/// adaLN's norm launch (`adaln_cuda`, the norm steps): one block of 256 threads per row,
+/// `(x, scale, shift, vec_batch, outputs…, rows, hidden, eps)`.
+fn norm_modulate(kernel: &str, inputs: [&[u8]; 3], vec_batch: usize, outputs: &[usize], (batch, rows, hidden): (usize, usize, usize)) -> Vec<Vec<u8>> {
+    let mut args = vec![
+        Arg::In(inputs[0].to_vec()),
+        Arg::In(inputs[1].to_vec()),
+        Arg::In(inputs[2].to_vec()),
+        Arg::I64(vec_batch as i64),
+    ];
+    args.extend(outputs.iter().map(|&bytes| Arg::Out(bytes)));
+    args.extend([Arg::I32(rows as i32), Arg::I32(hidden as i32), Arg::F32(1e-6)]);
+    let cfg = Config {
+        grid: (rows as u32, batch as u32, 1),
+        block: 256,
+        smem: 0,
+    };
+    launch(kernel, &cfg, &args, false)
+}
+
+#[test]
+fn adaln_norm_matches_f64_and_its_fused_e4m3_form_equals_norm_then_row_quantizer_bit_for_bit() {
+    // FLUX's width, 6 of a thread's 8 pairs in use; the modulation rows sit 3·hidden apart
+    // (as chunks of one modulation vector do).
+    let (batch, rows, hidden) = (2, 3, 3072);
+    let vec_batch = 3 * hidden;
+    let x: Vec<f32> = random(batch * rows * hidden, 3)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * 2.0 + (i / hidden) as f32 * 0.5)
+        .collect();
+    let (x_bytes, x) = bf16_buffer(&x);
+    let (scale_bytes, scale) = bf16_buffer(&random(batch * vec_batch, 4).iter().map(|v| v * 0.3).collect::<Vec<_>>());
+    let (shift_bytes, shift) = bf16_buffer(&random(batch * vec_batch, 5).iter().map(|v| v * 0.3).collect::<Vec<_>>());
+    let inputs = [x_bytes.as_slice(), &scale_bytes, &shift_bytes];
+    let dims = (batch, rows, hidden);
+
+    let y = norm_modulate("headshot_norm_modulate_bf16", inputs, vec_batch, &[2 * batch * rows * hidden], dims);
+    let got = bf16_values(&y[0]);
+    let mut want = Vec::new();
+    for (r, row) in x.chunks(hidden).enumerate() {
+        let b = r / rows;
+        let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / hidden as f64;
+        let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / hidden as f64;
+        let rstd = 1.0 / (var + 1e-6).sqrt();
+        for (j, &v) in row.iter().enumerate() {
+            let s = f64::from(scale[b * vec_batch + j]);
+            let t = f64::from(shift[b * vec_batch + j]);
+            want.push(((f64::from(v) - mean) * rstd * (1.0 + s) + t) as f32);
+        }
+    }
+    let error = rel_error(&got, &want);
+    assert!(error <= 1e-2, "norm-modulate against f64: {error}");
+
+    let fused = norm_modulate(
+        "headshot_norm_modulate_e4m3",
+        inputs,
+        vec_batch,
+        &[batch * rows * hidden, 4 * batch * rows],
+        dims,
+    );
+    let separate = quantize_rows(&y[0], hidden, None, batch * rows);
+    assert_eq!(fused[1], separate[1], "row scales");
+    assert!(fused[0] == separate[0], "e4m3 values differ");
+}
+
+// ---- attention -------------------------------------------------------------------------------
+
+/// `flash_cuda`'s kernels: (entry, query rows per block, dynamic shared memory).
+const FLASH_KERNELS: [(&str, u32, u32); 5] = [
+    ("headshot_flash_attn_pipe4_bf16_d128", 64, 69_632),
+    ("headshot_flash_attn_wide_bf16_d128", 128, 104_448),
+    ("headshot_flash_attn_wide32_bf16_d128", 128, 104_448),
+    ("headshot_flash_attn_wide32_lazy_bf16_d128", 128, 104_448),
+    ("headshot_flash_attn_wide_lazy_bf16_d128", 128, 104_448),
+];
+const HEAD_DIM: usize = 128;
+
+/// softmax(q·kᵀ/√d)·v in f64 over `(batch, tokens, heads, 128)`, the kernels' layout.
+fn attention_reference(q: &[f32], k: &[f32], v: &[f32], (b, n, h): (usize, usize, usize)) -> Vec<f32> {
+    let at = |bi: usize, t: usize, hi: usize| ((bi * n + t) * h + hi) * HEAD_DIM;
+    let scale = 1.0 / (HEAD_DIM as f64).sqrt();
+    let mut out = vec![0f32; b * n * h * HEAD_DIM];
+    for bi in 0..b {
+        for hi in 0..h {
+            for i in 0..n {
+                let qi = &q[at(bi, i, hi)..][..HEAD_DIM];
+                let scores: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let kj = &k[at(bi, j, hi)..][..HEAD_DIM];
+                        qi.iter().zip(kj).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>() * scale
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..HEAD_DIM {
+                    let o: f64 = (0..n).map(|j| weights[j] * f64::from(v[at(bi, j, hi) + d])).sum();
+                    out[at(bi, i, hi) + d] = (o / total) as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn flash(kernel: (&str, u32, u32), qkv: [&[u8]; 3], (b, n, h): (usize, usize, usize), reverse: bool) -> Vec<f32> {
+    let (entry, rows, smem) = kernel;
+    let cfg = Config {
+        grid: ((n as u32).div_ceil(rows), (b * h) as u32, 1),
+        block: 128,
+        smem,
+    };
+    let scale_log2 = ((HEAD_DIM as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
+    let out = launch(
+        entry,
+        &cfg,
+        &[
+            Arg::In(qkv[0].to_vec()),
+            Arg::In(qkv[1].to_vec()),
+            Arg::In(qkv[2].to_vec()),
+            Arg::Out(2 * b * n * h * HEAD_DIM),
+            Arg::I32(n as i32),
+            Arg::I32(h as i32),
+            Arg::F32(scale_log2),
+        ],
+        reverse,
+    );
+    bf16_values(&out[0])
+}
+
+#[test]
+fn every_flash_kernel_matches_f64_attention_at_a_ragged_length_and_with_a_late_peak() {
+    // 200 tokens: a partial last 64-key tile, a partial second 128-row block; two batches of
+    // two heads (grid y walks both).
+    let dims @ (b, n, h) = (2, 200, 2);
+    let len = b * n * h * HEAD_DIM;
+    let (q_bytes, q) = bf16_buffer(&random(len, 6));
+    let (k_bytes, k) = bf16_buffer(&random(len, 7));
+    let (v_bytes, v) = bf16_buffer(&random(len, 8));
+    // The last 100 keys 4× (as `--check`'s late_peak): most rows' maximum jumps by ~11 log2
+    // units after the first tiles, past the lazy kernels' 2⁸ slack, so they rescale.
+    let peaked: Vec<f32> = k
+        .iter()
+        .enumerate()
+        .map(|(i, x)| if (i / (h * HEAD_DIM)) % n >= n - 100 { x * 4.0 } else { *x })
+        .collect();
+    let (peak_bytes, peaked) = bf16_buffer(&peaked);
+    let plain = attention_reference(&q, &k, &v, dims);
+    let peak = attention_reference(&q, &peaked, &v, dims);
+    for (i, kernel) in FLASH_KERNELS.into_iter().enumerate() {
+        let got = flash(kernel, [&q_bytes, &k_bytes, &v_bytes], dims, i % 2 == 1);
+        let error = rel_error(&got, &plain);
+        assert!(error <= 1e-2, "{}: {error}", kernel.0);
+        let got = flash(kernel, [&q_bytes, &peak_bytes, &v_bytes], dims, i % 2 == 0);
+        let error = rel_error(&got, &peak);
+        assert!(error <= 1e-2, "{} late peak: {error}", kernel.0);
+    }
+}
