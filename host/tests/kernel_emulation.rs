@@ -29,7 +29,11 @@ fn runner() -> &'static Path {
     RUNNER.get_or_init(|| {
         let kernels = kernels_dir();
         let mut sources: Vec<PathBuf> = Vec::new();
-        for dir in [kernels.clone(), kernels.join("emu"), kernels.join("emu/include")] {
+        for dir in [
+            kernels.clone(),
+            kernels.join("emu"),
+            kernels.join("emu/include"),
+        ] {
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let path = entry.unwrap().path();
                 if path.is_file() {
@@ -50,7 +54,12 @@ fn runner() -> &'static Path {
         if !bin.exists() {
             let partial = out.join(format!("runner-{}.partial", std::process::id()));
             let output = Command::new(&compiler)
-                .args(["-std=c++17", "-O2", "-fno-strict-aliasing", "-DHEADSHOT_EMULATE"])
+                .args([
+                    "-std=c++17",
+                    "-O2",
+                    "-fno-strict-aliasing",
+                    "-DHEADSHOT_EMULATE",
+                ])
                 .args(["-Wall", "-Wextra", "-Wno-unknown-pragmas"])
                 .arg("-I")
                 .arg(kernels.join("emu/include"))
@@ -100,16 +109,50 @@ struct Config {
     smem: u32,
 }
 
-/// Runs `kernel` on the emulator and returns the `Out` and `InOut` buffers in order. `reverse` runs each
-/// block's threads in reverse order.
-fn launch(kernel: &str, cfg: &Config, args: &[Arg], reverse: bool) -> Vec<Vec<u8>> {
+/// The order the emulator moves a block's threads in (`runner.cpp` says what each exposes).
+#[derive(Clone, Copy, Debug)]
+enum Schedule {
+    Forward,
+    Reverse,
+    WarpsAhead,
+}
+
+impl Schedule {
+    const ALL: [Schedule; 3] = [Self::Forward, Self::Reverse, Self::WarpsAhead];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::Reverse => "reverse",
+            Self::WarpsAhead => "warps-ahead",
+        }
+    }
+}
+
+/// Runs `kernel` under every schedule, checks that they agree bit for bit (a difference is a
+/// race), and returns the `Out` and `InOut` buffers in order.
+fn launch(kernel: &str, cfg: &Config, args: &[Arg]) -> Vec<Vec<u8>> {
+    let first = launch_with(Schedule::Forward, kernel, cfg, args);
+    for schedule in &Schedule::ALL[1..] {
+        let other = launch_with(*schedule, kernel, cfg, args);
+        assert!(
+            other == first,
+            "{kernel}: the {} schedule wrote other results than forward: a race",
+            schedule.name()
+        );
+    }
+    first
+}
+
+/// Runs `kernel` on the emulator under one schedule and returns the `Out` and `InOut`
+/// buffers in order.
+fn launch_with(schedule: Schedule, kernel: &str, cfg: &Config, args: &[Arg]) -> Vec<Vec<u8>> {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(runner());
-    if reverse {
-        cmd.arg("--reverse");
-    }
-    cmd.arg(kernel);
-    for n in [cfg.grid.0, cfg.grid.1, cfg.grid.2, cfg.block, 1, 1, cfg.smem] {
+    cmd.args(["--schedule", schedule.name(), kernel]);
+    for n in [
+        cfg.grid.0, cfg.grid.1, cfg.grid.2, cfg.block, 1, 1, cfg.smem,
+    ] {
         cmd.arg(n.to_string());
     }
     let mut outputs = Vec::new();
@@ -271,7 +314,6 @@ fn e4m3_conversion_matches_candle_for_every_bf16_up_to_448_and_saturates_past_it
             Arg::Out(n),
             Arg::Out(4),
         ],
-        false,
     );
     let got: Vec<f32> = out[0].iter().map(|&b| e4m3_value(b)).collect();
     assert_eq!(f32_values(&out[1]), [1.0], "the scale is amax / 448");
@@ -294,7 +336,6 @@ fn e4m3_conversion_matches_candle_for_every_bf16_up_to_448_and_saturates_past_it
             Arg::U64(n as u64),
             Arg::InOut(f32_bytes(&[0.0])),
         ],
-        false,
     );
     let max = rounded.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert_eq!(f32_values(&amax[0]), [max]);
@@ -320,7 +361,6 @@ fn quantize_rows(a: &[u8], a_width: usize, b: Option<(&[u8], usize)>, rows: usiz
             Arg::Out(rows * (a_width + b_width)),
             Arg::Out(4 * rows),
         ],
-        false,
     )
 }
 
@@ -335,15 +375,25 @@ fn reference_row(row: &[f32]) -> (Vec<f32>, f32) {
 
 #[test]
 fn row_quantizer_maps_each_rows_max_to_448_from_one_part_or_two() {
+    // Narrow rows (one warp reads them), and rows wider than the block (every warp, twice).
+    for (a_width, b_width) in [(40, 24), (3072, 1032)] {
+        quantize_rows_case(a_width, b_width);
+    }
+}
+
+fn quantize_rows_case(a_width: usize, b_width: usize) {
     let rows = 5;
-    let (a_width, b_width) = (40, 24);
     // Rows spanning 1e-4 to 1e2, and an all-zero row.
     let row_scaled = |values: Vec<f32>, width: usize| -> Vec<f32> {
         values
             .chunks(width)
             .enumerate()
             .flat_map(|(r, row)| {
-                let s = if r == 3 { 0.0 } else { 10f32.powi(r as i32 * 2 - 4) };
+                let s = if r == 3 {
+                    0.0
+                } else {
+                    10f32.powi(r as i32 * 2 - 4)
+                };
                 row.iter().map(move |v| v * s).collect::<Vec<_>>()
             })
             .collect()
@@ -365,8 +415,9 @@ fn row_quantizer_maps_each_rows_max_to_448_from_one_part_or_two() {
                 .iter()
                 .map(|&b| e4m3_value(b))
                 .collect();
-            assert_eq!(got, want, "row {r}, two parts: {two_parts}");
-            assert_eq!(scales[r], scale, "row {r} scale, two parts: {two_parts}");
+            let case = format!("row {r} of {a_width}+{b_width}, two parts: {two_parts}");
+            assert_eq!(got, want, "{case}");
+            assert_eq!(scales[r], scale, "{case}: scale");
             if r != 3 {
                 let max = got.iter().fold(0f32, |m, v| m.max(v.abs()));
                 assert_eq!(max, 448.0, "row {r}: its max maps to 448");
@@ -377,7 +428,13 @@ fn row_quantizer_maps_each_rows_max_to_448_from_one_part_or_two() {
 
 /// adaLN's norm launch (`adaln_cuda`, the norm steps): one block of 256 threads per row,
 /// `(x, scale, shift, vec_batch, outputs…, rows, hidden, eps)`.
-fn norm_modulate(kernel: &str, inputs: [&[u8]; 3], vec_batch: usize, outputs: &[usize], (batch, rows, hidden): (usize, usize, usize)) -> Vec<Vec<u8>> {
+fn norm_modulate(
+    kernel: &str,
+    inputs: [&[u8]; 3],
+    vec_batch: usize,
+    outputs: &[usize],
+    (batch, rows, hidden): (usize, usize, usize),
+) -> Vec<Vec<u8>> {
     let mut args = vec![
         Arg::In(inputs[0].to_vec()),
         Arg::In(inputs[1].to_vec()),
@@ -385,13 +442,17 @@ fn norm_modulate(kernel: &str, inputs: [&[u8]; 3], vec_batch: usize, outputs: &[
         Arg::I64(vec_batch as i64),
     ];
     args.extend(outputs.iter().map(|&bytes| Arg::Out(bytes)));
-    args.extend([Arg::I32(rows as i32), Arg::I32(hidden as i32), Arg::F32(1e-6)]);
+    args.extend([
+        Arg::I32(rows as i32),
+        Arg::I32(hidden as i32),
+        Arg::F32(1e-6),
+    ]);
     let cfg = Config {
         grid: (rows as u32, batch as u32, 1),
         block: 256,
         smem: 0,
     };
-    launch(kernel, &cfg, &args, false)
+    launch(kernel, &cfg, &args)
 }
 
 #[test]
@@ -406,18 +467,38 @@ fn adaln_norm_matches_f64_and_its_fused_e4m3_form_equals_norm_then_row_quantizer
         .map(|(i, v)| v * 2.0 + (i / hidden) as f32 * 0.5)
         .collect();
     let (x_bytes, x) = bf16_buffer(&x);
-    let (scale_bytes, scale) = bf16_buffer(&random(batch * vec_batch, 4).iter().map(|v| v * 0.3).collect::<Vec<_>>());
-    let (shift_bytes, shift) = bf16_buffer(&random(batch * vec_batch, 5).iter().map(|v| v * 0.3).collect::<Vec<_>>());
+    let (scale_bytes, scale) = bf16_buffer(
+        &random(batch * vec_batch, 4)
+            .iter()
+            .map(|v| v * 0.3)
+            .collect::<Vec<_>>(),
+    );
+    let (shift_bytes, shift) = bf16_buffer(
+        &random(batch * vec_batch, 5)
+            .iter()
+            .map(|v| v * 0.3)
+            .collect::<Vec<_>>(),
+    );
     let inputs = [x_bytes.as_slice(), &scale_bytes, &shift_bytes];
     let dims = (batch, rows, hidden);
 
-    let y = norm_modulate("headshot_norm_modulate_bf16", inputs, vec_batch, &[2 * batch * rows * hidden], dims);
+    let y = norm_modulate(
+        "headshot_norm_modulate_bf16",
+        inputs,
+        vec_batch,
+        &[2 * batch * rows * hidden],
+        dims,
+    );
     let got = bf16_values(&y[0]);
     let mut want = Vec::new();
     for (r, row) in x.chunks(hidden).enumerate() {
         let b = r / rows;
         let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / hidden as f64;
-        let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / hidden as f64;
+        let var = row
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / hidden as f64;
         let rstd = 1.0 / (var + 1e-6).sqrt();
         for (j, &v) in row.iter().enumerate() {
             let s = f64::from(scale[b * vec_batch + j]);
@@ -453,7 +534,12 @@ const FLASH_KERNELS: [(&str, u32, u32); 5] = [
 const HEAD_DIM: usize = 128;
 
 /// softmax(q·kᵀ/√d)·v in f64 over `(batch, tokens, heads, 128)`, the kernels' layout.
-fn attention_reference(q: &[f32], k: &[f32], v: &[f32], (b, n, h): (usize, usize, usize)) -> Vec<f32> {
+fn attention_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (b, n, h): (usize, usize, usize),
+) -> Vec<f32> {
     let at = |bi: usize, t: usize, hi: usize| ((bi * n + t) * h + hi) * HEAD_DIM;
     let scale = 1.0 / (HEAD_DIM as f64).sqrt();
     let mut out = vec![0f32; b * n * h * HEAD_DIM];
@@ -464,14 +550,20 @@ fn attention_reference(q: &[f32], k: &[f32], v: &[f32], (b, n, h): (usize, usize
                 let scores: Vec<f64> = (0..n)
                     .map(|j| {
                         let kj = &k[at(bi, j, hi)..][..HEAD_DIM];
-                        qi.iter().zip(kj).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>() * scale
+                        qi.iter()
+                            .zip(kj)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum::<f64>()
+                            * scale
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for d in 0..HEAD_DIM {
-                    let o: f64 = (0..n).map(|j| weights[j] * f64::from(v[at(bi, j, hi) + d])).sum();
+                    let o: f64 = (0..n)
+                        .map(|j| weights[j] * f64::from(v[at(bi, j, hi) + d]))
+                        .sum();
                     out[at(bi, i, hi) + d] = (o / total) as f32;
                 }
             }
@@ -480,7 +572,12 @@ fn attention_reference(q: &[f32], k: &[f32], v: &[f32], (b, n, h): (usize, usize
     out
 }
 
-fn flash(kernel: (&str, u32, u32), qkv: [&[u8]; 3], (b, n, h): (usize, usize, usize), reverse: bool) -> Vec<f32> {
+fn flash(
+    kernel: (&str, u32, u32),
+    qkv: [&[u8]; 3],
+    (b, n, h): (usize, usize, usize),
+    schedule: Schedule,
+) -> Vec<f32> {
     let (entry, rows, smem) = kernel;
     let cfg = Config {
         grid: ((n as u32).div_ceil(rows), (b * h) as u32, 1),
@@ -488,7 +585,8 @@ fn flash(kernel: (&str, u32, u32), qkv: [&[u8]; 3], (b, n, h): (usize, usize, us
         smem,
     };
     let scale_log2 = ((HEAD_DIM as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
-    let out = launch(
+    let out = launch_with(
+        schedule,
         entry,
         &cfg,
         &[
@@ -500,7 +598,6 @@ fn flash(kernel: (&str, u32, u32), qkv: [&[u8]; 3], (b, n, h): (usize, usize, us
             Arg::I32(h as i32),
             Arg::F32(scale_log2),
         ],
-        reverse,
     );
     bf16_values(&out[0])
 }
@@ -519,17 +616,231 @@ fn every_flash_kernel_matches_f64_attention_at_a_ragged_length_and_with_a_late_p
     let peaked: Vec<f32> = k
         .iter()
         .enumerate()
-        .map(|(i, x)| if (i / (h * HEAD_DIM)) % n >= n - 100 { x * 4.0 } else { *x })
+        .map(|(i, x)| {
+            if (i / (h * HEAD_DIM)) % n >= n - 100 {
+                x * 4.0
+            } else {
+                *x
+            }
+        })
         .collect();
     let (peak_bytes, peaked) = bf16_buffer(&peaked);
-    let plain = attention_reference(&q, &k, &v, dims);
-    let peak = attention_reference(&q, &peaked, &v, dims);
+    // Every score near -19: the keys past the end (zero-filled tiles, score 0) would take
+    // nearly all the weight if the mask missed one.
+    let positive: Vec<f32> = q.iter().map(|x| x.abs() + 0.5).collect();
+    let negative: Vec<f32> = k.iter().map(|x| -x.abs() - 0.5).collect();
+    let (pos_bytes, positive) = bf16_buffer(&positive);
+    let (neg_bytes, negative) = bf16_buffer(&negative);
+    let cases = [
+        (
+            "random",
+            [q_bytes.as_slice(), &k_bytes, &v_bytes],
+            attention_reference(&q, &k, &v, dims),
+        ),
+        (
+            "late peak",
+            [q_bytes.as_slice(), &peak_bytes, &v_bytes],
+            attention_reference(&q, &peaked, &v, dims),
+        ),
+        (
+            "negative scores",
+            [pos_bytes.as_slice(), &neg_bytes, &v_bytes],
+            attention_reference(&positive, &negative, &v, dims),
+        ),
+    ];
     for (i, kernel) in FLASH_KERNELS.into_iter().enumerate() {
-        let got = flash(kernel, [&q_bytes, &k_bytes, &v_bytes], dims, i % 2 == 1);
-        let error = rel_error(&got, &plain);
-        assert!(error <= 1e-2, "{}: {error}", kernel.0);
-        let got = flash(kernel, [&q_bytes, &peak_bytes, &v_bytes], dims, i % 2 == 0);
-        let error = rel_error(&got, &peak);
-        assert!(error <= 1e-2, "{} late peak: {error}", kernel.0);
+        for (j, (name, inputs, want)) in cases.iter().enumerate() {
+            // One schedule per run (all three would triple the test's time), each kernel
+            // and each input under a different one.
+            let got = flash(kernel, *inputs, dims, Schedule::ALL[(i + j) % 3]);
+            let error = rel_error(&got, want);
+            assert!(error <= 1e-2, "{} {name}: {error}", kernel.0);
+        }
+    }
+}
+
+// ---- the decoder's kernels -------------------------------------------------------------------
+
+/// `group_norm_cuda::chunking`: a group split into chunks of at least 8192 values, at most 32
+/// of them, each even.
+fn chunking(group_len: usize) -> (usize, usize) {
+    let chunk = group_len.div_ceil(32).max(8192);
+    let chunk = chunk + chunk % 2;
+    (chunk, group_len.div_ceil(chunk).max(1))
+}
+
+#[test]
+fn group_norm_kernels_match_f64_with_and_without_silu() {
+    // One chunk per group; two chunks (8192 + 1024); channels of an odd number of pairs.
+    for (batch, channels, groups, h, w) in
+        [(2, 8, 4, 48, 48), (1, 16, 4, 48, 48), (1, 6, 3, 10, 13)]
+    {
+        let channel_len = h * w;
+        let group_len = channels / groups * channel_len;
+        let (chunk_len, chunks) = chunking(group_len);
+        let all_groups = batch * groups;
+        let n = batch * channels * channel_len;
+        let x: Vec<f32> = random(n, 9)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * 3.0 + (i / channel_len % 5) as f32)
+            .collect();
+        let (x_bytes, x) = bf16_buffer(&x);
+        let (w_bytes, weight) = bf16_buffer(&random(channels, 10));
+        let (b_bytes, bias) = bf16_buffer(&random(channels, 11));
+        let cfg = Config {
+            grid: (chunks as u32, all_groups as u32, 1),
+            block: 256,
+            smem: 0,
+        };
+        let partials = launch(
+            "headshot_group_stats_bf16",
+            &cfg,
+            &[
+                Arg::In(x_bytes.clone()),
+                Arg::I64(group_len as i64),
+                Arg::I64(chunk_len as i64),
+                Arg::Out(8 * 2 * all_groups * chunks),
+            ],
+        );
+        for silu in [false, true] {
+            let y = launch(
+                "headshot_group_apply_bf16",
+                &cfg,
+                &[
+                    Arg::In(x_bytes.clone()),
+                    Arg::In(partials[0].clone()),
+                    Arg::I32(chunks as i32),
+                    Arg::In(w_bytes.clone()),
+                    Arg::In(b_bytes.clone()),
+                    Arg::I32(groups as i32),
+                    Arg::I64(group_len as i64),
+                    Arg::I64(chunk_len as i64),
+                    Arg::I64(channel_len as i64),
+                    Arg::F32(1e-6),
+                    Arg::I32(i32::from(silu)),
+                    Arg::Out(2 * n),
+                ],
+            );
+            let mut want = Vec::with_capacity(n);
+            for (g, group) in x.chunks(group_len).enumerate() {
+                let mean = group.iter().map(|&v| f64::from(v)).sum::<f64>() / group_len as f64;
+                let var = group
+                    .iter()
+                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .sum::<f64>()
+                    / group_len as f64;
+                let rstd = 1.0 / (var + 1e-6).sqrt();
+                for (i, &v) in group.iter().enumerate() {
+                    let c = g % groups * (channels / groups) + i / channel_len;
+                    let y =
+                        (f64::from(v) - mean) * rstd * f64::from(weight[c]) + f64::from(bias[c]);
+                    want.push((if silu { y / (1.0 + (-y).exp()) } else { y }) as f32);
+                }
+            }
+            let error = rel_error(&bf16_values(&y[0]), &want);
+            assert!(
+                error <= 1e-2,
+                "{batch}x{channels}x{h}x{w} in {groups} groups, silu {silu}: {error}"
+            );
+        }
+    }
+}
+
+#[test]
+fn convolution_gemm_kernels_with_the_gemms_in_rust_match_candles_convolution() {
+    // 3×3, 3×3 over the input upsampled 2×, 1×1; widths whose padded rows (wp) differ.
+    for (cin, cout, (h0, w0), kernel, upsample) in [
+        (8, 5, (7, 6), 3, false),
+        (16, 3, (5, 4), 3, true),
+        (8, 4, (4, 6), 1, false),
+    ] {
+        let case = format!("{cin}->{cout} {h0}x{w0} {kernel}x{kernel} upsample {upsample}");
+        let up = usize::from(upsample);
+        let (h, w) = (h0 << up, w0 << up);
+        let taps = if kernel == 3 { 3 } else { 1 };
+        let (x_bytes, x) = bf16_buffer(&random(cin * h0 * w0, 12));
+        let (_, weights) = bf16_buffer(&random(cout * cin * kernel * kernel, 13));
+        let (bias_bytes, bias) = bf16_buffer(&random(cout, 14));
+        let weights = Tensor::from_vec(weights, (cout, cin, kernel, kernel), &Device::Cpu).unwrap();
+        let tap_values: Vec<f32> = gemm_taps(&weights)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .unwrap();
+        let k = taps * cin;
+        // conv_gemm_cuda: padded rows of wp values, (h+2)·wp per padded plane, h·wp GEMM rows.
+        let wp = if taps == 3 {
+            (w + 2).div_ceil(8) * 8
+        } else {
+            w
+        };
+        let plane = if taps == 3 { (h + 2) * wp } else { h * w };
+        let rows = h * wp;
+        let grid = |n: usize, planes: usize| Config {
+            grid: (n.div_ceil(256).clamp(1, 4096) as u32, planes as u32, 1),
+            block: 256,
+            smem: 0,
+        };
+        let a = if taps == 3 {
+            let padded = launch(
+                "headshot_conv_pad3_bf16",
+                &grid(plane, 3 * cin),
+                &[
+                    Arg::In(x_bytes.clone()),
+                    Arg::I32(cin as i32),
+                    Arg::I32(h as i32),
+                    Arg::I32(w as i32),
+                    Arg::I32(wp as i32),
+                    Arg::I32(up as i32),
+                    Arg::Out(2 * 3 * cin * plane),
+                ],
+            );
+            bf16_values(&padded[0])
+        } else {
+            x.clone()
+        };
+        // gemm_bf16_f32's contract: A rows × k column-major with leading dimension `plane`,
+        // starting dy padded rows in; B tap dy's k × cout column-major (ld k); D rows × cout
+        // (ld rows), accumulated over the taps.
+        let mut acc = vec![0f32; cout * rows];
+        for dy in 0..taps {
+            for o in 0..cout {
+                for p in 0..rows {
+                    let sum: f32 = (0..k)
+                        .map(|kk| {
+                            a[kk * plane + dy * wp + p] * tap_values[(dy * cout + o) * k + kk]
+                        })
+                        .sum();
+                    acc[o * rows + p] += sum;
+                }
+            }
+        }
+        let y = launch(
+            "headshot_conv_crop_bias_bf16",
+            &grid(h * w, cout),
+            &[
+                Arg::In(f32_bytes(&acc)),
+                Arg::In(bias_bytes),
+                Arg::I32(h as i32),
+                Arg::I32(w as i32),
+                Arg::I32(wp as i32),
+                Arg::Out(2 * cout * h * w),
+            ],
+        );
+        let input = Tensor::from_vec(x, (1, cin, h0, w0), &Device::Cpu).unwrap();
+        let input = if upsample {
+            input.upsample_nearest2d(h, w).unwrap()
+        } else {
+            input
+        };
+        let want = input
+            .conv2d(&weights, kernel / 2, 1, 1, 1)
+            .and_then(|t| t.broadcast_add(&Tensor::from_vec(bias, (1, cout, 1, 1), &Device::Cpu)?))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap();
+        let error = rel_error(&bf16_values(&y[0]), &want);
+        assert!(error <= 1e-2, "{case}: {error}");
     }
 }

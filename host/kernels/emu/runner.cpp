@@ -1,7 +1,7 @@
 // Runs one kernel of host/kernels on the CPU emulator (cuda_emu.h) and writes its outputs,
 // for host/tests/kernel_emulation.rs:
 //
-//   runner [--reverse] KERNEL GX GY GZ BX BY BZ DYNAMIC_SMEM_BYTES ARG...
+//   runner [--schedule forward|reverse|warps-ahead] KERNEL GX GY GZ BX BY BZ SMEM_BYTES ARG...
 //
 // ARG is what the host pushes for each kernel parameter, in order, and the runner checks it
 // against the parameter's type (a wrong kind or width is an error, as it would be a silent
@@ -12,8 +12,15 @@
 //   inout:IN:OUT       read from IN, written to OUT after the launch
 //   i32:N u32:N i64:N u64:N f32:X   scalars
 // Buffers end at a PROT_NONE page (and start after one), so a read or write past a buffer
-// stops the run with the block and thread named. --reverse runs each block's threads in
-// reverse order, which moves the points a missing barrier would show.
+// stops the run with the block and thread named.
+//
+// The schedule decides which thread moves next, which is where a missing barrier shows:
+// - forward (the default) and reverse resume every waiting thread once per round, in thread
+//   order or its reverse;
+// - warps-ahead runs each warp, last to first, as far as it can go before the next warp moves,
+//   so a warp overwrites shared memory the others have not read yet unless a barrier stops
+//   it (the race of a reduction's scratch reused without a barrier shows only here).
+// A kernel whose results depend on the schedule has a race; the tests compare all three.
 
 #include "cuda_emu.h"
 
@@ -170,7 +177,19 @@ void trampoline() {
     // uc_link returns to the scheduler.
 }
 
-void run_block(bool reverse) {
+enum class Schedule { Forward, Reverse, WarpsAhead };
+
+// Resumes fiber `f` until it next yields; whether it moved (arrived somewhere or finished).
+bool resume(Fiber &f) {
+    progressed = false;
+    current = &f;
+    threadIdx = f.tid;
+    swapcontext(&scheduler, &f.ctx);
+    current = nullptr;
+    return progressed;
+}
+
+void run_block(Schedule schedule) {
     const unsigned n = blockDim.x * blockDim.y * blockDim.z;
     for (unsigned i = 0; i < n; ++i) {
         Fiber &f = fibers[i];
@@ -193,24 +212,35 @@ void run_block(bool reverse) {
     if (dynamic_smem != nullptr) {
         std::memset(dynamic_smem->data, 0xff, dynamic_smem->size);
     }
+    const unsigned warps = (n + 31) / 32;
     for (;;) {
-        progressed = false;
-        bool alive = false;
-        for (unsigned k = 0; k < n; ++k) {
-            Fiber &f = fibers[reverse ? n - 1 - k : k];
-            if (f.done) {
-                continue;
+        bool alive = false, moved = false;
+        if (schedule == Schedule::WarpsAhead) {
+            for (unsigned w = warps; w-- > 0;) {
+                for (bool again = true; again;) {
+                    again = false;
+                    for (unsigned i = 32 * w; i < n && i < 32 * (w + 1); ++i) {
+                        if (!fibers[i].done) {
+                            alive = true;
+                            again |= resume(fibers[i]);
+                        }
+                    }
+                    moved |= again;
+                }
             }
-            alive = true;
-            current = &f;
-            threadIdx = f.tid;
-            swapcontext(&scheduler, &f.ctx);
+        } else {
+            for (unsigned k = 0; k < n; ++k) {
+                Fiber &f = fibers[schedule == Schedule::Reverse ? n - 1 - k : k];
+                if (!f.done) {
+                    alive = true;
+                    moved |= resume(f);
+                }
+            }
         }
-        current = nullptr;
         if (!alive) {
             return;
         }
-        if (!progressed) {
+        if (!moved) {
             fail_plain("deadlock in block (%u,%u,%u): threads wait at a barrier the others never "
                        "reach",
                        blockIdx.x, blockIdx.y, blockIdx.z);
@@ -346,7 +376,7 @@ std::tuple<P...> convert_all(const std::vector<Arg> &args, std::index_sequence<I
 struct Launch {
     uint3 grid, block;
     size_t smem;
-    bool reverse;
+    Schedule schedule;
 };
 
 template <class... P> void launch(void (*kernel)(P...), const std::vector<Arg> &args, const Launch &l) {
@@ -383,7 +413,7 @@ template <class... P> void launch(void (*kernel)(P...), const std::vector<Arg> &
         for (unsigned y = 0; y < l.grid.y; ++y) {
             for (unsigned x = 0; x < l.grid.x; ++x) {
                 blockIdx = uint3{x, y, z};
-                run_block(l.reverse);
+                run_block(l.schedule);
             }
         }
     }
@@ -586,18 +616,26 @@ void emu_cp_async_wait(int keep) {
 
 int main(int argc, char **argv) {
     int at = 1;
-    bool reverse = false;
-    if (at < argc && std::string(argv[at]) == "--reverse") {
-        reverse = true;
-        ++at;
+    Schedule schedule = Schedule::Forward;
+    if (at + 1 < argc && std::string(argv[at]) == "--schedule") {
+        const std::string name = argv[at + 1];
+        if (name == "reverse") {
+            schedule = Schedule::Reverse;
+        } else if (name == "warps-ahead") {
+            schedule = Schedule::WarpsAhead;
+        } else if (name != "forward") {
+            fail_plain("unknown schedule %s (forward, reverse, warps-ahead)", name.c_str());
+        }
+        at += 2;
     }
     if (argc - at < 8) {
-        fail_plain("usage: runner [--reverse] KERNEL GX GY GZ BX BY BZ DYNAMIC_SMEM_BYTES ARG...");
+        fail_plain("usage: runner [--schedule forward|reverse|warps-ahead] KERNEL GX GY GZ BX BY "
+                   "BZ SMEM_BYTES ARG...");
     }
     const std::string name = argv[at];
     auto number = [&](int i) { return (unsigned)std::stoul(argv[at + i]); };
     const Launch l{uint3{number(1), number(2), number(3)}, uint3{number(4), number(5), number(6)},
-                   (size_t)std::stoull(argv[at + 7]), reverse};
+                   (size_t)std::stoull(argv[at + 7]), schedule};
     std::vector<Arg> args;
     for (int i = at + 8; i < argc; ++i) {
         args.push_back(parse_arg(argv[i]));
