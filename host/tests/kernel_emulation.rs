@@ -272,11 +272,18 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn rel_error(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
+/// Asserts `got` finite and within `--check`'s bf16 bound (max |got − want| / max |want| ≤
+/// 1e-2) of `want`, and prints the error (`-- --nocapture` shows them).
+fn check_bf16(case: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{case}: lengths");
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{case}: non-finite output"
+    );
     let t = |v: &[f32]| Tensor::from_vec(v.to_vec(), v.len(), &Device::Cpu).unwrap();
-    max_rel_error(&t(got), &t(want)).unwrap()
+    let error = max_rel_error(&t(got), &t(want)).unwrap();
+    eprintln!("emulated {case}: max relative error {error:.1e}");
+    assert!(error <= 1e-2, "{case}: max relative error {error}");
 }
 
 // ---- fp8 -------------------------------------------------------------------------------------
@@ -506,8 +513,7 @@ fn adaln_norm_matches_f64_and_its_fused_e4m3_form_equals_norm_then_row_quantizer
             want.push(((f64::from(v) - mean) * rstd * (1.0 + s) + t) as f32);
         }
     }
-    let error = rel_error(&got, &want);
-    assert!(error <= 1e-2, "norm-modulate against f64: {error}");
+    check_bf16("norm-modulate (bf16) against f64", &got, &want);
 
     let fused = norm_modulate(
         "headshot_norm_modulate_e4m3",
@@ -653,8 +659,7 @@ fn every_flash_kernel_matches_f64_attention_at_a_ragged_length_and_with_a_late_p
             // One schedule per run (all three would triple the test's time), each kernel
             // and each input under a different one.
             let got = flash(kernel, *inputs, dims, Schedule::ALL[(i + j) % 3]);
-            let error = rel_error(&got, want);
-            assert!(error <= 1e-2, "{} {name}: {error}", kernel.0);
+            check_bf16(&format!("{} {name}", kernel.0), &got, want);
         }
     }
 }
@@ -738,11 +743,9 @@ fn group_norm_kernels_match_f64_with_and_without_silu() {
                     want.push((if silu { y / (1.0 + (-y).exp()) } else { y }) as f32);
                 }
             }
-            let error = rel_error(&bf16_values(&y[0]), &want);
-            assert!(
-                error <= 1e-2,
-                "{batch}x{channels}x{h}x{w} in {groups} groups, silu {silu}: {error}"
-            );
+            let case =
+                format!("group norm {batch}x{channels}x{h}x{w}, {groups} groups, silu {silu}");
+            check_bf16(&case, &bf16_values(&y[0]), &want);
         }
     }
 }
@@ -840,7 +843,6 @@ fn convolution_gemm_kernels_with_the_gemms_in_rust_match_candles_convolution() {
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
             .unwrap();
-        let error = rel_error(&bf16_values(&y[0]), &want);
-        assert!(error <= 1e-2, "{case}: {error}");
+        check_bf16(&format!("convolution {case}"), &bf16_values(&y[0]), &want);
     }
 }
