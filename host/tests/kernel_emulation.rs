@@ -608,6 +608,49 @@ fn flash(
     bf16_values(&out[0])
 }
 
+/// `flash_cuda`'s wgmma path: Vᵀ (batch, heads, 128, keys padded to 64) by the transpose
+/// kernel, then the Hopper kernel (256 threads, 98 304 bytes of dynamic shared memory).
+fn flash_wgmma(qkv: [&[u8]; 3], (b, n, h): (usize, usize, usize), schedule: Schedule) -> Vec<f32> {
+    let keys_pad = n.div_ceil(64) * 64;
+    let vt = launch_with(
+        schedule,
+        "headshot_transpose_v_bf16",
+        &Config {
+            grid: ((keys_pad / 64) as u32, (b * h) as u32, 1),
+            block: 256,
+            smem: 0,
+        },
+        &[
+            Arg::In(qkv[2].to_vec()),
+            Arg::Out(2 * b * h * HEAD_DIM * keys_pad),
+            Arg::I32(n as i32),
+            Arg::I32(h as i32),
+            Arg::I32(keys_pad as i32),
+        ],
+    );
+    let scale_log2 = ((HEAD_DIM as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
+    let out = launch_with(
+        schedule,
+        "headshot_flash_attn_wgmma_bf16_d128",
+        &Config {
+            grid: ((n as u32).div_ceil(128), (b * h) as u32, 1),
+            block: 256,
+            smem: 98_304,
+        },
+        &[
+            Arg::In(qkv[0].to_vec()),
+            Arg::In(qkv[1].to_vec()),
+            Arg::In(vt[0].clone()),
+            Arg::Out(2 * b * n * h * HEAD_DIM),
+            Arg::I32(n as i32),
+            Arg::I32(h as i32),
+            Arg::I32(keys_pad as i32),
+            Arg::F32(scale_log2),
+        ],
+    );
+    bf16_values(&out[0])
+}
+
 #[test]
 fn every_flash_kernel_matches_f64_attention_at_a_ragged_length_and_with_a_late_peak() {
     // 200 tokens: a partial last 64-key tile, a partial second 128-row block; two batches of
@@ -661,6 +704,10 @@ fn every_flash_kernel_matches_f64_attention_at_a_ragged_length_and_with_a_late_p
             let got = flash(kernel, *inputs, dims, Schedule::ALL[(i + j) % 3]);
             check_bf16(&format!("{} {name}", kernel.0), &got, want);
         }
+    }
+    for (j, (name, inputs, want)) in cases.iter().enumerate() {
+        let got = flash_wgmma(*inputs, dims, Schedule::ALL[j % 3]);
+        check_bf16(&format!("headshot_flash_attn_wgmma_bf16_d128 {name}"), &got, want);
     }
 }
 

@@ -46,6 +46,9 @@ namespace k_conv_gemm {
 namespace k_flash_attn {
 #include "../flash_attn.cu"
 }
+namespace k_flash_wgmma {
+#include "../flash_wgmma.cu"
+}
 namespace k_fp8_quant {
 #include "../fp8_quant.cu"
 }
@@ -104,6 +107,17 @@ struct Copy {
     int bytes;
 };
 
+// One wgmma as a thread issued it: where its accumulators live, its A fragment registers
+// (when A comes from registers) and its operands' descriptors.
+struct Wgmma {
+    float *d;
+    int n;
+    bool a_in_registers;
+    uint32_t a[4];
+    uint64_t desc_a, desc_b;
+    bool accumulate;
+};
+
 struct Fiber {
     ucontext_t ctx;
     unsigned char *stack = nullptr;
@@ -112,6 +126,8 @@ struct Fiber {
     bool done = false;
     std::vector<Copy> open;                 // cp.async not yet committed
     std::vector<std::vector<Copy>> pending; // committed groups, oldest first
+    std::vector<Wgmma> wgmma_open;
+    std::vector<std::vector<Wgmma>> wgmma_pending;
 };
 
 struct Barrier {
@@ -124,6 +140,8 @@ std::vector<Fiber> fibers;
 Fiber *current = nullptr;
 Barrier block_barrier;
 std::vector<Barrier> warp_barriers;
+std::vector<Barrier> group_barriers;                   // one per warpgroup (128 threads)
+std::vector<const std::vector<Wgmma> *> group_slots; // each thread's retiring wgmma group
 std::vector<uint32_t> warp_slots;
 bool progressed = false;
 void (*body)(void *) = nullptr;
@@ -171,9 +189,12 @@ void trampoline() {
     current->done = true;
     current->open.clear();
     current->pending.clear();
+    current->wgmma_open.clear();
+    current->wgmma_pending.clear();
     progressed = true;
     leave(block_barrier);
     leave(warp_barriers[current->linear / 32]);
+    leave(group_barriers[current->linear / 128]);
     // uc_link returns to the scheduler.
 }
 
@@ -196,6 +217,8 @@ void run_block(Schedule schedule) {
         f.done = false;
         f.open.clear();
         f.pending.clear();
+        f.wgmma_open.clear();
+        f.wgmma_pending.clear();
         f.linear = i;
         f.tid = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
         getcontext(&f.ctx);
@@ -209,6 +232,11 @@ void run_block(Schedule schedule) {
     for (unsigned w = 0; w < warp_barriers.size(); ++w) {
         warp_barriers[w].live = n - 32 * w < 32 ? n - 32 * w : 32;
     }
+    group_barriers.assign((n + 127) / 128, Barrier{});
+    for (unsigned w = 0; w < group_barriers.size(); ++w) {
+        group_barriers[w].live = n - 128 * w < 128 ? n - 128 * w : 128;
+    }
+    group_slots.assign(n, nullptr);
     if (dynamic_smem != nullptr) {
         std::memset(dynamic_smem->data, 0xff, dynamic_smem->size);
     }
@@ -443,6 +471,8 @@ const Entry KERNELS[] = {
     KERNEL(k_flash_attn, headshot_flash_attn_wide32_bf16_d128),
     KERNEL(k_flash_attn, headshot_flash_attn_wide32_lazy_bf16_d128),
     KERNEL(k_flash_attn, headshot_flash_attn_wide_lazy_bf16_d128),
+    KERNEL(k_flash_wgmma, headshot_transpose_v_bf16),
+    KERNEL(k_flash_wgmma, headshot_flash_attn_wgmma_bf16_d128),
     KERNEL(k_fp8_quant, headshot_amax_bf16),
     KERNEL(k_fp8_quant, headshot_quantize_e4m3),
     KERNEL(k_fp8_quant, headshot_quantize_rows_e4m3),
@@ -611,6 +641,118 @@ void emu_cp_async_wait(int keep) {
             std::memset(c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
         }
         f.pending.erase(f.pending.begin());
+    }
+}
+
+// ---- wgmma -------------------------------------------------------------------------------
+
+uint32_t smem_addr(const void *p) {
+    if (!in_smem(p, 1)) {
+        emu_fail("a shared-memory address outside the dynamic shared memory");
+    }
+    return (uint32_t)(static_cast<const unsigned char *>(p) - dynamic_smem->data);
+}
+
+namespace {
+// Element (row, k) of a K-major no-swizzle operand of `rows` rows × 16 given by `desc`.
+struct Operand {
+    const unsigned char *start;
+    uint32_t lbo, sbo;
+
+    explicit Operand(uint64_t desc, int rows) {
+        if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) {
+            emu_fail("wgmma descriptor with a swizzle or base offset (not emulated)");
+        }
+        if (dynamic_smem == nullptr) {
+            emu_fail("wgmma without dynamic shared memory");
+        }
+        const uint32_t offset = (uint32_t)(desc & 0x3fff) << 4;
+        lbo = (uint32_t)((desc >> 16) & 0x3fff) << 4;
+        sbo = (uint32_t)((desc >> 32) & 0x3fff) << 4;
+        start = dynamic_smem->data + offset;
+        const size_t last = (size_t)((rows - 1) / 8) * sbo + lbo + 7 * 16 + 16;
+        if (!in_smem(start, last)) {
+            emu_fail("a wgmma operand reaches outside the dynamic shared memory");
+        }
+    }
+
+    float at(int row, int k) const {
+        uint16_t bits;
+        std::memcpy(&bits, start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2, 2);
+        return bf16_value(bits);
+    }
+};
+
+void issue(Wgmma op) {
+    Fiber &f = self();
+    if (f.linear / 128 >= group_barriers.size() || group_barriers[f.linear / 128].live != 128) {
+        emu_fail("wgmma needs a whole warpgroup of 128 live threads");
+    }
+    f.wgmma_open.push_back(op);
+}
+} // namespace
+
+void wgmma_m64n64k16_ss(float d[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    issue(Wgmma{d, 64, false, {0, 0, 0, 0}, desc_a, desc_b, accumulate != 0});
+}
+
+void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_b) {
+    issue(Wgmma{d, 128, true, {a[0], a[1], a[2], a[3]}, 0, desc_b, true});
+}
+
+void wgmma_commit() {
+    Fiber &f = self();
+    f.wgmma_pending.push_back(std::move(f.wgmma_open));
+    f.wgmma_open.clear();
+}
+
+// Retires the oldest groups down to `keep`, the warpgroup together. Thread T of a warpgroup
+// (warp w = T/32, lane = 4g + t) owns D rows 16w + g and 16w + g + 8, columns 8j + 2t and
+// 8j + 2t + 1: register 4j + c is row 16w + g + 8·(c ≥ 2), column 8j + 2t + (c & 1). A from
+// registers is mma.sync's m16n8k16 A fragment per warp (a0 (g, 2t..) a1 (g+8, 2t..) a2 (g,
+// 2t+8..) a3 (g+8, 2t+8..)).
+void emu_wgmma_wait(int keep) {
+    Fiber &f = self();
+    const unsigned first = f.linear / 128 * 128, me = f.linear - first;
+    Barrier &group = group_barriers[f.linear / 128];
+    while (f.wgmma_pending.size() > (size_t)keep) {
+        const std::vector<Wgmma> &ops = f.wgmma_pending.front();
+        group_slots[f.linear] = &ops;
+        wait(group);
+        for (unsigned other = first; other < first + 128; ++other) {
+            if (group_slots[other]->size() != ops.size()) {
+                emu_fail("the threads of a warpgroup retire different numbers of wgmma");
+            }
+        }
+        const unsigned w = me / 32, lane = me % 32, g = lane / 4, t = lane % 4;
+        for (size_t i = 0; i < ops.size(); ++i) {
+            const Wgmma &op = ops[i];
+            const Operand b(op.desc_b, op.n);
+            auto a_at = [&](int row, int k) -> float {
+                const unsigned src = first + (row / 16) * 32 + 4 * (row % 8) + (k % 8) / 2;
+                const Wgmma &theirs = (*group_slots[src])[i];
+                if (theirs.n != op.n || theirs.a_in_registers != op.a_in_registers ||
+                    theirs.desc_b != op.desc_b) {
+                    emu_fail("the threads of a warpgroup issued different wgmma");
+                }
+                const int reg = ((row % 16) >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+                return bf16_value(half_of(theirs.a[reg], k));
+            };
+            const Operand *a = op.a_in_registers ? nullptr : new Operand(op.desc_a, 64);
+            for (int r = 0; r < op.n / 2; ++r) {
+                const int j = r / 4, c = r % 4;
+                const int row = (int)(16 * w + g) + (c >= 2 ? 8 : 0);
+                const int col = 8 * j + 2 * (int)t + (c & 1);
+                float sum = op.accumulate ? op.d[r] : 0.f;
+                for (int k = 0; k < 16; ++k) {
+                    sum += (a != nullptr ? a->at(row, k) : a_at(row, k)) * b.at(col, k);
+                }
+                op.d[r] = sum;
+            }
+            delete a;
+        }
+        wait(group);
+        f.wgmma_pending.erase(f.wgmma_pending.begin());
     }
 }
 

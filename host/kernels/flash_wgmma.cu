@@ -1,0 +1,395 @@
+// Fused attention for Hopper (sm_90a) with warpgroup MMA: softmax(q·kᵀ·scale)·v for bf16 q, k, v
+// (batch, tokens, heads, 128), written to o in the same layout. Not yet run on a GPU: opt-in
+// (`HEADSHOT_FLASH_KERNEL=wgmma`), checked by `headshot bench gpu --check` like the mma.sync
+// kernels of flash_attn.cu, and run on the CPU by host/kernels/emu.
+//
+// Why: the mma.sync kernels reach ~255 TFLOP/s on an H100, where PyTorch's SDPA reaches ~620
+// (../shared/gpu/README.md): attention is ~52 ms of a 1024² step against ~21 ms. mma.sync
+// issues a 16×8×16 product per warp instruction and every operand passes through registers;
+// wgmma issues 64×N×16 per warpgroup instruction and reads its B operand (and here A of Q·Kᵀ)
+// straight from shared memory, asynchronously.
+//
+// The scheme (flash-attention, as flash_attn.cu's wide32_lazy):
+// - a block of 256 threads is two warpgroups of 64 query rows each; both read the same K and
+//   V tiles of 64 keys, double-buffered through cp.async;
+// - S = Q·Kᵀ: 8 × wgmma m64n64k16, Q and K from shared memory (both K-major);
+// - the lazy softmax of wide32_lazy on S in registers (the accumulator's fragment layout is
+//   mma.sync's, tiled over N);
+// - O += P·V: 4 × wgmma m64n128k16 with P from registers (S's fragments packed to bf16 are
+//   the A fragments) and V from shared memory. V must be K-major for that (keys contiguous),
+//   so a first kernel writes Vᵀ (batch, heads, 128, keys_pad), zero-padded to whole tiles.
+//
+// Shared memory holds every operand in the canonical no-swizzle K-major layout of the PTX ISA
+// ("matrix descriptor"): core matrices of 8 rows × 16 bytes (8 bf16 along K), each 128
+// contiguous bytes; core matrices adjacent along K are 128 bytes apart (the descriptor's
+// leading byte offset), adjacent 8-row groups `chunks`·128 bytes apart (its stride byte
+// offset). A core matrix is read as one 128-byte line: no bank conflicts without a swizzle.
+// cp.async writes each 16-byte chunk straight to its place; the 8 lanes of each quarter-warp
+// write the 8 rows of one core matrix (conflict-free) while the warp reads 64 contiguous bytes
+// from each of 8 rows of global memory.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#ifdef HEADSHOT_EMULATE
+#define DYNAMIC_SMEM(name) unsigned char *name = emu_dynamic_smem()
+#else
+#define DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
+#define WG_HEAD_DIM 128
+#define WG_KEYS 64
+#define WG_ROWS 128
+#define WG_THREADS 256
+#define WG_SLACK 8.f
+// Bytes of the Q tile (both warpgroups), a K tile, a Vᵀ tile; the block's dynamic shared
+// memory is Q and two stages of K and Vᵀ: 98 304 bytes.
+#define WG_Q_BYTES (WG_ROWS * WG_HEAD_DIM * 2)
+#define WG_K_BYTES (WG_KEYS * WG_HEAD_DIM * 2)
+#define WG_VT_BYTES (WG_HEAD_DIM * WG_KEYS * 2)
+#define WG_STAGE_BYTES (WG_K_BYTES + WG_VT_BYTES)
+
+#ifndef HEADSHOT_EMULATE
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async_16(void *dst, const void *src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// cp.async writes through the generic proxy, wgmma reads through the async proxy: this
+// makes the writes (completed by cp.async.wait_group) visible to it.
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Orders register writes (accumulators, A fragments) before the wgmma instructions that read
+// them.
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// D (64×64 f32, 32 registers a thread) (+)= A (64×16, shared memory) · B (16×64, shared
+// memory), both K-major, given by descriptors; `accumulate` 0 overwrites D.
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float d[32], uint64_t desc_a, uint64_t desc_b,
+                                                   int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31}, "
+                 "%32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31])
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// D (64×128 f32, 64 registers a thread) += A (64×16 bf16 from registers, the mma.sync A
+// fragment layout per warp) · B (16×128, shared memory, K-major descriptor).
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4],
+                                                    uint64_t desc_b) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, "
+                 "%40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, "
+                 "%56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+
+// Ties registers to this point of the program: wgmma writes its accumulators asynchronously,
+// so every read of them must stay after the wait (and every write before the fence), which
+// the compiler cannot see from the asm statements' operands alone.
+template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        asm volatile("" : "+f"(r[i])::"memory");
+    }
+}
+#endif
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// Byte offset of 16-byte chunk `c` (K elements 8c..8c+7) of row `r` in a K-major tile whose
+// rows hold `chunks` chunks (the canonical no-swizzle layout above).
+__device__ __forceinline__ uint32_t core_offset(int r, int c, int chunks) {
+    return (uint32_t)((((r >> 3) * chunks + c) << 7) + ((r & 7) << 4));
+}
+
+// The wgmma descriptor of a K-major no-swizzle operand starting at `p`: start address, leading
+// byte offset 128 (the next core matrix along K), stride byte offset `sbo` (the next 8 rows),
+// base offset 0, no swizzle. Addresses and offsets are stored divided by 16.
+__device__ __forceinline__ uint64_t smem_desc(const unsigned char *p, uint32_t sbo) {
+    const uint32_t addr = smem_addr(p);
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(128 >> 4) << 16) |
+           ((uint64_t)(sbo >> 4) << 32);
+}
+
+// Copies `rows` × `chunks` 16-byte chunks into a K-major tile: chunk (r, c) of the source comes
+// from `src(r, c)` (a pointer and a byte count, 0 for zeros). Chunk i of the block's pass goes
+// to lane i % 32 of warp-step i / 32, which covers rows 8·(step / (chunks/4)) + lane % 8 and
+// chunk 4·(step % (chunks/4)) + lane / 8.
+template <class Src>
+__device__ __forceinline__ void load_tile(unsigned char *tile, int rows, int chunks, Src src) {
+    const int quads = chunks / 4;
+    for (int i = threadIdx.x; i < rows * chunks; i += WG_THREADS) {
+        const int step = i >> 5, lane = i & 31;
+        const int r = (step / quads) * 8 + (lane & 7);
+        const int c = (step % quads) * 4 + (lane >> 3);
+        int bytes;
+        const void *from = src(r, c, bytes);
+        cp_async_16(tile + core_offset(r, c, chunks), from, bytes);
+    }
+}
+
+// Vᵀ for the wgmma kernel: v (batch, tokens, heads, 128) → vt (batch, heads, 128, keys_pad),
+// keys past `tokens` zero (keys_pad a multiple of 64). Grid (keys_pad / 64, batch·heads),
+// 256 threads; one 64-key tile through shared memory, read and written along rows.
+extern "C" __global__ void __launch_bounds__(256)
+    headshot_transpose_v_bf16(const __nv_bfloat16 *__restrict__ v, __nv_bfloat16 *__restrict__ vt,
+                              int tokens, int heads, int keys_pad) {
+    __shared__ __align__(16) __nv_bfloat16 tile[WG_KEYS][WG_HEAD_DIM + 8];
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const int kb = blockIdx.x * WG_KEYS;
+    for (int i = threadIdx.x; i < WG_KEYS * (WG_HEAD_DIM / 8); i += 256) {
+        const int r = i / (WG_HEAD_DIM / 8), c = i % (WG_HEAD_DIM / 8);
+        const int key = kb + r;
+        uint4 value = {0u, 0u, 0u, 0u};
+        if (key < tokens) {
+            value = *reinterpret_cast<const uint4 *>(
+                v + (((size_t)b * tokens + key) * heads + h) * WG_HEAD_DIM + c * 8);
+        }
+        *reinterpret_cast<uint4 *>(&tile[r][c * 8]) = value;
+    }
+    __syncthreads();
+    __nv_bfloat16 *out = vt + ((size_t)b * heads + h) * WG_HEAD_DIM * keys_pad + kb;
+    for (int i = threadIdx.x; i < WG_HEAD_DIM * (WG_KEYS / 2); i += 256) {
+        const int d = i / (WG_KEYS / 2), pair = i % (WG_KEYS / 2);
+        __nv_bfloat162 two;
+        two.x = tile[2 * pair][d];
+        two.y = tile[2 * pair + 1][d];
+        *reinterpret_cast<__nv_bfloat162 *>(out + (size_t)d * keys_pad + 2 * pair) = two;
+    }
+}
+
+// Grid (ceil(tokens / 128), batch·heads), 256 threads, 98 304 bytes of dynamic shared memory.
+// vt from headshot_transpose_v_bf16; scale_log2 = log2(e)/√128.
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    headshot_flash_attn_wgmma_bf16_d128(const __nv_bfloat16 *__restrict__ q,
+                                        const __nv_bfloat16 *__restrict__ k,
+                                        const __nv_bfloat16 *__restrict__ vt,
+                                        __nv_bfloat16 *__restrict__ o, int tokens, int heads,
+                                        int keys_pad, float scale_log2) {
+    DYNAMIC_SMEM(smem);
+    unsigned char *ring = smem + WG_Q_BYTES;
+
+    const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const int wg = threadIdx.x >> 7;
+    const int warp = (threadIdx.x >> 5) & 3;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const size_t token_stride = (size_t)heads * WG_HEAD_DIM;
+    const size_t base = ((size_t)b * tokens * heads + h) * WG_HEAD_DIM;
+    const __nv_bfloat16 *vt_head = vt + ((size_t)b * heads + h) * WG_HEAD_DIM * keys_pad;
+    const int first_row = blockIdx.x * WG_ROWS;
+
+    auto load_kv = [&](int stage, int kb) {
+        unsigned char *kt = ring + stage * WG_STAGE_BYTES;
+        load_tile(kt, WG_KEYS, WG_HEAD_DIM / 8, [&](int r, int c, int &bytes) {
+            const int key = kb + r;
+            bytes = key < tokens ? 16 : 0;
+            return (const void *)(k + base + (size_t)(key < tokens ? key : 0) * token_stride + c * 8);
+        });
+        load_tile(kt + WG_K_BYTES, WG_HEAD_DIM, WG_KEYS / 8, [&](int r, int c, int &bytes) {
+            bytes = 16;
+            return (const void *)(vt_head + (size_t)r * keys_pad + kb + c * 8);
+        });
+    };
+
+    // Q (both warpgroups' 64 rows, rows past the end zero) and the first K/Vᵀ stage: one group.
+    load_tile(smem, WG_ROWS, WG_HEAD_DIM / 8, [&](int r, int c, int &bytes) {
+        const int row = first_row + r;
+        bytes = row < tokens ? 16 : 0;
+        return (const void *)(q + base + (size_t)(row < tokens ? row : 0) * token_stride + c * 8);
+    });
+    load_kv(0, 0);
+    cp_async_commit();
+
+    // This warpgroup's Q rows: 64 rows = 8 row groups of 16 chunks each.
+    const unsigned char *q_tile = smem + wg * (WG_Q_BYTES / 2);
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+        acc[i] = 0.f;
+    }
+    // Rows g and g + 8 of this warp's 16: their maxima (log2 units, scaled) and sums.
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.f, 0.f};
+
+    const int tiles = (tokens + WG_KEYS - 1) / WG_KEYS;
+    for (int it = 0; it < tiles; ++it) {
+        const int kb = it * WG_KEYS;
+        if (it + 1 < tiles) {
+            load_kv((it + 1) & 1, kb + WG_KEYS);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+        const unsigned char *kt = ring + (it & 1) * WG_STAGE_BYTES;
+        const unsigned char *vtt = kt + WG_K_BYTES;
+
+        // S = Q·Kᵀ (64 × 64 per warpgroup): register 4j + c holds row g (c < 2) or g + 8,
+        // key 8j + 2t + (c & 1).
+        float s[32];
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+            s[i] = 0.f;
+        }
+        fence_regs(s);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < WG_HEAD_DIM / 16; ++ks) {
+            wgmma_m64n64k16_ss(s, smem_desc(q_tile + ks * 256, 16 * 128),
+                               smem_desc(kt + ks * 256, 16 * 128), 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+
+        // The lazy softmax (flash_attn.cu, LAZY): rescale only when a row's maximum grows by
+        // more than WG_SLACK over the one its exponentials are taken against.
+        const bool partial = kb + WG_KEYS > tokens;
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                if (partial && kb + j * 8 + 2 * t + e >= tokens) {
+                    s[4 * j + e] = -INFINITY;
+                    s[4 * j + 2 + e] = -INFINITY;
+                }
+                tile_max[0] = fmaxf(tile_max[0], s[4 * j + e]);
+                tile_max[1] = fmaxf(tile_max[1], s[4 * j + 2 + e]);
+            }
+        }
+        float neg[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+            for (int off = 1; off <= 2; off <<= 1) {
+                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], off));
+            }
+            tile_max[r] *= scale_log2;
+            if (tile_max[r] > row_max[r] + WG_SLACK) {
+                const float corr = fast_exp2(row_max[r] - tile_max[r]);
+                row_max[r] = tile_max[r];
+                row_sum[r] *= corr;
+#pragma unroll
+                for (int n = 0; n < 16; ++n) {
+                    acc[4 * n + 2 * r] *= corr;
+                    acc[4 * n + 2 * r + 1] *= corr;
+                }
+            }
+            neg[r] = row_max[r] == -INFINITY ? 0.f : -row_max[r];
+        }
+        // P as the A fragments of P·V: k-step ks covers keys 16ks.., column groups 2ks, 2ks+1.
+        uint32_t p[4][4];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                s[4 * j + c] = fast_exp2(fmaf(s[4 * j + c], scale_log2, neg[c >> 1]));
+            }
+            row_sum[0] += s[4 * j] + s[4 * j + 1];
+            row_sum[1] += s[4 * j + 2] + s[4 * j + 3];
+            p[j >> 1][(j & 1) * 2] = pack_bf16(s[4 * j], s[4 * j + 1]);
+            p[j >> 1][(j & 1) * 2 + 1] = pack_bf16(s[4 * j + 2], s[4 * j + 3]);
+        }
+
+        // O += P·V: Vᵀ's rows are the 128 output columns, its K-major chunks the keys.
+        fence_regs(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < WG_KEYS / 16; ++ks) {
+            wgmma_m64n128k16_rs(acc, p[ks], smem_desc(vtt + ks * 256, 8 * 128));
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(acc);
+        // Both warpgroups are done with this stage before the next iteration refills it.
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {
+            row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], off);
+        }
+    }
+    const float inv0 = 1.f / row_sum[0], inv1 = 1.f / row_sum[1];
+    const int row0 = first_row + wg * 64 + warp * 16 + g;
+    const int row1 = row0 + 8;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+        const int d = n * 8 + 2 * t;
+        if (row0 < tokens) {
+            *reinterpret_cast<uint32_t *>(o + base + row0 * token_stride + d) =
+                pack_bf16(acc[4 * n] * inv0, acc[4 * n + 1] * inv0);
+        }
+        if (row1 < tokens) {
+            *reinterpret_cast<uint32_t *>(o + base + row1 * token_stride + d) =
+                pack_bf16(acc[4 * n + 2] * inv1, acc[4 * n + 3] * inv1);
+        }
+    }
+}
