@@ -126,6 +126,24 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
             panic!("nvcc failed on {} ({status})", source.display());
         }
     }
+    // The wgmma kernel uses sm_90a-only instructions: built for compute_90a when the target
+    // is Hopper, else an empty PTX the host reads as "not on this build".
+    let source = manifest_dir.join("kernels/flash_wgmma.cu");
+    println!("cargo:rerun-if-changed={}", source.display());
+    let out = out_dir.join("flash_wgmma.ptx");
+    if cap == "90" {
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "--gpu-architecture=compute_90a", "-o"])
+            .arg(&out)
+            .arg(&source)
+            .status()
+            .unwrap_or_else(|e| panic!("running {} for the cuda feature: {e}", nvcc.display()));
+        if !status.success() {
+            panic!("nvcc failed on {} ({status})", source.display());
+        }
+    } else if let Err(e) = std::fs::write(&out, "") {
+        panic!("writing {}: {e}", out.display());
+    }
 }
 
 fn env(name: &str) -> String {

@@ -707,7 +707,11 @@ fn every_flash_kernel_matches_f64_attention_at_a_ragged_length_and_with_a_late_p
     }
     for (j, (name, inputs, want)) in cases.iter().enumerate() {
         let got = flash_wgmma(*inputs, dims, Schedule::ALL[j % 3]);
-        check_bf16(&format!("headshot_flash_attn_wgmma_bf16_d128 {name}"), &got, want);
+        check_bf16(
+            &format!("headshot_flash_attn_wgmma_bf16_d128 {name}"),
+            &got,
+            want,
+        );
     }
 }
 

@@ -65,7 +65,7 @@ pub(super) fn run(
     #[cfg(feature = "cuda")]
     if device.is_cuda() && dtype == DType::BF16 {
         use crate::pipeline::flux::flash_cuda::{FlashKernel, attention_with};
-        for kernel in FlashKernel::ALL {
+        for kernel in FlashKernel::usable(device)? {
             let name = format!("attention_{}", kernel.name());
             time(out, &name, Work::Flop(attn_flop), &|| {
                 attention_with(kernel, &q, &k, &v)

@@ -603,7 +603,7 @@ fn cuda_kernels(
         bf16_values(&cut[2])?,
     ];
     let peak_reference = plain(&peak_inputs[0], &peak_inputs[1], &peak_inputs[2])?;
-    for kernel in FlashKernel::ALL {
+    for kernel in FlashKernel::usable(qkv[0].device())? {
         let fast = attention_with(
             kernel,
             &bf16(&batch[0])?,

@@ -7,14 +7,23 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 
 /// PTX of `flash_attn.cu` for the compute capability the build targeted.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
+/// PTX of `flash_wgmma.cu` for compute_90a; empty when the build targeted another card.
+const WGMMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_wgmma.ptx"));
+/// The wgmma kernel's dynamic shared memory: a 128-row Q tile (32 KiB) and two stages of a
+/// 64-key K tile and a 64-key Vᵀ tile (16 KiB each): 96 KiB.
+const WGMMA_SMEM_BYTES: u32 = 128 * 128 * 2 + 2 * (64 * 128 * 2 + 128 * 64 * 2);
+/// Keys per tile of the wgmma kernel (Vᵀ is padded to a multiple).
+const WGMMA_KEYS: usize = 64;
 /// Head dimension the kernels are written for.
 pub const HEAD_DIM: usize = 128;
 /// Dynamic shared memory of the pipelined kernels: two stages of a K and a V tile, 64 keys ×
@@ -42,16 +51,21 @@ pub enum FlashKernel {
     Wide32Lazy,
     /// `Wide` with the lazy softmax.
     WideLazy,
+    /// Hopper's warpgroup MMA (`flash_wgmma.cu`): two warpgroups × 64 rows, both products
+    /// by wgmma reading K and Vᵀ from shared memory, the lazy softmax; V transposed first.
+    /// Only in builds for compute capability 9.0, on a 9.0 card (not yet run on a GPU).
+    Wgmma,
 }
 
 impl FlashKernel {
     /// Every kernel, for `--check` and `--ops`.
-    pub const ALL: [FlashKernel; 5] = [
+    pub const ALL: [FlashKernel; 6] = [
         Self::Pipelined4,
         Self::Wide,
         Self::Wide32,
         Self::Wide32Lazy,
         Self::WideLazy,
+        Self::Wgmma,
     ];
     /// The kernel the model runs unless `HEADSHOT_FLASH_KERNEL` names another.
     pub const DEFAULT: FlashKernel = Self::Wide32;
@@ -84,7 +98,44 @@ impl FlashKernel {
             Self::Wide32 => "wide32",
             Self::Wide32Lazy => "wide32_lazy",
             Self::WideLazy => "wide_lazy",
+            Self::Wgmma => "wgmma",
         }
+    }
+
+    /// Whether this kernel runs on `device`: the wgmma kernel needs a build for compute
+    /// capability 9.0 and a 9.0 card (its instructions exist on Hopper only); the others run
+    /// on every card the build targets.
+    pub fn available(self, device: &candle_core::Device) -> bool {
+        match self {
+            Self::Wgmma => {
+                let candle_core::Device::Cuda(dev) = device else {
+                    return false;
+                };
+                !WGMMA_PTX.is_empty()
+                    && dev.cuda_stream().context().compute_capability().ok() == Some((9, 0))
+            }
+            _ => device.is_cuda(),
+        }
+    }
+
+    /// The kernels `--check` and `--ops` run: those [`FlashKernel::available`] on `device`,
+    /// or of those only the ones `HEADSHOT_FLASH_KERNELS` names (comma-separated), so a
+    /// kernel that has never run can be checked in a process of its own: a kernel that
+    /// faults leaves the CUDA context unusable for everything after it.
+    pub fn usable(device: &candle_core::Device) -> Result<Vec<FlashKernel>> {
+        let available = Self::ALL.into_iter().filter(|k| k.available(device));
+        let Ok(names) = std::env::var("HEADSHOT_FLASH_KERNELS") else {
+            return Ok(available.collect());
+        };
+        let wanted: Vec<&str> = names.split(',').map(str::trim).collect();
+        if let Some(unknown) = wanted
+            .iter()
+            .find(|n| !Self::ALL.iter().any(|k| k.name() == **n))
+        {
+            let all: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+            candle_core::bail!("HEADSHOT_FLASH_KERNELS names {unknown:?}, none of {all:?}");
+        }
+        Ok(available.filter(|k| wanted.contains(&k.name())).collect())
     }
 
     fn entry(self) -> &'static str {
@@ -94,6 +145,7 @@ impl FlashKernel {
             Self::Wide32 => "headshot_flash_attn_wide32_bf16_d128",
             Self::Wide32Lazy => "headshot_flash_attn_wide32_lazy_bf16_d128",
             Self::WideLazy => "headshot_flash_attn_wide_lazy_bf16_d128",
+            Self::Wgmma => "headshot_flash_attn_wgmma_bf16_d128",
         }
     }
 
@@ -101,7 +153,7 @@ impl FlashKernel {
     fn rows(self) -> usize {
         match self {
             Self::Pipelined4 => 64,
-            Self::Wide | Self::Wide32 | Self::Wide32Lazy | Self::WideLazy => 128,
+            Self::Wide | Self::Wide32 | Self::Wide32Lazy | Self::WideLazy | Self::Wgmma => 128,
         }
     }
 
@@ -109,6 +161,7 @@ impl FlashKernel {
         match self {
             Self::Pipelined4 => PIPELINE_SMEM_BYTES,
             Self::Wide | Self::Wide32 | Self::Wide32Lazy | Self::WideLazy => WIDE_SMEM_BYTES,
+            Self::Wgmma => WGMMA_SMEM_BYTES,
         }
     }
 }
@@ -158,6 +211,15 @@ impl CustomOp3 for FlashAttentionCuda {
         let dev = s1.device();
         let out = alloc_like(dev, qs, b * n * h * d)?;
         let kernel = self.kernel;
+        if kernel == FlashKernel::Wgmma {
+            let out = self.wgmma(dev, (&q, &k, &v), out, (b, n, h))?;
+            return Ok(output(
+                dev,
+                CudaStorageSlice::BF16,
+                out,
+                Shape::from((b, n, h, d)),
+            ));
+        }
         let func = dev.get_or_load_custom_func(kernel.entry(), "headshot_flash_attn", PTX)?;
         let smem = kernel.dynamic_smem();
         // Every kernel uses more than 48 KiB of dynamic shared memory, which needs an opt-in.
@@ -190,6 +252,77 @@ impl CustomOp3 for FlashAttentionCuda {
             out,
             Shape::from((b, n, h, d)),
         ))
+    }
+}
+
+impl FlashAttentionCuda {
+    /// The wgmma path: Vᵀ `(batch, heads, 128, keys_pad)` with keys zero-padded to whole
+    /// tiles, then the Hopper kernel.
+    fn wgmma<T: DeviceRepr>(
+        &self,
+        dev: &CudaDevice,
+        (q, k, v): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+        mut out: CudaSlice<T>,
+        (b, n, h): (usize, usize, usize),
+    ) -> Result<CudaSlice<T>> {
+        if WGMMA_PTX.is_empty() || dev.cuda_stream().context().compute_capability().w()? != (9, 0) {
+            candle_core::bail!(
+                "the wgmma attention kernel needs a build for compute capability 9.0 \
+                 (CUDA_COMPUTE_CAP=90) and a Hopper GPU"
+            );
+        }
+        let keys_pad = n.div_ceil(WGMMA_KEYS) * WGMMA_KEYS;
+        // SAFETY: the transpose writes every value of vt, padding included.
+        let mut vt = unsafe { dev.alloc::<T>(b * h * HEAD_DIM * keys_pad) }?;
+        let (tokens, heads, keys_pad_i) = (n as i32, h as i32, keys_pad as i32);
+        let transpose = dev.get_or_load_custom_func(
+            "headshot_transpose_v_bf16",
+            "headshot_flash_wgmma",
+            WGMMA_PTX,
+        )?;
+        let mut builder = transpose.builder();
+        builder.arg(v);
+        builder.arg(&mut vt);
+        builder.arg(&tokens);
+        builder.arg(&heads);
+        builder.arg(&keys_pad_i);
+        let cfg = LaunchConfig {
+            grid_dim: ((keys_pad / WGMMA_KEYS) as u32, (b * h) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: block (t, bh) reads keys [64t, 64t + 64) ∩ [0, n) of head bh of v (b·n·h·128
+        // values) and writes 128 rows × 64 keys of vt (b·h·128·keys_pad values).
+        unsafe { builder.launch(cfg) }.w()?;
+
+        let func = dev.get_or_load_custom_func(
+            FlashKernel::Wgmma.entry(),
+            "headshot_flash_wgmma",
+            WGMMA_PTX,
+        )?;
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            WGMMA_SMEM_BYTES as i32,
+        )
+        .w()?;
+        let mut builder = func.builder();
+        builder.arg(q);
+        builder.arg(k);
+        builder.arg(&vt);
+        builder.arg(&mut out);
+        builder.arg(&tokens);
+        builder.arg(&heads);
+        builder.arg(&keys_pad_i);
+        builder.arg(&self.scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(128) as u32, (b * h) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: WGMMA_SMEM_BYTES,
+        };
+        // SAFETY: reads b·n·h·128 values of q and k and the vt written above, writes as many
+        // to `out`; the parameters match the kernel's declaration.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(out)
     }
 }
 
