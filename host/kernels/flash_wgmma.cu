@@ -172,20 +172,24 @@ __device__ __forceinline__ uint64_t smem_desc(const unsigned char *p, uint32_t s
            ((uint64_t)(sbo >> 4) << 32);
 }
 
-// Copies `rows` × `chunks` 16-byte chunks into a K-major tile: chunk (r, c) of the source comes
+// Copies ROWS × CHUNKS 16-byte chunks into a K-major tile: chunk (r, c) of the source comes
 // from `src(r, c)` (a pointer and a byte count, 0 for zeros). Chunk i of the block's pass goes
-// to lane i % 32 of warp-step i / 32, which covers rows 8·(step / (chunks/4)) + lane % 8 and
-// chunk 4·(step % (chunks/4)) + lane / 8.
-template <class Src>
-__device__ __forceinline__ void load_tile(unsigned char *tile, int rows, int chunks, Src src) {
-    const int quads = chunks / 4;
-    for (int i = threadIdx.x; i < rows * chunks; i += WG_THREADS) {
+// to lane i % 32 of warp-step i / 32, which covers rows 8·(step / (CHUNKS/4)) + lane % 8 and
+// chunk 4·(step % (CHUNKS/4)) + lane / 8. Unrolled: a thread's chunk stays the same and its
+// row steps by a constant, so each copy is a few instructions.
+template <int ROWS, int CHUNKS, class Src>
+__device__ __forceinline__ void load_tile(unsigned char *tile, Src src) {
+    static_assert(ROWS * CHUNKS % WG_THREADS == 0 && CHUNKS % 4 == 0, "whole passes");
+    constexpr int quads = CHUNKS / 4;
+#pragma unroll
+    for (int pass = 0; pass < ROWS * CHUNKS / WG_THREADS; ++pass) {
+        const int i = threadIdx.x + pass * WG_THREADS;
         const int step = i >> 5, lane = i & 31;
         const int r = (step / quads) * 8 + (lane & 7);
         const int c = (step % quads) * 4 + (lane >> 3);
         int bytes;
         const void *from = src(r, c, bytes);
-        cp_async_16(tile + core_offset(r, c, chunks), from, bytes);
+        cp_async_16(tile + core_offset(r, c, CHUNKS), from, bytes);
     }
 }
 
@@ -221,12 +225,102 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // Grid (ceil(tokens / 128), batch·heads), 256 threads, 98 304 bytes of dynamic shared memory.
 // vt from headshot_transpose_v_bf16; scale_log2 = log2(e)/√128.
-extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
-    headshot_flash_attn_wgmma_bf16_d128(const __nv_bfloat16 *__restrict__ q,
-                                        const __nv_bfloat16 *__restrict__ k,
-                                        const __nv_bfloat16 *__restrict__ vt,
-                                        __nv_bfloat16 *__restrict__ o, int tokens, int heads,
-                                        int keys_pad, float scale_log2) {
+// The lazy softmax of one 64-key tile (flash_attn.cu, LAZY) on S in registers (register 4j + c:
+// row g (c < 2) or g + 8, key kb + 8j + 2t + (c & 1)): keys past `tokens` masked, the
+// accumulator rescaled only when a row's maximum grows by more than WG_SLACK over the one its
+// exponentials are taken against, and P packed as the A fragments of P·V (k-step ks: keys
+// 16ks.., column groups 2ks and 2ks + 1).
+__device__ __forceinline__ void lazy_softmax(float (&s)[32], float (&acc)[64], float (&row_max)[2],
+                                             float (&row_sum)[2], uint32_t (&p)[4][4], int kb,
+                                             int tokens, int t, float scale_log2) {
+    const bool partial = kb + WG_KEYS > tokens;
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            if (partial && kb + j * 8 + 2 * t + e >= tokens) {
+                s[4 * j + e] = -INFINITY;
+                s[4 * j + 2 + e] = -INFINITY;
+            }
+            tile_max[0] = fmaxf(tile_max[0], s[4 * j + e]);
+            tile_max[1] = fmaxf(tile_max[1], s[4 * j + 2 + e]);
+        }
+    }
+    float neg[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], off));
+        }
+        tile_max[r] *= scale_log2;
+        if (tile_max[r] > row_max[r] + WG_SLACK) {
+            const float corr = fast_exp2(row_max[r] - tile_max[r]);
+            row_max[r] = tile_max[r];
+            row_sum[r] *= corr;
+#pragma unroll
+            for (int n = 0; n < 16; ++n) {
+                acc[4 * n + 2 * r] *= corr;
+                acc[4 * n + 2 * r + 1] *= corr;
+            }
+        }
+        neg[r] = row_max[r] == -INFINITY ? 0.f : -row_max[r];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            s[4 * j + c] = fast_exp2(fmaf(s[4 * j + c], scale_log2, neg[c >> 1]));
+        }
+        row_sum[0] += s[4 * j] + s[4 * j + 1];
+        row_sum[1] += s[4 * j + 2] + s[4 * j + 3];
+        p[j >> 1][(j & 1) * 2] = pack_bf16(s[4 * j], s[4 * j + 1]);
+        p[j >> 1][(j & 1) * 2 + 1] = pack_bf16(s[4 * j + 2], s[4 * j + 3]);
+    }
+}
+
+// S = Q·Kᵀ for this warpgroup's 64 rows and a 64-key K tile, issued and committed (not waited
+// for).
+__device__ __forceinline__ void issue_scores(float (&s)[32], const unsigned char *q_tile,
+                                             const unsigned char *kt) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+        s[i] = 0.f;
+    }
+    fence_regs(s);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < WG_HEAD_DIM / 16; ++ks) {
+        wgmma_m64n64k16_ss(s, smem_desc(q_tile + ks * 256, 16 * 128),
+                           smem_desc(kt + ks * 256, 16 * 128), 1);
+    }
+    wgmma_commit();
+}
+
+// O += P·V for a 64-key Vᵀ tile (its rows are the 128 output columns, its K-major chunks the
+// keys), issued and committed.
+__device__ __forceinline__ void issue_pv(float (&acc)[64], const uint32_t (&p)[4][4],
+                                         const unsigned char *vtt) {
+    fence_regs(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < WG_KEYS / 16; ++ks) {
+        wgmma_m64n128k16_rs(acc, p[ks], smem_desc(vtt + ks * 256, 8 * 128));
+    }
+    wgmma_commit();
+}
+
+// The two kernels below. STAGES 2: each tile's S, softmax and P·V in turn, the next tile's
+// loads in flight. STAGES 3 (PIPE): S of tile i+1 runs on the tensor cores while the softmax of
+// tile i runs on the others (both warpgroups reach the softmax together, so without this the
+// tensor cores idle through it), with tile i+2 loading; one more register set for S.
+template <int STAGES>
+__device__ __forceinline__ void flash_wgmma(const __nv_bfloat16 *__restrict__ q,
+                                            const __nv_bfloat16 *__restrict__ k,
+                                            const __nv_bfloat16 *__restrict__ vt,
+                                            __nv_bfloat16 *__restrict__ o, int tokens, int heads,
+                                            int keys_pad, float scale_log2) {
     DYNAMIC_SMEM(smem);
     unsigned char *ring = smem + WG_Q_BYTES;
 
@@ -240,26 +334,29 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     const __nv_bfloat16 *vt_head = vt + ((size_t)b * heads + h) * WG_HEAD_DIM * keys_pad;
     const int first_row = blockIdx.x * WG_ROWS;
 
-    auto load_kv = [&](int stage, int kb) {
-        unsigned char *kt = ring + stage * WG_STAGE_BYTES;
-        load_tile(kt, WG_KEYS, WG_HEAD_DIM / 8, [&](int r, int c, int &bytes) {
+    // Tile `tile` lives in stage tile % STAGES: K, then Vᵀ.
+    auto stage_of = [&](int tile) { return ring + (tile % STAGES) * WG_STAGE_BYTES; };
+    auto load_kv = [&](int tile) {
+        unsigned char *kt = stage_of(tile);
+        const int kb = tile * WG_KEYS;
+        load_tile<WG_KEYS, WG_HEAD_DIM / 8>(kt, [&](int r, int c, int &bytes) {
             const int key = kb + r;
             bytes = key < tokens ? 16 : 0;
             return (const void *)(k + base + (size_t)(key < tokens ? key : 0) * token_stride + c * 8);
         });
-        load_tile(kt + WG_K_BYTES, WG_HEAD_DIM, WG_KEYS / 8, [&](int r, int c, int &bytes) {
+        load_tile<WG_HEAD_DIM, WG_KEYS / 8>(kt + WG_K_BYTES, [&](int r, int c, int &bytes) {
             bytes = 16;
             return (const void *)(vt_head + (size_t)r * keys_pad + kb + c * 8);
         });
     };
 
     // Q (both warpgroups' 64 rows, rows past the end zero) and the first K/Vᵀ stage: one group.
-    load_tile(smem, WG_ROWS, WG_HEAD_DIM / 8, [&](int r, int c, int &bytes) {
+    load_tile<WG_ROWS, WG_HEAD_DIM / 8>(smem, [&](int r, int c, int &bytes) {
         const int row = first_row + r;
         bytes = row < tokens ? 16 : 0;
         return (const void *)(q + base + (size_t)(row < tokens ? row : 0) * token_stride + c * 8);
     });
-    load_kv(0, 0);
+    load_kv(0);
     cp_async_commit();
 
     // This warpgroup's Q rows: 64 rows = 8 row groups of 16 chunks each.
@@ -272,12 +369,34 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
     // Rows g and g + 8 of this warp's 16: their maxima (log2 units, scaled) and sums.
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.f, 0.f};
+    uint32_t p[4][4];
+    float s[32];
 
     const int tiles = (tokens + WG_KEYS - 1) / WG_KEYS;
-    for (int it = 0; it < tiles; ++it) {
-        const int kb = it * WG_KEYS;
-        if (it + 1 < tiles) {
-            load_kv((it + 1) & 1, kb + WG_KEYS);
+    if (STAGES == 2) {
+        for (int it = 0; it < tiles; ++it) {
+            if (it + 1 < tiles) {
+                load_kv(it + 1);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            fence_proxy_async();
+            __syncthreads();
+            issue_scores(s, q_tile, stage_of(it));
+            wgmma_wait<0>();
+            fence_regs(s);
+            lazy_softmax(s, acc, row_max, row_sum, p, it * WG_KEYS, tokens, t, scale_log2);
+            issue_pv(acc, p, stage_of(it) + WG_K_BYTES);
+            wgmma_wait<0>();
+            fence_regs(acc);
+            // Both warpgroups are done with this stage before the next iteration refills it.
+            __syncthreads();
+        }
+    } else {
+        if (tiles > 1) {
+            load_kv(1);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -285,89 +404,37 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
         }
         fence_proxy_async();
         __syncthreads();
-        const unsigned char *kt = ring + (it & 1) * WG_STAGE_BYTES;
-        const unsigned char *vtt = kt + WG_K_BYTES;
-
-        // S = Q·Kᵀ (64 × 64 per warpgroup): register 4j + c holds row g (c < 2) or g + 8,
-        // key 8j + 2t + (c & 1).
-        float s[32];
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-            s[i] = 0.f;
-        }
-        fence_regs(s);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < WG_HEAD_DIM / 16; ++ks) {
-            wgmma_m64n64k16_ss(s, smem_desc(q_tile + ks * 256, 16 * 128),
-                               smem_desc(kt + ks * 256, 16 * 128), 1);
-        }
-        wgmma_commit();
+        issue_scores(s, q_tile, stage_of(0));
         wgmma_wait<0>();
         fence_regs(s);
-
-        // The lazy softmax (flash_attn.cu, LAZY): rescale only when a row's maximum grows by
-        // more than WG_SLACK over the one its exponentials are taken against.
-        const bool partial = kb + WG_KEYS > tokens;
-        float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                if (partial && kb + j * 8 + 2 * t + e >= tokens) {
-                    s[4 * j + e] = -INFINITY;
-                    s[4 * j + 2 + e] = -INFINITY;
+        float s_next[32];
+        for (int it = 0; it < tiles; ++it) {
+            // Every warpgroup has retired P·V of tile it - 1: its stage takes tile it + 2.
+            __syncthreads();
+            if (it + 2 < tiles) {
+                load_kv(it + 2);
+                cp_async_commit();
+            }
+            if (it + 1 < tiles) {
+                if (it + 2 < tiles) {
+                    cp_async_wait<1>();
+                } else {
+                    cp_async_wait<0>();
                 }
-                tile_max[0] = fmaxf(tile_max[0], s[4 * j + e]);
-                tile_max[1] = fmaxf(tile_max[1], s[4 * j + 2 + e]);
+                fence_proxy_async();
+                __syncthreads();
+                issue_scores(s_next, q_tile, stage_of(it + 1));
+            }
+            lazy_softmax(s, acc, row_max, row_sum, p, it * WG_KEYS, tokens, t, scale_log2);
+            issue_pv(acc, p, stage_of(it) + WG_K_BYTES);
+            wgmma_wait<0>();
+            fence_regs(acc);
+            fence_regs(s_next);
+#pragma unroll
+            for (int i = 0; i < 32; ++i) {
+                s[i] = s_next[i];
             }
         }
-        float neg[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-#pragma unroll
-            for (int off = 1; off <= 2; off <<= 1) {
-                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], off));
-            }
-            tile_max[r] *= scale_log2;
-            if (tile_max[r] > row_max[r] + WG_SLACK) {
-                const float corr = fast_exp2(row_max[r] - tile_max[r]);
-                row_max[r] = tile_max[r];
-                row_sum[r] *= corr;
-#pragma unroll
-                for (int n = 0; n < 16; ++n) {
-                    acc[4 * n + 2 * r] *= corr;
-                    acc[4 * n + 2 * r + 1] *= corr;
-                }
-            }
-            neg[r] = row_max[r] == -INFINITY ? 0.f : -row_max[r];
-        }
-        // P as the A fragments of P·V: k-step ks covers keys 16ks.., column groups 2ks, 2ks+1.
-        uint32_t p[4][4];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                s[4 * j + c] = fast_exp2(fmaf(s[4 * j + c], scale_log2, neg[c >> 1]));
-            }
-            row_sum[0] += s[4 * j] + s[4 * j + 1];
-            row_sum[1] += s[4 * j + 2] + s[4 * j + 3];
-            p[j >> 1][(j & 1) * 2] = pack_bf16(s[4 * j], s[4 * j + 1]);
-            p[j >> 1][(j & 1) * 2 + 1] = pack_bf16(s[4 * j + 2], s[4 * j + 3]);
-        }
-
-        // O += P·V: Vᵀ's rows are the 128 output columns, its K-major chunks the keys.
-        fence_regs(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < WG_KEYS / 16; ++ks) {
-            wgmma_m64n128k16_rs(acc, p[ks], smem_desc(vtt + ks * 256, 8 * 128));
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(acc);
-        // Both warpgroups are done with this stage before the next iteration refills it.
-        __syncthreads();
     }
 
 #pragma unroll
@@ -392,4 +459,26 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
                 pack_bf16(acc[4 * n + 2] * inv1, acc[4 * n + 3] * inv1);
         }
     }
+}
+
+// Grid (ceil(tokens / 128), batch·heads), 256 threads, 98 304 bytes of dynamic shared memory
+// (Q and two stages). vt from headshot_transpose_v_bf16; scale_log2 = log2(e)/√128.
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    headshot_flash_attn_wgmma_bf16_d128(const __nv_bfloat16 *__restrict__ q,
+                                        const __nv_bfloat16 *__restrict__ k,
+                                        const __nv_bfloat16 *__restrict__ vt,
+                                        __nv_bfloat16 *__restrict__ o, int tokens, int heads,
+                                        int keys_pad, float scale_log2) {
+    flash_wgmma<2>(q, k, vt, o, tokens, heads, keys_pad, scale_log2);
+}
+
+// As above with three stages and S of the next tile overlapping the softmax: 131 072 bytes of
+// dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+    headshot_flash_attn_wgmma_pipe_bf16_d128(const __nv_bfloat16 *__restrict__ q,
+                                             const __nv_bfloat16 *__restrict__ k,
+                                             const __nv_bfloat16 *__restrict__ vt,
+                                             __nv_bfloat16 *__restrict__ o, int tokens,
+                                             int heads, int keys_pad, float scale_log2) {
+    flash_wgmma<3>(q, k, vt, o, tokens, heads, keys_pad, scale_log2);
 }

@@ -608,9 +608,20 @@ fn flash(
     bf16_values(&out[0])
 }
 
+/// `flash_cuda`'s wgmma kernels: (entry, dynamic shared memory).
+const WGMMA_KERNELS: [(&str, u32); 2] = [
+    ("headshot_flash_attn_wgmma_bf16_d128", 98_304),
+    ("headshot_flash_attn_wgmma_pipe_bf16_d128", 131_072),
+];
+
 /// `flash_cuda`'s wgmma path: Vᵀ (batch, heads, 128, keys padded to 64) by the transpose
-/// kernel, then the Hopper kernel (256 threads, 98 304 bytes of dynamic shared memory).
-fn flash_wgmma(qkv: [&[u8]; 3], (b, n, h): (usize, usize, usize), schedule: Schedule) -> Vec<f32> {
+/// kernel, then a Hopper kernel (256 threads).
+fn flash_wgmma(
+    (entry, smem): (&str, u32),
+    qkv: [&[u8]; 3],
+    (b, n, h): (usize, usize, usize),
+    schedule: Schedule,
+) -> Vec<f32> {
     let keys_pad = n.div_ceil(64) * 64;
     let vt = launch_with(
         schedule,
@@ -631,11 +642,11 @@ fn flash_wgmma(qkv: [&[u8]; 3], (b, n, h): (usize, usize, usize), schedule: Sche
     let scale_log2 = ((HEAD_DIM as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
     let out = launch_with(
         schedule,
-        "headshot_flash_attn_wgmma_bf16_d128",
+        entry,
         &Config {
             grid: ((n as u32).div_ceil(128), (b * h) as u32, 1),
             block: 256,
-            smem: 98_304,
+            smem,
         },
         &[
             Arg::In(qkv[0].to_vec()),
@@ -705,13 +716,11 @@ fn every_flash_kernel_matches_f64_attention_at_a_ragged_length_and_with_a_late_p
             check_bf16(&format!("{} {name}", kernel.0), &got, want);
         }
     }
-    for (j, (name, inputs, want)) in cases.iter().enumerate() {
-        let got = flash_wgmma(*inputs, dims, Schedule::ALL[j % 3]);
-        check_bf16(
-            &format!("headshot_flash_attn_wgmma_bf16_d128 {name}"),
-            &got,
-            want,
-        );
+    for (i, kernel) in WGMMA_KERNELS.into_iter().enumerate() {
+        for (j, (name, inputs, want)) in cases.iter().enumerate() {
+            let got = flash_wgmma(kernel, *inputs, dims, Schedule::ALL[(i + j) % 3]);
+            check_bf16(&format!("{} {name}", kernel.0), &got, want);
+        }
     }
 }
 

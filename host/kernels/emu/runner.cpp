@@ -21,6 +21,10 @@
 //   so a warp overwrites shared memory the others have not read yet unless a barrier stops
 //   it (the race of a reduction's scratch reused without a barrier shows only here).
 // A kernel whose results depend on the schedule has a race; the tests compare all three.
+// cp.async copies land as late as the PTX allows (at the cp.async.wait_group that retires
+// them) under forward, and as early (when issued) under the other two: a kernel that reads a
+// tile before waiting for it fails the first, one that refills a buffer others still read
+// fails the others.
 
 #include "cuda_emu.h"
 
@@ -144,6 +148,7 @@ std::vector<Barrier> group_barriers;                   // one per warpgroup (128
 std::vector<const std::vector<Wgmma> *> group_slots; // each thread's retiring wgmma group
 std::vector<uint32_t> warp_slots;
 bool progressed = false;
+bool eager_copies = false;
 void (*body)(void *) = nullptr;
 void *body_arg = nullptr;
 Guarded *dynamic_smem = nullptr;
@@ -473,6 +478,7 @@ const Entry KERNELS[] = {
     KERNEL(k_flash_attn, headshot_flash_attn_wide_lazy_bf16_d128),
     KERNEL(k_flash_wgmma, headshot_transpose_v_bf16),
     KERNEL(k_flash_wgmma, headshot_flash_attn_wgmma_bf16_d128),
+    KERNEL(k_flash_wgmma, headshot_flash_attn_wgmma_pipe_bf16_d128),
     KERNEL(k_fp8_quant, headshot_amax_bf16),
     KERNEL(k_fp8_quant, headshot_quantize_e4m3),
     KERNEL(k_fp8_quant, headshot_quantize_rows_e4m3),
@@ -612,8 +618,17 @@ void ldmatrix_x4_trans(uint32_t r[4], const void *p) {
     }
 }
 
-// cp.async.cg.shared.global 16 bytes, `bytes` of them read and the rest zero-filled, deferred
-// until a cp.async.wait_group retires the group.
+namespace {
+void land(const Copy &c) {
+    if (c.bytes > 0) {
+        std::memcpy(c.dst, c.src, (size_t)c.bytes);
+    }
+    std::memset(c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
+}
+} // namespace
+
+// cp.async.cg.shared.global 16 bytes, `bytes` of them read and the rest zero-filled: at once
+// (eager_copies) or when a cp.async.wait_group retires the group.
 void cp_async_16(void *dst, const void *src, int bytes) {
     if (((uintptr_t)dst & 15) != 0 || !in_smem(dst, 16)) {
         emu_fail("cp.async destination not 16-byte aligned inside the dynamic shared memory");
@@ -621,8 +636,13 @@ void cp_async_16(void *dst, const void *src, int bytes) {
     if (bytes < 0 || bytes > 16 || (bytes > 0 && ((uintptr_t)src & 15) != 0)) {
         emu_fail("cp.async source not 16-byte aligned, or a size outside 0..16");
     }
-    self().open.push_back(Copy{static_cast<unsigned char *>(dst),
-                               static_cast<const unsigned char *>(src), bytes});
+    const Copy copy{static_cast<unsigned char *>(dst), static_cast<const unsigned char *>(src),
+                    bytes};
+    if (eager_copies) {
+        land(copy);
+        return;
+    }
+    self().open.push_back(copy);
 }
 
 void cp_async_commit() {
@@ -635,10 +655,7 @@ void emu_cp_async_wait(int keep) {
     Fiber &f = self();
     while (f.pending.size() > (size_t)keep) {
         for (const Copy &c : f.pending.front()) {
-            if (c.bytes > 0) {
-                std::memcpy(c.dst, c.src, (size_t)c.bytes);
-            }
-            std::memset(c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
+            land(c);
         }
         f.pending.erase(f.pending.begin());
     }
@@ -770,6 +787,7 @@ int main(int argc, char **argv) {
         }
         at += 2;
     }
+    eager_copies = schedule != Schedule::Forward;
     if (argc - at < 8) {
         fail_plain("usage: runner [--schedule forward|reverse|warps-ahead] KERNEL GX GY GZ BX BY "
                    "BZ SMEM_BYTES ARG...");
