@@ -64,13 +64,15 @@ fi
 #    stock module).
 HEADSHOT_GROUP_NORM=fused run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
-# The Hopper wgmma attention kernel: its checks (attention_cuda_wgmma*), then whole steps with
-# it, bf16 and all-on FP8, then the attention kernels alone (TFLOP/s next to wide32's).
-HEADSHOT_FLASH_KERNELS=wgmma run 90 bench gpu --device cuda --check --attention fused
+# The Hopper wgmma attention kernels: their checks (attention_cuda_wgmma*), then whole steps
+# with the pipelined one, bf16 and all-on FP8, and with the plain one, then the attention
+# kernels alone (TFLOP/s next to wide32's).
+HEADSHOT_FLASH_KERNELS=wgmma,wgmma_pipe run 90 bench gpu --device cuda --check --attention fused
+HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
+HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
+HEADSHOT_FLASH_KERNEL=wgmma_pipe HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 HEADSHOT_FLASH_KERNEL=wgmma run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
-HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wgmma run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
-HEADSHOT_FLASH_KERNEL=wgmma HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
-HEADSHOT_FLASH_KERNELS=wgmma,wide32_lazy,wide32 run 60 bench gpu --device cuda --ops --iters 10 --warmup 2 --skip-vae
+HEADSHOT_FLASH_KERNELS=wgmma,wgmma_pipe,wide32_lazy,wide32 run 60 bench gpu --device cuda --ops --iters 10 --warmup 2 --skip-vae
 HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wide32_lazy run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
 HEADSHOT_FLASH_KERNEL=wide32_lazy HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 run 60 bench gpu --device cuda --attention fused --fp8 --iters 3 --warmup 1 --skip-vae

@@ -19,9 +19,10 @@ use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 /// PTX of `flash_wgmma.cu` for compute_90a; empty when the build targeted another card.
 const WGMMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_wgmma.ptx"));
-/// The wgmma kernel's dynamic shared memory: a 128-row Q tile (32 KiB) and two stages of a
-/// 64-key K tile and a 64-key Vᵀ tile (16 KiB each): 96 KiB.
-const WGMMA_SMEM_BYTES: u32 = 128 * 128 * 2 + 2 * (64 * 128 * 2 + 128 * 64 * 2);
+/// One stage of the wgmma kernels: a 64-key K tile and a 64-key Vᵀ tile (16 KiB each).
+const WGMMA_STAGE_BYTES: u32 = 64 * 128 * 2 + 128 * 64 * 2;
+/// The wgmma kernels' 128-row Q tile (32 KiB).
+const WGMMA_Q_BYTES: u32 = 128 * 128 * 2;
 /// Keys per tile of the wgmma kernel (Vᵀ is padded to a multiple).
 const WGMMA_KEYS: usize = 64;
 /// Head dimension the kernels are written for.
@@ -55,17 +56,21 @@ pub enum FlashKernel {
     /// by wgmma reading K and Vᵀ from shared memory, the lazy softmax; V transposed first.
     /// Only in builds for compute capability 9.0, on a 9.0 card (not yet run on a GPU).
     Wgmma,
+    /// `Wgmma` with three stages, the next tile's Q·Kᵀ on the tensor cores while the softmax
+    /// of this one runs.
+    WgmmaPipe,
 }
 
 impl FlashKernel {
     /// Every kernel, for `--check` and `--ops`.
-    pub const ALL: [FlashKernel; 6] = [
+    pub const ALL: [FlashKernel; 7] = [
         Self::Pipelined4,
         Self::Wide,
         Self::Wide32,
         Self::Wide32Lazy,
         Self::WideLazy,
         Self::Wgmma,
+        Self::WgmmaPipe,
     ];
     /// The kernel the model runs unless `HEADSHOT_FLASH_KERNEL` names another.
     pub const DEFAULT: FlashKernel = Self::Wide32;
@@ -99,6 +104,7 @@ impl FlashKernel {
             Self::Wide32Lazy => "wide32_lazy",
             Self::WideLazy => "wide_lazy",
             Self::Wgmma => "wgmma",
+            Self::WgmmaPipe => "wgmma_pipe",
         }
     }
 
@@ -107,7 +113,7 @@ impl FlashKernel {
     /// on every card the build targets.
     pub fn available(self, device: &candle_core::Device) -> bool {
         match self {
-            Self::Wgmma => {
+            Self::Wgmma | Self::WgmmaPipe => {
                 let candle_core::Device::Cuda(dev) = device else {
                     return false;
                 };
@@ -146,6 +152,7 @@ impl FlashKernel {
             Self::Wide32Lazy => "headshot_flash_attn_wide32_lazy_bf16_d128",
             Self::WideLazy => "headshot_flash_attn_wide_lazy_bf16_d128",
             Self::Wgmma => "headshot_flash_attn_wgmma_bf16_d128",
+            Self::WgmmaPipe => "headshot_flash_attn_wgmma_pipe_bf16_d128",
         }
     }
 
@@ -153,7 +160,12 @@ impl FlashKernel {
     fn rows(self) -> usize {
         match self {
             Self::Pipelined4 => 64,
-            Self::Wide | Self::Wide32 | Self::Wide32Lazy | Self::WideLazy | Self::Wgmma => 128,
+            Self::Wide
+            | Self::Wide32
+            | Self::Wide32Lazy
+            | Self::WideLazy
+            | Self::Wgmma
+            | Self::WgmmaPipe => 128,
         }
     }
 
@@ -161,7 +173,8 @@ impl FlashKernel {
         match self {
             Self::Pipelined4 => PIPELINE_SMEM_BYTES,
             Self::Wide | Self::Wide32 | Self::Wide32Lazy | Self::WideLazy => WIDE_SMEM_BYTES,
-            Self::Wgmma => WGMMA_SMEM_BYTES,
+            Self::Wgmma => WGMMA_Q_BYTES + 2 * WGMMA_STAGE_BYTES,
+            Self::WgmmaPipe => WGMMA_Q_BYTES + 3 * WGMMA_STAGE_BYTES,
         }
     }
 }
@@ -211,7 +224,7 @@ impl CustomOp3 for FlashAttentionCuda {
         let dev = s1.device();
         let out = alloc_like(dev, qs, b * n * h * d)?;
         let kernel = self.kernel;
-        if kernel == FlashKernel::Wgmma {
+        if matches!(kernel, FlashKernel::Wgmma | FlashKernel::WgmmaPipe) {
             let out = self.wgmma(dev, (&q, &k, &v), out, (b, n, h))?;
             return Ok(output(
                 dev,
@@ -256,8 +269,8 @@ impl CustomOp3 for FlashAttentionCuda {
 }
 
 impl FlashAttentionCuda {
-    /// The wgmma path: Vᵀ `(batch, heads, 128, keys_pad)` with keys zero-padded to whole
-    /// tiles, then the Hopper kernel.
+    /// The wgmma kernels' path: Vᵀ `(batch, heads, 128, keys_pad)` with keys zero-padded to
+    /// whole tiles, then the Hopper kernel.
     fn wgmma<T: DeviceRepr>(
         &self,
         dev: &CudaDevice,
@@ -295,14 +308,12 @@ impl FlashAttentionCuda {
         // values) and writes 128 rows × 64 keys of vt (b·h·128·keys_pad values).
         unsafe { builder.launch(cfg) }.w()?;
 
-        let func = dev.get_or_load_custom_func(
-            FlashKernel::Wgmma.entry(),
-            "headshot_flash_wgmma",
-            WGMMA_PTX,
-        )?;
+        let func =
+            dev.get_or_load_custom_func(self.kernel.entry(), "headshot_flash_wgmma", WGMMA_PTX)?;
+        let smem = self.kernel.dynamic_smem();
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            WGMMA_SMEM_BYTES as i32,
+            smem as i32,
         )
         .w()?;
         let mut builder = func.builder();
@@ -317,7 +328,7 @@ impl FlashAttentionCuda {
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(128) as u32, (b * h) as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: WGMMA_SMEM_BYTES,
+            shared_mem_bytes: smem,
         };
         // SAFETY: reads b·n·h·128 values of q and k and the vt written above, writes as many
         // to `out`; the parameters match the kernel's declaration.
