@@ -100,6 +100,24 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
         .map(|home| PathBuf::from(home).join("bin/nvcc"))
         .find(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let ptx = |kernel: &str, arch: &str| {
+        let source = manifest_dir.join(format!("kernels/{kernel}.cu"));
+        println!("cargo:rerun-if-changed={}", source.display());
+        let out = out_dir.join(format!("{kernel}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", &format!("--gpu-architecture={arch}"), "-o"])
+            .arg(&out)
+            .arg(&source)
+            .status()
+            .unwrap_or_else(|e| panic!("running {} for the cuda feature: {e}", nvcc.display()));
+        if !status.success() {
+            panic!("nvcc failed on {} ({status})", source.display());
+        }
+    };
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("kernels/ptx_common.cuh").display()
+    );
     for kernel in [
         "flash_attn",
         "fp8_quant",
@@ -108,41 +126,17 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
         "group_norm",
         "conv_gemm",
     ] {
-        let source = manifest_dir.join(format!("kernels/{kernel}.cu"));
-        println!("cargo:rerun-if-changed={}", source.display());
-        let out = out_dir.join(format!("{kernel}.ptx"));
-        let status = Command::new(&nvcc)
-            .args([
-                "--ptx",
-                "-O3",
-                &format!("--gpu-architecture=compute_{cap}"),
-                "-o",
-            ])
-            .arg(&out)
-            .arg(&source)
-            .status()
-            .unwrap_or_else(|e| panic!("running {} for the cuda feature: {e}", nvcc.display()));
-        if !status.success() {
-            panic!("nvcc failed on {} ({status})", source.display());
-        }
+        ptx(kernel, &format!("compute_{cap}"));
     }
-    // The wgmma kernel uses sm_90a-only instructions: built for compute_90a when the target
-    // is Hopper, else an empty PTX the host reads as "not on this build".
-    let source = manifest_dir.join("kernels/flash_wgmma.cu");
-    println!("cargo:rerun-if-changed={}", source.display());
-    let out = out_dir.join("flash_wgmma.ptx");
+    // The wgmma kernels use sm_90a-only instructions: built for compute_90a when the target
+    // is Hopper, else an empty PTX the host reads as "not in this build".
     if cap == "90" {
-        let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "--gpu-architecture=compute_90a", "-o"])
-            .arg(&out)
-            .arg(&source)
-            .status()
-            .unwrap_or_else(|e| panic!("running {} for the cuda feature: {e}", nvcc.display()));
-        if !status.success() {
-            panic!("nvcc failed on {} ({status})", source.display());
+        ptx("flash_wgmma", "compute_90a");
+    } else {
+        let out = out_dir.join("flash_wgmma.ptx");
+        if let Err(e) = std::fs::write(&out, "") {
+            panic!("writing {}: {e}", out.display());
         }
-    } else if let Err(e) = std::fs::write(&out, "") {
-        panic!("writing {}: {e}", out.display());
     }
 }
 

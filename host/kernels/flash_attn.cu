@@ -25,13 +25,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-// The dynamic shared memory of a block. The CPU emulator (kernels/emu, which also stands in
-// for the inline PTX below) hands out a guarded buffer instead.
-#ifdef HEADSHOT_EMULATE
-#define DYNAMIC_SMEM(name) unsigned char *name = emu_dynamic_smem()
-#else
-#define DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
+#include "ptx_common.cuh"
 
 #define HEAD_DIM 128
 #define BLOCK_K 64
@@ -74,22 +68,6 @@ __device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], 
 #define PIPE_TILE (BLOCK_K * KV_STRIDE)
 
 #ifndef HEADSHOT_EMULATE
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-// 16 bytes global → shared, bypassing L1; `bytes` 0 writes zeros (keys past the end).
-__device__ __forceinline__ void cp_async_16(void *dst, const void *src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -314,15 +292,6 @@ extern "C" __global__ void __launch_bounds__(128)
 // - exponentials in one instruction each (fast_exp2).
 #define LAZY_SLACK 8.f
 
-// 2^x in one MUFU.EX2 (results below f32's normal range flush to 0, as they may for softmax
-// weights). exp2f adds a range check and two multiplies around it for denormal results.
-#ifndef HEADSHOT_EMULATE
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-#endif
 template <int STEP, bool LAZY>
 __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
                                            const __nv_bfloat16 *__restrict__ k,

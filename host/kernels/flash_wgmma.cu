@@ -31,11 +31,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#ifdef HEADSHOT_EMULATE
-#define DYNAMIC_SMEM(name) unsigned char *name = emu_dynamic_smem()
-#else
-#define DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
+#include "ptx_common.cuh"
 
 #define WG_HEAD_DIM 128
 #define WG_KEYS 64
@@ -50,27 +46,6 @@
 #define WG_STAGE_BYTES (WG_K_BYTES + WG_VT_BYTES)
 
 #ifndef HEADSHOT_EMULATE
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void cp_async_16(void *dst, const void *src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 // cp.async writes through the generic proxy, wgmma reads through the async proxy: this
 // makes the writes (completed by cp.async.wait_group) visible to it.
 __device__ __forceinline__ void fence_proxy_async() {
