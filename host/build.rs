@@ -130,7 +130,7 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
     }
     // The wgmma kernels use sm_90a-only instructions: built for compute_90a when the target
     // is Hopper, else an empty PTX the host reads as "not in this build".
-    if cap == "90" {
+    if cap == "90" || cap == "90a" {
         ptx("flash_wgmma", "compute_90a");
     } else {
         let out = out_dir.join("flash_wgmma.ptx");

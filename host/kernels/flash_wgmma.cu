@@ -125,6 +125,13 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
         asm volatile("" : "+f"(r[i])::"memory");
     }
 }
+
+template <int N> __device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        asm volatile("" : "+r"(r[i])::"memory");
+    }
+}
 #endif
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -275,9 +282,13 @@ __device__ __forceinline__ void issue_scores(float (&s)[32], const unsigned char
 
 // O += P·V for a 64-key Vᵀ tile (its rows are the 128 output columns, its K-major chunks the
 // keys), issued and committed.
-__device__ __forceinline__ void issue_pv(float (&acc)[64], const uint32_t (&p)[4][4],
+__device__ __forceinline__ void issue_pv(float (&acc)[64], uint32_t (&p)[4][4],
                                          const unsigned char *vtt) {
     fence_regs(acc);
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+        fence_regs(p[ks]);
+    }
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < WG_KEYS / 16; ++ks) {

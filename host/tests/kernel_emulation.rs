@@ -663,6 +663,63 @@ fn flash_wgmma(
 }
 
 #[test]
+fn wgmma_kernels_agree_across_schedules_at_one_tile_whole_tiles_and_a_two_row_block() {
+    // 40 keys: one partial tile (the pipelined kernel's single-tile prologue); 64: one whole
+    // tile; 130: three tiles, the second query block two rows deep. Every schedule must give
+    // the same bits.
+    for n in [40, 64, 130] {
+        let dims @ (b, _, h) = (1, n, 2);
+        let len = b * n * h * HEAD_DIM;
+        let (q_bytes, q) = bf16_buffer(&random(len, 21));
+        let (k_bytes, k) = bf16_buffer(&random(len, 22));
+        let (v_bytes, v) = bf16_buffer(&random(len, 23));
+        let want = attention_reference(&q, &k, &v, dims);
+        let keys_pad = n.div_ceil(64) * 64;
+        let vt = launch(
+            "headshot_transpose_v_bf16",
+            &Config {
+                grid: ((keys_pad / 64) as u32, (b * h) as u32, 1),
+                block: 256,
+                smem: 0,
+            },
+            &[
+                Arg::In(v_bytes.clone()),
+                Arg::Out(2 * b * h * HEAD_DIM * keys_pad),
+                Arg::I32(n as i32),
+                Arg::I32(h as i32),
+                Arg::I32(keys_pad as i32),
+            ],
+        );
+        let scale_log2 = ((HEAD_DIM as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
+        for (entry, smem) in WGMMA_KERNELS {
+            let out = launch(
+                entry,
+                &Config {
+                    grid: ((n as u32).div_ceil(128), (b * h) as u32, 1),
+                    block: 256,
+                    smem,
+                },
+                &[
+                    Arg::In(q_bytes.clone()),
+                    Arg::In(k_bytes.clone()),
+                    Arg::In(vt[0].clone()),
+                    Arg::Out(2 * len),
+                    Arg::I32(n as i32),
+                    Arg::I32(h as i32),
+                    Arg::I32(keys_pad as i32),
+                    Arg::F32(scale_log2),
+                ],
+            );
+            check_bf16(
+                &format!("{entry} at {n} tokens"),
+                &bf16_values(&out[0]),
+                &want,
+            );
+        }
+    }
+}
+
+#[test]
 fn every_flash_kernel_matches_f64_attention_at_a_ragged_length_and_with_a_late_peak() {
     // 200 tokens: a partial last 64-key tile, a partial second 128-row block; two batches of
     // two heads (grid y walks both).

@@ -172,14 +172,19 @@ inline float fast_exp2(float x) {
 // ---- the PTX flash_wgmma.cu issues (Hopper warpgroup MMA) --------------------------------
 // Shared-memory addresses are offsets into the block's dynamic shared memory.
 uint32_t smem_addr(const void *p);
-inline void fence_proxy_async() {}
-inline void wgmma_fence() {}
-template <int N> inline void fence_regs(float (&)[N]) {}
+void fence_proxy_async();
+void wgmma_fence();
+template <class T, int N> inline void fence_regs(T (&)[N]) {}
 // wgmma.mma_async is recorded when issued and carried out when wgmma.wait_group retires its
 // group, all 128 threads of the warpgroup together: a kernel that reads the accumulators
-// before waiting reads the old values and fails its test. Descriptors are decoded by the PTX
-// ISA's matrix-descriptor layout (start address, leading byte offset = the next core matrix
-// along K, stride byte offset = the next 8 rows, both >> 4; only the no-swizzle K-major form).
+// before waiting reads the old values and fails its test. It stops the run when a wgmma is
+// issued with no wgmma.fence since the thread's last wait, when it reads shared memory that
+// cp.async wrote with no fence.proxy.async by the writer since, and when its shared-memory
+// operands, A registers or accumulators change between issue and retire. Descriptors are
+// decoded by the PTX ISA's matrix-descriptor layout (start address, leading byte offset = the
+// next core matrix along K, stride byte offset = the next 8 rows, both >> 4; only the
+// no-swizzle K-major form). Not checked: the asm strings themselves (the emulator stands in
+// for them), and register writes between a wgmma.fence and the wgmma after it.
 void wgmma_m64n64k16_ss(float d[32], uint64_t desc_a, uint64_t desc_b, int accumulate);
 void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_b);
 void wgmma_commit();

@@ -118,8 +118,12 @@ struct Wgmma {
     int n;
     bool a_in_registers;
     uint32_t a[4];
+    const uint32_t *a_registers; // where A lived when issued (compared at retire)
     uint64_t desc_a, desc_b;
     bool accumulate;
+    // The operands as shared memory held them at issue (A 64×16 when from shared memory, B
+    // n×16), and the accumulators when this op was the first of its group to write them.
+    std::vector<float> a_smem, b_smem, d_at_issue;
 };
 
 struct Fiber {
@@ -132,6 +136,11 @@ struct Fiber {
     std::vector<std::vector<Copy>> pending; // committed groups, oldest first
     std::vector<Wgmma> wgmma_open;
     std::vector<std::vector<Wgmma>> wgmma_pending;
+    // wgmma.fence seen since this thread last retired wgmma groups (registers may have been
+    // written since); shared-memory bytes its landed cp.async copies wrote that no
+    // fence.proxy.async of its own has made visible to wgmma yet.
+    bool wgmma_fenced = false;
+    std::vector<unsigned char *> unfenced_copies;
 };
 
 struct Barrier {
@@ -149,6 +158,9 @@ std::vector<const std::vector<Wgmma> *> group_slots; // each thread's retiring w
 std::vector<uint32_t> warp_slots;
 bool progressed = false;
 bool eager_copies = false;
+// Per byte of dynamic shared memory: 1 + the thread whose cp.async wrote it and has not yet
+// fenced it for the async proxy (0: visible to wgmma).
+std::vector<uint16_t> generic_writer;
 void (*body)(void *) = nullptr;
 void *body_arg = nullptr;
 Guarded *dynamic_smem = nullptr;
@@ -224,6 +236,8 @@ void run_block(Schedule schedule) {
         f.pending.clear();
         f.wgmma_open.clear();
         f.wgmma_pending.clear();
+        f.wgmma_fenced = false;
+        f.unfenced_copies.clear();
         f.linear = i;
         f.tid = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
         getcontext(&f.ctx);
@@ -244,6 +258,7 @@ void run_block(Schedule schedule) {
     group_slots.assign(n, nullptr);
     if (dynamic_smem != nullptr) {
         std::memset(dynamic_smem->data, 0xff, dynamic_smem->size);
+        generic_writer.assign(dynamic_smem->size, 0);
     }
     const unsigned warps = (n + 31) / 32;
     for (;;) {
@@ -541,6 +556,9 @@ __attribute__((noinline)) void emu_warp_exchange(unsigned mask, const uint32_t *
     uint32_t *slots = &warp_slots[(f.linear / 32) * 32 * SLOT_WORDS];
     std::memcpy(slots + (f.linear & 31) * SLOT_WORDS, mine, sizeof(uint32_t) * words);
     wait(warp);
+    if (warp.live != 32) {
+        emu_fail("lanes of the warp exited instead of joining a full-mask warp operation");
+    }
     for (int lane = 0; lane < 32; ++lane) {
         std::memcpy(all + lane * words, slots + lane * SLOT_WORDS, sizeof(uint32_t) * words);
     }
@@ -624,8 +642,30 @@ void land(const Copy &c) {
         std::memcpy(c.dst, c.src, (size_t)c.bytes);
     }
     std::memset(c.dst + c.bytes, 0, (size_t)(16 - c.bytes));
+    Fiber &f = self();
+    const size_t at = (size_t)(c.dst - dynamic_smem->data);
+    for (size_t i = 0; i < 16; ++i) {
+        generic_writer[at + i] = (uint16_t)(f.linear + 1);
+    }
+    f.unfenced_copies.push_back(c.dst);
 }
 } // namespace
+
+// fence.proxy.async.shared::cta: this thread's landed copies become visible to wgmma.
+void fence_proxy_async() {
+    Fiber &f = self();
+    for (unsigned char *dst : f.unfenced_copies) {
+        const size_t at = (size_t)(dst - dynamic_smem->data);
+        for (size_t i = 0; i < 16; ++i) {
+            if (generic_writer[at + i] == f.linear + 1) {
+                generic_writer[at + i] = 0;
+            }
+        }
+    }
+    f.unfenced_copies.clear();
+}
+
+void wgmma_fence() { self().wgmma_fenced = true; }
 
 // cp.async.cg.shared.global 16 bytes, `bytes` of them read and the rest zero-filled: at once
 // (eager_copies) or when a cp.async.wait_group retires the group.
@@ -671,50 +711,74 @@ uint32_t smem_addr(const void *p) {
 }
 
 namespace {
-// Element (row, k) of a K-major no-swizzle operand of `rows` rows × 16 given by `desc`.
-struct Operand {
-    const unsigned char *start;
-    uint32_t lbo, sbo;
-
-    explicit Operand(uint64_t desc, int rows) {
-        if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) {
-            emu_fail("wgmma descriptor with a swizzle or base offset (not emulated)");
-        }
-        if (dynamic_smem == nullptr) {
-            emu_fail("wgmma without dynamic shared memory");
-        }
-        const uint32_t offset = (uint32_t)(desc & 0x3fff) << 4;
-        lbo = (uint32_t)((desc >> 16) & 0x3fff) << 4;
-        sbo = (uint32_t)((desc >> 32) & 0x3fff) << 4;
-        start = dynamic_smem->data + offset;
-        const size_t last = (size_t)((rows - 1) / 8) * sbo + lbo + 7 * 16 + 16;
-        if (!in_smem(start, last)) {
-            emu_fail("a wgmma operand reaches outside the dynamic shared memory");
+// A K-major no-swizzle operand of `rows` rows × 16 given by `desc`, read as bf16 values
+// (row-major, rows × 16). Every byte read must be visible to the async proxy: written by
+// cp.async, it needs a fence.proxy.async by its writer first.
+std::vector<float> read_operand(uint64_t desc, int rows) {
+    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) {
+        emu_fail("wgmma descriptor with a swizzle or base offset (not emulated)");
+    }
+    if (dynamic_smem == nullptr) {
+        emu_fail("wgmma without dynamic shared memory");
+    }
+    const uint32_t offset = (uint32_t)(desc & 0x3fff) << 4;
+    const uint32_t lbo = (uint32_t)((desc >> 16) & 0x3fff) << 4;
+    const uint32_t sbo = (uint32_t)((desc >> 32) & 0x3fff) << 4;
+    const unsigned char *start = dynamic_smem->data + offset;
+    const size_t last = (size_t)((rows - 1) / 8) * sbo + lbo + 7 * 16 + 16;
+    if (!in_smem(start, last)) {
+        emu_fail("a wgmma operand reaches outside the dynamic shared memory");
+    }
+    std::vector<float> values((size_t)rows * 16);
+    for (int row = 0; row < rows; ++row) {
+        for (int k = 0; k < 16; ++k) {
+            const unsigned char *at =
+                start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+            const size_t byte = (size_t)(at - dynamic_smem->data);
+            if (generic_writer[byte] != 0 || generic_writer[byte + 1] != 0) {
+                emu_fail("wgmma reads shared memory that cp.async wrote with no "
+                         "fence.proxy.async since");
+            }
+            uint16_t bits;
+            std::memcpy(&bits, at, 2);
+            values[(size_t)row * 16 + k] = bf16_value(bits);
         }
     }
+    return values;
+}
 
-    float at(int row, int k) const {
-        uint16_t bits;
-        std::memcpy(&bits, start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2, 2);
-        return bf16_value(bits);
-    }
-};
-
+// Records a wgmma with its shared-memory operands as they are now; the product is taken at
+// retire from these, after checking that shared memory still holds them.
 void issue(Wgmma op) {
     Fiber &f = self();
     if (f.linear / 128 >= group_barriers.size() || group_barriers[f.linear / 128].live != 128) {
         emu_fail("wgmma needs a whole warpgroup of 128 live threads");
     }
-    f.wgmma_open.push_back(op);
+    if (!f.wgmma_fenced) {
+        emu_fail("wgmma issued with no wgmma.fence since the thread last waited on wgmma "
+                 "(its registers may have been written)");
+    }
+    if (!op.a_in_registers) {
+        op.a_smem = read_operand(op.desc_a, 64);
+    }
+    op.b_smem = read_operand(op.desc_b, op.n);
+    bool first_writer = true;
+    for (const Wgmma &earlier : f.wgmma_open) {
+        first_writer = first_writer && earlier.d != op.d;
+    }
+    if (first_writer) {
+        op.d_at_issue.assign(op.d, op.d + op.n / 2);
+    }
+    f.wgmma_open.push_back(std::move(op));
 }
 } // namespace
 
 void wgmma_m64n64k16_ss(float d[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-    issue(Wgmma{d, 64, false, {0, 0, 0, 0}, desc_a, desc_b, accumulate != 0});
+    issue(Wgmma{d, 64, false, {0, 0, 0, 0}, nullptr, desc_a, desc_b, accumulate != 0, {}, {}, {}});
 }
 
 void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_b) {
-    issue(Wgmma{d, 128, true, {a[0], a[1], a[2], a[3]}, 0, desc_b, true});
+    issue(Wgmma{d, 128, true, {a[0], a[1], a[2], a[3]}, a, 0, desc_b, true, {}, {}, {}});
 }
 
 void wgmma_commit() {
@@ -727,46 +791,70 @@ void wgmma_commit() {
 // (warp w = T/32, lane = 4g + t) owns D rows 16w + g and 16w + g + 8, columns 8j + 2t and
 // 8j + 2t + 1: register 4j + c is row 16w + g + 8·(c ≥ 2), column 8j + 2t + (c & 1). A from
 // registers is mma.sync's m16n8k16 A fragment per warp (a0 (g, 2t..) a1 (g+8, 2t..) a2 (g,
-// 2t+8..) a3 (g+8, 2t+8..)).
+// 2t+8..) a3 (g+8, 2t+8..)). Fails when shared memory under the group, its A registers or
+// its accumulators changed while it was in flight.
 void emu_wgmma_wait(int keep) {
     Fiber &f = self();
     const unsigned first = f.linear / 128 * 128, me = f.linear - first;
     Barrier &group = group_barriers[f.linear / 128];
+    f.wgmma_fenced = false;
     while (f.wgmma_pending.size() > (size_t)keep) {
         const std::vector<Wgmma> &ops = f.wgmma_pending.front();
         group_slots[f.linear] = &ops;
         wait(group);
+        if (group.live != 128) {
+            emu_fail("threads of the warpgroup exited instead of retiring their wgmma");
+        }
         for (unsigned other = first; other < first + 128; ++other) {
-            if (group_slots[other]->size() != ops.size()) {
+            const std::vector<Wgmma> &theirs = *group_slots[other];
+            if (theirs.size() != ops.size()) {
                 emu_fail("the threads of a warpgroup retire different numbers of wgmma");
+            }
+            for (size_t i = 0; i < ops.size(); ++i) {
+                if (theirs[i].n != ops[i].n || theirs[i].a_in_registers != ops[i].a_in_registers ||
+                    theirs[i].desc_b != ops[i].desc_b ||
+                    (!ops[i].a_in_registers && theirs[i].desc_a != ops[i].desc_a) ||
+                    theirs[i].accumulate != ops[i].accumulate) {
+                    emu_fail("the threads of a warpgroup issued different wgmma");
+                }
             }
         }
         const unsigned w = me / 32, lane = me % 32, g = lane / 4, t = lane % 4;
         for (size_t i = 0; i < ops.size(); ++i) {
             const Wgmma &op = ops[i];
-            const Operand b(op.desc_b, op.n);
+            if (read_operand(op.desc_b, op.n) != op.b_smem ||
+                (!op.a_in_registers && read_operand(op.desc_a, 64) != op.a_smem)) {
+                emu_fail("shared memory under an in-flight wgmma changed before it was retired");
+            }
+            if (op.a_in_registers && std::memcmp(op.a_registers, op.a, sizeof op.a) != 0) {
+                emu_fail("A registers of an in-flight wgmma were written before it was retired");
+            }
+            if (!op.d_at_issue.empty() &&
+                std::memcmp(op.d, op.d_at_issue.data(), sizeof(float) * op.d_at_issue.size()) != 0) {
+                emu_fail("accumulators of an in-flight wgmma were written before it was retired");
+            }
+        }
+        wait(group);
+        for (size_t i = 0; i < ops.size(); ++i) {
+            const Wgmma &op = ops[i];
             auto a_at = [&](int row, int k) -> float {
-                const unsigned src = first + (row / 16) * 32 + 4 * (row % 8) + (k % 8) / 2;
-                const Wgmma &theirs = (*group_slots[src])[i];
-                if (theirs.n != op.n || theirs.a_in_registers != op.a_in_registers ||
-                    theirs.desc_b != op.desc_b) {
-                    emu_fail("the threads of a warpgroup issued different wgmma");
+                if (!op.a_in_registers) {
+                    return op.a_smem[(size_t)row * 16 + k];
                 }
+                const unsigned src = first + (row / 16) * 32 + 4 * (row % 8) + (k % 8) / 2;
                 const int reg = ((row % 16) >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
-                return bf16_value(half_of(theirs.a[reg], k));
+                return bf16_value(half_of((*group_slots[src])[i].a[reg], k));
             };
-            const Operand *a = op.a_in_registers ? nullptr : new Operand(op.desc_a, 64);
             for (int r = 0; r < op.n / 2; ++r) {
                 const int j = r / 4, c = r % 4;
                 const int row = (int)(16 * w + g) + (c >= 2 ? 8 : 0);
                 const int col = 8 * j + 2 * (int)t + (c & 1);
                 float sum = op.accumulate ? op.d[r] : 0.f;
                 for (int k = 0; k < 16; ++k) {
-                    sum += (a != nullptr ? a->at(row, k) : a_at(row, k)) * b.at(col, k);
+                    sum += a_at(row, k) * op.b_smem[(size_t)col * 16 + k];
                 }
                 op.d[r] = sum;
             }
-            delete a;
         }
         wait(group);
         f.wgmma_pending.erase(f.wgmma_pending.begin());
