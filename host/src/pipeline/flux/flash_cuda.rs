@@ -1,5 +1,6 @@
-//! Fused attention on CUDA: the host side of `host/kernels/flash_attn.cu` (compiled to PTX by
-//! the build script when the `cuda` feature is on, loaded by the driver on first use).
+//! Fused attention on CUDA: the host side of `host/kernels/flash_attn.cu` and, for Hopper,
+//! `host/kernels/flash_wgmma.cu` (compiled to PTX by the build script when the `cuda` feature
+//! is on, loaded by the driver on first use).
 //!
 //! Handles bf16 with head dim 128 (every FLUX.1 model); anything else takes the plain path.
 //! The kernel writes `(batch, tokens, heads, head_dim)`, so the result reshapes to
@@ -23,7 +24,7 @@ const WGMMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_wgmma.ptx"
 const WGMMA_STAGE_BYTES: u32 = 64 * 128 * 2 + 128 * 64 * 2;
 /// The wgmma kernels' 128-row Q tile (32 KiB).
 const WGMMA_Q_BYTES: u32 = 128 * 128 * 2;
-/// Keys per tile of the wgmma kernel (Vᵀ is padded to a multiple).
+/// Keys per tile of the wgmma kernels (Vᵀ is padded to a multiple).
 const WGMMA_KEYS: usize = 64;
 /// Head dimension the kernels are written for.
 pub const HEAD_DIM: usize = 128;
@@ -108,9 +109,9 @@ impl FlashKernel {
         }
     }
 
-    /// Whether this kernel runs on `device`: the wgmma kernel needs a build for compute
-    /// capability 9.0 and a 9.0 card (its instructions exist on Hopper only); the others run
-    /// on every card the build targets.
+    /// Whether this kernel runs on `device`: the wgmma kernels need a build for compute
+    /// capability 9.0 and a 9.0 card (their instructions exist on Hopper only); the others
+    /// run on every card the build targets.
     pub fn available(self, device: &candle_core::Device) -> bool {
         match self {
             Self::Wgmma | Self::WgmmaPipe => {
