@@ -2,7 +2,8 @@
 //! plain references, so their index math, barriers, fragment layouts and roundings are
 //! tested on every machine, not only in the sessions that are lent a GPU.
 //!
-//! The kernel sources compile unchanged with the machine's C++ compiler (`$CXX`, else `c++`)
+//! The kernel sources compile unchanged with the machine's C++ compiler (`$CXX`, else the first
+//! of `c++`, `g++`, `clang++`)
 //! into one runner binary (cached under the target dir by a hash of the sources). Each launch
 //! here passes the grid, block, shared memory and arguments the host module passes (named in
 //! each test); the runner checks every argument's kind and width against the kernel's
@@ -46,7 +47,13 @@ fn runner() -> &'static Path {
         for path in &sources {
             std::fs::read(path).unwrap().hash(&mut hasher);
         }
-        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| {
+            ["c++", "g++", "clang++"]
+                .into_iter()
+                .find(|c| Command::new(c).arg("--version").output().is_ok())
+                .unwrap_or("c++")
+                .to_string()
+        });
         compiler.hash(&mut hasher);
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu");
         std::fs::create_dir_all(&out).unwrap();
@@ -72,7 +79,8 @@ fn runner() -> &'static Path {
                 .unwrap_or_else(|e| {
                     panic!(
                         "the kernel emulation tests build host/kernels with a C++17 compiler \
-                         ({compiler}, from $CXX or `c++`), which did not start: {e}"
+                         ({compiler}: $CXX, else the first of c++, g++, clang++), which did not \
+                         start: {e}"
                     )
                 });
             assert!(
