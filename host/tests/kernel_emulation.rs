@@ -3,9 +3,8 @@
 //! tested on every machine, not only in the sessions that are lent a GPU.
 //!
 //! The kernel sources compile unchanged with the machine's C++ compiler (`$CXX`, else the first
-//! of `c++`, `g++`, `clang++`)
-//! into one runner binary (cached under the target dir by a hash of the sources). Each launch
-//! here passes the grid, block, shared memory and arguments the host module passes (named in
+//! of `c++`, `g++`, `clang++`) into one runner binary, cached under the target dir by a hash
+//! of the sources. Each launch here passes the grid, block, shared memory and arguments the host module passes (named in
 //! each test); the runner checks every argument's kind and width against the kernel's
 //! parameter, fills outputs with NaN bytes first, and stops on any access past a buffer.
 
