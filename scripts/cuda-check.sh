@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Type-check and lint the `cuda` feature (our CUDA custom ops, the nvcc step of host/build.rs)
-# without a GPU, with the CUDA 13.0 toolkit ../shared/gpu/build-cuda.sh fetches into its cache
+# and read the wgmma kernels' SASS for register hazards, without a GPU, with the CUDA 13.0 toolkit ../shared/gpu/build-cuda.sh fetches into its cache
 # (fetched here too when missing). From the repo root: bash scripts/cuda-check.sh
 # Cold: ~25 min on 2 cores (candle-kernels nvcc step); target/cuda-check caches it.
 set -euo pipefail
@@ -35,3 +35,26 @@ export RUSTFLAGS="-L native=$cache/linklib"
 export CARGO_TARGET_DIR=$root/target/cuda-check
 nice cargo clippy -p headshot-host --features cuda --all-targets \
   --config "patch.crates-io.candle-core.path=\"$patched\"" -- -D warnings
+# The wgmma kernels' compiled code: no register spills, no serialised wgmma, and no
+# instruction touching registers a wgmma is still writing or reading (scripts/wgmma-sass-check.py).
+sass_tools=$cache/sass-tools
+if [ ! -x "$sass_tools/nvidia/cu13/bin/cuobjdump" ]; then
+  python3 -m pip download -q --no-deps -d "$cache/wheels" \
+    "nvidia-cuda-cuobjdump==13.2.51" "nvidia-cuda-nvdisasm==13.5.37"
+  for w in "$cache"/wheels/nvidia_cuda_cuobjdump-*.whl "$cache"/wheels/nvidia_cuda_nvdisasm-*.whl; do
+    python3 -m zipfile -e "$w" "$sass_tools"
+  done
+  chmod +x "$sass_tools"/nvidia/cu13/bin/*
+fi
+cubin=$(mktemp --suffix=.cubin)
+ptxas_log=$(nvcc -cubin -arch=sm_90a -O3 -Xptxas -v -o "$cubin" host/kernels/flash_wgmma.cu 2>&1)
+echo "$ptxas_log" | grep -E "Compiling entry|registers"
+if echo "$ptxas_log" | grep -oE "[0-9]+ bytes spill (stores|loads)" | grep -vq "^0 "; then
+  echo "flash_wgmma.cu spills registers" >&2; exit 1
+fi
+if echo "$ptxas_log" | grep -qi "serializ"; then
+  echo "ptxas serialised wgmma in flash_wgmma.cu:" >&2; echo "$ptxas_log" | grep -i "serializ" >&2; exit 1
+fi
+PATH=$sass_tools/nvidia/cu13/bin:$PATH cuobjdump -sass "$cubin" > "$cubin.sass"
+python3 scripts/wgmma-sass-check.py "$cubin.sass"
+rm -f "$cubin" "$cubin.sass"
