@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Type-check and lint the `cuda` feature (our CUDA custom ops, the nvcc step of host/build.rs)
-# and read the wgmma kernels' SASS for register hazards, without a GPU, with the CUDA 13.0 toolkit ../shared/gpu/build-cuda.sh fetches into its cache
-# (fetched here too when missing). From the repo root: bash scripts/cuda-check.sh
+# and read the wgmma kernels' SASS for register hazards, without a GPU, with the CUDA 13.0
+# toolkit ../shared/gpu/build-cuda.sh fetches into its cache (fetched here too when missing;
+# cuobjdump/nvdisasm from PyPI). From the repo root: bash scripts/cuda-check.sh
 # Cold: ~25 min on 2 cores (candle-kernels nvcc step); target/cuda-check caches it.
 set -euo pipefail
 root=$(pwd)
