@@ -175,13 +175,16 @@ __device__ __forceinline__ void load_tile(unsigned char *tile, Src src) {
     }
 }
 
-// Vᵀ for the wgmma kernel: v (batch, tokens, heads, 128) → vt (batch, heads, 128, keys_pad),
+// Vᵀ for the wgmma kernels: v (batch, tokens, heads, 128) → vt (batch, heads, 128, keys_pad),
 // keys past `tokens` zero (keys_pad a multiple of 64). Grid (keys_pad / 64, batch·heads),
-// 256 threads; one 64-key tile through shared memory, read and written along rows.
+// 256 threads; one 64-key tile through shared memory, read and written along rows. Tile rows
+// are 130 values (65 words) apart, so the column reads of a warp (rows 2l, l = lane) fall in
+// 16 banks, not the 4 that a 16-byte-aligned padding allows; the row writes go as 4-byte words.
+#define VT_STRIDE (WG_HEAD_DIM + 2)
 extern "C" __global__ void __launch_bounds__(256)
     headshot_transpose_v_bf16(const __nv_bfloat16 *__restrict__ v, __nv_bfloat16 *__restrict__ vt,
                               int tokens, int heads, int keys_pad) {
-    __shared__ __align__(16) __nv_bfloat16 tile[WG_KEYS][WG_HEAD_DIM + 8];
+    __shared__ __align__(16) __nv_bfloat16 tile[WG_KEYS * VT_STRIDE];
     const int b = blockIdx.y / heads, h = blockIdx.y % heads;
     const int kb = blockIdx.x * WG_KEYS;
     for (int i = threadIdx.x; i < WG_KEYS * (WG_HEAD_DIM / 8); i += 256) {
@@ -192,21 +195,23 @@ extern "C" __global__ void __launch_bounds__(256)
             value = *reinterpret_cast<const uint4 *>(
                 v + (((size_t)b * tokens + key) * heads + h) * WG_HEAD_DIM + c * 8);
         }
-        *reinterpret_cast<uint4 *>(&tile[r][c * 8]) = value;
+        uint32_t *row = reinterpret_cast<uint32_t *>(tile + r * VT_STRIDE + c * 8);
+        row[0] = value.x;
+        row[1] = value.y;
+        row[2] = value.z;
+        row[3] = value.w;
     }
     __syncthreads();
     __nv_bfloat16 *out = vt + ((size_t)b * heads + h) * WG_HEAD_DIM * keys_pad + kb;
     for (int i = threadIdx.x; i < WG_HEAD_DIM * (WG_KEYS / 2); i += 256) {
         const int d = i / (WG_KEYS / 2), pair = i % (WG_KEYS / 2);
         __nv_bfloat162 two;
-        two.x = tile[2 * pair][d];
-        two.y = tile[2 * pair + 1][d];
+        two.x = tile[2 * pair * VT_STRIDE + d];
+        two.y = tile[(2 * pair + 1) * VT_STRIDE + d];
         *reinterpret_cast<__nv_bfloat162 *>(out + (size_t)d * keys_pad + 2 * pair) = two;
     }
 }
 
-// Grid (ceil(tokens / 128), batch·heads), 256 threads, 98 304 bytes of dynamic shared memory.
-// vt from headshot_transpose_v_bf16; scale_log2 = log2(e)/√128.
 // The lazy softmax of one 64-key tile (flash_attn.cu, LAZY) on S in registers (register 4j + c:
 // row g (c < 2) or g + 8, key kb + 8j + 2t + (c & 1)): keys past `tokens` masked, the
 // accumulator rescaled only when a row's maximum grows by more than WG_SLACK over the one its
