@@ -87,9 +87,10 @@ fn main() {
     }
 }
 
-/// `kernels/flash_attn.cu` → `$OUT_DIR/flash_attn.ptx` for `CUDA_COMPUTE_CAP` (default 80:
-/// the kernel needs mma.sync with bf16, and PTX for 8.0 is JIT-compiled by newer drivers for
-/// newer cards). nvcc comes from `CUDA_HOME`/`CUDA_ROOT` or the PATH.
+/// `kernels/*.cu` → `$OUT_DIR/*.ptx` for `CUDA_COMPUTE_CAP` (default 80: the attention
+/// kernels need mma.sync with bf16, and PTX for 8.0 is JIT-compiled by newer drivers for newer
+/// cards); `flash_wgmma.cu` only for 90 or 90a, as compute_90a. nvcc comes from
+/// `CUDA_HOME`/`CUDA_ROOT` or the PATH.
 fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");

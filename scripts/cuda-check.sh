@@ -48,14 +48,16 @@ if [ ! -x "$sass_tools/nvidia/cu13/bin/cuobjdump" ]; then
   chmod +x "$sass_tools"/nvidia/cu13/bin/*
 fi
 cubin=$(mktemp --suffix=.cubin)
-ptxas_log=$(nvcc -cubin -arch=sm_90a -O3 -Xptxas -v -o "$cubin" host/kernels/flash_wgmma.cu 2>&1)
-echo "$ptxas_log" | grep -E "Compiling entry|registers"
-if echo "$ptxas_log" | grep -oE "[0-9]+ bytes spill (stores|loads)" | grep -vq "^0 "; then
-  echo "flash_wgmma.cu spills registers" >&2; exit 1
+trap 'cp "$saved" "$root/Cargo.lock"; rm -f "$cubin" "$cubin.sass"' EXIT
+if ! ptxas_log=$(nvcc -cubin -arch=sm_90a -O3 -Xptxas -v -o "$cubin" host/kernels/flash_wgmma.cu 2>&1); then
+  echo "$ptxas_log" >&2; exit 1
 fi
-if echo "$ptxas_log" | grep -qi "serializ"; then
-  echo "ptxas serialised wgmma in flash_wgmma.cu:" >&2; echo "$ptxas_log" | grep -i "serializ" >&2; exit 1
+grep -E "Compiling entry|registers" <<<"$ptxas_log"
+if grep -oE "[0-9]+ bytes (spill stores|spill loads|stack frame)" <<<"$ptxas_log" | grep -vq "^0 "; then
+  echo "flash_wgmma.cu spills registers or uses local memory:" >&2; echo "$ptxas_log" >&2; exit 1
+fi
+if grep -qi "serializ" <<<"$ptxas_log"; then
+  echo "ptxas serialised wgmma in flash_wgmma.cu:" >&2; grep -i "serializ" <<<"$ptxas_log" >&2; exit 1
 fi
 PATH=$sass_tools/nvidia/cu13/bin:$PATH cuobjdump -sass "$cubin" > "$cubin.sass"
 python3 scripts/wgmma-sass-check.py "$cubin.sass"
-rm -f "$cubin" "$cubin.sass"

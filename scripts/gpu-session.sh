@@ -40,11 +40,15 @@ run() {
   echo "exit $rc" | tee -a "$out/session.txt"
 }
 
-# 1. Every fast path against plain ops, bf16, at the full 1024x1024 shapes. The wgmma
-#    attention kernel has never run: it gets processes of its own (step 4), since a kernel that
-#    faults leaves the CUDA context unusable for every check after it.
+# 1. Every fast path against plain ops, bf16, at the full 1024x1024 shapes, with the mma.sync
+#    attention kernels. The Hopper wgmma kernels have never run: each then gets a process of its
+#    own with the attention checks only, since a kernel that faults leaves the CUDA context
+#    unusable for every check after it.
 mma_sync=pipe4,wide,wide32,wide32_lazy,wide_lazy
 HEADSHOT_FLASH_KERNELS=$mma_sync run 90 bench gpu --device cuda --check --attention fused
+for kernel in wgmma wgmma_pipe; do
+  HEADSHOT_FLASH_KERNELS=$kernel HEADSHOT_CHECK_ONLY=attention run 45 bench gpu --device cuda --check --attention fused
+done
 # 2. Each op alone: attention kernels, GEMMs (cuBLASLt epilogue, plain, FP8), norms.
 #    (SHORT=1: after the comparison with diffusers and FP8 instead, and nothing else.)
 [ -z "${SHORT:-}" ] && HEADSHOT_FLASH_KERNELS=$mma_sync run 90 bench gpu --device cuda --ops --iters 10 --warmup 2
@@ -54,24 +58,24 @@ if [ "$(left)" -gt 60 ]; then
   TORCH_ARGS="--iters 3 --warmup 1" WHEELS=$carry/wheels OUT=$out/vs-torch timeout $(( $(left) < 200 ? $(left) : 200 )) bash $carry/run-bench.nostubs.sh /tmp/headshot \
     bench gpu --device cuda --attention fused --iters 3 --warmup 1 | tee -a "$out/session.txt"
 fi
-# 4. Variants (what no longer fits is skipped): the decoder's CUDA paths first (the target
-#    furthest off: fused group norm + SiLU, then that with the convolutions as GEMMs; decode
-#    times against step 3's, same card); the wgmma attention kernel (checks, steps, ops);
-#    every other opt-in path together, FP8 and bf16 (the
-#    figures against step 3's diffusers step); then each alone: FP8 per tensor and per row,
-#    GEMM tuning, the lazy attention kernel, the split linear2; --check with tuning; the
-#    older variants (other flash kernels, 768x1024, plain GEMMs, plain attention, candle's
-#    stock module).
-HEADSHOT_GROUP_NORM=fused run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
-# The Hopper wgmma attention kernels: their checks (attention_cuda_wgmma*), then whole steps
-# with the pipelined one, bf16 and all-on FP8, and with the plain one, then the attention
-# kernels alone (TFLOP/s next to wide32's).
-HEADSHOT_FLASH_KERNELS=wgmma,wgmma_pipe run 90 bench gpu --device cuda --check --attention fused
+# 4. Variants, each step time against step 3's diffusers step (what no longer fits is
+#    skipped):
+#    - whole steps with the wgmma_pipe attention kernel, bf16 and all-on FP8 (the largest
+#      expected gain);
+#    - the decoder's CUDA paths (fused group norm + SiLU, then that with the convolutions as
+#      GEMMs; decode times against step 3's);
+#    - the rest of wgmma (the two-stage kernel, with the split GEMM, the kernels alone);
+#    - every other opt-in path together, FP8 and bf16, then each alone: FP8 per tensor and per
+#      row, GEMM tuning, the lazy attention kernel, the split linear2;
+#    - --check with tuning;
+#    - the older variants (other flash kernels, 768x1024, plain GEMMs, plain attention,
+#      candle's stock module).
 HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
-HEADSHOT_FLASH_KERNEL=wgmma_pipe HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
+HEADSHOT_GROUP_NORM=fused run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
 HEADSHOT_FLASH_KERNEL=wgmma run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
+HEADSHOT_FLASH_KERNEL=wgmma_pipe HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 HEADSHOT_FLASH_KERNELS=wgmma,wgmma_pipe,wide32_lazy,wide32 run 60 bench gpu --device cuda --ops --iters 10 --warmup 2 --skip-vae
 HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wide32_lazy run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
 HEADSHOT_FLASH_KERNEL=wide32_lazy HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae

@@ -15,11 +15,21 @@ import sys
 
 
 def instructions(body):
+    """Each instruction's text without its address and encoding; a predicate guard (@P0) is
+    dropped, so the opcode comes first."""
     for line in body.split("\n"):
-        if re.search(r"/\*[0-9a-f]{4}\*/", line):
-            text = re.sub(r"\s*/\*[0-9a-f]{4}\*/\s*", "", line.split(";")[0]).strip()
+        if re.search(r"/\*[0-9a-f]{4,}\*/", line):
+            text = re.sub(r"\s*/\*[0-9a-f]{4,}\*/\s*", "", line.split(";")[0]).strip()
+            text = re.sub(r"^@!?U?P\w+\s+", "", text)
             if text:
                 yield text
+
+
+def registers(opcode, operand):
+    """The registers an operand names: a .64 or .128 opcode's register operands span 2 or 4
+    registers (counted as 4 either way, erring towards reporting)."""
+    first = int(operand)
+    return range(first, first + (4 if re.search(r"\.(64|128)\b", opcode) else 1))
 
 
 def check(name, body):
@@ -37,18 +47,19 @@ def check(name, body):
                 in_flight.append((a, a + 3, "A registers"))
             continue
         if text.startswith("WARPGROUP.DEPBAR"):
+            # The kernels only ever wait for every group (wait_group 0).
             in_flight = []
             continue
         if text.startswith("WARPGROUP.ARRIVE"):
             continue
         opcode, _, operands = text.partition(" ")
-        regs = [int(r) for r in re.findall(r"\bR(\d+)\b", operands)]
+        regs = [r for o in re.findall(r"\bR(\d+)\b", operands) for r in registers(opcode, o)]
         dest = re.match(r"\s*R(\d+)", operands)
+        written = registers(opcode, dest.group(1)) if dest and not opcode.startswith("ST") else []
         for first, last, what in in_flight:
             if what == "accumulators" and any(first <= r <= last for r in regs):
                 hazards.append(f"{name}: {text} touches in-flight {what} R{first}-R{last}")
-            if (what == "A registers" and dest and first <= int(dest.group(1)) <= last
-                    and not opcode.startswith("ST")):
+            if what == "A registers" and any(first <= r <= last for r in written):
                 hazards.append(f"{name}: {text} overwrites in-flight {what} R{first}-R{last}")
     return hgmma, hazards
 

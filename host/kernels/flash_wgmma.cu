@@ -11,7 +11,8 @@
 //
 // The scheme (flash-attention, as flash_attn.cu's wide32_lazy):
 // - a block of 256 threads is two warpgroups of 64 query rows each; both read the same K and
-//   V tiles of 64 keys, double-buffered through cp.async;
+//   V tiles of 64 keys, in a ring of two stages (three in the pipelined kernel) filled by
+//   cp.async;
 // - S = Q·Kᵀ: 8 × wgmma m64n64k16, Q and K from shared memory (both K-major);
 // - the lazy softmax of wide32_lazy on S in registers (the accumulator's fragment layout is
 //   mma.sync's, tiled over N);

@@ -3,17 +3,21 @@
 //
 // The kernel sources compile unchanged as C++ (`-DHEADSHOT_EMULATE`, with `include/` first on
 // the include path for the stand-in cuda_bf16.h / cuda_fp8.h). Each CUDA thread of a block
-// runs as a fiber (ucontext) on one OS thread; `__syncthreads`, warp shuffles and the warp-wide
-// PTX instructions flash_attn.cu uses (mma.sync m16n8k16 bf16, ldmatrix x4 and x4.trans,
-// cp.async) switch fibers at their barriers, so their cross-lane semantics follow the PTX ISA:
-// - mma and ldmatrix gather the fragments of all 32 lanes and hand each lane its own, by the
-//   fragment layouts of the PTX ISA (not by calling the kernel's own index math);
-// - cp.async copies wait until `cp.async.wait_group` retires their group, so a kernel that
-//   reads a tile before waiting for it reads stale data and fails its test;
-// - a barrier no fiber can complete, a shuffle after lanes of the warp have exited, or a
-//   misaligned ldmatrix/cp.async address stops the run with the block and thread named.
-// What it cannot show: speed, races the cooperative schedule hides (runs take a forward and
-// a reverse thread order), and the hardware's exact rounding inside mma (it accumulates in f32).
+// runs as a fiber (ucontext) on one OS thread; `__syncthreads`, warp shuffles and the warp- and
+// warpgroup-wide PTX the attention kernels use (mma.sync m16n8k16 bf16, ldmatrix x4 and
+// x4.trans, cp.async, wgmma) switch fibers at their barriers, so their cross-lane semantics
+// follow the PTX ISA:
+// - mma, ldmatrix and wgmma gather the fragments of all lanes and hand each lane its own, by
+//   the fragment layouts of the PTX ISA (not by calling the kernel's own index math);
+// - cp.async copies land at the `cp.async.wait_group` that retires their group under the
+//   forward schedule (a kernel that reads a tile before waiting reads stale data) and when
+//   issued under the reverse and warps-ahead schedules (a kernel that refills a buffer others
+//   still read corrupts it); runner.cpp says what each schedule exposes;
+// - a barrier no fiber can complete, lanes that exit instead of joining a warp or warpgroup
+//   collective, or a misaligned ldmatrix/cp.async address stops the run with the block and
+//   thread named.
+// What it cannot show: speed, races none of the three schedules exposes, and the hardware's
+// exact rounding inside mma and wgmma (it accumulates in f32).
 #pragma once
 
 #include <cmath>

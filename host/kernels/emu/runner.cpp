@@ -11,8 +11,9 @@
 //                      to PATH after the launch
 //   inout:IN:OUT       read from IN, written to OUT after the launch
 //   i32:N u32:N i64:N u64:N f32:X   scalars
-// Buffers end at a PROT_NONE page (and start after one), so a read or write past a buffer
-// stops the run with the block and thread named.
+// Buffers end at a PROT_NONE page (and start after one), so a read or write past a buffer's end
+// (to within the up to 15 bytes that 16-byte alignment leaves after odd sizes) stops the run
+// with the block and thread named.
 //
 // The schedule decides which thread moves next, which is where a missing barrier shows:
 // - forward (the default) and reverse resume every waiting thread once per round, in thread

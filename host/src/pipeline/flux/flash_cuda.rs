@@ -34,8 +34,8 @@ const PIPELINE_SMEM_BYTES: u32 = 2 * 2 * 64 * 136 * 2;
 /// The wide kernels add the block's 128-row Q tile.
 const WIDE_SMEM_BYTES: u32 = PIPELINE_SMEM_BYTES + 128 * 136 * 2;
 
-/// The kernels of `flash_attn.cu`. All compute the same thing; they differ in how K and V
-/// reach the tensor cores, and `headshot bench gpu --ops` times each.
+/// The kernels of `flash_attn.cu` and `flash_wgmma.cu`. All compute the same thing; they
+/// differ in how K and V reach the tensor cores, and `headshot bench gpu --ops` times each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashKernel {
     /// 4 warps × 16 query rows, Q in registers, cp.async double buffering, ldmatrix
@@ -142,7 +142,20 @@ impl FlashKernel {
             let all: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
             candle_core::bail!("HEADSHOT_FLASH_KERNELS names {unknown:?}, none of {all:?}");
         }
-        Ok(available.filter(|k| wanted.contains(&k.name())).collect())
+        let available: Vec<FlashKernel> = available.collect();
+        if let Some(missing) = wanted
+            .iter()
+            .find(|n| !available.iter().any(|k| k.name() == **n))
+        {
+            candle_core::bail!(
+                "HEADSHOT_FLASH_KERNELS names {missing:?}, which this build or card cannot run \
+                 (the wgmma kernels need CUDA_COMPUTE_CAP=90 and a compute capability 9.0 GPU)"
+            );
+        }
+        Ok(available
+            .into_iter()
+            .filter(|k| wanted.contains(&k.name()))
+            .collect())
     }
 
     fn entry(self) -> &'static str {
