@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Summary of one scripts/gpu-session.sh run: every run's step and decode time as a ratio to
-the diffusers twin measured in the same call, the checks that failed, and the log lines that
-decide whether an opt-in path really ran (per-row FP8 fallback, GEMM tuning).
+the diffusers twin measured in the same call, the checks that failed, the log lines that
+decide whether an opt-in path really ran (per-row FP8 fallback, GEMM tuning), and the
+attention kernels' throughput alone, fastest first.
 
     python3 scripts/gpu-summary.py OUT_DIR      (OUT_DIR holds session.txt and vs-torch/)
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 RESULT = re.compile(r"RESULT (\w+): median ([0-9.]+) ms")
 CHECK = re.compile(r"CHECK (\S+): max relative error (\S+)(.*)\(bound (\S+)\) (ok|FAIL)")
+ATTENTION_RATE = re.compile(r"RATE op_attention_(\w+): ([0-9.]+) TFLOP/s")
 
 
 def medians(lines):
@@ -118,6 +120,11 @@ def main(out_dir):
     ]
     for note in dict.fromkeys(notes):
         print("log: " + note)
+    # The attention kernels alone (--ops), the last figure of each: which kernel is fastest.
+    rates = {m.group(1): float(m.group(2)) for m in ATTENTION_RATE.finditer(session)}
+    if rates:
+        ranked = sorted(rates.items(), key=lambda kv: -kv[1])
+        print("attention alone (--ops, TFLOP/s): " + ", ".join(f"{k} {v:g}" for k, v in ranked))
 
 
 if __name__ == "__main__":
