@@ -22,6 +22,11 @@
 //   so a warp overwrites shared memory the others have not read yet unless a barrier stops
 //   it (the race of a reduction's scratch reused without a barrier shows only here).
 // A kernel whose results depend on the schedule has a race; the tests compare all three.
+//
+// A new kernel file: include it below in a namespace of its own, list its entry points in
+// KERNELS, and give it a test under host/tests/kernel_emulation/ that launches it as its host
+// module does (grid, block, shared memory, argument types) against a plain reference. New
+// inline PTX goes behind `#ifndef HEADSHOT_EMULATE` in the kernel, with its emulation here.
 // cp.async copies land as late as the PTX allows (at the cp.async.wait_group that retires
 // them) under forward, and as early (when issued) under the other two: a kernel that reads a
 // tile before waiting for it fails the first, one that refills a buffer others still read
