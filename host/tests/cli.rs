@@ -197,6 +197,53 @@ fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
 }
 
 #[test]
+fn bench_gpu_check_only_attention_stops_after_the_attention_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let check = |only: &str| {
+        Command::new(env!("CARGO_BIN_EXE_headshot"))
+            .arg("--data-dir")
+            .arg(tmp.path())
+            .args(["bench", "gpu", "--tiny", "--device", "cpu", "--check"])
+            .env("HEADSHOT_LOG", "warn")
+            .env("HEADSHOT_CHECK_ONLY", only)
+            .output()
+            .expect("headshot runs")
+    };
+    let out = check("attention");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let checks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("CHECK ")).collect();
+    assert!(
+        !checks.is_empty() && checks.iter().all(|l| l.starts_with("CHECK attention")),
+        "{stdout}"
+    );
+    // Everything else the full check runs is left out.
+    let full = headshot(
+        tmp.path(),
+        &["bench", "gpu", "--tiny", "--device", "cpu", "--check"],
+    );
+    assert!(full.status.success(), "{}", text(&full.stderr));
+    assert!(
+        text(&full.stdout).contains("CHECK layer_norm"),
+        "{}",
+        text(&full.stdout)
+    );
+    // A value it does not know is an error naming the one it does, before any comparison.
+    let wrong = check("norms");
+    assert!(!wrong.status.success());
+    assert!(
+        text(&wrong.stdout).contains("CHECK stopped after 0 comparisons"),
+        "{}",
+        text(&wrong.stdout)
+    );
+    assert!(
+        text(&wrong.stderr).contains("the one value is \"attention\""),
+        "{}",
+        text(&wrong.stderr)
+    );
+}
+
+#[test]
 fn bench_gpu_ops_times_each_op_with_its_rate() {
     let tmp = tempfile::tempdir().unwrap();
     let out = headshot(

@@ -101,6 +101,16 @@ pub fn run_into(
     kernel: AttentionKernel,
     out: &mut Vec<CheckResult>,
 ) -> Result<()> {
+    // HEADSHOT_CHECK_ONLY=attention stops after the attention comparisons: a kernel that has
+    // never run gets a process of its own (a fault leaves the CUDA context unusable), without
+    // repeating every other check. Read before any work, so a wrong value costs nothing.
+    let attention_only = match std::env::var("HEADSHOT_CHECK_ONLY").as_deref() {
+        Err(_) => false,
+        Ok("attention") => true,
+        Ok(other) => {
+            candle_core::bail!("HEADSHOT_CHECK_ONLY={other:?}: the one value is \"attention\"")
+        }
+    };
     let tolerance = if dtype == DType::F32 {
         1e-4
     } else {
@@ -128,14 +138,8 @@ pub fn run_into(
     if device.is_cuda() && dtype == DType::BF16 && head_dim == super::flash_cuda::HEAD_DIM {
         cuda_kernels(&qkv, &reference, tolerance, out)?;
     }
-    // HEADSHOT_CHECK_ONLY=attention stops here: a kernel that has never run gets a process of
-    // its own (a fault leaves the CUDA context unusable), without repeating every other check.
-    match std::env::var("HEADSHOT_CHECK_ONLY").as_deref() {
-        Err(_) => {}
-        Ok("attention") => return Ok(()),
-        Ok(other) => {
-            candle_core::bail!("HEADSHOT_CHECK_ONLY={other:?}: the one value is \"attention\"")
-        }
+    if attention_only {
+        return Ok(());
     }
 
     // Norms: candle's fused kernels against the formula in plain ops.
