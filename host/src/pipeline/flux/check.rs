@@ -436,21 +436,11 @@ pub fn run_into(
 /// same input: the fast paths may be at most twice as far off (and within 1e-2 in any case).
 #[cfg(feature = "cuda")]
 fn decoders(device: &Device, out: &mut Vec<CheckResult>) -> Result<()> {
-    use super::decoder::{Decoder, DecoderPaths};
-    use candle_transformers::models::flux::autoencoder::{AutoEncoder, Config as AeConfig};
-    // Widths in multiples of the 32 groups, 16 latent channels, 12x10 latents (pixel counts
-    // in multiples of 8, as the 1x1 GEMMs want), two levels: one upsample.
-    let cfg = AeConfig {
-        resolution: 64,
-        in_channels: 3,
-        ch: 32,
-        out_ch: 3,
-        ch_mult: vec![1, 2],
-        num_res_blocks: 1,
-        z_channels: 16,
-        scale_factor: 0.3611,
-        shift_factor: 0.1159,
-    };
+    use super::decoder::{Decoder, DecoderPaths, two_level_config};
+    use candle_transformers::models::flux::autoencoder::AutoEncoder;
+    // 16 latent channels, 12x10 latents (pixel counts in multiples of 8, as the 1x1 GEMMs
+    // want).
+    let cfg = two_level_config();
     let tensors = crate::pipeline::demo::record(45, |vb| AutoEncoder::new(&cfg, vb))?;
     let decoder = |dtype: DType, paths: DecoderPaths| {
         let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);

@@ -158,6 +158,23 @@ impl Conv {
     }
 }
 
+/// The smallest decoder that has every part of the real one: two levels of different widths
+/// (resnet shortcuts, one upsample), the attention block, widths in multiples of the 32
+/// groups. Tests and `--check` compare decoders of this shape.
+pub fn two_level_config() -> Config {
+    Config {
+        resolution: 64,
+        in_channels: 3,
+        ch: 32,
+        out_ch: 3,
+        ch_mult: vec![1, 2],
+        num_res_blocks: 1,
+        z_channels: 16,
+        scale_factor: 0.3611,
+        shift_factor: 0.1159,
+    }
+}
+
 /// A convolution's weights `(C_out, C_in, k, k)` laid out for the GEMM path: `(taps, C_out,
 /// taps·C_in)` bf16, row tap `dy` holding `w[o, c, dy, dx]` at `[dy, o, dx·C_in + c]` (one
 /// tap for 1×1). Row tap `dy` is then the right operand of its GEMM, column-major
@@ -360,24 +377,9 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_transformers::models::flux::autoencoder::AutoEncoder;
 
-    /// Two levels of different widths: resnet shortcuts, one upsample, the attention block.
-    fn config() -> Config {
-        Config {
-            resolution: 64,
-            in_channels: 3,
-            ch: 32,
-            out_ch: 3,
-            ch_mult: vec![1, 2],
-            num_res_blocks: 1,
-            z_channels: 16,
-            scale_factor: 0.3611,
-            shift_factor: 0.1159,
-        }
-    }
-
     #[test]
     fn decodes_as_candles_autoencoder_does() {
-        let cfg = config();
+        let cfg = two_level_config();
         let tensors = record(7, |vb| AutoEncoder::new(&cfg, vb)).unwrap();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         let reference = AutoEncoder::new(&cfg, vb.clone()).unwrap();
@@ -436,7 +438,7 @@ mod tests {
 
     #[test]
     fn reads_every_decoder_weight_and_nothing_else() {
-        let cfg = config();
+        let cfg = two_level_config();
         let ours = record(7, |vb| Decoder::new(&cfg, vb)).unwrap();
         let all = record(7, |vb| AutoEncoder::new(&cfg, vb)).unwrap();
         let mut read: Vec<&String> = ours.keys().collect();
