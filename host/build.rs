@@ -115,10 +115,11 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
             panic!("nvcc failed on {} ({status})", source.display());
         }
     };
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest_dir.join("kernels/ptx_common.cuh").display()
-    );
+    // The headers the kernel files include.
+    for header in ["ptx_common.cuh", "lazy_softmax.cuh"] {
+        let path = manifest_dir.join("kernels").join(header);
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
     for kernel in [
         "flash_attn",
         "fp8_quant",

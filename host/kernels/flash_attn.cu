@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "ptx_common.cuh"
+#include "lazy_softmax.cuh"
 
 #define HEAD_DIM 128
 #define BLOCK_K 64
@@ -282,15 +283,8 @@ extern "C" __global__ void __launch_bounds__(128)
 // most work per rescale, 32 halves the score registers (255 → fewer, no spills).
 //
 // LAZY trims the softmax's non-tensor-core work, which competes with the mma instructions for
-// issue slots (per 32-key step a warp issues 128 mma next to ~300 other instructions):
-// - the accumulator is rescaled only when a row's maximum grows by more than LAZY_SLACK
-//   (log2 units) over the one its exponentials are taken against, not at every step: the
-//   result is the same (numerator and denominator share the stale maximum), probabilities
-//   stay ≤ 2^LAZY_SLACK, well inside bf16 and f32;
-// - the scale folds into the exponent's argument (one fma instead of a multiply and an add);
-// - key masking runs only on steps that reach past the last key;
-// - exponentials in one instruction each (fast_exp2).
-#define LAZY_SLACK 8.f
+// issue slots (per 32-key step a warp issues 128 mma next to ~300 other instructions): see
+// lazy_softmax.cuh, which flash_wgmma.cu's kernels share.
 
 template <int STEP, bool LAZY>
 __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
@@ -403,56 +397,10 @@ __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
         }
 
         if constexpr (LAZY) {
-            const bool partial = kb + k0 + STEP > tokens;
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt) {
-                // Row r of this thread's pair (g, g + 8) holds s[mt][j][2r] and s[mt][j][2r+1].
-                float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-                for (int j = 0; j < GROUPS; ++j) {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        if (partial && kb + k0 + j * 8 + 2 * t + e >= tokens) {
-                            s[mt][j][e] = -INFINITY;
-                            s[mt][j][2 + e] = -INFINITY;
-                        }
-                        tile_max[0] = fmaxf(tile_max[0], s[mt][j][e]);
-                        tile_max[1] = fmaxf(tile_max[1], s[mt][j][2 + e]);
-                    }
-                }
-                float neg[2];
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-#pragma unroll
-                    for (int off = 1; off <= 2; off <<= 1) {
-                        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], off));
-                    }
-                    // scale_log2 > 0, so the scaled maximum is the maximum of the scaled scores.
-                    tile_max[r] *= scale_log2;
-                    // The four lanes of a row agree on its maximum, so they branch alike.
-                    if (tile_max[r] > row_max[mt][r] + LAZY_SLACK) {
-                        const float corr = fast_exp2(row_max[mt][r] - tile_max[r]);
-                        row_max[mt][r] = tile_max[r];
-                        row_sum[mt][r] *= corr;
-#pragma unroll
-                        for (int n = 0; n < 16; ++n) {
-                            acc[mt][n][2 * r] *= corr;
-                            acc[mt][n][2 * r + 1] *= corr;
-                        }
-                    }
-                    // A row that has seen no key yet (only fully masked steps) keeps -inf: its
-                    // exponentials must come out 0, not exp2(-inf + inf).
-                    neg[r] = row_max[mt][r] == -INFINITY ? 0.f : -row_max[mt][r];
-                }
-#pragma unroll
-                for (int j = 0; j < GROUPS; ++j) {
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        s[mt][j][c] = fast_exp2(fmaf(s[mt][j][c], scale_log2, neg[c >> 1]));
-                    }
-                    row_sum[mt][0] += s[mt][j][0] + s[mt][j][1];
-                    row_sum[mt][1] += s[mt][j][2] + s[mt][j][3];
-                }
+                lazy_softmax_rows(s[mt], acc[mt], row_max[mt], row_sum[mt], kb + k0, tokens, t,
+                                  scale_log2);
             }
         } else {
     #pragma unroll

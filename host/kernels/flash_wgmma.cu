@@ -33,12 +33,12 @@
 #include <stdint.h>
 
 #include "ptx_common.cuh"
+#include "lazy_softmax.cuh"
 
 #define WG_HEAD_DIM 128
 #define WG_KEYS 64
 #define WG_ROWS 128
 #define WG_THREADS 256
-#define WG_SLACK 8.f
 // Bytes of the Q tile (both warpgroups), a K tile, a Vᵀ tile; the block's dynamic shared
 // memory is Q and two stages of K and Vᵀ: 98 304 bytes.
 #define WG_Q_BYTES (WG_ROWS * WG_HEAD_DIM * 2)
@@ -124,6 +124,13 @@ template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
         asm volatile("" : "+f"(r[i])::"memory");
+    }
+}
+
+template <int M, int N> __device__ __forceinline__ void fence_regs(float (&r)[M][N]) {
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+        fence_regs(r[i]);
     }
 }
 
@@ -213,74 +220,29 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-// The lazy softmax of one 64-key tile (flash_attn.cu, LAZY) on S in registers (register 4j + c:
-// row g (c < 2) or g + 8, key kb + 8j + 2t + (c & 1)): keys past `tokens` masked, the
-// accumulator rescaled only when a row's maximum grows by more than WG_SLACK over the one its
-// exponentials are taken against, and P packed as the A fragments of P·V (k-step ks: keys
-// 16ks.., column groups 2ks and 2ks + 1).
-__device__ __forceinline__ void lazy_softmax(float (&s)[32], float (&acc)[64], float (&row_max)[2],
-                                             float (&row_sum)[2], uint32_t (&p)[4][4], int kb,
-                                             int tokens, int t, float scale_log2) {
-    const bool partial = kb + WG_KEYS > tokens;
-    float tile_max[2] = {-INFINITY, -INFINITY};
+// P as the A fragments of P·V, from the exponentials lazy_softmax_rows left in S: k-step ks
+// covers keys 16ks.., column groups 2ks and 2ks + 1.
+__device__ __forceinline__ void pack_p(const float (&s)[8][4], uint32_t (&p)[4][4]) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            if (partial && kb + j * 8 + 2 * t + e >= tokens) {
-                s[4 * j + e] = -INFINITY;
-                s[4 * j + 2 + e] = -INFINITY;
-            }
-            tile_max[0] = fmaxf(tile_max[0], s[4 * j + e]);
-            tile_max[1] = fmaxf(tile_max[1], s[4 * j + 2 + e]);
-        }
-    }
-    float neg[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-#pragma unroll
-        for (int off = 1; off <= 2; off <<= 1) {
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], off));
-        }
-        tile_max[r] *= scale_log2;
-        if (tile_max[r] > row_max[r] + WG_SLACK) {
-            const float corr = fast_exp2(row_max[r] - tile_max[r]);
-            row_max[r] = tile_max[r];
-            row_sum[r] *= corr;
-#pragma unroll
-            for (int n = 0; n < 16; ++n) {
-                acc[4 * n + 2 * r] *= corr;
-                acc[4 * n + 2 * r + 1] *= corr;
-            }
-        }
-        neg[r] = row_max[r] == -INFINITY ? 0.f : -row_max[r];
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            s[4 * j + c] = fast_exp2(fmaf(s[4 * j + c], scale_log2, neg[c >> 1]));
-        }
-        row_sum[0] += s[4 * j] + s[4 * j + 1];
-        row_sum[1] += s[4 * j + 2] + s[4 * j + 3];
-        p[j >> 1][(j & 1) * 2] = pack_bf16(s[4 * j], s[4 * j + 1]);
-        p[j >> 1][(j & 1) * 2 + 1] = pack_bf16(s[4 * j + 2], s[4 * j + 3]);
+        p[j >> 1][(j & 1) * 2] = pack_bf16(s[j][0], s[j][1]);
+        p[j >> 1][(j & 1) * 2 + 1] = pack_bf16(s[j][2], s[j][3]);
     }
 }
 
 // S = Q·Kᵀ for this warpgroup's 64 rows and a 64-key K tile, issued and committed (not waited
 // for).
-__device__ __forceinline__ void issue_scores(float (&s)[32], const unsigned char *q_tile,
+__device__ __forceinline__ void issue_scores(float (&s)[8][4], const unsigned char *q_tile,
                                              const unsigned char *kt) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-        s[i] = 0.f;
+    for (int j = 0; j < 8; ++j) {
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
     }
     fence_regs(s);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < WG_HEAD_DIM / 16; ++ks) {
-        wgmma_m64n64k16_ss(s, smem_desc(q_tile + ks * 256, 16 * 128),
+        wgmma_m64n64k16_ss(s[0], smem_desc(q_tile + ks * 256, 16 * 128),
                            smem_desc(kt + ks * 256, 16 * 128), 1);
     }
     wgmma_commit();
@@ -288,7 +250,7 @@ __device__ __forceinline__ void issue_scores(float (&s)[32], const unsigned char
 
 // O += P·V for a 64-key Vᵀ tile (its rows are the 128 output columns, its K-major chunks the
 // keys), issued and committed.
-__device__ __forceinline__ void issue_pv(float (&acc)[64], uint32_t (&p)[4][4],
+__device__ __forceinline__ void issue_pv(float (&acc)[16][4], uint32_t (&p)[4][4],
                                          const unsigned char *vtt) {
     fence_regs(acc);
 #pragma unroll
@@ -298,7 +260,7 @@ __device__ __forceinline__ void issue_pv(float (&acc)[64], uint32_t (&p)[4][4],
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < WG_KEYS / 16; ++ks) {
-        wgmma_m64n128k16_rs(acc, p[ks], smem_desc(vtt + ks * 256, 8 * 128));
+        wgmma_m64n128k16_rs(acc[0], p[ks], smem_desc(vtt + ks * 256, 8 * 128));
     }
     wgmma_commit();
 }
@@ -353,16 +315,16 @@ __device__ __forceinline__ void flash_wgmma(const __nv_bfloat16 *__restrict__ q,
 
     // This warpgroup's Q rows: 64 rows = 8 row groups of 16 chunks each.
     const unsigned char *q_tile = smem + wg * (WG_Q_BYTES / 2);
-    float acc[64];
+    float acc[16][4];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
-        acc[i] = 0.f;
+    for (int n = 0; n < 16; ++n) {
+        acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     }
     // Rows g and g + 8 of this warp's 16: their maxima (log2 units, scaled) and sums.
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.f, 0.f};
     uint32_t p[4][4];
-    float s[32];
+    float s[8][4];
 
     const int tiles = (tokens + WG_KEYS - 1) / WG_KEYS;
     if (STAGES == 2) {
@@ -379,7 +341,8 @@ __device__ __forceinline__ void flash_wgmma(const __nv_bfloat16 *__restrict__ q,
             issue_scores(s, q_tile, stage_of(it));
             wgmma_wait<0>();
             fence_regs(s);
-            lazy_softmax(s, acc, row_max, row_sum, p, it * WG_KEYS, tokens, t, scale_log2);
+            lazy_softmax_rows(s, acc, row_max, row_sum, it * WG_KEYS, tokens, t, scale_log2);
+            pack_p(s, p);
             issue_pv(acc, p, stage_of(it) + WG_K_BYTES);
             wgmma_wait<0>();
             fence_regs(acc);
@@ -399,7 +362,7 @@ __device__ __forceinline__ void flash_wgmma(const __nv_bfloat16 *__restrict__ q,
         issue_scores(s, q_tile, stage_of(0));
         wgmma_wait<0>();
         fence_regs(s);
-        float s_next[32];
+        float s_next[8][4];
         for (int it = 0; it < tiles; ++it) {
             // Every warpgroup has retired P·V of tile it - 1: its stage takes tile it + 2.
             __syncthreads();
@@ -417,14 +380,18 @@ __device__ __forceinline__ void flash_wgmma(const __nv_bfloat16 *__restrict__ q,
                 __syncthreads();
                 issue_scores(s_next, q_tile, stage_of(it + 1));
             }
-            lazy_softmax(s, acc, row_max, row_sum, p, it * WG_KEYS, tokens, t, scale_log2);
+            lazy_softmax_rows(s, acc, row_max, row_sum, it * WG_KEYS, tokens, t, scale_log2);
+            pack_p(s, p);
             issue_pv(acc, p, stage_of(it) + WG_K_BYTES);
             wgmma_wait<0>();
             fence_regs(acc);
             fence_regs(s_next);
 #pragma unroll
-            for (int i = 0; i < 32; ++i) {
-                s[i] = s_next[i];
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    s[j][c] = s_next[j][c];
+                }
             }
         }
     }
@@ -444,11 +411,11 @@ __device__ __forceinline__ void flash_wgmma(const __nv_bfloat16 *__restrict__ q,
         const int d = n * 8 + 2 * t;
         if (row0 < tokens) {
             *reinterpret_cast<uint32_t *>(o + base + row0 * token_stride + d) =
-                pack_bf16(acc[4 * n] * inv0, acc[4 * n + 1] * inv0);
+                pack_bf16(acc[n][0] * inv0, acc[n][1] * inv0);
         }
         if (row1 < tokens) {
             *reinterpret_cast<uint32_t *>(o + base + row1 * token_stride + d) =
-                pack_bf16(acc[4 * n + 2] * inv1, acc[4 * n + 3] * inv1);
+                pack_bf16(acc[n][2] * inv1, acc[n][3] * inv1);
         }
     }
 }
