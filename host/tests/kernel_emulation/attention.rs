@@ -62,7 +62,6 @@ fn flash(
         block: 128,
         smem,
     };
-    let scale_log2 = ((HEAD_DIM as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
     let out = launch_with(
         schedule,
         entry,
@@ -74,10 +73,15 @@ fn flash(
             Arg::Out(2 * b * n * h * HEAD_DIM),
             Arg::I32(n as i32),
             Arg::I32(h as i32),
-            Arg::F32(scale_log2),
+            Arg::F32(scale_log2()),
         ],
     );
     bf16_values(&out[0])
+}
+
+/// `flash_cuda`'s `scale_log2`: log2(e)/√128, the softmax scale folded into exp2.
+fn scale_log2() -> f32 {
+    ((HEAD_DIM as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32
 }
 
 /// `flash_cuda`'s wgmma kernels: (entry, dynamic shared memory).
@@ -87,15 +91,15 @@ const WGMMA_KERNELS: [(&str, u32); 2] = [
 ];
 
 /// `flash_cuda`'s wgmma path: Vᵀ (batch, heads, 128, keys padded to 64) by the transpose
-/// kernel, then a Hopper kernel (256 threads).
+/// kernel, then a Hopper kernel (256 threads); under one schedule, or every one (`None`).
 fn flash_wgmma(
     (entry, smem): (&str, u32),
     qkv: [&[u8]; 3],
     (b, n, h): (usize, usize, usize),
-    schedule: Schedule,
+    schedule: Option<Schedule>,
 ) -> Vec<f32> {
     let keys_pad = n.div_ceil(64) * 64;
-    let vt = launch_with(
+    let vt = launch_under(
         schedule,
         "headshot_transpose_v_bf16",
         &Config {
@@ -111,8 +115,7 @@ fn flash_wgmma(
             Arg::I32(keys_pad as i32),
         ],
     );
-    let scale_log2 = ((HEAD_DIM as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
-    let out = launch_with(
+    let out = launch_under(
         schedule,
         entry,
         &Config {
@@ -128,7 +131,7 @@ fn flash_wgmma(
             Arg::I32(n as i32),
             Arg::I32(h as i32),
             Arg::I32(keys_pad as i32),
-            Arg::F32(scale_log2),
+            Arg::F32(scale_log2()),
         ],
     );
     bf16_values(&out[0])
@@ -146,47 +149,9 @@ fn wgmma_kernels_agree_across_schedules_at_one_tile_whole_tiles_and_a_two_row_bl
         let (k_bytes, k) = bf16_buffer(&random(len, 22));
         let (v_bytes, v) = bf16_buffer(&random(len, 23));
         let want = attention_reference(&q, &k, &v, dims);
-        let keys_pad = n.div_ceil(64) * 64;
-        let vt = launch(
-            "headshot_transpose_v_bf16",
-            &Config {
-                grid: ((keys_pad / 64) as u32, (b * h) as u32, 1),
-                block: 256,
-                smem: 0,
-            },
-            &[
-                Arg::In(v_bytes.clone()),
-                Arg::Out(2 * b * h * HEAD_DIM * keys_pad),
-                Arg::I32(n as i32),
-                Arg::I32(h as i32),
-                Arg::I32(keys_pad as i32),
-            ],
-        );
-        let scale_log2 = ((HEAD_DIM as f64).sqrt().recip() * std::f64::consts::LOG2_E) as f32;
-        for (entry, smem) in WGMMA_KERNELS {
-            let out = launch(
-                entry,
-                &Config {
-                    grid: ((n as u32).div_ceil(128), (b * h) as u32, 1),
-                    block: 256,
-                    smem,
-                },
-                &[
-                    Arg::In(q_bytes.clone()),
-                    Arg::In(k_bytes.clone()),
-                    Arg::In(vt[0].clone()),
-                    Arg::Out(2 * len),
-                    Arg::I32(n as i32),
-                    Arg::I32(h as i32),
-                    Arg::I32(keys_pad as i32),
-                    Arg::F32(scale_log2),
-                ],
-            );
-            check_bf16(
-                &format!("{entry} at {n} tokens"),
-                &bf16_values(&out[0]),
-                &want,
-            );
+        for kernel in WGMMA_KERNELS {
+            let got = flash_wgmma(kernel, [&q_bytes, &k_bytes, &v_bytes], dims, None);
+            check_bf16(&format!("{} at {n} tokens", kernel.0), &got, &want);
         }
     }
 }
@@ -247,7 +212,7 @@ fn every_flash_kernel_matches_f64_attention_at_a_ragged_length_and_with_a_late_p
     }
     for (i, kernel) in WGMMA_KERNELS.into_iter().enumerate() {
         for (j, (name, inputs, want)) in cases.iter().enumerate() {
-            let got = flash_wgmma(kernel, *inputs, dims, Schedule::ALL[(i + j) % 3]);
+            let got = flash_wgmma(kernel, *inputs, dims, Some(Schedule::ALL[(i + j) % 3]));
             check_bf16(&format!("{} {name}", kernel.0), &got, want);
         }
     }

@@ -152,6 +152,19 @@ pub fn launch(kernel: &str, cfg: &Config, args: &[Arg]) -> Vec<Vec<u8>> {
     first
 }
 
+/// [`launch_with`] under `schedule`, or with `None` [`launch`] under every schedule, compared.
+pub fn launch_under(
+    schedule: Option<Schedule>,
+    kernel: &str,
+    cfg: &Config,
+    args: &[Arg],
+) -> Vec<Vec<u8>> {
+    match schedule {
+        Some(schedule) => launch_with(schedule, kernel, cfg, args),
+        None => launch(kernel, cfg, args),
+    }
+}
+
 /// Runs `kernel` on the emulator under one schedule and returns the `Out` and `InOut`
 /// buffers in order.
 pub fn launch_with(schedule: Schedule, kernel: &str, cfg: &Config, args: &[Arg]) -> Vec<Vec<u8>> {
