@@ -132,21 +132,44 @@ struct Wgmma {
     std::vector<float> a_smem, b_smem, d_at_issue;
 };
 
+// What a thread issued asynchronously, in the groups cp.async and wgmma both use: the group
+// still open, then the committed ones, oldest first (the wait instructions retire from the
+// front).
+template <class T> struct AsyncGroups {
+    std::vector<T> open;
+    std::vector<std::vector<T>> pending;
+
+    void commit() {
+        pending.push_back(std::move(open));
+        open.clear();
+    }
+    void clear() {
+        open.clear();
+        pending.clear();
+    }
+};
+
 struct Fiber {
     ucontext_t ctx;
     unsigned char *stack = nullptr;
     uint3 tid{};
     unsigned linear = 0;
     bool done = false;
-    std::vector<Copy> open;                 // cp.async not yet committed
-    std::vector<std::vector<Copy>> pending; // committed groups, oldest first
-    std::vector<Wgmma> wgmma_open;
-    std::vector<std::vector<Wgmma>> wgmma_pending;
+    AsyncGroups<Copy> copies;
+    AsyncGroups<Wgmma> wgmmas;
     // wgmma.fence seen since this thread last retired wgmma groups (registers may have been
     // written since); shared-memory bytes its landed cp.async copies wrote that no
     // fence.proxy.async of its own has made visible to wgmma yet.
     bool wgmma_fenced = false;
     std::vector<unsigned char *> unfenced_copies;
+
+    // No operation in flight, as at the start of a block (and after the thread exits).
+    void reset_async() {
+        copies.clear();
+        wgmmas.clear();
+        wgmma_fenced = false;
+        unfenced_copies.clear();
+    }
 };
 
 struct Barrier {
@@ -210,10 +233,7 @@ void leave(Barrier &b) {
 void trampoline() {
     body(body_arg);
     current->done = true;
-    current->open.clear();
-    current->pending.clear();
-    current->wgmma_open.clear();
-    current->wgmma_pending.clear();
+    current->reset_async();
     progressed = true;
     leave(block_barrier);
     leave(warp_barriers[current->linear / 32]);
@@ -238,12 +258,7 @@ void run_block(Schedule schedule) {
     for (unsigned i = 0; i < n; ++i) {
         Fiber &f = fibers[i];
         f.done = false;
-        f.open.clear();
-        f.pending.clear();
-        f.wgmma_open.clear();
-        f.wgmma_pending.clear();
-        f.wgmma_fenced = false;
-        f.unfenced_copies.clear();
+        f.reset_async();
         f.linear = i;
         f.tid = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
         getcontext(&f.ctx);
@@ -688,22 +703,18 @@ void cp_async_16(void *dst, const void *src, int bytes) {
         land(copy);
         return;
     }
-    self().open.push_back(copy);
+    self().copies.open.push_back(copy);
 }
 
-void cp_async_commit() {
-    Fiber &f = self();
-    f.pending.push_back(std::move(f.open));
-    f.open.clear();
-}
+void cp_async_commit() { self().copies.commit(); }
 
 void emu_cp_async_wait(int keep) {
     Fiber &f = self();
-    while (f.pending.size() > (size_t)keep) {
-        for (const Copy &c : f.pending.front()) {
+    while (f.copies.pending.size() > (size_t)keep) {
+        for (const Copy &c : f.copies.pending.front()) {
             land(c);
         }
-        f.pending.erase(f.pending.begin());
+        f.copies.pending.erase(f.copies.pending.begin());
     }
 }
 
@@ -769,13 +780,13 @@ void issue(Wgmma op) {
     }
     op.b_smem = read_operand(op.desc_b, op.n);
     bool first_writer = true;
-    for (const Wgmma &earlier : f.wgmma_open) {
+    for (const Wgmma &earlier : f.wgmmas.open) {
         first_writer = first_writer && earlier.d != op.d;
     }
     if (first_writer) {
         op.d_at_issue.assign(op.d, op.d + op.n / 2);
     }
-    f.wgmma_open.push_back(std::move(op));
+    f.wgmmas.open.push_back(std::move(op));
 }
 } // namespace
 
@@ -787,11 +798,7 @@ void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_b) {
     issue(Wgmma{d, 128, true, {a[0], a[1], a[2], a[3]}, a, 0, desc_b, true, {}, {}, {}});
 }
 
-void wgmma_commit() {
-    Fiber &f = self();
-    f.wgmma_pending.push_back(std::move(f.wgmma_open));
-    f.wgmma_open.clear();
-}
+void wgmma_commit() { self().wgmmas.commit(); }
 
 // Retires the oldest groups down to `keep`, the warpgroup together. Thread T of a warpgroup
 // (warp w = T/32, lane = 4g + t) owns D rows 16w + g and 16w + g + 8, columns 8j + 2t and
@@ -804,8 +811,8 @@ void emu_wgmma_wait(int keep) {
     const unsigned first = f.linear / 128 * 128, me = f.linear - first;
     Barrier &group = group_barriers[f.linear / 128];
     f.wgmma_fenced = false;
-    while (f.wgmma_pending.size() > (size_t)keep) {
-        const std::vector<Wgmma> &ops = f.wgmma_pending.front();
+    while (f.wgmmas.pending.size() > (size_t)keep) {
+        const std::vector<Wgmma> &ops = f.wgmmas.pending.front();
         group_slots[f.linear] = &ops;
         wait(group);
         if (group.live != 128) {
@@ -863,7 +870,7 @@ void emu_wgmma_wait(int keep) {
             }
         }
         wait(group);
-        f.wgmma_pending.erase(f.wgmma_pending.begin());
+        f.wgmmas.pending.erase(f.wgmmas.pending.begin());
     }
 }
 
