@@ -140,9 +140,10 @@ impl Schedule {
 /// Runs `kernel` under every schedule, checks that they agree bit for bit (a difference is a
 /// race), and returns the `Out` and `InOut` buffers in order.
 pub fn launch(kernel: &str, cfg: &Config, args: &[Arg]) -> Vec<Vec<u8>> {
-    let first = launch_with(Schedule::Forward, kernel, cfg, args);
+    let launch = Launch::new(kernel, cfg, args);
+    let first = launch.run(Schedule::Forward);
     for schedule in &Schedule::ALL[1..] {
-        let other = launch_with(*schedule, kernel, cfg, args);
+        let other = launch.run(*schedule);
         assert!(
             other == first,
             "{kernel}: the {} schedule wrote other results than forward: a race",
@@ -168,51 +169,82 @@ pub fn launch_under(
 /// Runs `kernel` on the emulator under one schedule and returns the `Out` and `InOut`
 /// buffers in order.
 pub fn launch_with(schedule: Schedule, kernel: &str, cfg: &Config, args: &[Arg]) -> Vec<Vec<u8>> {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(runner());
-    cmd.args(["--schedule", schedule.name(), kernel]);
-    for n in [
-        cfg.grid.0, cfg.grid.1, cfg.grid.2, cfg.block, 1, 1, cfg.smem,
-    ] {
-        cmd.arg(n.to_string());
+    Launch::new(kernel, cfg, args).run(schedule)
+}
+
+/// One launch's runner arguments, with its input buffers written to files once (every
+/// schedule's run reads the same ones; the runner never writes them).
+struct Launch {
+    _dir: tempfile::TempDir,
+    kernel: String,
+    shape: [u32; 7],
+    specs: Vec<String>,
+    outputs: Vec<PathBuf>,
+}
+
+impl Launch {
+    fn new(kernel: &str, cfg: &Config, args: &[Arg]) -> Launch {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outputs = Vec::new();
+        let specs = args
+            .iter()
+            .enumerate()
+            .map(|(i, arg)| {
+                let path = dir.path().join(format!("arg{i}"));
+                match arg {
+                    Arg::In(bytes) => {
+                        std::fs::write(&path, bytes).unwrap();
+                        format!("in:{}", path.display())
+                    }
+                    Arg::Out(bytes) => {
+                        outputs.push(path.clone());
+                        format!("out:{}:{bytes}", path.display())
+                    }
+                    Arg::InOut(bytes) => {
+                        std::fs::write(&path, bytes).unwrap();
+                        let updated = dir.path().join(format!("arg{i}.out"));
+                        outputs.push(updated.clone());
+                        format!("inout:{}:{}", path.display(), updated.display())
+                    }
+                    Arg::I32(v) => format!("i32:{v}"),
+                    Arg::U32(v) => format!("u32:{v}"),
+                    Arg::I64(v) => format!("i64:{v}"),
+                    Arg::U64(v) => format!("u64:{v}"),
+                    Arg::F32(v) => format!("f32:{v:e}"),
+                }
+            })
+            .collect();
+        Launch {
+            _dir: dir,
+            kernel: kernel.to_string(),
+            shape: [
+                cfg.grid.0, cfg.grid.1, cfg.grid.2, cfg.block, 1, 1, cfg.smem,
+            ],
+            specs,
+            outputs,
+        }
     }
-    let mut outputs = Vec::new();
-    for (i, arg) in args.iter().enumerate() {
-        let path = dir.path().join(format!("arg{i}"));
-        let spec = match arg {
-            Arg::In(bytes) => {
-                std::fs::write(&path, bytes).unwrap();
-                format!("in:{}", path.display())
-            }
-            Arg::Out(bytes) => {
-                outputs.push(path.clone());
-                format!("out:{}:{bytes}", path.display())
-            }
-            Arg::InOut(bytes) => {
-                std::fs::write(&path, bytes).unwrap();
-                let updated = dir.path().join(format!("arg{i}.out"));
-                outputs.push(updated.clone());
-                format!("inout:{}:{}", path.display(), updated.display())
-            }
-            Arg::I32(v) => format!("i32:{v}"),
-            Arg::U32(v) => format!("u32:{v}"),
-            Arg::I64(v) => format!("i64:{v}"),
-            Arg::U64(v) => format!("u64:{v}"),
-            Arg::F32(v) => format!("f32:{v:e}"),
-        };
-        cmd.arg(spec);
+
+    /// The `Out` and `InOut` buffers of one run under `schedule`.
+    fn run(&self, schedule: Schedule) -> Vec<Vec<u8>> {
+        let output = Command::new(runner())
+            .args(["--schedule", schedule.name(), &self.kernel])
+            .args(self.shape.iter().map(u32::to_string))
+            .args(&self.specs)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{} failed on the emulator ({}):\n{}",
+            self.kernel,
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        self.outputs
+            .iter()
+            .map(|path| std::fs::read(path).unwrap())
+            .collect()
     }
-    let output = cmd.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{kernel} failed on the emulator ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    outputs
-        .iter()
-        .map(|path| std::fs::read(path).unwrap())
-        .collect()
 }
 
 // ---- values --------------------------------------------------------------------------------
