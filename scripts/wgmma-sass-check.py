@@ -8,7 +8,7 @@ reads the compiled code to confirm it did. (scripts/cuda-check.sh checks ptxas' 
 for spills and serialised wgmma.)
 
 Usage: wgmma-sass-check.py SASS_FILE   (cuobjdump -sass of flash_wgmma.cu built for sm_90a)
-Exits 1 on a hazard, with the instruction named.
+Exits 1 on a hazard, with the instruction named. A planted sample is checked first.
 """
 import re
 import sys
@@ -64,7 +64,38 @@ def check(name, body):
     return hgmma, hazards
 
 
+# Hazards the check must find, run before every real check so a regex that stops matching
+# (cuobjdump's format changes) fails loudly instead of passing everything.
+PLANTED = """
+        Function : headshot_flash_attn_wgmma_planted
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R88, gdesc[UR12], R88, gsb0 ;
+        /*0030*/                   FMNMX R2, R90, R91, !PT ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0050*/                   HGMMA.64x128x16.F32.BF16 R24, R100, gdesc[UR12], R24, gsb0 ;
+        /*0060*/                   MOV R101, R3 ;
+        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*10000*/                  HGMMA.64x64x16.F32.BF16 R88, gdesc[UR12], R88, gsb0 ;
+        /*10010*/                  @P0 STG.E.64 desc[UR4][R2.64], R86 ;
+        /*10020*/                  WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*10030*/                  FMNMX R2, R90, R91, !PT ;
+"""
+
+
+def self_test():
+    """The planted sample's three hazards (an accumulator read, an A-register write, a
+    predicated 64-bit store at a 5-digit address) are found, and the read after the last wait
+    is not."""
+    _, hazards = check("planted", PLANTED.split("Function : ", 1)[1])
+    want = ["FMNMX R2, R90, R91, !PT", "MOV R101, R3", "STG.E.64 desc[UR4][R2.64], R86"]
+    found = [h.split(": ", 1)[1].split(" touches")[0].split(" overwrites")[0] for h in hazards]
+    if found != want:
+        print(f"wgmma-sass-check self-test: found {found}, want {want}")
+        sys.exit(1)
+
+
 def main():
+    self_test()
     sass = "\n" + open(sys.argv[1]).read()
     failed, seen = False, 0
     for body in re.split(r"\n\s*Function : ", sass)[1:]:
