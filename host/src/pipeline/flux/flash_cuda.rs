@@ -118,8 +118,7 @@ impl FlashKernel {
                 let candle_core::Device::Cuda(dev) = device else {
                     return false;
                 };
-                !WGMMA_PTX.is_empty()
-                    && dev.cuda_stream().context().compute_capability().ok() == Some((9, 0))
+                wgmma_runs_on(dev)
             }
             _ => device.is_cuda(),
         }
@@ -191,6 +190,12 @@ impl FlashKernel {
             Self::WgmmaPipe => WGMMA_Q_BYTES + 3 * WGMMA_STAGE_BYTES,
         }
     }
+}
+
+/// Whether the wgmma kernels run on `dev`: a build for compute capability 9.0 (else their PTX
+/// is empty) and a 9.0 card (a driver attribute read, cheap enough for every call).
+fn wgmma_runs_on(dev: &CudaDevice) -> bool {
+    !WGMMA_PTX.is_empty() && dev.cuda_stream().context().compute_capability().ok() == Some((9, 0))
 }
 
 /// Whether the kernel handles these inputs.
@@ -292,7 +297,7 @@ impl FlashAttentionCuda {
         mut out: CudaSlice<T>,
         (b, n, h): (usize, usize, usize),
     ) -> Result<CudaSlice<T>> {
-        if WGMMA_PTX.is_empty() || dev.cuda_stream().context().compute_capability().w()? != (9, 0) {
+        if !wgmma_runs_on(dev) {
             candle_core::bail!(
                 "the wgmma attention kernel needs a build for compute capability 9.0 \
                  (CUDA_COMPUTE_CAP=90) and a Hopper GPU"
