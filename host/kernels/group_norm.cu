@@ -8,6 +8,8 @@
 //   headshot_group_apply_bf16:  each block combines its group's partials into mean and
 //                               1/std, then writes (x - mean) / std · weight[c] + bias[c],
 //                               through SiLU when asked, for its chunk.
+// (headshot_group_finalize_bf16 combines the partials into (mean, 1/std) per group instead,
+// for conv_implicit.cu, which applies the norm as it reads the convolution's input.)
 // The sums are of x - K, K the group's first value: var = E[(x-K)²] - E[x-K]² then keeps its
 // precision when the mean is large against the spread (summing x itself, the f32 error of
 // E[x²] would be multiplied by about mean²/var).
@@ -72,6 +74,41 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
     }
 }
 
+// Mean and 1/std of group `group` from its `chunks` partials (the stats launch's sums of
+// x - K, K = first, the group's first value).
+__device__ __forceinline__ void group_mean_rstd(const double *__restrict__ partials, int chunks,
+                                                long long group, float first,
+                                                long long group_len, float eps, float *mean,
+                                                float *rstd) {
+    const double *p = partials + 2 * group * chunks;
+    double ts = 0.0, tq = 0.0;
+    for (int k = 0; k < chunks; ++k) {
+        ts += p[2 * k];
+        tq += p[2 * k + 1];
+    }
+    const double shifted_mean = ts / (double)group_len;
+    double var = tq / (double)group_len - shifted_mean * shifted_mean;
+    if (var < 0.0) {
+        var = 0.0;
+    }
+    *mean = (float)((double)first + shifted_mean);
+    *rstd = (float)(1.0 / sqrt(var + (double)eps));
+}
+
+// grid ((all_groups + 255) / 256), block 256: stats[2g], stats[2g + 1] = mean and 1/std of
+// group g, for kernels that apply the norm themselves (conv_implicit.cu's prep).
+extern "C" __global__ void __launch_bounds__(GN_THREADS)
+    headshot_group_finalize_bf16(const __nv_bfloat16 *__restrict__ x,
+                                 const double *__restrict__ partials, int chunks,
+                                 int all_groups, long long group_len, float eps,
+                                 float *__restrict__ stats) {
+    const int group = blockIdx.x * GN_THREADS + threadIdx.x;
+    if (group < all_groups) {
+        group_mean_rstd(partials, chunks, group, __bfloat162float(x[group * group_len]),
+                        group_len, eps, &stats[2 * group], &stats[2 * group + 1]);
+    }
+}
+
 // grid (chunks, batch · groups), block 256: same chunks as the stats launch.
 // `channel_len` = height · width (even); channel of a value = its group's first channel
 // + offset / channel_len.
@@ -85,19 +122,8 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
     __shared__ float stats[2];
     const long long group = blockIdx.y;
     if (threadIdx.x == 0) {
-        const double *p = partials + 2 * group * chunks;
-        double ts = 0.0, tq = 0.0;
-        for (int k = 0; k < chunks; ++k) {
-            ts += p[2 * k];
-            tq += p[2 * k + 1];
-        }
-        const double shifted_mean = ts / (double)group_len;
-        double var = tq / (double)group_len - shifted_mean * shifted_mean;
-        if (var < 0.0) {
-            var = 0.0;
-        }
-        stats[0] = (float)((double)__bfloat162float(x[group * group_len]) + shifted_mean);
-        stats[1] = (float)(1.0 / sqrt(var + (double)eps));
+        group_mean_rstd(partials, chunks, group, __bfloat162float(x[group * group_len]),
+                        group_len, eps, &stats[0], &stats[1]);
     }
     __syncthreads();
     const float mean = stats[0], rstd = stats[1];

@@ -50,6 +50,9 @@ struct uint4 {
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+// CUDA's integer min and max (device built-ins).
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 
 extern uint3 threadIdx, blockIdx, blockDim, gridDim;
 

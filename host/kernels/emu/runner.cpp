@@ -53,6 +53,9 @@ namespace k_adaln {
 namespace k_conv_gemm {
 #include "../conv_gemm.cu"
 }
+namespace k_conv_implicit {
+#include "../conv_implicit.cu"
+}
 namespace k_flash_attn {
 #include "../flash_attn.cu"
 }
@@ -507,6 +510,8 @@ const Entry KERNELS[] = {
     KERNEL(k_adaln, headshot_gated_residual_bf16),
     KERNEL(k_conv_gemm, headshot_conv_pad3_bf16),
     KERNEL(k_conv_gemm, headshot_conv_crop_bias_bf16),
+    KERNEL(k_conv_implicit, headshot_conv_prep_nhwc_bf16),
+    KERNEL(k_conv_implicit, headshot_conv3x3_nhwc_bf16),
     KERNEL(k_flash_attn, headshot_flash_attn_pipe4_bf16_d128),
     KERNEL(k_flash_attn, headshot_flash_attn_wide_bf16_d128),
     KERNEL(k_flash_attn, headshot_flash_attn_wide32_bf16_d128),
@@ -520,6 +525,7 @@ const Entry KERNELS[] = {
     KERNEL(k_fp8_quant, headshot_quantize_rows_e4m3),
     KERNEL(k_group_norm, headshot_group_stats_bf16),
     KERNEL(k_group_norm, headshot_group_apply_bf16),
+    KERNEL(k_group_norm, headshot_group_finalize_bf16),
     KERNEL(k_norm_rope, headshot_rmsnorm_rope_bf16),
 };
 

@@ -184,3 +184,360 @@ fn convolution_gemm_kernels_with_the_gemms_in_rust_match_candles_convolution() {
         check_bf16(&format!("convolution {case}"), &bf16_values(&y[0]), &want);
     }
 }
+
+// ---- the implicit-GEMM convolution (conv_implicit_cuda.rs) ---------------------------------
+
+/// conv_implicit_cuda's prep launch over one image whose (upsampled) size is `h × w`.
+fn prep_config(channels: usize, h: usize, w: usize) -> Config {
+    Config {
+        grid: ((w + 2).div_ceil(32) as u32, (h + 2) as u32, (channels / 32) as u32),
+        block: 256,
+        smem: 0,
+    }
+}
+
+/// conv_implicit_cuda's convolution launch: 128 pixels × 128 channels a block, a three-stage
+/// ring of (130 + 3·128) rows of 64 bytes.
+fn conv_config(cout: usize, h: usize, w: usize) -> Config {
+    Config {
+        grid: (w.div_ceil(128) as u32, h as u32, (cout / 128) as u32),
+        block: 256,
+        smem: 3 * (130 + 3 * 128) * 64,
+    }
+}
+
+/// `values` (channels × h × w) as the zero-padded NHWC image the convolution reads.
+fn padded_nhwc(values: &[f32], channels: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; (h + 2) * (w + 2) * channels];
+    for c in 0..channels {
+        for r in 0..h {
+            for col in 0..w {
+                out[((r + 1) * (w + 2) + col + 1) * channels + c] = values[(c * h + r) * w + col];
+            }
+        }
+    }
+    out
+}
+
+/// Weights `(cout, cin, 3, 3)` as the convolution kernel reads them.
+fn implicit_tap_values(weights: &Tensor) -> Vec<f32> {
+    headshot_host::pipeline::flux::decoder::implicit_taps(weights)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .unwrap()
+}
+
+/// `x` `(1, cin, h, w)` convolved (3×3, padding 1) with `weights`, plus `bias` (and
+/// `residual`), by candle on the CPU in f32.
+fn candle_conv3x3(
+    x: Tensor,
+    weights: &Tensor,
+    bias: Vec<f32>,
+    residual: Option<Vec<f32>>,
+) -> Vec<f32> {
+    let cout = bias.len();
+    let y = x
+        .conv2d(weights, 1, 1, 1, 1)
+        .and_then(|t| t.broadcast_add(&Tensor::from_vec(bias, (1, cout, 1, 1), &Device::Cpu)?))
+        .unwrap();
+    let y = match residual {
+        Some(r) => {
+            let r = Tensor::from_vec(r, y.shape(), &Device::Cpu).unwrap();
+            (y + r).unwrap()
+        }
+        None => y,
+    };
+    y.flatten_all().and_then(|t| t.to_vec1()).unwrap()
+}
+
+#[test]
+fn group_finalize_gives_each_groups_mean_and_inverse_std() {
+    // One chunk per group, and two.
+    for (batch, channels, groups, h, w) in [(2, 8, 4, 16, 16), (1, 16, 4, 48, 48)] {
+        let channel_len = h * w;
+        let group_len = channels / groups * channel_len;
+        let (chunk_len, chunks) = chunking(group_len);
+        let all_groups = batch * groups;
+        let x: Vec<f32> = random(batch * channels * channel_len, 21)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * 2.0 + 7.0 + (i / group_len) as f32)
+            .collect();
+        let (x_bytes, x) = bf16_buffer(&x);
+        let partials = launch(
+            "headshot_group_stats_bf16",
+            &Config {
+                grid: (chunks as u32, all_groups as u32, 1),
+                block: 256,
+                smem: 0,
+            },
+            &[
+                Arg::In(x_bytes.clone()),
+                Arg::I64(group_len as i64),
+                Arg::I64(chunk_len as i64),
+                Arg::Out(8 * 2 * all_groups * chunks),
+            ],
+        );
+        let stats = launch(
+            "headshot_group_finalize_bf16",
+            &Config {
+                grid: (all_groups.div_ceil(256) as u32, 1, 1),
+                block: 256,
+                smem: 0,
+            },
+            &[
+                Arg::In(x_bytes),
+                Arg::In(partials[0].clone()),
+                Arg::I32(chunks as i32),
+                Arg::I32(all_groups as i32),
+                Arg::I64(group_len as i64),
+                Arg::F32(1e-6),
+                Arg::Out(4 * 2 * all_groups),
+            ],
+        );
+        let stats = f32_values(&stats[0]);
+        for (g, group) in x.chunks(group_len).enumerate() {
+            let mean = group.iter().map(|&v| f64::from(v)).sum::<f64>() / group_len as f64;
+            let var = group
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / group_len as f64;
+            let rstd = 1.0 / (var + 1e-6).sqrt();
+            let (got_mean, got_rstd) = (f64::from(stats[2 * g]), f64::from(stats[2 * g + 1]));
+            assert!(
+                (got_mean - mean).abs() <= 1e-5 * mean.abs(),
+                "group {g}: mean {got_mean} for {mean}"
+            );
+            assert!(
+                (got_rstd - rstd).abs() <= 1e-5 * rstd,
+                "group {g}: 1/std {got_rstd} for {rstd}"
+            );
+        }
+    }
+}
+
+#[test]
+fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
+    let (channels, groups) = (64, 32);
+    // One block of columns, two (w + 2 = 42), upsampled; with and without the norm.
+    for ((h0, w0), up, norm, silu) in [
+        ((5, 7), 0, false, false),
+        ((3, 40), 0, true, true),
+        ((4, 6), 1, true, false),
+        ((2, 5), 1, false, false),
+    ] {
+        let case = format!("prep {h0}x{w0} up {up} norm {norm} silu {silu}");
+        let (h, w) = (h0 << up, w0 << up);
+        let (x_bytes, x) = bf16_buffer(&random(channels * h0 * w0, 22));
+        let (g_bytes, gamma) = bf16_buffer(&random(channels, 23));
+        let (b_bytes, beta) = bf16_buffer(&random(channels, 24));
+        let stats: Vec<f32> = random(2 * groups, 25)
+            .chunks(2)
+            .flat_map(|p| [p[0], 0.5 + p[1].abs()])
+            .collect();
+        let out = launch(
+            "headshot_conv_prep_nhwc_bf16",
+            &prep_config(channels, h, w),
+            &[
+                Arg::In(x_bytes),
+                Arg::I32(channels as i32),
+                Arg::I32(h as i32),
+                Arg::I32(w as i32),
+                Arg::I32(up as i32),
+                Arg::I32(i32::from(norm)),
+                Arg::In(f32_bytes(&stats)),
+                Arg::In(g_bytes),
+                Arg::In(b_bytes),
+                Arg::I32(groups as i32),
+                Arg::I32(i32::from(silu)),
+                Arg::Out(2 * (h + 2) * (w + 2) * channels),
+            ],
+        );
+        let mut image = vec![0f32; channels * h * w];
+        for c in 0..channels {
+            let g = c / (channels / groups);
+            for r in 0..h {
+                for col in 0..w {
+                    let mut v = f64::from(x[(c * h0 + (r >> up)) * w0 + (col >> up)]);
+                    if norm {
+                        v = (v - f64::from(stats[2 * g])) * f64::from(stats[2 * g + 1])
+                            * f64::from(gamma[c])
+                            + f64::from(beta[c]);
+                        if silu {
+                            v /= 1.0 + (-v).exp();
+                        }
+                    }
+                    image[(c * h + r) * w + col] = v as f32;
+                }
+            }
+        }
+        let want = padded_nhwc(&image, channels, h, w);
+        let got = bf16_values(&out[0]);
+        check_bf16(&case, &got, &want);
+        let border_zero = (0..(h + 2) * (w + 2)).all(|p| {
+            let (r, col) = (p / (w + 2), p % (w + 2));
+            let border = r == 0 || r == h + 1 || col == 0 || col == w + 1;
+            !border || got[p * channels..(p + 1) * channels].iter().all(|&v| v == 0.0)
+        });
+        assert!(border_zero, "{case}: the padding is not zero");
+    }
+}
+
+#[test]
+fn implicit_convolution_matches_candles_convolution() {
+    // One channel slice and 128 outputs; two pixel tiles (the second 8 wide) and two
+    // output-channel blocks, with the residual; three slices.
+    for (cin, cout, h, w, with_residual) in [
+        (32, 128, 3, 8, false),
+        (64, 256, 2, 136, true),
+        (96, 128, 4, 16, true),
+    ] {
+        let case = format!("implicit conv {cin}->{cout} {h}x{w} residual {with_residual}");
+        let (_, x) = bf16_buffer(&random(cin * h * w, 31));
+        let (_, weights) = bf16_buffer(
+            &random(cout * cin * 9, 32)
+                .iter()
+                .map(|v| v / (9.0 * cin as f32).sqrt())
+                .collect::<Vec<_>>(),
+        );
+        let (bias_bytes, bias) = bf16_buffer(&random(cout, 33));
+        let (res_bytes, residual) = bf16_buffer(&random(cout * h * w, 34));
+        let weights = Tensor::from_vec(weights, (cout, cin, 3, 3), &Device::Cpu).unwrap();
+        let (xp_bytes, _) = bf16_buffer(&padded_nhwc(&x, cin, h, w));
+        let (taps_bytes, _) = bf16_buffer(&implicit_tap_values(&weights));
+        let y = launch(
+            "headshot_conv3x3_nhwc_bf16",
+            &conv_config(cout, h, w),
+            &[
+                Arg::In(xp_bytes),
+                Arg::In(taps_bytes),
+                Arg::In(bias_bytes),
+                Arg::In(res_bytes),
+                Arg::I32(i32::from(with_residual)),
+                Arg::I32(cin as i32),
+                Arg::I32(cout as i32),
+                Arg::I32(h as i32),
+                Arg::I32(w as i32),
+                Arg::Out(2 * cout * h * w),
+            ],
+        );
+        let input = Tensor::from_vec(x, (1, cin, h, w), &Device::Cpu).unwrap();
+        let want = candle_conv3x3(input, &weights, bias, with_residual.then_some(residual));
+        check_bf16(&case, &bf16_values(&y[0]), &want);
+    }
+}
+
+#[test]
+fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
+    // group_norm_cuda's stats and finalize, the prep (norm, SiLU, 2× upsampling), the
+    // convolution with the residual: against candle's group norm, SiLU, upsampling and
+    // convolution.
+    let (channels, groups, cout, h0, w0) = (64, 32, 128, 4, 8);
+    let (h, w) = (2 * h0, 2 * w0);
+    let group_len = channels / groups * h0 * w0;
+    let (chunk_len, chunks) = chunking(group_len);
+    let x: Vec<f32> = random(channels * h0 * w0, 41)
+        .iter()
+        .map(|v| v * 1.5 + 0.7)
+        .collect();
+    let (x_bytes, x) = bf16_buffer(&x);
+    let (g_bytes, gamma) = bf16_buffer(&random(channels, 42));
+    let (b_bytes, beta) = bf16_buffer(&random(channels, 43));
+    let partials = launch(
+        "headshot_group_stats_bf16",
+        &Config {
+            grid: (chunks as u32, groups as u32, 1),
+            block: 256,
+            smem: 0,
+        },
+        &[
+            Arg::In(x_bytes.clone()),
+            Arg::I64(group_len as i64),
+            Arg::I64(chunk_len as i64),
+            Arg::Out(8 * 2 * groups * chunks),
+        ],
+    );
+    let stats = launch(
+        "headshot_group_finalize_bf16",
+        &Config {
+            grid: (1, 1, 1),
+            block: 256,
+            smem: 0,
+        },
+        &[
+            Arg::In(x_bytes.clone()),
+            Arg::In(partials[0].clone()),
+            Arg::I32(chunks as i32),
+            Arg::I32(groups as i32),
+            Arg::I64(group_len as i64),
+            Arg::F32(1e-6),
+            Arg::Out(4 * 2 * groups),
+        ],
+    );
+    let xp = launch(
+        "headshot_conv_prep_nhwc_bf16",
+        &prep_config(channels, h, w),
+        &[
+            Arg::In(x_bytes),
+            Arg::I32(channels as i32),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+            Arg::I32(1),
+            Arg::I32(1),
+            Arg::In(stats[0].clone()),
+            Arg::In(g_bytes),
+            Arg::In(b_bytes),
+            Arg::I32(groups as i32),
+            Arg::I32(1),
+            Arg::Out(2 * (h + 2) * (w + 2) * channels),
+        ],
+    );
+    let (_, weights) = bf16_buffer(
+        &random(cout * channels * 9, 44)
+            .iter()
+            .map(|v| v / (9.0 * channels as f32).sqrt())
+            .collect::<Vec<_>>(),
+    );
+    let weights = Tensor::from_vec(weights, (cout, channels, 3, 3), &Device::Cpu).unwrap();
+    let (taps_bytes, _) = bf16_buffer(&implicit_tap_values(&weights));
+    let (bias_bytes, bias) = bf16_buffer(&random(cout, 45));
+    let (res_bytes, residual) = bf16_buffer(&random(cout * h * w, 46));
+    let y = launch(
+        "headshot_conv3x3_nhwc_bf16",
+        &conv_config(cout, h, w),
+        &[
+            Arg::In(xp[0].clone()),
+            Arg::In(taps_bytes),
+            Arg::In(bias_bytes),
+            Arg::In(res_bytes),
+            Arg::I32(1),
+            Arg::I32(channels as i32),
+            Arg::I32(cout as i32),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+            Arg::Out(2 * cout * h * w),
+        ],
+    );
+    let cpu = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    let norm = candle_nn::GroupNorm::new(
+        cpu(gamma, &[channels]),
+        cpu(beta, &[channels]),
+        channels,
+        groups,
+        1e-6,
+    )
+    .unwrap();
+    let input = cpu(x, &[1, channels, h0, w0])
+        .apply(&norm)
+        .and_then(|t| t.silu())
+        .and_then(|t| t.upsample_nearest2d(h, w))
+        .unwrap();
+    let want = candle_conv3x3(input, &weights, bias, Some(residual));
+    check_bf16(
+        "group norm + SiLU + upsample + implicit conv + residual",
+        &bf16_values(&y[0]),
+        &want,
+    );
+}

@@ -194,6 +194,21 @@ pub fn gemm_taps(w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A 3×3 convolution's weights `(C_out, C_in, 3, 3)` laid out for the implicit-GEMM kernel
+/// (`conv_implicit_cuda.rs`): `(9, C_out, C_in)` bf16, tap `dy·3 + dx` holding `w[o, c, dy,
+/// dx]` at `[dy·3 + dx, o, c]`, so each tap's block of output channels is one run of rows
+/// with the input channels contiguous, as the kernel's B operand wants them.
+pub fn implicit_taps(w: &Tensor) -> Result<Tensor> {
+    let (cout, cin, kh, kw) = w.dims4()?;
+    if (kh, kw) != (3, 3) {
+        candle_core::bail!("the implicit-GEMM convolution takes 3x3 kernels, got {kh}x{kw}");
+    }
+    w.permute((2, 3, 0, 1))?
+        .contiguous()?
+        .reshape((9, cout, cin))?
+        .to_dtype(candle_core::DType::BF16)
+}
+
 fn conv3x3(in_c: usize, out_c: usize, paths: DecoderPaths, vb: VarBuilder) -> Result<Conv> {
     Conv::new(in_c, out_c, 3, paths, vb)
 }

@@ -1,0 +1,268 @@
+// The decoder's 3×3 convolutions as one implicit-GEMM kernel on tensor cores (mma.sync
+// m16n8k16, bf16 in, f32 accumulate), with what surrounds them folded into two passes:
+//
+//   headshot_conv_prep_nhwc_bf16:  one image's NCHW activations → zero-padded NHWC
+//     ((h + 2) × (w + 2) × C), applying on the way, when asked, the group norm (per-group
+//     mean and 1/std from group_norm.cu's stats and finalize launches, per-channel weight
+//     and bias) and SiLU, and reading through 2× nearest upsampling. The norm's output and
+//     the upsampled image are never written.
+//   headshot_conv3x3_nhwc_bf16:    y[o][r][c] = bias[o] + Σ_{dy,dx,i} w[dy][dx][o][i] ·
+//     xp[r + dy][c + dx][i] (+ residual[o][r][c]), NCHW out. The padded input makes every
+//     tap a plain load: no bounds tests in the inner loop.
+//
+// The convolution kernel: a block computes 128 output pixels of one row × 128 output
+// channels, 8 warps of 64 pixels × 32 channels each. Its K loop runs over the row taps dy
+// and 32-channel slices: per step the block loads 130 input pixels (the 128 plus the two
+// columns the column taps reach) × 32 channels, and the weights of the three column taps for
+// its 128 channels × 32; each column tap dx then reads the same pixel tile from row dx on.
+// Loads are cp.async into a three-stage ring, so two steps load while one computes.
+// Shared-memory rows are 64 bytes (32 channels); the 16-byte chunk c of row r is stored at
+// chunk c ^ ((r >> 1) & 3), so the 8 rows of every ldmatrix, from any starting row, fall in
+// 8 distinct bank groups.
+// The epilogue stages the f32 tile in shared memory as [channel][pixel] and writes each
+// channel's pixels as 16-byte runs of NCHW output, with the bias and the residual (the
+// resnet's skip connection) added in f32 before the one rounding to bf16.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "ptx_common.cuh"
+
+// ---- prep ------------------------------------------------------------------------------------
+
+// grid ((w + 2 + 31) / 32, h + 2, channels / 32), block 256. Block (bx, r, bz) writes
+// padded row r, padded columns 32·bx…, channels 32·bz…: read as 32-column runs of each
+// channel (coalesced in NCHW), transposed through shared memory, written as 32-channel runs
+// of each pixel (coalesced in NHWC). `h`, `w`: the (upsampled) output size; x is
+// channels × (h >> up) × (w >> up). With `norm`, stats holds (mean, 1/std) per group of this
+// image and gamma/beta the norm's per-channel weight and bias; without it they are not read.
+extern "C" __global__ void __launch_bounds__(256)
+    headshot_conv_prep_nhwc_bf16(const __nv_bfloat16 *__restrict__ x, int channels, int h,
+                                 int w, int up, int norm, const float *__restrict__ stats,
+                                 const __nv_bfloat16 *__restrict__ gamma,
+                                 const __nv_bfloat16 *__restrict__ beta, int groups, int silu,
+                                 __nv_bfloat16 *__restrict__ out) {
+    __shared__ float tile[32][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int r = blockIdx.y;
+    const int col0 = blockIdx.x * 32;
+    const int c0 = blockIdx.z * 32;
+    const int hs = h >> up, ws = w >> up;
+    const int sr = r - 1, sc = col0 + tx - 1;
+    const bool inside = sr >= 0 && sr < h && sc >= 0 && sc < w;
+    const int per_group = channels / groups;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int cl = ty + 8 * i;
+        const int c = c0 + cl;
+        float v = 0.f;
+        if (inside) {
+            v = __bfloat162float(x[((long long)c * hs + (sr >> up)) * ws + (sc >> up)]);
+            if (norm) {
+                // As headshot_group_apply_bf16 computes it, so both paths round alike.
+                const int g = c / per_group;
+                const float scale = __bfloat162float(gamma[c]) * stats[2 * g + 1];
+                const float shift = __bfloat162float(beta[c]) - stats[2 * g] * scale;
+                v = v * scale + shift;
+                if (silu) {
+                    v = v / (1.f + __expf(-v));
+                }
+            }
+        }
+        tile[cl][tx] = v;
+    }
+    __syncthreads();
+    const int wp = w + 2;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int col = col0 + ty + 8 * i;
+        if (col < wp) {
+            out[((long long)r * wp + col) * channels + c0 + tx] =
+                __float2bfloat16(tile[tx][ty + 8 * i]);
+        }
+    }
+}
+
+// ---- convolution -----------------------------------------------------------------------------
+
+#define CI_BM 128                          // output pixels per block (one row)
+#define CI_BN 128                          // output channels per block
+#define CI_BK 32                           // input channels per K step
+#define CI_STAGES 3                        // cp.async ring depth
+#define CI_A_ROWS (CI_BM + 2)              // input pixels per K step
+#define CI_ROW_BYTES (CI_BK * 2)           // one shared-memory row: 32 bf16
+#define CI_A_BYTES (CI_A_ROWS * CI_ROW_BYTES)
+#define CI_B_BYTES (3 * CI_BN * CI_ROW_BYTES)
+#define CI_STAGE_BYTES (CI_A_BYTES + CI_B_BYTES)
+#define CI_OUT_STRIDE (CI_BM + 4)          // f32 epilogue tile row: 528 bytes, conflict-free
+// Dynamic shared memory: the ring, which the epilogue's f32 tile (128 × 132 × 4) reuses.
+#define CI_SMEM_BYTES (CI_STAGES * CI_STAGE_BYTES)
+
+// Byte offset of 16-byte chunk `chunk` of shared-memory row `row` (the swizzle above).
+__device__ __forceinline__ int ci_swizzle(int row, int chunk) {
+    return row * CI_ROW_BYTES + ((chunk ^ ((row >> 1) & 3)) << 4);
+}
+
+// grid ((w + 127) / 128, h, cout / 128), block 256, dynamic shared memory CI_SMEM_BYTES.
+// xp: (h + 2) × (w + 2) × cin; wt: 9 × cout × cin (tap dy·3 + dx, then output channel, then
+// input channel); bias: cout; residual (read when has_residual): cout × h × w; y: cout × h × w.
+// cin a multiple of 32, cout of 128, w of 8 (the wrapper checks).
+extern "C" __global__ void __launch_bounds__(256, 2)
+    headshot_conv3x3_nhwc_bf16(const __nv_bfloat16 *__restrict__ xp,
+                               const __nv_bfloat16 *__restrict__ wt,
+                               const __nv_bfloat16 *__restrict__ bias,
+                               const __nv_bfloat16 *__restrict__ residual, int has_residual,
+                               int cin, int cout, int h, int w, __nv_bfloat16 *__restrict__ y) {
+    DYNAMIC_SMEM(smem);
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int wm = warp & 1;  // pixels wm·64 …
+    const int wn = warp >> 1; // channels wn·32 …
+    const int x0 = blockIdx.x * CI_BM;
+    const int row = blockIdx.y;
+    const int n0 = blockIdx.z * CI_BN;
+    const int wp = w + 2;
+    const int slices = cin / CI_BK;
+    const int steps = 3 * slices;
+
+    // Step t: row tap t / slices, channels (t % slices)·32 …, into ring stage `stage`.
+    auto load = [&](int t, int stage) {
+        const int dy = t / slices;
+        const int c0 = (t - dy * slices) * CI_BK;
+        unsigned char *a = smem + stage * CI_STAGE_BYTES;
+        unsigned char *b = a + CI_A_BYTES;
+        const __nv_bfloat16 *src_row = xp + ((long long)(row + dy) * wp) * cin + c0;
+        for (int i = tid; i < CI_A_ROWS * 4; i += 256) {
+            const int p = i >> 2, chunk = i & 3;
+            // Columns past the padded row feed only pixels past w, which are not written:
+            // read the last column instead of leaving the row.
+            const int col = min(x0 + p, wp - 1);
+            cp_async_16(a + ci_swizzle(p, chunk), src_row + (long long)col * cin + chunk * 8, 16);
+        }
+        for (int i = tid; i < 3 * CI_BN * 4; i += 256) {
+            const int r = i >> 2, chunk = i & 3;
+            const int dx = r / CI_BN, n = r - dx * CI_BN;
+            cp_async_16(b + ci_swizzle(r, chunk),
+                        wt + ((long long)(dy * 3 + dx) * cout + n0 + n) * cin + c0 + chunk * 8,
+                        16);
+        }
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[mt][nt][e] = 0.f;
+            }
+        }
+    }
+
+#pragma unroll
+    for (int s = 0; s < CI_STAGES - 1; ++s) {
+        if (s < steps) {
+            load(s, s);
+        }
+        cp_async_commit();
+    }
+    // ldmatrix rows of this lane: A row (pixel) lane & 15 of a 16-pixel tile, chunk lane >> 4
+    // within a 16-channel half; B row (channel) (lane & 7) + 8·(lane >> 4) of a 16-channel
+    // pair of n8 tiles, chunk (lane >> 3) & 1.
+    const int a_row = wm * 64 + (lane & 15);
+    const int a_chunk = lane >> 4;
+    const int b_row = wn * 32 + (lane & 7) + ((lane >> 4) << 3);
+    const int b_chunk = (lane >> 3) & 1;
+
+    for (int t = 0; t < steps; ++t) {
+        cp_async_wait<CI_STAGES - 2>();
+        __syncthreads();
+        // The stage step t - 1 read is free now (every warp is past the barrier).
+        if (t + CI_STAGES - 1 < steps) {
+            load(t + CI_STAGES - 1, (t + CI_STAGES - 1) % CI_STAGES);
+        }
+        cp_async_commit();
+        const unsigned char *a = smem + (t % CI_STAGES) * CI_STAGE_BYTES;
+        const unsigned char *b = a + CI_A_BYTES;
+#pragma unroll
+        for (int dx = 0; dx < 3; ++dx) {
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks) {
+                uint32_t af[4][4], bf[2][4];
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt) {
+                    ldmatrix_x4(af[mt], a + ci_swizzle(a_row + mt * 16 + dx, ks * 2 + a_chunk));
+                }
+#pragma unroll
+                for (int np = 0; np < 2; ++np) {
+                    ldmatrix_x4(bf[np],
+                                b + ci_swizzle(dx * CI_BN + b_row + np * 16, ks * 2 + b_chunk));
+                }
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt) {
+                        mma_bf16_16816(acc[mt][nt], af[mt], bf[nt >> 1][(nt & 1) * 2],
+                                       bf[nt >> 1][(nt & 1) * 2 + 1]);
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Accumulators → f32 tile [channel][pixel]: lane 4g + q holds pixels g, g + 8 of each
+    // m16 tile at channels 2q, 2q + 1 of each n8 tile.
+    float *tile = reinterpret_cast<float *>(smem);
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const int m = wm * 64 + mt * 16 + g;
+            const int n = wn * 32 + nt * 8 + 2 * q;
+            tile[n * CI_OUT_STRIDE + m] = acc[mt][nt][0];
+            tile[(n + 1) * CI_OUT_STRIDE + m] = acc[mt][nt][1];
+            tile[n * CI_OUT_STRIDE + m + 8] = acc[mt][nt][2];
+            tile[(n + 1) * CI_OUT_STRIDE + m + 8] = acc[mt][nt][3];
+        }
+    }
+    __syncthreads();
+
+    // 128 channels × 16 runs of 8 pixels; runs past w (a multiple of 8) are skipped.
+    const long long plane = (long long)h * w;
+    for (int i = tid; i < CI_BN * (CI_BM / 8); i += 256) {
+        const int n = i >> 4, run = i & 15;
+        const int px = x0 + run * 8;
+        if (px >= w) {
+            continue;
+        }
+        const float *src = tile + n * CI_OUT_STRIDE + run * 8;
+        const float b = __bfloat162float(bias[n0 + n]);
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            v[e] = src[e] + b;
+        }
+        const long long at = (long long)(n0 + n) * plane + (long long)row * w + px;
+        if (has_residual) {
+            const uint4 raw = *reinterpret_cast<const uint4 *>(residual + at);
+            const __nv_bfloat162 *pairs = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float2 f = __bfloat1622float2(pairs[e]);
+                v[2 * e] += f.x;
+                v[2 * e + 1] += f.y;
+            }
+        }
+        uint4 packed;
+        __nv_bfloat162 *out_pairs = reinterpret_cast<__nv_bfloat162 *>(&packed);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            out_pairs[e] = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
+        }
+        *reinterpret_cast<uint4 *>(y + at) = packed;
+    }
+}
