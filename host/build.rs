@@ -127,6 +127,7 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
         "adaln",
         "group_norm",
         "conv_gemm",
+        "conv_implicit",
     ] {
         ptx(kernel, &format!("compute_{cap}"));
     }

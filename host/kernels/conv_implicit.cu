@@ -122,29 +122,41 @@ extern "C" __global__ void __launch_bounds__(256, 2)
     const int row = blockIdx.y;
     const int n0 = blockIdx.z * CI_BN;
     const int wp = w + 2;
-    const int slices = cin / CI_BK;
-    const int steps = 3 * slices;
+    const int steps = 3 * (cin / CI_BK);
 
     // Step t: row tap t / slices, channels (t % slices)·32 …, into ring stage `stage`.
-    auto load = [&](int t, int stage) {
-        const int dy = t / slices;
-        const int c0 = (t - dy * slices) * CI_BK;
-        unsigned char *a = smem + stage * CI_STAGE_BYTES;
-        unsigned char *b = a + CI_A_BYTES;
-        const __nv_bfloat16 *src_row = xp + ((long long)(row + dy) * wp) * cin + c0;
-        for (int i = tid; i < CI_A_ROWS * 4; i += 256) {
-            const int p = i >> 2, chunk = i & 3;
-            // Columns past the padded row feed only pixels past w, which are not written:
-            // read the last column instead of leaving the row.
-            const int col = min(x0 + p, wp - 1);
-            cp_async_16(a + ci_swizzle(p, chunk), src_row + (long long)col * cin + chunk * 8, 16);
+    // What this thread copies per step, fixed but for the step's row tap and channel slice:
+    // 16-byte chunk tid & 3 of shared rows tid / 4 + 64·k (k < 3 for the 130 pixel rows, the
+    // third only for the first 8 threads; k < 6 for the 3 · 128 weight rows). Such rows all
+    // have the same swizzle, (tid >> 3) & 3, so one shared offset serves every k.
+    const int chunk = tid & 3;
+    const int first_row = tid >> 2;
+    const int dst0 = ci_swizzle(first_row, chunk);
+    // Pixel k's column in the padded row. Columns past it feed only pixels past w, which are
+    // not written: read the last column instead of leaving the row.
+    int a_src[3];
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+        a_src[k] = min(x0 + first_row + 64 * k, wp - 1) * cin + chunk * 8;
+    }
+    const __nv_bfloat16 *b_src = wt + (long long)(n0 + first_row) * cin + chunk * 8;
+    const long long tap_stride = (long long)cout * cin;
+    auto load = [&](int dy, int c0, int stage) {
+        unsigned char *a = smem + stage * CI_STAGE_BYTES + dst0;
+        unsigned char *b = smem + stage * CI_STAGE_BYTES + CI_A_BYTES + dst0;
+        const __nv_bfloat16 *src_row = xp + (long long)(row + dy) * wp * cin + c0;
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {
+            if (k < 2 || tid < 4 * (CI_A_ROWS - 128)) {
+                cp_async_16(a + k * 64 * CI_ROW_BYTES, src_row + a_src[k], 16);
+            }
         }
-        for (int i = tid; i < 3 * CI_BN * 4; i += 256) {
-            const int r = i >> 2, chunk = i & 3;
-            const int dx = r / CI_BN, n = r - dx * CI_BN;
-            cp_async_16(b + ci_swizzle(r, chunk),
-                        wt + ((long long)(dy * 3 + dx) * cout + n0 + n) * cin + c0 + chunk * 8,
-                        16);
+        const __nv_bfloat16 *b_tap = b_src + dy * 3 * tap_stride + c0;
+#pragma unroll
+        for (int k = 0; k < 6; ++k) {
+            // Rows 64·k …: column tap k / 2, output channels 64·(k % 2) + tid / 4.
+            cp_async_16(b + k * 64 * CI_ROW_BYTES,
+                        b_tap + (k >> 1) * tap_stride + (k & 1) * 64 * cin, 16);
         }
     };
 
@@ -160,10 +172,21 @@ extern "C" __global__ void __launch_bounds__(256, 2)
         }
     }
 
+    // Steps run over (dy, channel slice), slices fastest; (load_dy, load_c0) is the next
+    // step to load.
+    int load_dy = 0, load_c0 = 0;
+    auto advance = [&]() {
+        load_c0 += CI_BK;
+        if (load_c0 == cin) {
+            load_c0 = 0;
+            ++load_dy;
+        }
+    };
 #pragma unroll
     for (int s = 0; s < CI_STAGES - 1; ++s) {
         if (s < steps) {
-            load(s, s);
+            load(load_dy, load_c0, s);
+            advance();
         }
         cp_async_commit();
     }
@@ -180,7 +203,8 @@ extern "C" __global__ void __launch_bounds__(256, 2)
         __syncthreads();
         // The stage step t - 1 read is free now (every warp is past the barrier).
         if (t + CI_STAGES - 1 < steps) {
-            load(t + CI_STAGES - 1, (t + CI_STAGES - 1) % CI_STAGES);
+            load(load_dy, load_c0, (t + CI_STAGES - 1) % CI_STAGES);
+            advance();
         }
         cp_async_commit();
         const unsigned char *a = smem + (t % CI_STAGES) * CI_STAGE_BYTES;
@@ -189,11 +213,9 @@ extern "C" __global__ void __launch_bounds__(256, 2)
         for (int dx = 0; dx < 3; ++dx) {
 #pragma unroll
             for (int ks = 0; ks < 2; ++ks) {
-                uint32_t af[4][4], bf[2][4];
-#pragma unroll
-                for (int mt = 0; mt < 4; ++mt) {
-                    ldmatrix_x4(af[mt], a + ci_swizzle(a_row + mt * 16 + dx, ks * 2 + a_chunk));
-                }
+                // B for the warp's 32 channels first, then each 16-pixel A tile and its four
+                // mma: one A fragment live at a time (the 64 accumulators leave little room).
+                uint32_t bf[2][4];
 #pragma unroll
                 for (int np = 0; np < 2; ++np) {
                     ldmatrix_x4(bf[np],
@@ -201,9 +223,11 @@ extern "C" __global__ void __launch_bounds__(256, 2)
                 }
 #pragma unroll
                 for (int mt = 0; mt < 4; ++mt) {
+                    uint32_t af[4];
+                    ldmatrix_x4(af, a + ci_swizzle(a_row + mt * 16 + dx, ks * 2 + a_chunk));
 #pragma unroll
                     for (int nt = 0; nt < 4; ++nt) {
-                        mma_bf16_16816(acc[mt][nt], af[mt], bf[nt >> 1][(nt & 1) * 2],
+                        mma_bf16_16816(acc[mt][nt], af, bf[nt >> 1][(nt & 1) * 2],
                                        bf[nt >> 1][(nt & 1) * 2 + 1]);
                     }
                 }
