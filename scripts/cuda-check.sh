@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Type-check and lint the `cuda` feature (our CUDA custom ops, the nvcc step of host/build.rs)
-# and read the wgmma kernels' SASS for register hazards, without a GPU, with the CUDA 13.0
+# and read the wgmma kernels' SASS for register hazards (and the convolution kernel's for
+# spills), without a GPU, with the CUDA 13.0
 # toolkit ../shared/gpu/build-cuda.sh fetches into its cache (fetched here too when missing;
 # cuobjdump/nvdisasm from PyPI). From the repo root: bash scripts/cuda-check.sh
 # Cold: ~25 min on 2 cores (candle-kernels nvcc step); target/cuda-check caches it.
@@ -61,3 +62,12 @@ if grep -qi "serializ" <<<"$ptxas_log"; then
 fi
 PATH=$sass_tools/nvidia/cu13/bin:$PATH cuobjdump -sass "$cubin" > "$cubin.sass"
 python3 scripts/wgmma-sass-check.py "$cubin.sass"
+# The implicit-GEMM convolution holds 64 accumulators a thread in 128 registers (two blocks
+# an SM): a change that makes it spill fails here, not silently on the GPU.
+if ! ptxas_log=$(nvcc -cubin -arch=sm_90a -O3 -Xptxas -v -o "$cubin" host/kernels/conv_implicit.cu 2>&1); then
+  echo "$ptxas_log" >&2; exit 1
+fi
+grep -E "Compiling entry|registers" <<<"$ptxas_log"
+if grep -oE "[0-9]+ bytes (spill stores|spill loads|stack frame)" <<<"$ptxas_log" | grep -vq "^0 "; then
+  echo "conv_implicit.cu spills registers or uses local memory:" >&2; echo "$ptxas_log" >&2; exit 1
+fi

@@ -369,6 +369,7 @@ fn vae_ops(
                     )?;
                 }
             }
+            implicit_conv_ops(out, time, &x, &weight, &tag, flop, level < 8)?;
         }
         // The decoder's norms: unit weight, zero bias, its groups and epsilon.
         let (one, zero) = (
@@ -411,6 +412,73 @@ fn vae_ops(
                 &|| x.upsample_nearest2d(2 * h, 2 * w),
             )?;
         }
+    }
+    Ok(())
+}
+
+/// The implicit-GEMM convolution (`HEADSHOT_CONV=implicit`) on `x`: alone
+/// (`vae_conv_implicit_*`), as a resnet's second convolution runs it (group norm + SiLU before,
+/// residual after: `vae_norm_conv_residual_implicit_*`, against the fused norm and the GEMM
+/// convolution and an add as separate steps when those take the shape:
+/// `vae_norm_conv_residual_gemm_*`), and, below the top level, the next level's upsampling
+/// convolution (`vae_upsample_conv_implicit_*`, 4× the work).
+#[cfg(feature = "cuda")]
+fn implicit_conv_ops(
+    out: &mut dyn Write,
+    time: &TimeFn,
+    x: &Tensor,
+    weight: &Tensor,
+    tag: &str,
+    flop: f64,
+    upsample_too: bool,
+) -> Result<(), BenchError> {
+    use crate::pipeline::flux::conv_implicit_cuda::{InputNorm, conv3x3, supports};
+    use crate::pipeline::flux::{conv_gemm_cuda, decoder, group_norm_cuda};
+    let ch = x.dim(1)?;
+    let taps = decoder::implicit_taps(weight)?;
+    let bias = Tensor::zeros(ch, x.dtype(), x.device())?;
+    let norm = InputNorm {
+        weight: Tensor::ones(ch, x.dtype(), x.device())?,
+        bias: bias.clone(),
+        groups: GROUPS,
+        eps: EPS as f32,
+        silu: true,
+    };
+    if !supports(x, &taps, false, Some(&norm), Some(x)) {
+        return Ok(());
+    }
+    time(
+        out,
+        &format!("vae_conv_implicit_{tag}"),
+        Work::Flop(flop),
+        &|| conv3x3(x, &taps, &bias, None, false, None),
+    )?;
+    time(
+        out,
+        &format!("vae_norm_conv_residual_implicit_{tag}"),
+        Work::Flop(flop),
+        &|| conv3x3(x, &taps, &bias, Some(&norm), false, Some(x)),
+    )?;
+    let gemm_taps = decoder::gemm_taps(weight)?;
+    if group_norm_cuda::supports(x, GROUPS) && conv_gemm_cuda::supports(x, &gemm_taps, false) {
+        time(
+            out,
+            &format!("vae_norm_conv_residual_gemm_{tag}"),
+            Work::Flop(flop),
+            &|| {
+                let normed =
+                    group_norm_cuda::group_norm(x, &norm.weight, &bias, GROUPS, EPS as f32, true)?;
+                conv_gemm_cuda::conv2d(&normed, &gemm_taps, &bias)? + x
+            },
+        )?;
+    }
+    if upsample_too && supports(x, &taps, true, None, None) {
+        time(
+            out,
+            &format!("vae_upsample_conv_implicit_{tag}"),
+            Work::Flop(4.0 * flop),
+            &|| conv3x3(x, &taps, &bias, None, true, None),
+        )?;
     }
     Ok(())
 }

@@ -190,7 +190,11 @@ fn convolution_gemm_kernels_with_the_gemms_in_rust_match_candles_convolution() {
 /// conv_implicit_cuda's prep launch over one image whose (upsampled) size is `h × w`.
 fn prep_config(channels: usize, h: usize, w: usize) -> Config {
     Config {
-        grid: ((w + 2).div_ceil(32) as u32, (h + 2) as u32, (channels / 32) as u32),
+        grid: (
+            (w + 2).div_ceil(32) as u32,
+            (h + 2) as u32,
+            (channels / 32) as u32,
+        ),
         block: 256,
         smem: 0,
     }
@@ -345,7 +349,7 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
                 Arg::I32(channels as i32),
                 Arg::I32(h as i32),
                 Arg::I32(w as i32),
-                Arg::I32(up as i32),
+                Arg::I32(up),
                 Arg::I32(i32::from(norm)),
                 Arg::In(f32_bytes(&stats)),
                 Arg::In(g_bytes),
@@ -362,7 +366,8 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
                 for col in 0..w {
                     let mut v = f64::from(x[(c * h0 + (r >> up)) * w0 + (col >> up)]);
                     if norm {
-                        v = (v - f64::from(stats[2 * g])) * f64::from(stats[2 * g + 1])
+                        v = (v - f64::from(stats[2 * g]))
+                            * f64::from(stats[2 * g + 1])
                             * f64::from(gamma[c])
                             + f64::from(beta[c]);
                         if silu {
@@ -379,7 +384,10 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
         let border_zero = (0..(h + 2) * (w + 2)).all(|p| {
             let (r, col) = (p / (w + 2), p % (w + 2));
             let border = r == 0 || r == h + 1 || col == 0 || col == w + 1;
-            !border || got[p * channels..(p + 1) * channels].iter().all(|&v| v == 0.0)
+            !border
+                || got[p * channels..(p + 1) * channels]
+                    .iter()
+                    .all(|&v| v == 0.0)
         });
         assert!(border_zero, "{case}: the padding is not zero");
     }

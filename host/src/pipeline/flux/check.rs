@@ -424,6 +424,7 @@ pub fn run_into(
     if device.is_cuda() && dtype == DType::BF16 {
         group_norms(device, tolerance, out)?;
         convolutions(device, tolerance, out)?;
+        implicit_convolutions(device, tolerance, out)?;
         decoders(device, out)?;
     }
     Ok(())
@@ -438,33 +439,111 @@ pub fn run_into(
 fn decoders(device: &Device, out: &mut Vec<CheckResult>) -> Result<()> {
     use super::decoder::{Decoder, DecoderPaths, two_level_config};
     use candle_transformers::models::flux::autoencoder::AutoEncoder;
-    // 16 latent channels, 12x10 latents (pixel counts in multiples of 8, as the 1x1 GEMMs
-    // want).
-    let cfg = two_level_config();
-    let tensors = crate::pipeline::demo::record(45, |vb| AutoEncoder::new(&cfg, vb))?;
-    let decoder = |dtype: DType, paths: DecoderPaths| {
-        let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
-        Decoder::with_paths(&cfg, paths, vb)
+    // 16 latent channels. The two-level decoder at 32 and 64 channels on 12x10 latents
+    // (pixel counts in multiples of 8, as the 1x1 GEMMs want) takes the GEMM convolutions
+    // only; at 128 and 256 channels on 8x16 latents (widths in multiples of 8) the implicit
+    // ones take every 3x3 convolution but conv_in and conv_out.
+    let wide = candle_transformers::models::flux::autoencoder::Config {
+        ch: 128,
+        ..two_level_config()
     };
-    let latents = Rng::new(46).normal_tensor(&[1, 16, 12, 10], device)?;
-    let reference = decoder(DType::F32, DecoderPaths::default())?.decode(&latents)?;
-    let latents = bf16(&latents)?;
-    let candle_ops = decoder(DType::BF16, DecoderPaths::default())?.decode(&latents)?;
-    let baseline = compare(
-        "decoder_bf16_candle_ops_vs_f32",
-        &candle_ops,
-        &reference,
-        0.1,
-    )?;
-    let bound = (2.0 * baseline.max_rel_error).max(BF16_TOLERANCE);
-    out.push(baseline);
-    let fast = decoder(DType::BF16, DecoderPaths::all())?.decode(&latents)?;
-    out.push(compare(
-        "decoder_bf16_cuda_paths_vs_f32",
-        &fast,
-        &reference,
-        bound,
-    )?);
+    for (cfg, latent_dims, tag) in [
+        (two_level_config(), [1, 16, 12, 10], ""),
+        (wide, [1, 16, 8, 16], "_wide"),
+    ] {
+        let tensors = crate::pipeline::demo::record(45, |vb| AutoEncoder::new(&cfg, vb))?;
+        let decoder = |dtype: DType, paths: DecoderPaths| {
+            let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
+            Decoder::with_paths(&cfg, paths, vb)
+        };
+        let latents = Rng::new(46).normal_tensor(&latent_dims, device)?;
+        let reference = decoder(DType::F32, DecoderPaths::default())?.decode(&latents)?;
+        let latents = bf16(&latents)?;
+        let candle_ops = decoder(DType::BF16, DecoderPaths::default())?.decode(&latents)?;
+        let baseline = compare(
+            &format!("decoder{tag}_bf16_candle_ops_vs_f32"),
+            &candle_ops,
+            &reference,
+            0.1,
+        )?;
+        let bound = (2.0 * baseline.max_rel_error).max(BF16_TOLERANCE);
+        out.push(baseline);
+        let fast = decoder(DType::BF16, DecoderPaths::all())?.decode(&latents)?;
+        out.push(compare(
+            &format!("decoder{tag}_bf16_cuda_paths_vs_f32"),
+            &fast,
+            &reference,
+            bound,
+        )?);
+    }
+    Ok(())
+}
+
+/// The implicit-GEMM 3×3 convolution against candle's ops in f32: plain, with the group norm
+/// and SiLU before it, through 2× upsampling, and with the residual added; two images in a
+/// batch, a width that leaves the last pixel block part-empty, and two output-channel blocks.
+#[cfg(feature = "cuda")]
+fn implicit_convolutions(
+    device: &Device,
+    tolerance: f64,
+    out: &mut Vec<CheckResult>,
+) -> Result<()> {
+    use super::conv_implicit_cuda::{InputNorm, conv3x3};
+    use super::decoder::{EPS, GROUPS, implicit_taps};
+    let mut rng = Rng::new(47);
+    for (batch, cin, cout, h, w, norm, upsample, residual) in [
+        (1, 128, 128, 16, 136, false, false, false),
+        (2, 64, 256, 9, 16, true, false, true),
+        (1, 256, 128, 12, 24, true, true, false),
+        (1, 512, 512, 8, 8, false, true, true),
+    ] {
+        let x = bf16_values(&((rng.normal_tensor(&[batch, cin, h, w], device)? * 0.5)? + 0.3)?)?;
+        let weight = bf16_values(
+            &(rng.normal_tensor(&[cout, cin, 3, 3], device)? / ((9 * cin) as f64).sqrt())?,
+        )?;
+        let bias = bf16_values(&rng.normal_tensor(&[cout], device)?)?;
+        let gamma = bf16_values(&(rng.normal_tensor(&[cin], device)? + 1.0)?)?;
+        let beta = bf16_values(&rng.normal_tensor(&[cin], device)?)?;
+        let up = usize::from(upsample);
+        let skip = bf16_values(&rng.normal_tensor(&[batch, cout, h << up, w << up], device)?)?;
+        let mut input = x.clone();
+        if norm {
+            let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), cin, GROUPS, EPS)?;
+            input = candle_core::Module::forward(&gn, &input)?.silu()?;
+        }
+        if upsample {
+            input = input.upsample_nearest2d(h << 1, w << 1)?;
+        }
+        let mut reference = input
+            .conv2d(&weight, 1, 1, 1, 1)?
+            .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
+        if residual {
+            reference = (reference + &skip)?;
+        }
+        let input_norm = InputNorm {
+            weight: bf16(&gamma)?,
+            bias: bf16(&beta)?,
+            groups: GROUPS,
+            eps: EPS as f32,
+            silu: true,
+        };
+        let skip = bf16(&skip)?;
+        let fast = conv3x3(
+            &bf16(&x)?,
+            &implicit_taps(&weight)?,
+            &bf16(&bias)?,
+            norm.then_some(&input_norm),
+            upsample,
+            residual.then_some(&skip),
+        )?;
+        let name = format!(
+            "conv3x3_implicit_cuda_{batch}x{cin}x{h}x{w}_to_{cout}{}{}{}",
+            if norm { "_norm_silu" } else { "" },
+            if upsample { "_upsampled" } else { "" },
+            if residual { "_residual" } else { "" },
+        );
+        out.push(compare(&name, &fast, &reference, tolerance)?);
+    }
     Ok(())
 }
 

@@ -28,28 +28,69 @@ pub struct DecoderPaths {
     pub fused_norm: bool,
     /// Convolutions as cuBLASLt GEMMs (`conv_gemm_cuda.rs`).
     pub conv_gemm: bool,
+    /// 3×3 convolutions as one implicit-GEMM kernel with the norm before them, the
+    /// upsampling and the residual add folded in (`conv_implicit_cuda.rs`); the convolutions
+    /// it does not take (too few channels) fall to the other paths.
+    pub conv_implicit: bool,
 }
 
 impl DecoderPaths {
-    /// The paths the environment turns on (`HEADSHOT_GROUP_NORM=fused`, `HEADSHOT_CONV=gemm`):
-    /// opt-in until `--check` has passed on a GPU. None without the `cuda` feature.
+    /// The paths the environment turns on (`HEADSHOT_GROUP_NORM=fused`, `HEADSHOT_CONV=` a
+    /// comma-separated list of `gemm` and `implicit`): opt-in until `--check` has passed on a
+    /// GPU. None without the `cuda` feature.
     pub fn from_env() -> Self {
         #[cfg(feature = "cuda")]
-        return Self {
-            fused_norm: super::group_norm_cuda::enabled(),
-            conv_gemm: super::conv_gemm_cuda::enabled(),
-        };
+        {
+            let conv = conv_paths_from_env();
+            Self {
+                fused_norm: super::group_norm_cuda::enabled(),
+                conv_gemm: conv.conv_gemm,
+                conv_implicit: conv.conv_implicit,
+            }
+        }
         #[cfg(not(feature = "cuda"))]
         Self::default()
     }
 
-    /// Both paths, for `--check`.
+    /// Every path, for `--check`.
     pub fn all() -> Self {
         Self {
             fused_norm: true,
             conv_gemm: true,
+            conv_implicit: true,
         }
     }
+
+    /// The convolution paths `HEADSHOT_CONV` names (`gemm`, `implicit`, comma-separated, any
+    /// case). A word it does not know is logged as a warning naming the accepted ones, not
+    /// taken silently as "off".
+    pub fn conv_from(value: &str) -> Self {
+        let mut paths = Self::default();
+        for word in value.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            if word.eq_ignore_ascii_case("gemm") {
+                paths.conv_gemm = true;
+            } else if word.eq_ignore_ascii_case("implicit") {
+                paths.conv_implicit = true;
+            } else {
+                tracing::warn!(
+                    var = "HEADSHOT_CONV",
+                    value = %word,
+                    accepted = "gemm, implicit",
+                    "unknown convolution path; it stays off"
+                );
+            }
+        }
+        paths
+    }
+}
+
+/// `HEADSHOT_CONV`'s paths, read once.
+#[cfg(feature = "cuda")]
+fn conv_paths_from_env() -> DecoderPaths {
+    static PATHS: std::sync::OnceLock<DecoderPaths> = std::sync::OnceLock::new();
+    *PATHS.get_or_init(|| {
+        DecoderPaths::conv_from(&std::env::var("HEADSHOT_CONV").unwrap_or_default())
+    })
 }
 
 /// Whether a decoder layer's weight `w` can take a CUDA path.
@@ -66,6 +107,10 @@ struct GroupNorm {
     /// Weight and bias for the fused kernel, when the decoder takes that path.
     #[cfg(feature = "cuda")]
     fused: Option<(Tensor, Tensor)>,
+    /// The norm as the implicit convolution's prep applies it (SiLU on), when the decoder
+    /// takes that path.
+    #[cfg(feature = "cuda")]
+    implicit: Option<super::conv_implicit_cuda::InputNorm>,
 }
 
 impl GroupNorm {
@@ -75,12 +120,24 @@ impl GroupNorm {
         #[cfg(feature = "cuda")]
         let fused =
             (paths.fused_norm && on_cuda_bf16(&weight)).then(|| (weight.clone(), bias.clone()));
+        #[cfg(feature = "cuda")]
+        let implicit = (paths.conv_implicit && on_cuda_bf16(&weight)).then(|| {
+            super::conv_implicit_cuda::InputNorm {
+                weight: weight.clone(),
+                bias: bias.clone(),
+                groups: GROUPS,
+                eps: EPS as f32,
+                silu: true,
+            }
+        });
         #[cfg(not(feature = "cuda"))]
         let _ = paths;
         Ok(Self {
             inner: candle_nn::GroupNorm::new(weight, bias, channels, GROUPS, EPS)?,
             #[cfg(feature = "cuda")]
             fused,
+            #[cfg(feature = "cuda")]
+            implicit,
         })
     }
 
@@ -103,6 +160,9 @@ struct Conv {
     /// Weights as [`gemm_taps`] lays them out, and the bias, for the GEMM path.
     #[cfg(feature = "cuda")]
     gemm: Option<(Tensor, Tensor)>,
+    /// Weights as [`implicit_taps`] lays them out, and the bias, for the implicit path (3×3).
+    #[cfg(feature = "cuda")]
+    implicit: Option<(Tensor, Tensor)>,
 }
 
 impl Conv {
@@ -125,13 +185,67 @@ impl Conv {
             }
             _ => None,
         };
+        #[cfg(feature = "cuda")]
+        let implicit = match inner.bias() {
+            Some(bias) if size == 3 && paths.conv_implicit && on_cuda_bf16(inner.weight()) => {
+                Some((implicit_taps(inner.weight())?, bias.clone()))
+            }
+            _ => None,
+        };
         #[cfg(not(feature = "cuda"))]
         let _ = paths;
         Ok(Self {
             inner,
             #[cfg(feature = "cuda")]
             gemm,
+            #[cfg(feature = "cuda")]
+            implicit,
         })
+    }
+
+    /// `residual + conv(upsample?(silu(norm(x))))`, each part only when given: as one
+    /// implicit-GEMM pass pair where that path takes it, else as the separate steps.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        norm: Option<&GroupNorm>,
+        upsample: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some((taps, bias)) = &self.implicit {
+            let input_norm = match norm {
+                Some(n) => n.implicit.as_ref(),
+                None => None,
+            };
+            // A norm the path cannot apply (not set up for it) sends the whole step the
+            // separate way.
+            let norm_fits = norm.is_none() || input_norm.is_some();
+            if norm_fits
+                && super::conv_implicit_cuda::supports(x, taps, upsample, input_norm, residual)
+            {
+                return super::conv_implicit_cuda::conv3x3(
+                    x, taps, bias, input_norm, upsample, residual,
+                );
+            }
+        }
+        let normed;
+        let x = match norm {
+            Some(n) => {
+                normed = n.forward(x, true)?;
+                &normed
+            }
+            None => x,
+        };
+        let y = if upsample {
+            self.forward_upsampled(x)?
+        } else {
+            self.forward(x)?
+        };
+        match residual {
+            Some(r) => r + y,
+            None => Ok(y),
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -243,12 +357,13 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
-        match &self.shortcut {
-            Some(c) => c.forward(x)? + h,
-            None => x + h,
-        }
+        let h = self.conv1.forward_with(x, Some(&self.norm1), false, None)?;
+        let skip = match &self.shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        self.conv2
+            .forward_with(&h, Some(&self.norm2), false, Some(&skip))
     }
 }
 
@@ -377,10 +492,11 @@ impl Decoder {
                 h = block.forward(&h)?;
             }
             if let Some(conv) = &level.upsample {
-                h = conv.forward_upsampled(&h)?;
+                h = conv.forward_with(&h, None, true, None)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h, true)?)
+        self.conv_out
+            .forward_with(&h, Some(&self.norm_out), false, None)
     }
 }
 
@@ -448,6 +564,43 @@ mod tests {
         assert_eq!(
             taps.to_vec3::<f32>().unwrap(),
             vec![vec![vec![0., 1., 2.], vec![3., 4., 5.]]]
+        );
+    }
+
+    #[test]
+    fn implicit_taps_are_laid_out_by_tap_then_output_then_input_channel() {
+        let (cout, cin) = (2, 3);
+        let w = Tensor::arange(0f32, (cout * cin * 9) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((cout, cin, 3, 3))
+            .unwrap();
+        let taps = implicit_taps(&w).unwrap().to_dtype(DType::F32).unwrap();
+        assert_eq!(taps.dims(), &[9, cout, cin]);
+        let taps = taps.to_vec3::<f32>().unwrap();
+        for (tap, rows) in taps.iter().enumerate() {
+            let (dy, dx) = (tap / 3, tap % 3);
+            for (o, row) in rows.iter().enumerate() {
+                for (c, &got) in row.iter().enumerate() {
+                    let want = (((o * cin + c) * 3 + dy) * 3 + dx) as f32;
+                    assert_eq!(got, want, "o{o} c{c} dy{dy} dx{dx}");
+                }
+            }
+        }
+        let one = Tensor::zeros((2, 3, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        assert!(implicit_taps(&one).is_err(), "1x1 weights are refused");
+    }
+
+    #[test]
+    fn conv_paths_are_read_from_a_comma_separated_list() {
+        let paths = DecoderPaths::conv_from(" Implicit ,gemm");
+        assert!(paths.conv_implicit && paths.conv_gemm && !paths.fused_norm);
+        let paths = DecoderPaths::conv_from("implicit");
+        assert!(paths.conv_implicit && !paths.conv_gemm);
+        assert_eq!(DecoderPaths::conv_from(""), DecoderPaths::default());
+        assert_eq!(
+            DecoderPaths::conv_from("cudnn"),
+            DecoderPaths::default(),
+            "an unknown word turns nothing on"
         );
     }
 

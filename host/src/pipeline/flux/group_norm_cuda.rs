@@ -5,8 +5,10 @@
 //! over many blocks (partial sums, then normalize) and three passes over memory.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
@@ -44,7 +46,7 @@ pub fn supports(x: &Tensor, groups: usize) -> bool {
 
 /// The shapes the kernels take: channels divisible into `groups`, an even `height · width`,
 /// a group of at most [`MAX_GROUP_LEN`] values.
-fn check_shape(channels: usize, h: usize, w: usize, groups: usize) -> Result<()> {
+pub(super) fn check_shape(channels: usize, h: usize, w: usize, groups: usize) -> Result<()> {
     if groups == 0
         || !channels.is_multiple_of(groups)
         || !(h * w).is_multiple_of(2)
@@ -64,6 +66,77 @@ fn chunking(group_len: usize) -> (usize, usize) {
     let chunk = group_len.div_ceil(MAX_CHUNKS).max(MIN_CHUNK);
     let chunk = chunk + chunk % 2;
     (chunk, group_len.div_ceil(chunk).max(1))
+}
+
+/// The partial sums of every group of bf16 `x` (`batch · channels · h · w` values, NCHW):
+/// `(partials, chunks, chunk_len)`, the stats launch's output that the apply and finalize
+/// launches read. The shape must have passed [`check_shape`].
+fn partial_sums<T: DeviceRepr>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    all_groups: usize,
+    group_len: usize,
+) -> Result<(CudaSlice<f64>, usize, usize)> {
+    let (chunk_len, chunks) = chunking(group_len);
+    // SAFETY: the stats launch writes every (group, chunk) pair of partials: one block
+    // per pair, its thread 0 writes both values.
+    let mut partials = unsafe { dev.alloc::<f64>(2 * all_groups * chunks) }?;
+    let cfg = LaunchConfig {
+        grid_dim: (chunks as u32, all_groups as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stats =
+        dev.get_or_load_custom_func("headshot_group_stats_bf16", "headshot_group_norm", PTX)?;
+    let (group_len_i, chunk_len_i) = (group_len as i64, chunk_len as i64);
+    let mut builder = stats.builder();
+    builder.arg(x);
+    builder.arg(&group_len_i);
+    builder.arg(&chunk_len_i);
+    builder.arg(&mut partials);
+    // SAFETY: block (k, g) reads values [k·chunk_len, (k+1)·chunk_len) ∩ [0, group_len)
+    // of group g, inside x's all_groups·group_len values, and writes partials[g][k].
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok((partials, chunks, chunk_len))
+}
+
+/// Mean and 1/std of each group of bf16 `x` (`batch · channels · h · w` values, NCHW), as
+/// `(mean, 1/std)` f32 pairs in group order, batch-major: for kernels that apply the norm as
+/// they read their input (`conv_implicit_cuda.rs`). The shape must have passed
+/// [`check_shape`].
+pub(super) fn group_stats<T: DeviceRepr>(
+    dev: &CudaDevice,
+    x: &CudaView<'_, T>,
+    (batch, channels, h, w): (usize, usize, usize, usize),
+    groups: usize,
+    eps: f32,
+) -> Result<CudaSlice<f32>> {
+    let all_groups = batch * groups;
+    let group_len = channels / groups * h * w;
+    let (partials, chunks, _) = partial_sums(dev, x, all_groups, group_len)?;
+    // SAFETY: the finalize launch writes both values of every group below all_groups.
+    let mut stats = unsafe { dev.alloc::<f32>(2 * all_groups) }?;
+    let finalize =
+        dev.get_or_load_custom_func("headshot_group_finalize_bf16", "headshot_group_norm", PTX)?;
+    let (chunks_i, all_groups_i, group_len_i) =
+        (chunks as i32, all_groups as i32, group_len as i64);
+    let mut builder = finalize.builder();
+    builder.arg(x);
+    builder.arg(&partials);
+    builder.arg(&chunks_i);
+    builder.arg(&all_groups_i);
+    builder.arg(&group_len_i);
+    builder.arg(&eps);
+    builder.arg(&mut stats);
+    let cfg = LaunchConfig {
+        grid_dim: (all_groups.div_ceil(THREADS as usize) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: thread g < all_groups reads group g's first value and `chunks` partials and
+    // writes stats[2g], stats[2g + 1].
+    unsafe { builder.launch(cfg) }.w()?;
+    Ok(stats)
 }
 
 struct GroupNorm {
@@ -114,11 +187,8 @@ impl CustomOp3 for GroupNorm {
         let bias = contiguous_view(bs, l3, 1, "group norm bias")?;
         let channel_len = h * w;
         let group_len = channels / groups * channel_len;
-        let (chunk_len, chunks) = chunking(group_len);
         let all_groups = batch * groups;
-        // SAFETY: the stats launch writes every (group, chunk) pair of partials: one block
-        // per pair, its thread 0 writes both values.
-        let mut partials = unsafe { dev.alloc::<f64>(2 * all_groups * chunks) }?;
+        let (partials, chunks, chunk_len) = partial_sums(dev, &x, all_groups, group_len)?;
         let mut y = alloc_like(dev, xs, batch * channels * channel_len)?;
         let cfg = LaunchConfig {
             grid_dim: (chunks as u32, all_groups as u32, 1),
@@ -127,17 +197,6 @@ impl CustomOp3 for GroupNorm {
         };
         let (group_len_i, chunk_len_i, channel_len_i) =
             (group_len as i64, chunk_len as i64, channel_len as i64);
-
-        let stats =
-            dev.get_or_load_custom_func("headshot_group_stats_bf16", "headshot_group_norm", PTX)?;
-        let mut builder = stats.builder();
-        builder.arg(&x);
-        builder.arg(&group_len_i);
-        builder.arg(&chunk_len_i);
-        builder.arg(&mut partials);
-        // SAFETY: block (k, g) reads values [k·chunk_len, (k+1)·chunk_len) ∩ [0, group_len)
-        // of group g, inside x's batch·channels·h·w values, and writes partials[g][k].
-        unsafe { builder.launch(cfg) }.w()?;
 
         let apply =
             dev.get_or_load_custom_func("headshot_group_apply_bf16", "headshot_group_norm", PTX)?;

@@ -9,6 +9,8 @@ pub mod check;
 #[cfg(feature = "cuda")]
 pub mod conv_gemm_cuda;
 #[cfg(feature = "cuda")]
+pub mod conv_implicit_cuda;
+#[cfg(feature = "cuda")]
 mod cuda_util;
 pub mod decoder;
 pub mod embed;

@@ -1,0 +1,388 @@
+//! The decoder's 3×3 convolutions as one implicit-GEMM tensor-core kernel, with the group
+//! norm + SiLU before them, the 2× upsampling and the resnet's residual add folded in
+//! (`host/kernels/conv_implicit.cu`).
+//!
+//! The GEMM path (`conv_gemm_cuda.rs`) moves about ten times the image's bytes per
+//! convolution (three padded copies, each read by a GEMM, an f32 accumulator read and written
+//! three times); a 3×3 convolution at 128 channels is only ~190 multiply-adds per byte of
+//! its input, so that traffic, not the arithmetic, would set its speed. Here a convolution is
+//! two passes: the prep kernel reads the NCHW image once (normalizing it when asked) and
+//! writes it padded in NHWC, and the convolution kernel reads that (from L2 for the row taps
+//! after the first) and writes the NCHW output once, with the bias and the residual added.
+//! The group norm's statistics take one more read (`group_norm_cuda::group_stats`).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+use candle_core::{CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
+
+/// PTX of `conv_implicit.cu`.
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_implicit.ptx"));
+/// Output pixels (of one row) per block.
+const BLOCK_PIXELS: usize = 128;
+/// Output channels per block.
+const BLOCK_CHANNELS: usize = 128;
+/// Input channels per K step.
+const SLICE: usize = 32;
+/// The convolution kernel's dynamic shared memory: three stages of 130 pixel rows and
+/// 3 · 128 weight rows, 64 bytes each.
+const SMEM_BYTES: u32 = (3 * (BLOCK_PIXELS + 2 + 3 * BLOCK_CHANNELS) * 2 * SLICE) as u32;
+/// Output width granule: the epilogue writes runs of 8 bf16 (16 bytes).
+const WIDTH_GRANULE: usize = 8;
+/// CUDA's limit on a grid's y and z dimensions.
+const MAX_GRID_YZ: usize = 65_535;
+
+/// The group norm (+ SiLU) the prep pass applies to the convolution's input.
+#[derive(Clone)]
+pub struct InputNorm {
+    /// Per-channel weight and bias, bf16.
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f32,
+    pub silu: bool,
+}
+
+/// The shapes the kernels take, for input `(cin, h0, w0)` (upsampled 2× when `upsample`),
+/// `taps` `(9, cout, cin)`: cin a multiple of 32, cout of 128, the output width of 8, grids
+/// within CUDA's limits, a padded image within 32-bit element offsets per row tap, and with
+/// a norm, a shape its kernels take. Returns the output's `(h, w)`.
+fn check_shapes(
+    (cin, h0, w0): (usize, usize, usize),
+    taps: (usize, usize, usize),
+    upsample: bool,
+    groups: Option<usize>,
+) -> Result<(usize, usize)> {
+    let up = usize::from(upsample);
+    let (h, w) = (h0 << up, w0 << up);
+    let (nine, cout, k) = taps;
+    if nine != 9 || k != cin {
+        candle_core::bail!(
+            "implicit convolution: taps {taps:?} for {cin} input channels (want (9, C_out, {cin}))"
+        );
+    }
+    if !cin.is_multiple_of(SLICE)
+        || !cout.is_multiple_of(BLOCK_CHANNELS)
+        || !w.is_multiple_of(WIDTH_GRANULE)
+        || w == 0
+        || h == 0
+    {
+        candle_core::bail!(
+            "implicit convolution wants C_in a multiple of {SLICE}, C_out of {BLOCK_CHANNELS} \
+             and an output width of {WIDTH_GRANULE}: {cin} -> {cout} channels, {h}x{w}"
+        );
+    }
+    if h + 2 > MAX_GRID_YZ
+        || cout / BLOCK_CHANNELS > MAX_GRID_YZ
+        || cin / SLICE > MAX_GRID_YZ
+        || (w + 2) * cin > i32::MAX as usize
+    {
+        candle_core::bail!(
+            "implicit convolution: {cin} -> {cout} channels over {h}x{w} exceed its grid or \
+             32-bit row offsets"
+        );
+    }
+    if let Some(groups) = groups {
+        super::group_norm_cuda::check_shape(cin, h0, w0, groups)?;
+    }
+    Ok((h, w))
+}
+
+/// Whether [`conv3x3`] takes these inputs: bf16 NCHW `x` on CUDA starting 16-byte aligned,
+/// `taps` from `decoder::implicit_taps`, shapes [`check_shapes`] accepts, and a residual (if
+/// any) of the output's shape.
+pub fn supports(
+    x: &Tensor,
+    taps: &Tensor,
+    upsample: bool,
+    norm: Option<&InputNorm>,
+    residual: Option<&Tensor>,
+) -> bool {
+    let (Ok((batch, cin, h0, w0)), Ok(taps_dims)) = (x.dims4(), taps.dims3()) else {
+        return false;
+    };
+    let Ok((h, w)) = check_shapes((cin, h0, w0), taps_dims, upsample, norm.map(|n| n.groups))
+    else {
+        return false;
+    };
+    x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && x.layout().start_offset().is_multiple_of(WIDTH_GRANULE)
+        && residual.is_none_or(|r| {
+            r.dims() == [batch, taps_dims.1, h, w]
+                && r.dtype() == DType::BF16
+                && r.device().same_device(x.device())
+        })
+}
+
+struct ConvImplicit {
+    upsample: bool,
+    norm: Option<InputNorm>,
+    residual: Option<Tensor>,
+}
+
+/// The contiguous bf16 CUDA view of an input candle does not hand the op itself (norm weight
+/// and bias, the residual), from its `storage_and_layout()` guard. A macro: the view's element
+/// type (`half::bf16`) cannot be named from this crate.
+macro_rules! bf16_view {
+    ($guard:expr, $align:expr, $what:expr) => {{
+        let (storage, layout) = &$guard;
+        let Storage::Cuda(cuda) = &**storage else {
+            candle_core::bail!("{} is not on the GPU", $what);
+        };
+        let CudaStorageSlice::BF16(slice) = &cuda.slice else {
+            candle_core::bail!("{} is not bf16", $what);
+        };
+        contiguous_view(slice, layout, $align, $what)?
+    }};
+}
+
+/// One launch config of 256 threads.
+fn config(grid: (usize, usize, usize), smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+impl CustomOp3 for ConvImplicit {
+    fn name(&self) -> &'static str {
+        "headshot-conv-implicit"
+    }
+
+    cuda_only_cpu_fwd!(3);
+
+    /// (x `(batch, C_in, h0, w0)`, taps `(9, C_out, C_in)`, bias `(C_out)`).
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (batch, cin, h0, w0) = l1.shape().dims4()?;
+        let taps = l2.shape().dims3()?;
+        let cout = taps.1;
+        let groups = self.norm.as_ref().map(|n| n.groups);
+        // Checked before anything is allocated (the padded image runs to hundreds of MB).
+        let (h, w) = check_shapes((cin, h0, w0), taps, self.upsample, groups)?;
+        if l3.shape().dims() != [cout] {
+            candle_core::bail!(
+                "implicit convolution bias {:?} for {cout} output channels",
+                l3.shape()
+            );
+        }
+        let (CudaStorageSlice::BF16(xs), CudaStorageSlice::BF16(ts), CudaStorageSlice::BF16(bs)) =
+            (&s1.slice, &s2.slice, &s3.slice)
+        else {
+            candle_core::bail!("the implicit convolution wants bf16 input, weights and bias");
+        };
+        let dev = s1.device();
+        let x = contiguous_view(xs, l1, WIDTH_GRANULE, "convolution input")?;
+        let weights = contiguous_view(ts, l2, WIDTH_GRANULE, "convolution weights")?;
+        let bias = contiguous_view(bs, l3, 1, "convolution bias")?;
+
+        let norm_guards = self
+            .norm
+            .as_ref()
+            .map(|n| (n.weight.storage_and_layout(), n.bias.storage_and_layout()));
+        let residual_guard = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let out_len = cout * h * w;
+        if let Some(r) = &self.residual
+            && r.dims() != [batch, cout, h, w]
+        {
+            candle_core::bail!(
+                "implicit convolution residual {:?} for output {:?}",
+                r.dims(),
+                [batch, cout, h, w]
+            );
+        }
+        // Statistics of every image's groups, (mean, 1/std) pairs; a placeholder the prep
+        // kernel does not read without a norm.
+        let stats = match &self.norm {
+            Some(n) => {
+                if n.weight.dims() != [cin] || n.bias.dims() != [cin] {
+                    candle_core::bail!(
+                        "implicit convolution norm weight {:?} and bias {:?} for {cin} channels",
+                        n.weight.dims(),
+                        n.bias.dims()
+                    );
+                }
+                super::group_norm_cuda::group_stats(dev, &x, (batch, cin, h0, w0), n.groups, n.eps)?
+            }
+            None => dev.alloc_zeros::<f32>(2)?,
+        };
+        let groups = groups.unwrap_or(1);
+        let mut y = alloc_like(dev, xs, batch * out_len)?;
+        let padded_len = (h + 2) * (w + 2) * cin;
+        // SAFETY: each image's prep launch writes all padded_len values before its
+        // convolution reads them.
+        let mut padded = alloc_like(dev, xs, padded_len)?;
+
+        let prep = dev.get_or_load_custom_func(
+            "headshot_conv_prep_nhwc_bf16",
+            "headshot_conv_implicit",
+            PTX,
+        )?;
+        let conv = dev.get_or_load_custom_func(
+            "headshot_conv3x3_nhwc_bf16",
+            "headshot_conv_implicit",
+            PTX,
+        )?;
+        // More than 48 KiB of dynamic shared memory needs an opt-in.
+        conv.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            SMEM_BYTES as i32,
+        )
+        .w()?;
+        let (cin_i, cout_i, h_i, w_i) = (cin as i32, cout as i32, h as i32, w as i32);
+        let up_i = i32::from(self.upsample);
+        let norm_i = i32::from(self.norm.is_some());
+        let silu_i = i32::from(self.norm.as_ref().is_some_and(|n| n.silu));
+        let groups_i = groups as i32;
+        let has_residual_i = i32::from(self.residual.is_some());
+        let image = cin * h0 * w0;
+        for img in 0..batch {
+            let x_img = x.slice(img * image..(img + 1) * image);
+            let stats_img = if self.norm.is_some() {
+                stats.slice(2 * groups * img..2 * groups * (img + 1))
+            } else {
+                stats.slice(0..2)
+            };
+            let (gamma, beta) = match &norm_guards {
+                Some((wg, bg)) => (
+                    bf16_view!(wg, 1, "group norm weight"),
+                    bf16_view!(bg, 1, "group norm bias"),
+                ),
+                None => (bias.slice(0..cout), bias.slice(0..cout)),
+            };
+            let mut builder = prep.builder();
+            builder.arg(&x_img);
+            builder.arg(&cin_i);
+            builder.arg(&h_i);
+            builder.arg(&w_i);
+            builder.arg(&up_i);
+            builder.arg(&norm_i);
+            builder.arg(&stats_img);
+            builder.arg(&gamma);
+            builder.arg(&beta);
+            builder.arg(&groups_i);
+            builder.arg(&silu_i);
+            builder.arg(&mut padded);
+            // SAFETY: reads this image's cin·h0·w0 values (and with the norm its groups'
+            // stats and cin weights and biases), writes (h+2)·(w+2)·cin.
+            unsafe { builder.launch(config(((w + 2).div_ceil(32), h + 2, cin / SLICE), 0)) }.w()?;
+
+            let residual = match &residual_guard {
+                Some(g) => {
+                    let r = bf16_view!(g, WIDTH_GRANULE, "convolution residual");
+                    r.slice(img * out_len..(img + 1) * out_len)
+                }
+                None => bias.slice(0..cout),
+            };
+            let mut y_img = y.slice_mut(img * out_len..(img + 1) * out_len);
+            let mut builder = conv.builder();
+            builder.arg(&padded);
+            builder.arg(&weights);
+            builder.arg(&bias);
+            builder.arg(&residual);
+            builder.arg(&has_residual_i);
+            builder.arg(&cin_i);
+            builder.arg(&cout_i);
+            builder.arg(&h_i);
+            builder.arg(&w_i);
+            builder.arg(&mut y_img);
+            // SAFETY: reads the padded image, 9·cout·cin weights, cout biases (and with the
+            // residual cout·h·w values of it), writes this image's cout·h·w outputs; the
+            // residual and y start 16-byte aligned (offsets in multiples of 8 bf16, h·w too).
+            unsafe {
+                builder.launch(config(
+                    (w.div_ceil(BLOCK_PIXELS), h, cout / BLOCK_CHANNELS),
+                    SMEM_BYTES,
+                ))
+            }
+            .w()?;
+        }
+        Ok(output(
+            dev,
+            CudaStorageSlice::BF16,
+            y,
+            Shape::from((batch, cout, h, w)),
+        ))
+    }
+}
+
+/// The 3×3 convolution (stride 1, padding 1) of bf16 NCHW `x`, normalized first by `norm`
+/// when given and upsampled 2× (nearest) when `upsample`, with `taps` from
+/// `decoder::implicit_taps` and `bias` `(C_out)`, plus `residual` (the output's shape) when
+/// given: `(batch, C_out, h, w)` at the (upsampled) input size.
+pub fn conv3x3(
+    x: &Tensor,
+    taps: &Tensor,
+    bias: &Tensor,
+    norm: Option<&InputNorm>,
+    upsample: bool,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let contiguous = |t: &Tensor| t.contiguous();
+    let norm = match norm {
+        Some(n) => Some(InputNorm {
+            weight: contiguous(&n.weight)?,
+            bias: contiguous(&n.bias)?,
+            ..n.clone()
+        }),
+        None => None,
+    };
+    let residual = residual.map(contiguous).transpose()?;
+    x.contiguous()?.apply_op3_no_bwd(
+        &taps.contiguous()?,
+        &bias.contiguous()?,
+        &ConvImplicit {
+            upsample,
+            norm,
+            residual,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_outside_the_kernels_are_refused_with_the_limit_named() {
+        // The decoder's shapes pass, upsampled or not.
+        assert_eq!(
+            check_shapes((128, 128, 128), (9, 128, 128), true, Some(32)).unwrap(),
+            (256, 256)
+        );
+        assert_eq!(
+            check_shapes((512, 96, 128), (9, 512, 512), false, None).unwrap(),
+            (96, 128)
+        );
+        for ((cin, h0, w0), taps, why) in [
+            ((16, 8, 8), (9, 128, 16), "C_in a multiple of 32"),
+            ((128, 8, 8), (9, 3, 128), "C_out of 128"),
+            ((128, 8, 12), (9, 128, 128), "an output width of 8"),
+            ((128, 8, 8), (3, 128, 384), "want (9, C_out, 128)"),
+        ] {
+            let err = check_shapes((cin, h0, w0), taps, false, None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{err}");
+        }
+        assert!(check_shapes((128, 8, 8), (9, 128, 128), false, Some(3)).is_err());
+    }
+
+    #[test]
+    fn shared_memory_is_the_kernels_ring() {
+        // conv_implicit.cu: CI_STAGES · (CI_A_BYTES + CI_B_BYTES).
+        assert_eq!(SMEM_BYTES, 3 * (130 * 64 + 3 * 128 * 64));
+    }
+}
