@@ -60,20 +60,24 @@ if [ "$(left)" -gt 60 ]; then
 fi
 # 4. Variants, each step time against step 3's diffusers step (what no longer fits is
 #    skipped):
+#    - the decoder's CUDA paths, the decode alone on random latents (--vae-only: no
+#      transformer is built, ~15 s a run), decode times against step 3's: the implicit-GEMM
+#      convolutions with the fused norm (the GEMM ones for the convolutions it does not
+#      take, then without them), the GEMM convolutions, the fused norm alone;
 #    - whole steps with the wgmma_pipe attention kernel, bf16 and all-on FP8 (the largest
-#      expected gain);
-#    - the decoder's CUDA paths (fused group norm + SiLU, then that with the convolutions as
-#      GEMMs; decode times against step 3's);
+#      expected gain on the transformer);
 #    - the rest of wgmma (the two-stage kernel, with the split GEMM, the kernels alone);
 #    - every other opt-in path together, FP8 and bf16, then each alone: FP8 per tensor and per
 #      row, GEMM tuning, the lazy attention kernel, the split linear2;
 #    - --check with tuning;
 #    - the older variants (other flash kernels, 768x1024, plain GEMMs, plain attention,
 #      candle's stock module).
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
-HEADSHOT_GROUP_NORM=fused run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 60 bench gpu --device cuda --attention fused --iters 2 --warmup 1
 HEADSHOT_FLASH_KERNEL=wgmma run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 HEADSHOT_FLASH_KERNEL=wgmma_pipe HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 HEADSHOT_FLASH_KERNELS=wgmma,wgmma_pipe,wide32_lazy,wide32 run 60 bench gpu --device cuda --ops --iters 10 --warmup 2 --skip-vae

@@ -128,6 +128,8 @@ pub struct GpuBenchOptions {
     pub warmup: usize,
     /// Skip the autoencoder figure.
     pub skip_vae: bool,
+    /// Time the autoencoder's decode alone (random latents; no transformer is built).
+    pub vae_only: bool,
     /// Which transformer implementation is timed.
     pub model: ModelImpl,
     /// Attention kernel of the project's model.
@@ -204,75 +206,18 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         return ops::run(opts, &device, dtype, &flux_cfg, out);
     }
 
-    let t = Instant::now();
-    let vb = VarBuilder::from_backend(Box::new(RandomWeights::on_device()), dtype, device.clone());
-    let model: Box<dyn WithForward> = match opts.model {
-        ModelImpl::Ours => {
-            let weights = WeightFormat::from_settings(opts.fp8, opts.fp8_scale);
-            let options = ModelOptions::new(opts.attention, weights, opts.gemm);
-            let m = FluxModel::with_options(&flux_cfg, vb, options)?;
-            writeln!(
-                out,
-                "model: ours, attention {}, weights {:?}, gemm {:?}, block projections {:.1} MiB",
-                m.attention().name(),
-                options.weights.on(&device),
-                options.gemm,
-                m.projection_size().bytes as f64 / (1u64 << 20) as f64
-            )?;
-            Box::new(m)
-        }
-        ModelImpl::Stock => {
-            writeln!(out, "model: candle-transformers stock")?;
-            Box::new(Flux::new(&flux_cfg, vb)?)
-        }
+    let latents = if opts.vae_only {
+        // The decoder alone: random latents of the image's shape (the decode's time does not
+        // depend on their values), without building the transformer.
+        Rng::new(0)
+            .normal_tensor(&[1, 16, opts.height / 8, opts.width / 8], &device)?
+            .to_dtype(dtype)?
+    } else {
+        time_steps(opts, &device, dtype, &flux_cfg, out)?
     };
-    device.synchronize()?;
-    writeln!(
-        out,
-        "RESULT build_transformer: {:.1} ms",
-        t.elapsed().as_secs_f64() * 1e3
-    )?;
-
-    let mut rng = Rng::new(0);
-    let mut randn = |shape: &[usize]| -> candle_core::Result<Tensor> {
-        rng.normal_tensor(shape, &device)?.to_dtype(dtype)
-    };
-    let noise = randn(&[1, 16, opts.height / 8, opts.width / 8])?;
-    let txt = randn(&[1, opts.txt_len, flux_cfg.context_in_dim])?;
-    let pooled = randn(&[1, flux_cfg.vec_in_dim])?;
-    let state = sampling::State::new(&txt, &pooled, &noise)?;
-    let forward = |x: &Tensor, t: f32| -> candle_core::Result<Tensor> {
-        let tt = Tensor::full(t, 1, &device)?;
-        model.forward(
-            x,
-            &state.img_ids,
-            &state.txt,
-            &state.txt_ids,
-            &tt,
-            &state.vec,
-            None,
-        )
-    };
-    let four_steps = || -> candle_core::Result<Tensor> {
-        let sigmas = [1.0f32, 0.75, 0.5, 0.25, 0.0];
-        let mut x = state.img.clone();
-        for w in sigmas.windows(2) {
-            x = (&x + (forward(&x, w[0])? * f64::from(w[1] - w[0]))?)?;
-        }
-        Ok(x)
-    };
-
     let bench = |out: &mut dyn Write, name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| {
         timed(&device, opts.warmup, opts.iters, out, name, f).map(|(last, _)| last)
     };
-    bench(out, "one_step", &|| forward(&state.img, 1.0))?;
-    let latents = bench(out, "four_steps", &four_steps)?;
-    if let Some(mib) = crate::heap::proc_status_mib("VmHWM") {
-        writeln!(out, "MEMORY peak resident after the steps: {mib:.0} MiB")?;
-    }
-    let latents = sampling::unpack(&latents, opts.height, opts.width)?;
-    drop(state);
-    drop(model);
 
     if !opts.skip_vae {
         let t = Instant::now();
@@ -294,6 +239,87 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         bench(out, "vae_decode_candle", &|| stock.decode(&latents))?;
     }
     Ok(())
+}
+
+/// One step and four steps of the transformer `opts` picks, timed; the four steps' latents,
+/// unpacked for the decoder.
+fn time_steps(
+    opts: &GpuBenchOptions,
+    device: &Device,
+    dtype: DType,
+    flux_cfg: &FluxConfig,
+    out: &mut dyn Write,
+) -> Result<Tensor, BenchError> {
+    let t = Instant::now();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights::on_device()), dtype, device.clone());
+    let model: Box<dyn WithForward> = match opts.model {
+        ModelImpl::Ours => {
+            let weights = WeightFormat::from_settings(opts.fp8, opts.fp8_scale);
+            let options = ModelOptions::new(opts.attention, weights, opts.gemm);
+            let m = FluxModel::with_options(&flux_cfg, vb, options)?;
+            writeln!(
+                out,
+                "model: ours, attention {}, weights {:?}, gemm {:?}, block projections {:.1} MiB",
+                m.attention().name(),
+                options.weights.on(device),
+                options.gemm,
+                m.projection_size().bytes as f64 / (1u64 << 20) as f64
+            )?;
+            Box::new(m)
+        }
+        ModelImpl::Stock => {
+            writeln!(out, "model: candle-transformers stock")?;
+            Box::new(Flux::new(&flux_cfg, vb)?)
+        }
+    };
+    device.synchronize()?;
+    writeln!(
+        out,
+        "RESULT build_transformer: {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    )?;
+
+    let mut rng = Rng::new(0);
+    let mut randn = |shape: &[usize]| -> candle_core::Result<Tensor> {
+        rng.normal_tensor(shape, device)?.to_dtype(dtype)
+    };
+    let noise = randn(&[1, 16, opts.height / 8, opts.width / 8])?;
+    let txt = randn(&[1, opts.txt_len, flux_cfg.context_in_dim])?;
+    let pooled = randn(&[1, flux_cfg.vec_in_dim])?;
+    let state = sampling::State::new(&txt, &pooled, &noise)?;
+    let forward = |x: &Tensor, t: f32| -> candle_core::Result<Tensor> {
+        let tt = Tensor::full(t, 1, device)?;
+        model.forward(
+            x,
+            &state.img_ids,
+            &state.txt,
+            &state.txt_ids,
+            &tt,
+            &state.vec,
+            None,
+        )
+    };
+    let four_steps = || -> candle_core::Result<Tensor> {
+        let sigmas = [1.0f32, 0.75, 0.5, 0.25, 0.0];
+        let mut x = state.img.clone();
+        for w in sigmas.windows(2) {
+            x = (&x + (forward(&x, w[0])? * f64::from(w[1] - w[0]))?)?;
+        }
+        Ok(x)
+    };
+
+    let bench = |out: &mut dyn Write, name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| {
+        timed(device, opts.warmup, opts.iters, out, name, f).map(|(last, _)| last)
+    };
+    bench(out, "one_step", &|| forward(&state.img, 1.0))?;
+    let latents = bench(out, "four_steps", &four_steps)?;
+    if let Some(mib) = crate::heap::proc_status_mib("VmHWM") {
+        writeln!(out, "MEMORY peak resident after the steps: {mib:.0} MiB")?;
+    }
+    let latents = sampling::unpack(&latents, opts.height, opts.width)?;
+    drop(state);
+    drop(model);
+    Ok(latents)
 }
 
 /// `--check`: every fast path against plain ops; an error when one is off by more than bf16

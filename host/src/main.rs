@@ -165,6 +165,9 @@ enum BenchCommand {
         warmup: usize,
         #[arg(long)]
         skip_vae: bool,
+        /// Time the autoencoder's decode alone, on random latents (no transformer is built).
+        #[arg(long, conflicts_with_all = ["skip_vae", "check", "ops"])]
+        vae_only: bool,
         /// Transformer to time: "ours" (what the worker runs) or "stock" (candle-transformers).
         #[arg(long, default_value = "ours")]
         model: String,
@@ -496,6 +499,7 @@ fn run(cli: Cli) -> Result<()> {
             iters,
             warmup,
             skip_vae,
+            vae_only,
             model,
             attention,
             check,
@@ -533,6 +537,7 @@ fn run(cli: Cli) -> Result<()> {
                 iters,
                 warmup,
                 skip_vae,
+                vae_only,
                 model,
                 attention,
                 check,

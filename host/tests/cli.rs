@@ -197,6 +197,57 @@ fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
 }
 
 #[test]
+fn bench_gpu_vae_only_times_the_decoders_without_a_transformer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = headshot(
+        tmp.path(),
+        &[
+            "bench",
+            "gpu",
+            "--tiny",
+            "--device",
+            "cpu",
+            "--vae-only",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for name in ["build_vae", "vae_decode", "vae_decode_candle"] {
+        assert!(
+            stdout.contains(&format!("RESULT {name}: ")),
+            "{name}: {stdout}"
+        );
+    }
+    for name in ["build_transformer", "one_step", "four_steps"] {
+        assert!(
+            !stdout.contains(&format!("RESULT {name}:")),
+            "{name}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("decoded image [1, 3, 64, 64]"), "{stdout}");
+    let both = headshot(
+        tmp.path(),
+        &[
+            "bench",
+            "gpu",
+            "--tiny",
+            "--device",
+            "cpu",
+            "--vae-only",
+            "--skip-vae",
+        ],
+    );
+    assert!(
+        !both.status.success(),
+        "--vae-only with --skip-vae is refused"
+    );
+}
+
+#[test]
 fn bench_gpu_check_only_attention_stops_after_the_attention_checks() {
     let tmp = tempfile::tempdir().unwrap();
     let check = |only: &str| {
