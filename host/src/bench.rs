@@ -256,7 +256,7 @@ fn time_steps(
         ModelImpl::Ours => {
             let weights = WeightFormat::from_settings(opts.fp8, opts.fp8_scale);
             let options = ModelOptions::new(opts.attention, weights, opts.gemm);
-            let m = FluxModel::with_options(&flux_cfg, vb, options)?;
+            let m = FluxModel::with_options(flux_cfg, vb, options)?;
             writeln!(
                 out,
                 "model: ours, attention {}, weights {:?}, gemm {:?}, block projections {:.1} MiB",
@@ -269,7 +269,7 @@ fn time_steps(
         }
         ModelImpl::Stock => {
             writeln!(out, "model: candle-transformers stock")?;
-            Box::new(Flux::new(&flux_cfg, vb)?)
+            Box::new(Flux::new(flux_cfg, vb)?)
         }
     };
     device.synchronize()?;
