@@ -93,7 +93,7 @@ fn check_shapes(
 
 /// Whether [`conv3x3`] takes these inputs: bf16 NCHW `x` on CUDA starting 16-byte aligned,
 /// `taps` from `decoder::implicit_taps`, shapes [`check_shapes`] accepts, and a residual (if
-/// any) of the output's shape.
+/// any) of the output's shape, bf16, starting 16-byte aligned.
 pub fn supports(
     x: &Tensor,
     taps: &Tensor,
@@ -115,6 +115,7 @@ pub fn supports(
             r.dims() == [batch, taps_dims.1, h, w]
                 && r.dtype() == DType::BF16
                 && r.device().same_device(x.device())
+                && r.layout().start_offset().is_multiple_of(WIDTH_GRANULE)
         })
 }
 
