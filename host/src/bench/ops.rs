@@ -369,7 +369,6 @@ fn vae_ops(
                     )?;
                 }
             }
-            implicit_conv_ops(out, time, &x, &weight, &tag, flop, level < 8)?;
         }
         // The decoder's norms: unit weight, zero bias, its groups and epsilon.
         let (one, zero) = (
@@ -412,6 +411,24 @@ fn vae_ops(
                 &|| x.upsample_nearest2d(2 * h, 2 * w),
             )?;
         }
+    }
+    // The implicit-GEMM convolutions last: a kernel that faults leaves the CUDA context
+    // unusable, and every row before it is printed already.
+    #[cfg(feature = "cuda")]
+    for (level, ch) in [(1usize, 512usize), (2, 512), (4, 256), (8, 128)] {
+        let (h, w) = (lh * level, lw * level);
+        let x = randn(&[1, ch, h, w])?;
+        let weight = (randn(&[ch, ch, 3, 3])? / ((9 * ch) as f64).sqrt())?;
+        let flop = 2.0 * (ch * ch * 9 * h * w) as f64;
+        implicit_conv_ops(
+            out,
+            time,
+            &x,
+            &weight,
+            &format!("{ch}x{h}x{w}"),
+            flop,
+            level < 8,
+        )?;
     }
     Ok(())
 }

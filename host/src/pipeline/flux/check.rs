@@ -422,60 +422,63 @@ pub fn run_into(
     }
     #[cfg(feature = "cuda")]
     if device.is_cuda() && dtype == DType::BF16 {
+        // The implicit convolutions last: a kernel that faults leaves the CUDA context
+        // unusable, and the results before it are still printed.
         group_norms(device, tolerance, out)?;
         convolutions(device, tolerance, out)?;
+        decoder(device, false, out)?;
         implicit_convolutions(device, tolerance, out)?;
-        decoders(device, out)?;
+        decoder(device, true, out)?;
     }
     Ok(())
 }
 
-/// A whole (small) decoder with both CUDA paths on, as the pipeline runs it (every norm with
+/// A whole (small) decoder with every CUDA path on, as the pipeline runs it (every norm with
 /// and without SiLU, the upsampling convolution, the attention block's 1×1 convolutions),
 /// against the same weights decoding in f32 with candle's ops. bf16 through a dozen layers
 /// strays further than one op does, so the bound is set by candle's own ops in bf16 on the
 /// same input: the fast paths may be at most twice as far off (and within 1e-2 in any case).
 #[cfg(feature = "cuda")]
-fn decoders(device: &Device, out: &mut Vec<CheckResult>) -> Result<()> {
+fn decoder(device: &Device, wide: bool, out: &mut Vec<CheckResult>) -> Result<()> {
     use super::decoder::{Decoder, DecoderPaths, two_level_config};
     use candle_transformers::models::flux::autoencoder::AutoEncoder;
     // 16 latent channels. The two-level decoder at 32 and 64 channels on 12x10 latents
     // (pixel counts in multiples of 8, as the 1x1 GEMMs want) takes the GEMM convolutions
-    // only; at 128 and 256 channels on 8x16 latents (widths in multiples of 8) the implicit
-    // ones take every 3x3 convolution but conv_in and conv_out.
-    let wide = candle_transformers::models::flux::autoencoder::Config {
-        ch: 128,
-        ..two_level_config()
-    };
-    for (cfg, latent_dims, tag) in [
-        (two_level_config(), [1, 16, 12, 10], ""),
-        (wide, [1, 16, 8, 16], "_wide"),
-    ] {
-        let tensors = crate::pipeline::demo::record(45, |vb| AutoEncoder::new(&cfg, vb))?;
-        let decoder = |dtype: DType, paths: DecoderPaths| {
-            let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
-            Decoder::with_paths(&cfg, paths, vb)
+    // only; `wide`, at 128 and 256 channels on 8x16 latents (widths in multiples of 8), the
+    // implicit ones take every 3x3 convolution but conv_in and conv_out.
+    let (cfg, latent_dims, tag) = if wide {
+        let cfg = candle_transformers::models::flux::autoencoder::Config {
+            ch: 128,
+            ..two_level_config()
         };
-        let latents = Rng::new(46).normal_tensor(&latent_dims, device)?;
-        let reference = decoder(DType::F32, DecoderPaths::default())?.decode(&latents)?;
-        let latents = bf16(&latents)?;
-        let candle_ops = decoder(DType::BF16, DecoderPaths::default())?.decode(&latents)?;
-        let baseline = compare(
-            &format!("decoder{tag}_bf16_candle_ops_vs_f32"),
-            &candle_ops,
-            &reference,
-            0.1,
-        )?;
-        let bound = (2.0 * baseline.max_rel_error).max(BF16_TOLERANCE);
-        out.push(baseline);
-        let fast = decoder(DType::BF16, DecoderPaths::all())?.decode(&latents)?;
-        out.push(compare(
-            &format!("decoder{tag}_bf16_cuda_paths_vs_f32"),
-            &fast,
-            &reference,
-            bound,
-        )?);
-    }
+        (cfg, [1, 16, 8, 16], "_wide")
+    } else {
+        (two_level_config(), [1, 16, 12, 10], "")
+    };
+    let tensors = crate::pipeline::demo::record(45, |vb| AutoEncoder::new(&cfg, vb))?;
+    let decoder = |dtype: DType, paths: DecoderPaths| {
+        let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
+        Decoder::with_paths(&cfg, paths, vb)
+    };
+    let latents = Rng::new(46).normal_tensor(&latent_dims, device)?;
+    let reference = decoder(DType::F32, DecoderPaths::default())?.decode(&latents)?;
+    let latents = bf16(&latents)?;
+    let candle_ops = decoder(DType::BF16, DecoderPaths::default())?.decode(&latents)?;
+    let baseline = compare(
+        &format!("decoder{tag}_bf16_candle_ops_vs_f32"),
+        &candle_ops,
+        &reference,
+        0.1,
+    )?;
+    let bound = (2.0 * baseline.max_rel_error).max(BF16_TOLERANCE);
+    out.push(baseline);
+    let fast = decoder(DType::BF16, DecoderPaths::all())?.decode(&latents)?;
+    out.push(compare(
+        &format!("decoder{tag}_bf16_cuda_paths_vs_f32"),
+        &fast,
+        &reference,
+        bound,
+    )?);
     Ok(())
 }
 
