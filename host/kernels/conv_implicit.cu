@@ -10,9 +10,10 @@
 //     xp[r + dy][c + dx][i] (+ residual[o][r][c]), NCHW out. The padded input makes every
 //     tap a plain load: no bounds tests in the inner loop.
 //
-// The convolution kernel: a block computes 128 output pixels of one row × 128 output
-// channels, 8 warps of 64 pixels × 32 channels each. Its K loop runs over the row taps dy
-// and 32-channel slices: per step the block loads 130 input pixels (the 128 plus the two
+// The convolution kernel: a block computes BM output pixels of one row × 128 output
+// channels, warps of 64 pixels × 32 channels each (BM = 128, 8 warps, two blocks an SM; or
+// the wide kernel's BM = 256, 16 warps, one block an SM). Its K loop runs over the row taps
+// dy and 32-channel slices: per step the block loads BM + 2 input pixels (the BM plus the two
 // columns the column taps reach) × 32 channels, and the weights of the three column taps for
 // its 128 channels × 32; each column tap dx then reads the same pixel tile from row dx on.
 // Loads are cp.async into a three-stage ring, so two steps load while one computes.
@@ -85,78 +86,98 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // ---- convolution -----------------------------------------------------------------------------
 
-#define CI_BM 128                          // output pixels per block (one row)
 #define CI_BN 128                          // output channels per block
 #define CI_BK 32                           // input channels per K step
 #define CI_STAGES 3                        // cp.async ring depth
-#define CI_A_ROWS (CI_BM + 2)              // input pixels per K step
 #define CI_ROW_BYTES (CI_BK * 2)           // one shared-memory row: 32 bf16
-#define CI_A_BYTES (CI_A_ROWS * CI_ROW_BYTES)
 #define CI_B_BYTES (3 * CI_BN * CI_ROW_BYTES)
-#define CI_STAGE_BYTES (CI_A_BYTES + CI_B_BYTES)
-#define CI_OUT_STRIDE (CI_BM + 4)          // f32 epilogue tile row: 528 bytes, conflict-free
-// Dynamic shared memory: the ring, which the epilogue's f32 tile (128 × 132 × 4) reuses.
-#define CI_SMEM_BYTES (CI_STAGES * CI_STAGE_BYTES)
 
 // Byte offset of 16-byte chunk `chunk` of shared-memory row `row` (the swizzle above).
 __device__ __forceinline__ int ci_swizzle(int row, int chunk) {
     return row * CI_ROW_BYTES + ((chunk ^ ((row >> 1) & 3)) << 4);
 }
 
-// grid ((w + 127) / 128, h, cout / 128), block 256, dynamic shared memory CI_SMEM_BYTES.
-// xp: (h + 2) × (w + 2) × cin; wt: 9 × cout × cin (tap dy·3 + dx, then output channel, then
-// input channel); bias: cout; residual (read when has_residual): cout × h × w; y: cout × h × w.
-// cin a multiple of 32, cout of 128, w of 8 (the wrapper checks).
-extern "C" __global__ void __launch_bounds__(256, 2)
-    headshot_conv3x3_nhwc_bf16(const __nv_bfloat16 *__restrict__ xp,
-                               const __nv_bfloat16 *__restrict__ wt,
-                               const __nv_bfloat16 *__restrict__ bias,
-                               const __nv_bfloat16 *__restrict__ residual, int has_residual,
-                               int cin, int cout, int h, int w, __nv_bfloat16 *__restrict__ y) {
+// The sizes of a block of WARPS_M × 4 warps: BM = 64 · WARPS_M output pixels of one row ×
+// 128 output channels, each warp 64 pixels × 32 channels.
+template <int WARPS_M> struct ConvTile {
+    static constexpr int BM = 64 * WARPS_M;
+    static constexpr int THREADS = 128 * WARPS_M;
+    static constexpr int A_ROWS = BM + 2; // input pixels per K step
+    static constexpr int A_BYTES = A_ROWS * CI_ROW_BYTES;
+    static constexpr int STAGE_BYTES = A_BYTES + CI_B_BYTES;
+    static constexpr int RING_BYTES = CI_STAGES * STAGE_BYTES;
+    static constexpr int OUT_STRIDE = BM + 4; // f32 epilogue row: 16-byte runs, conflict-free
+    static constexpr int OUT_BYTES = CI_BN * OUT_STRIDE * 4;
+    // Dynamic shared memory: the ring, which the epilogue's f32 tile then reuses.
+    static constexpr int SMEM_BYTES = RING_BYTES > OUT_BYTES ? RING_BYTES : OUT_BYTES;
+    // Rows one pass of the block's threads copies (16-byte chunk tid & 3 of row tid / 4).
+    static constexpr int ROWS_PER_PASS = THREADS / 4;
+};
+
+// One block of the convolution: grid ((w + BM - 1) / BM, h, cout / 128), block THREADS,
+// dynamic shared memory SMEM_BYTES. xp: (h + 2) × (w + 2) × cin; wt: 9 × cout × cin (tap
+// dy·3 + dx, then output channel, then input channel); bias: cout; residual (read when
+// has_residual): cout × h × w; y: cout × h × w. cin a multiple of 32, cout of 128, w of 8
+// (the wrapper checks).
+template <int WARPS_M>
+__device__ __forceinline__ void conv3x3_block(const __nv_bfloat16 *__restrict__ xp,
+                                              const __nv_bfloat16 *__restrict__ wt,
+                                              const __nv_bfloat16 *__restrict__ bias,
+                                              const __nv_bfloat16 *__restrict__ residual,
+                                              int has_residual, int cin, int cout, int h, int w,
+                                              __nv_bfloat16 *__restrict__ y) {
+    using T = ConvTile<WARPS_M>;
     DYNAMIC_SMEM(smem);
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
-    const int wm = warp & 1;  // pixels wm·64 …
-    const int wn = warp >> 1; // channels wn·32 …
-    const int x0 = blockIdx.x * CI_BM;
+    const int wm = warp % WARPS_M; // pixels wm·64 …
+    const int wn = warp / WARPS_M; // channels wn·32 …
+    const int x0 = blockIdx.x * T::BM;
     const int row = blockIdx.y;
     const int n0 = blockIdx.z * CI_BN;
     const int wp = w + 2;
     const int steps = 3 * (cin / CI_BK);
 
-    // Step t: row tap t / slices, channels (t % slices)·32 …, into ring stage `stage`.
     // What this thread copies per step, fixed but for the step's row tap and channel slice:
-    // 16-byte chunk tid & 3 of shared rows tid / 4 + 64·k (k < 3 for the 130 pixel rows, the
-    // third only for the first 8 threads; k < 6 for the 3 · 128 weight rows). Such rows all
-    // have the same swizzle, (tid >> 3) & 3, so one shared offset serves every k.
+    // 16-byte chunk tid & 3 of shared rows tid / 4 + ROWS_PER_PASS·k: the BM + 2 pixel rows
+    // (the last pass only its first two rows) and the 3 · 128 weight rows. ROWS_PER_PASS is
+    // a multiple of 8, so such rows all have the swizzle of row tid / 4, and one shared offset
+    // serves every k.
+    static_assert(T::ROWS_PER_PASS % 8 == 0, "rows per pass keep the swizzle");
+    static_assert(T::BM % T::ROWS_PER_PASS == 0, "pixel rows in whole passes, plus two");
+    static_assert((3 * CI_BN) % T::ROWS_PER_PASS == 0, "weight rows in whole passes");
+    static_assert(CI_BN % T::ROWS_PER_PASS == 0, "a pass within one column tap");
+    constexpr int A_PASSES = T::BM / T::ROWS_PER_PASS + 1;
+    constexpr int B_PASSES = 3 * CI_BN / T::ROWS_PER_PASS;
     const int chunk = tid & 3;
     const int first_row = tid >> 2;
     const int dst0 = ci_swizzle(first_row, chunk);
-    // Pixel k's column in the padded row. Columns past it feed only pixels past w, which are
-    // not written: read the last column instead of leaving the row.
-    int a_src[3];
+    // Pixel row k's column in the padded row. Columns past it feed only pixels past w, which
+    // are not written: read the last column instead of leaving the row.
+    int a_src[A_PASSES];
 #pragma unroll
-    for (int k = 0; k < 3; ++k) {
-        a_src[k] = min(x0 + first_row + 64 * k, wp - 1) * cin + chunk * 8;
+    for (int k = 0; k < A_PASSES; ++k) {
+        a_src[k] = min(x0 + first_row + T::ROWS_PER_PASS * k, wp - 1) * cin + chunk * 8;
     }
     const __nv_bfloat16 *b_src = wt + (long long)(n0 + first_row) * cin + chunk * 8;
     const long long tap_stride = (long long)cout * cin;
     auto load = [&](int dy, int c0, int stage) {
-        unsigned char *a = smem + stage * CI_STAGE_BYTES + dst0;
-        unsigned char *b = smem + stage * CI_STAGE_BYTES + CI_A_BYTES + dst0;
+        unsigned char *a = smem + stage * T::STAGE_BYTES + dst0;
+        unsigned char *b = smem + stage * T::STAGE_BYTES + T::A_BYTES + dst0;
         const __nv_bfloat16 *src_row = xp + (long long)(row + dy) * wp * cin + c0;
 #pragma unroll
-        for (int k = 0; k < 3; ++k) {
-            if (k < 2 || tid < 4 * (CI_A_ROWS - 128)) {
-                cp_async_16(a + k * 64 * CI_ROW_BYTES, src_row + a_src[k], 16);
+        for (int k = 0; k < A_PASSES; ++k) {
+            if (k < A_PASSES - 1 || tid < 4 * (T::A_ROWS - T::BM)) {
+                cp_async_16(a + k * T::ROWS_PER_PASS * CI_ROW_BYTES, src_row + a_src[k], 16);
             }
         }
         const __nv_bfloat16 *b_tap = b_src + dy * 3 * tap_stride + c0;
 #pragma unroll
-        for (int k = 0; k < 6; ++k) {
-            // Rows 64·k …: column tap k / 2, output channels 64·(k % 2) + tid / 4.
-            cp_async_16(b + k * 64 * CI_ROW_BYTES,
-                        b_tap + (k >> 1) * tap_stride + (k & 1) * 64 * cin, 16);
+        for (int k = 0; k < B_PASSES; ++k) {
+            // Rows r = ROWS_PER_PASS·k + tid / 4: column tap r / 128, output channel r % 128.
+            const int r0 = T::ROWS_PER_PASS * k;
+            cp_async_16(b + r0 * CI_ROW_BYTES,
+                        b_tap + (r0 / CI_BN) * tap_stride + (r0 % CI_BN) * cin, 16);
         }
     };
 
@@ -207,8 +228,8 @@ extern "C" __global__ void __launch_bounds__(256, 2)
             advance();
         }
         cp_async_commit();
-        const unsigned char *a = smem + (t % CI_STAGES) * CI_STAGE_BYTES;
-        const unsigned char *b = a + CI_A_BYTES;
+        const unsigned char *a = smem + (t % CI_STAGES) * T::STAGE_BYTES;
+        const unsigned char *b = a + T::A_BYTES;
 #pragma unroll
         for (int dx = 0; dx < 3; ++dx) {
 #pragma unroll
@@ -247,23 +268,24 @@ extern "C" __global__ void __launch_bounds__(256, 2)
         for (int nt = 0; nt < 4; ++nt) {
             const int m = wm * 64 + mt * 16 + g;
             const int n = wn * 32 + nt * 8 + 2 * q;
-            tile[n * CI_OUT_STRIDE + m] = acc[mt][nt][0];
-            tile[(n + 1) * CI_OUT_STRIDE + m] = acc[mt][nt][1];
-            tile[n * CI_OUT_STRIDE + m + 8] = acc[mt][nt][2];
-            tile[(n + 1) * CI_OUT_STRIDE + m + 8] = acc[mt][nt][3];
+            tile[n * T::OUT_STRIDE + m] = acc[mt][nt][0];
+            tile[(n + 1) * T::OUT_STRIDE + m] = acc[mt][nt][1];
+            tile[n * T::OUT_STRIDE + m + 8] = acc[mt][nt][2];
+            tile[(n + 1) * T::OUT_STRIDE + m + 8] = acc[mt][nt][3];
         }
     }
     __syncthreads();
 
-    // 128 channels × 16 runs of 8 pixels; runs past w (a multiple of 8) are skipped.
+    // 128 channels × BM / 8 runs of 8 pixels; runs past w (a multiple of 8) are skipped.
+    constexpr int RUNS = T::BM / 8;
     const long long plane = (long long)h * w;
-    for (int i = tid; i < CI_BN * (CI_BM / 8); i += 256) {
-        const int n = i >> 4, run = i & 15;
+    for (int i = tid; i < CI_BN * RUNS; i += T::THREADS) {
+        const int n = i / RUNS, run = i % RUNS;
         const int px = x0 + run * 8;
         if (px >= w) {
             continue;
         }
-        const float *src = tile + n * CI_OUT_STRIDE + run * 8;
+        const float *src = tile + n * T::OUT_STRIDE + run * 8;
         const float b = __bfloat162float(bias[n0 + n]);
         float v[8];
 #pragma unroll
@@ -289,4 +311,28 @@ extern "C" __global__ void __launch_bounds__(256, 2)
         }
         *reinterpret_cast<uint4 *>(y + at) = packed;
     }
+}
+
+// 128 pixels × 128 channels a block, 8 warps, two blocks an SM (98 688 bytes of ring each,
+// 128 registers a thread).
+extern "C" __global__ void __launch_bounds__(256, 2)
+    headshot_conv3x3_nhwc_bf16(const __nv_bfloat16 *__restrict__ xp,
+                               const __nv_bfloat16 *__restrict__ wt,
+                               const __nv_bfloat16 *__restrict__ bias,
+                               const __nv_bfloat16 *__restrict__ residual, int has_residual,
+                               int cin, int cout, int h, int w, __nv_bfloat16 *__restrict__ y) {
+    conv3x3_block<2>(xp, wt, bias, residual, has_residual, cin, cout, h, w, y);
+}
+
+// 256 pixels × 128 channels a block, 16 warps, one block an SM: the weights, which every
+// block reads from L2 per step, feed twice the pixels (153 against 95 multiply-add FLOP per
+// byte loaded), for rows at least 256 wide.
+extern "C" __global__ void __launch_bounds__(512, 1)
+    headshot_conv3x3_wide_nhwc_bf16(const __nv_bfloat16 *__restrict__ xp,
+                                    const __nv_bfloat16 *__restrict__ wt,
+                                    const __nv_bfloat16 *__restrict__ bias,
+                                    const __nv_bfloat16 *__restrict__ residual,
+                                    int has_residual, int cin, int cout, int h, int w,
+                                    __nv_bfloat16 *__restrict__ y) {
+    conv3x3_block<4>(xp, wt, bias, residual, has_residual, cin, cout, h, w, y);
 }

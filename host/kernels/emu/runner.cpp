@@ -512,6 +512,7 @@ const Entry KERNELS[] = {
     KERNEL(k_conv_gemm, headshot_conv_crop_bias_bf16),
     KERNEL(k_conv_implicit, headshot_conv_prep_nhwc_bf16),
     KERNEL(k_conv_implicit, headshot_conv3x3_nhwc_bf16),
+    KERNEL(k_conv_implicit, headshot_conv3x3_wide_nhwc_bf16),
     KERNEL(k_flash_attn, headshot_flash_attn_pipe4_bf16_d128),
     KERNEL(k_flash_attn, headshot_flash_attn_wide_bf16_d128),
     KERNEL(k_flash_attn, headshot_flash_attn_wide32_bf16_d128),

@@ -434,11 +434,13 @@ fn vae_ops(
 }
 
 /// The implicit-GEMM convolution (`HEADSHOT_CONV=implicit`) on `x`: alone
-/// (`vae_conv_implicit_*`), as a resnet's second convolution runs it (group norm + SiLU before,
-/// residual after: `vae_norm_conv_residual_implicit_*`, against the fused norm and the GEMM
-/// convolution and an add as separate steps when those take the shape:
+/// (`vae_conv_implicit_*`, and with the wide tile where rows are 256 or wider:
+/// `vae_conv_implicit_wide_*`), as a resnet's second convolution runs it (group norm + SiLU
+/// before, residual after: `vae_norm_conv_residual_implicit_*`, against the fused norm and
+/// the GEMM convolution and an add as separate steps when those take the shape:
 /// `vae_norm_conv_residual_gemm_*`), and, below the top level, the next level's upsampling
-/// convolution (`vae_upsample_conv_implicit_*`, 4× the work).
+/// convolution (`vae_upsample_conv_implicit{,_wide}_*`, 4× the work; the upsampled rows are
+/// 256 or wider at 1024×1024 from the second level on).
 #[cfg(feature = "cuda")]
 fn implicit_conv_ops(
     out: &mut dyn Write,
@@ -449,7 +451,7 @@ fn implicit_conv_ops(
     flop: f64,
     upsample_too: bool,
 ) -> Result<(), BenchError> {
-    use crate::pipeline::flux::conv_implicit_cuda::{InputNorm, conv3x3, supports};
+    use crate::pipeline::flux::conv_implicit_cuda::{InputNorm, Tile, conv3x3, supports};
     use crate::pipeline::flux::{conv_gemm_cuda, decoder, group_norm_cuda};
     let ch = x.dim(1)?;
     let taps = decoder::implicit_taps(weight)?;
@@ -468,13 +470,21 @@ fn implicit_conv_ops(
         out,
         &format!("vae_conv_implicit_{tag}"),
         Work::Flop(flop),
-        &|| conv3x3(x, &taps, &bias, None, false, None),
+        &|| conv3x3(x, &taps, &bias, None, false, None, false),
     )?;
+    if Tile::for_width(x.dim(3)?, true) == Tile::Wide {
+        time(
+            out,
+            &format!("vae_conv_implicit_wide_{tag}"),
+            Work::Flop(flop),
+            &|| conv3x3(x, &taps, &bias, None, false, None, true),
+        )?;
+    }
     time(
         out,
         &format!("vae_norm_conv_residual_implicit_{tag}"),
         Work::Flop(flop),
-        &|| conv3x3(x, &taps, &bias, Some(&norm), false, Some(x)),
+        &|| conv3x3(x, &taps, &bias, Some(&norm), false, Some(x), false),
     )?;
     let gemm_taps = decoder::gemm_taps(weight)?;
     if group_norm_cuda::supports(x, GROUPS) && conv_gemm_cuda::supports(x, &gemm_taps, false) {
@@ -494,7 +504,13 @@ fn implicit_conv_ops(
             out,
             &format!("vae_upsample_conv_implicit_{tag}"),
             Work::Flop(4.0 * flop),
-            &|| conv3x3(x, &taps, &bias, None, true, None),
+            &|| conv3x3(x, &taps, &bias, None, true, None, false),
+        )?;
+        time(
+            out,
+            &format!("vae_upsample_conv_implicit_wide_{tag}"),
+            Work::Flop(4.0 * flop),
+            &|| conv3x3(x, &taps, &bias, None, true, None, true),
         )?;
     }
     Ok(())

@@ -200,14 +200,21 @@ fn prep_config(channels: usize, h: usize, w: usize) -> Config {
     }
 }
 
-/// conv_implicit_cuda's convolution launch: 128 pixels × 128 channels a block, a three-stage
-/// ring of (130 + 3·128) rows of 64 bytes.
-fn conv_config(cout: usize, h: usize, w: usize) -> Config {
-    Config {
-        grid: (w.div_ceil(128) as u32, h as u32, (cout / 128) as u32),
-        block: 256,
-        smem: 3 * (130 + 3 * 128) * 64,
-    }
+/// conv_implicit_cuda's convolution launch (`Tile`): 128 pixels × 128 channels a block of
+/// 256 threads, a three-stage ring of (130 + 3·128) rows of 64 bytes; or the wide kernel's
+/// 256 pixels, 512 threads, its f32 epilogue tile (128 × 260 × 4 bytes) larger than its ring.
+fn conv_config(wide: bool, cout: usize, h: usize, w: usize) -> (&'static str, Config) {
+    let (kernel, pixels, smem) = if wide {
+        ("headshot_conv3x3_wide_nhwc_bf16", 256, 128 * 260 * 4)
+    } else {
+        ("headshot_conv3x3_nhwc_bf16", 128, 3 * (130 + 3 * 128) * 64)
+    };
+    let cfg = Config {
+        grid: (w.div_ceil(pixels) as u32, h as u32, (cout / 128) as u32),
+        block: 2 * pixels as u32,
+        smem,
+    };
+    (kernel, cfg)
 }
 
 /// `values` (channels × h × w) as the zero-padded NHWC image the convolution reads.
@@ -396,13 +403,17 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
 #[test]
 fn implicit_convolution_matches_candles_convolution() {
     // One channel slice and 128 outputs; two pixel tiles (the second 8 wide) and two
-    // output-channel blocks, with the residual; three slices.
-    for (cin, cout, h, w, with_residual) in [
-        (32, 128, 3, 8, false),
-        (64, 256, 2, 136, true),
-        (96, 128, 4, 16, true),
+    // output-channel blocks, with the residual; three slices. The wide kernel: one block
+    // part-empty, two blocks (the second 8 wide) and two channel blocks.
+    for (wide, cin, cout, h, w, with_residual) in [
+        (false, 32, 128, 3, 8, false),
+        (false, 64, 256, 2, 136, true),
+        (false, 96, 128, 4, 16, true),
+        (true, 32, 128, 2, 16, true),
+        (true, 64, 256, 2, 264, false),
     ] {
-        let case = format!("implicit conv {cin}->{cout} {h}x{w} residual {with_residual}");
+        let case =
+            format!("implicit conv wide {wide} {cin}->{cout} {h}x{w} residual {with_residual}");
         let (_, x) = bf16_buffer(&random(cin * h * w, 31));
         let (_, weights) = bf16_buffer(
             &random(cout * cin * 9, 32)
@@ -415,9 +426,10 @@ fn implicit_convolution_matches_candles_convolution() {
         let weights = Tensor::from_vec(weights, (cout, cin, 3, 3), &Device::Cpu).unwrap();
         let (xp_bytes, _) = bf16_buffer(&padded_nhwc(&x, cin, h, w));
         let (taps_bytes, _) = bf16_buffer(&implicit_tap_values(&weights));
+        let (kernel, cfg) = conv_config(wide, cout, h, w);
         let y = launch(
-            "headshot_conv3x3_nhwc_bf16",
-            &conv_config(cout, h, w),
+            kernel,
+            &cfg,
             &[
                 Arg::In(xp_bytes),
                 Arg::In(taps_bytes),
@@ -512,9 +524,10 @@ fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
     let (taps_bytes, _) = bf16_buffer(&implicit_tap_values(&weights));
     let (bias_bytes, bias) = bf16_buffer(&random(cout, 45));
     let (res_bytes, residual) = bf16_buffer(&random(cout * h * w, 46));
+    let (kernel, cfg) = conv_config(false, cout, h, w);
     let y = launch(
-        "headshot_conv3x3_nhwc_bf16",
-        &conv_config(cout, h, w),
+        kernel,
+        &cfg,
         &[
             Arg::In(xp[0].clone()),
             Arg::In(taps_bytes),

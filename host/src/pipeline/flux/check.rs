@@ -484,7 +484,8 @@ fn decoder(device: &Device, wide: bool, out: &mut Vec<CheckResult>) -> Result<()
 
 /// The implicit-GEMM 3×3 convolution against candle's ops in f32: plain, with the group norm
 /// and SiLU before it, through 2× upsampling, and with the residual added; two images in a
-/// batch, a width that leaves the last pixel block part-empty, and two output-channel blocks.
+/// batch, widths that leave the last pixel block part-empty, two output-channel blocks; the
+/// narrow tile, and the wide one on rows at least 256 wide.
 #[cfg(feature = "cuda")]
 fn implicit_convolutions(
     device: &Device,
@@ -494,11 +495,13 @@ fn implicit_convolutions(
     use super::conv_implicit_cuda::{InputNorm, conv3x3};
     use super::decoder::{EPS, GROUPS, implicit_taps};
     let mut rng = Rng::new(47);
-    for (batch, cin, cout, h, w, norm, upsample, residual) in [
-        (1, 128, 128, 16, 136, false, false, false),
-        (2, 64, 256, 9, 16, true, false, true),
-        (1, 256, 128, 12, 24, true, true, false),
-        (1, 512, 512, 8, 8, false, true, true),
+    for (wide, batch, cin, cout, h, w, norm, upsample, residual) in [
+        (false, 1, 128, 128, 16, 136, false, false, false),
+        (false, 2, 64, 256, 9, 16, true, false, true),
+        (false, 1, 256, 128, 12, 24, true, true, false),
+        (false, 1, 512, 512, 8, 8, false, true, true),
+        (true, 1, 128, 128, 6, 264, false, false, true),
+        (true, 2, 256, 256, 5, 136, true, true, true),
     ] {
         let x = bf16_values(&((rng.normal_tensor(&[batch, cin, h, w], device)? * 0.5)? + 0.3)?)?;
         let weight = bf16_values(
@@ -538,9 +541,11 @@ fn implicit_convolutions(
             norm.then_some(&input_norm),
             upsample,
             residual.then_some(&skip),
+            wide,
         )?;
         let name = format!(
-            "conv3x3_implicit_cuda_{batch}x{cin}x{h}x{w}_to_{cout}{}{}{}",
+            "conv3x3_implicit{}_cuda_{batch}x{cin}x{h}x{w}_to_{cout}{}{}{}",
+            if wide { "_wide" } else { "" },
             if norm { "_norm_silu" } else { "" },
             if upsample { "_upsampled" } else { "" },
             if residual { "_residual" } else { "" },

@@ -21,15 +21,60 @@ use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 
 /// PTX of `conv_implicit.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_implicit.ptx"));
-/// Output pixels (of one row) per block.
-const BLOCK_PIXELS: usize = 128;
 /// Output channels per block.
 const BLOCK_CHANNELS: usize = 128;
 /// Input channels per K step.
 const SLICE: usize = 32;
-/// The convolution kernel's dynamic shared memory: three stages of 130 pixel rows and
-/// 3 · 128 weight rows, 64 bytes each.
-const SMEM_BYTES: u32 = (3 * (BLOCK_PIXELS + 2 + 3 * BLOCK_CHANNELS) * 2 * SLICE) as u32;
+
+/// The convolution kernel's block: output pixels (of one row) × 128 output channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// 128 pixels, 8 warps, two blocks an SM.
+    Narrow,
+    /// 256 pixels, 16 warps, one block an SM: the weights each block reads from L2 per step
+    /// feed twice the pixels. For rows at least 256 wide (narrower ones would leave half a
+    /// block idle): [`Tile::for_width`].
+    Wide,
+}
+
+impl Tile {
+    /// The tile for output rows `w` wide: [`Tile::Wide`] when `prefer_wide` and `w` ≥ 256.
+    pub fn for_width(w: usize, prefer_wide: bool) -> Self {
+        if prefer_wide && w >= 256 {
+            Self::Wide
+        } else {
+            Self::Narrow
+        }
+    }
+
+    /// Output pixels per block.
+    fn pixels(self) -> usize {
+        match self {
+            Self::Narrow => 128,
+            Self::Wide => 256,
+        }
+    }
+
+    fn threads(self) -> u32 {
+        2 * self.pixels() as u32
+    }
+
+    fn entry(self) -> &'static str {
+        match self {
+            Self::Narrow => "headshot_conv3x3_nhwc_bf16",
+            Self::Wide => "headshot_conv3x3_wide_nhwc_bf16",
+        }
+    }
+
+    /// Dynamic shared memory (`ConvTile::SMEM_BYTES`): the larger of the three-stage ring
+    /// (pixels + 2 and 3 · 128 weight rows of 64 bytes a stage) and the epilogue's f32 tile
+    /// (128 channels × (pixels + 4)).
+    fn smem_bytes(self) -> u32 {
+        let ring = 3 * (self.pixels() + 2 + 3 * BLOCK_CHANNELS) * 2 * SLICE;
+        let epilogue = BLOCK_CHANNELS * (self.pixels() + 4) * 4;
+        ring.max(epilogue) as u32
+    }
+}
 /// Output width granule: the epilogue writes runs of 8 bf16 (16 bytes).
 const WIDTH_GRANULE: usize = 8;
 /// CUDA's limit on a grid's y and z dimensions.
@@ -123,6 +168,8 @@ struct ConvImplicit {
     upsample: bool,
     norm: Option<InputNorm>,
     residual: Option<Tensor>,
+    /// Take [`Tile::Wide`] where the rows are wide enough.
+    prefer_wide: bool,
 }
 
 /// The contiguous bf16 CUDA view of an input candle does not hand the op itself (norm weight
@@ -141,11 +188,11 @@ macro_rules! bf16_view {
     }};
 }
 
-/// One launch config of 256 threads.
-fn config(grid: (usize, usize, usize), smem: u32) -> LaunchConfig {
+/// A launch config: grid, threads per block, dynamic shared memory.
+fn config(grid: (usize, usize, usize), threads: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
-        block_dim: (256, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     }
 }
@@ -231,15 +278,12 @@ impl CustomOp3 for ConvImplicit {
             "headshot_conv_implicit",
             PTX,
         )?;
-        let conv = dev.get_or_load_custom_func(
-            "headshot_conv3x3_nhwc_bf16",
-            "headshot_conv_implicit",
-            PTX,
-        )?;
+        let tile = Tile::for_width(w, self.prefer_wide);
+        let conv = dev.get_or_load_custom_func(tile.entry(), "headshot_conv_implicit", PTX)?;
         // More than 48 KiB of dynamic shared memory needs an opt-in.
         conv.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            SMEM_BYTES as i32,
+            tile.smem_bytes() as i32,
         )
         .w()?;
         let (cin_i, cout_i, h_i, w_i) = (cin as i32, cout as i32, h as i32, w as i32);
@@ -278,7 +322,8 @@ impl CustomOp3 for ConvImplicit {
             builder.arg(&mut padded);
             // SAFETY: reads this image's cin·h0·w0 values (and with the norm its groups'
             // stats and cin weights and biases), writes (h+2)·(w+2)·cin.
-            unsafe { builder.launch(config(((w + 2).div_ceil(32), h + 2, cin / SLICE), 0)) }.w()?;
+            let grid = ((w + 2).div_ceil(32), h + 2, cin / SLICE);
+            unsafe { builder.launch(config(grid, 256, 0)) }.w()?;
 
             let residual = match &residual_guard {
                 Some(g) => {
@@ -302,13 +347,8 @@ impl CustomOp3 for ConvImplicit {
             // SAFETY: reads the padded image, 9·cout·cin weights, cout biases (and with the
             // residual cout·h·w values of it), writes this image's cout·h·w outputs; the
             // residual and y start 16-byte aligned (offsets in multiples of 8 bf16, h·w too).
-            unsafe {
-                builder.launch(config(
-                    (w.div_ceil(BLOCK_PIXELS), h, cout / BLOCK_CHANNELS),
-                    SMEM_BYTES,
-                ))
-            }
-            .w()?;
+            let grid = (w.div_ceil(tile.pixels()), h, cout / BLOCK_CHANNELS);
+            unsafe { builder.launch(config(grid, tile.threads(), tile.smem_bytes())) }.w()?;
         }
         Ok(output(
             dev,
@@ -322,7 +362,8 @@ impl CustomOp3 for ConvImplicit {
 /// The 3×3 convolution (stride 1, padding 1) of bf16 NCHW `x`, normalized first by `norm`
 /// when given and upsampled 2× (nearest) when `upsample`, with `taps` from
 /// `decoder::implicit_taps` and `bias` `(C_out)`, plus `residual` (the output's shape) when
-/// given: `(batch, C_out, h, w)` at the (upsampled) input size.
+/// given: `(batch, C_out, h, w)` at the (upsampled) input size. `prefer_wide` takes the
+/// 256-pixel tile where rows are at least that wide ([`Tile::for_width`]).
 pub fn conv3x3(
     x: &Tensor,
     taps: &Tensor,
@@ -330,6 +371,7 @@ pub fn conv3x3(
     norm: Option<&InputNorm>,
     upsample: bool,
     residual: Option<&Tensor>,
+    prefer_wide: bool,
 ) -> Result<Tensor> {
     let contiguous = |t: &Tensor| t.contiguous();
     let norm = match norm {
@@ -348,6 +390,7 @@ pub fn conv3x3(
             upsample,
             norm,
             residual,
+            prefer_wide,
         },
     )
 }
@@ -382,8 +425,17 @@ mod tests {
     }
 
     #[test]
-    fn shared_memory_is_the_kernels_ring() {
-        // conv_implicit.cu: CI_STAGES · (CI_A_BYTES + CI_B_BYTES).
-        assert_eq!(SMEM_BYTES, 3 * (130 * 64 + 3 * 128 * 64));
+    fn tiles_match_the_kernels() {
+        // conv_implicit.cu, ConvTile<2> and ConvTile<4>: the ring for 128 pixels, the f32
+        // epilogue tile (128 × 260 × 4) for 256.
+        assert_eq!(Tile::Narrow.smem_bytes(), 3 * (130 * 64 + 3 * 128 * 64));
+        assert_eq!(Tile::Wide.smem_bytes(), 128 * 260 * 4);
+        assert_eq!((Tile::Narrow.threads(), Tile::Wide.threads()), (256, 512));
+        // Both fit an H100's 227 KiB of shared memory per block.
+        assert!(Tile::Wide.smem_bytes() <= 227 * 1024);
+        assert_eq!(Tile::for_width(1024, true), Tile::Wide);
+        assert_eq!(Tile::for_width(256, true), Tile::Wide);
+        assert_eq!(Tile::for_width(128, true), Tile::Narrow);
+        assert_eq!(Tile::for_width(1024, false), Tile::Narrow);
     }
 }

@@ -32,6 +32,9 @@ pub struct DecoderPaths {
     /// upsampling and the residual add folded in (`conv_implicit_cuda.rs`); the convolutions
     /// it does not take (too few channels) fall to the other paths.
     pub conv_implicit: bool,
+    /// With `conv_implicit`, the kernel's 256-pixel tile where rows are that wide
+    /// (`conv_implicit_cuda::Tile::Wide`).
+    pub conv_implicit_wide: bool,
 }
 
 impl DecoderPaths {
@@ -44,26 +47,27 @@ impl DecoderPaths {
             let conv = conv_paths_from_env();
             Self {
                 fused_norm: super::group_norm_cuda::enabled(),
-                conv_gemm: conv.conv_gemm,
-                conv_implicit: conv.conv_implicit,
+                ..conv
             }
         }
         #[cfg(not(feature = "cuda"))]
         Self::default()
     }
 
-    /// Every path, for `--check`.
+    /// Every path (the implicit convolutions with the narrow tile), for `--check`, which
+    /// compares the wide tile on its own.
     pub fn all() -> Self {
         Self {
             fused_norm: true,
             conv_gemm: true,
             conv_implicit: true,
+            conv_implicit_wide: false,
         }
     }
 
-    /// The convolution paths `HEADSHOT_CONV` names (`gemm`, `implicit`, comma-separated, any
-    /// case). A word it does not know is logged as a warning naming the accepted ones, not
-    /// taken silently as "off".
+    /// The convolution paths `HEADSHOT_CONV` names (`gemm`, `implicit`, `implicit_wide`: the
+    /// implicit one with the wide tile; comma-separated, any case). A word it does not know is
+    /// logged as a warning naming the accepted ones, not taken silently as "off".
     pub fn conv_from(value: &str) -> Self {
         let mut paths = Self::default();
         for word in value.split(',').map(str::trim).filter(|w| !w.is_empty()) {
@@ -71,11 +75,14 @@ impl DecoderPaths {
                 paths.conv_gemm = true;
             } else if word.eq_ignore_ascii_case("implicit") {
                 paths.conv_implicit = true;
+            } else if word.eq_ignore_ascii_case("implicit_wide") {
+                paths.conv_implicit = true;
+                paths.conv_implicit_wide = true;
             } else {
                 tracing::warn!(
                     var = "HEADSHOT_CONV",
                     value = %word,
-                    accepted = "gemm, implicit",
+                    accepted = "gemm, implicit, implicit_wide",
                     "unknown convolution path; it stays off"
                 );
             }
@@ -163,6 +170,9 @@ struct Conv {
     /// Weights as [`implicit_taps`] lays them out, and the bias, for the implicit path (3×3).
     #[cfg(feature = "cuda")]
     implicit: Option<(Tensor, Tensor)>,
+    /// The implicit path's wide tile where rows are wide enough.
+    #[cfg(feature = "cuda")]
+    implicit_wide: bool,
 }
 
 impl Conv {
@@ -200,6 +210,8 @@ impl Conv {
             gemm,
             #[cfg(feature = "cuda")]
             implicit,
+            #[cfg(feature = "cuda")]
+            implicit_wide: paths.conv_implicit_wide,
         })
     }
 
@@ -225,7 +237,13 @@ impl Conv {
                 && super::conv_implicit_cuda::supports(x, taps, upsample, input_norm, residual)
             {
                 return super::conv_implicit_cuda::conv3x3(
-                    x, taps, bias, input_norm, upsample, residual,
+                    x,
+                    taps,
+                    bias,
+                    input_norm,
+                    upsample,
+                    residual,
+                    self.implicit_wide,
                 );
             }
         }
@@ -595,7 +613,9 @@ mod tests {
         let paths = DecoderPaths::conv_from(" Implicit ,gemm");
         assert!(paths.conv_implicit && paths.conv_gemm && !paths.fused_norm);
         let paths = DecoderPaths::conv_from("implicit");
-        assert!(paths.conv_implicit && !paths.conv_gemm);
+        assert!(paths.conv_implicit && !paths.conv_gemm && !paths.conv_implicit_wide);
+        let paths = DecoderPaths::conv_from("implicit_wide,gemm");
+        assert!(paths.conv_implicit && paths.conv_implicit_wide && paths.conv_gemm);
         assert_eq!(DecoderPaths::conv_from(""), DecoderPaths::default());
         assert_eq!(
             DecoderPaths::conv_from("cudnn"),
