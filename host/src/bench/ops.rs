@@ -463,7 +463,7 @@ fn implicit_conv_ops(
         eps: EPS as f32,
         silu: true,
     };
-    if !supports(x, &taps, false, Some(&norm), Some(x)) {
+    if !supports(x, &taps, &bias, false, Some(&norm), Some(x)) {
         return Ok(());
     }
     time(
@@ -499,7 +499,7 @@ fn implicit_conv_ops(
             },
         )?;
     }
-    if upsample_too && supports(x, &taps, true, None, None) {
+    if upsample_too && supports(x, &taps, &bias, true, None, None) {
         time(
             out,
             &format!("vae_upsample_conv_implicit_{tag}"),

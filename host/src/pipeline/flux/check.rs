@@ -439,19 +439,20 @@ pub fn run_into(
 /// strays further than one op does, so the bound is set by candle's own ops in bf16 on the
 /// same input: the fast paths may be at most twice as far off (and within 1e-2 in any case).
 #[cfg(feature = "cuda")]
-fn decoder(device: &Device, wide: bool, out: &mut Vec<CheckResult>) -> Result<()> {
+fn decoder(device: &Device, implicit: bool, out: &mut Vec<CheckResult>) -> Result<()> {
     use super::decoder::{Decoder, DecoderPaths, two_level_config};
     use candle_transformers::models::flux::autoencoder::AutoEncoder;
     // 16 latent channels. The two-level decoder at 32 and 64 channels on 12x10 latents
     // (pixel counts in multiples of 8, as the 1x1 GEMMs want) takes the GEMM convolutions
-    // only; `wide`, at 128 and 256 channels on 8x16 latents (widths in multiples of 8), the
-    // implicit ones take every 3x3 convolution but conv_in and conv_out.
-    let (cfg, latent_dims, tag) = if wide {
+    // only. With `implicit`, at 128 and 256 channels on 4x128 latents (rows of 128, then 256
+    // after the upsampling), the implicit kernel takes every 3x3 convolution but conv_in and
+    // conv_out, once with the narrow tile and once with the wide one where rows reach 256.
+    let (cfg, latent_dims, tag) = if implicit {
         let cfg = candle_transformers::models::flux::autoencoder::Config {
             ch: 128,
             ..two_level_config()
         };
-        (cfg, [1, 16, 8, 16], "_wide")
+        (cfg, [1, 16, 4, 128], "_128ch")
     } else {
         (two_level_config(), [1, 16, 12, 10], "")
     };
@@ -479,6 +480,19 @@ fn decoder(device: &Device, wide: bool, out: &mut Vec<CheckResult>) -> Result<()
         &reference,
         bound,
     )?);
+    if implicit {
+        let wide_tile = DecoderPaths {
+            conv_implicit_wide: true,
+            ..DecoderPaths::all()
+        };
+        let fast = decoder(DType::BF16, wide_tile)?.decode(&latents)?;
+        out.push(compare(
+            &format!("decoder{tag}_bf16_cuda_paths_wide_tile_vs_f32"),
+            &fast,
+            &reference,
+            bound,
+        )?);
+    }
     Ok(())
 }
 

@@ -91,6 +91,13 @@ pub struct InputNorm {
     pub silu: bool,
 }
 
+/// Whether the kernels take a convolution of `cin` → `cout` channels at all (C_in a multiple
+/// of 32, C_out of 128), before any image is seen: the decoder lays out the weights for this
+/// path only for those.
+pub fn takes_channels(cin: usize, cout: usize) -> bool {
+    cin > 0 && cout > 0 && cin.is_multiple_of(SLICE) && cout.is_multiple_of(BLOCK_CHANNELS)
+}
+
 /// The shapes the kernels take, for input `(cin, h0, w0)` (upsampled 2× when `upsample`),
 /// `taps` `(9, cout, cin)`: cin a multiple of 32, cout of 128, the output width of 8, grids
 /// within CUDA's limits, a padded image within 32-bit element offsets per row tap, and with
@@ -136,12 +143,15 @@ fn check_shapes(
     Ok((h, w))
 }
 
-/// Whether [`conv3x3`] takes these inputs: bf16 NCHW `x` on CUDA starting 16-byte aligned,
-/// `taps` from `decoder::implicit_taps`, shapes [`check_shapes`] accepts, and a residual (if
-/// any) of the output's shape, bf16, starting 16-byte aligned.
+/// Whether [`conv3x3`] takes these inputs, so that a caller falls back instead of meeting
+/// an error: bf16 NCHW `x` on CUDA starting 16-byte aligned, at least one image; bf16 `taps`
+/// from `decoder::implicit_taps` and `bias` `(C_out)`; shapes [`check_shapes`] accepts; a
+/// norm's weight and bias bf16 `(C_in)`; a residual of the output's shape, bf16, starting
+/// 16-byte aligned; everything on `x`'s device.
 pub fn supports(
     x: &Tensor,
     taps: &Tensor,
+    bias: &Tensor,
     upsample: bool,
     norm: Option<&InputNorm>,
     residual: Option<&Tensor>,
@@ -153,13 +163,18 @@ pub fn supports(
     else {
         return false;
     };
-    x.device().is_cuda()
+    let on_x = |t: &Tensor, dims: &[usize]| {
+        t.dims() == dims && t.dtype() == DType::BF16 && t.device().same_device(x.device())
+    };
+    batch > 0
+        && x.device().is_cuda()
         && x.dtype() == DType::BF16
         && x.layout().start_offset().is_multiple_of(WIDTH_GRANULE)
+        && on_x(taps, &[9, taps_dims.1, cin])
+        && on_x(bias, &[taps_dims.1])
+        && norm.is_none_or(|n| on_x(&n.weight, &[cin]) && on_x(&n.bias, &[cin]))
         && residual.is_none_or(|r| {
-            r.dims() == [batch, taps_dims.1, h, w]
-                && r.dtype() == DType::BF16
-                && r.device().same_device(x.device())
+            on_x(r, &[batch, taps_dims.1, h, w])
                 && r.layout().start_offset().is_multiple_of(WIDTH_GRANULE)
         })
 }
@@ -220,6 +235,9 @@ impl CustomOp3 for ConvImplicit {
         let groups = self.norm.as_ref().map(|n| n.groups);
         // Checked before anything is allocated (the padded image runs to hundreds of MB).
         let (h, w) = check_shapes((cin, h0, w0), taps, self.upsample, groups)?;
+        if batch == 0 {
+            candle_core::bail!("implicit convolution of an empty batch");
+        }
         if l3.shape().dims() != [cout] {
             candle_core::bail!(
                 "implicit convolution bias {:?} for {cout} output channels",
@@ -422,6 +440,8 @@ mod tests {
             assert!(err.contains(why), "{err}");
         }
         assert!(check_shapes((128, 8, 8), (9, 128, 128), false, Some(3)).is_err());
+        assert!(takes_channels(128, 128) && takes_channels(512, 256));
+        assert!(!takes_channels(16, 128) && !takes_channels(128, 3) && !takes_channels(0, 128));
     }
 
     #[test]

@@ -195,9 +195,16 @@ impl Conv {
             }
             _ => None,
         };
+        // Only for convolutions whose channels the kernel takes (not conv_in's 16 in or
+        // conv_out's 3 out): the taps are another copy of the weights.
         #[cfg(feature = "cuda")]
         let implicit = match inner.bias() {
-            Some(bias) if size == 3 && paths.conv_implicit && on_cuda_bf16(inner.weight()) => {
+            Some(bias)
+                if size == 3
+                    && paths.conv_implicit
+                    && on_cuda_bf16(inner.weight())
+                    && super::conv_implicit_cuda::takes_channels(in_c, out_c) =>
+            {
                 Some((implicit_taps(inner.weight())?, bias.clone()))
             }
             _ => None,
@@ -234,7 +241,9 @@ impl Conv {
             // separate way.
             let norm_fits = norm.is_none() || input_norm.is_some();
             if norm_fits
-                && super::conv_implicit_cuda::supports(x, taps, upsample, input_norm, residual)
+                && super::conv_implicit_cuda::supports(
+                    x, taps, bias, upsample, input_norm, residual,
+                )
             {
                 return super::conv_implicit_cuda::conv3x3(
                     x,
