@@ -17,6 +17,8 @@ from pathlib import Path
 RESULT = re.compile(r"RESULT (\w+): median ([0-9.]+) ms")
 CHECK = re.compile(r"CHECK (\S+): max relative error (\S+)(.*)\(bound (\S+)\) (ok|FAIL)")
 ATTENTION_RATE = re.compile(r"RATE op_attention_(\w+): ([0-9.]+) TFLOP/s")
+# The decoder's ops (--ops): name, shape (channels x height x width), rate, unit.
+VAE_RATE = re.compile(r"RATE op_(vae_\w+?)_(\d+x\d+x\d+): ([0-9.]+(?:e[+-]?\d+)?) (TFLOP/s|GB/s)")
 
 
 def medians(lines):
@@ -125,6 +127,33 @@ def main(out_dir):
     if rates:
         ranked = sorted(rates.items(), key=lambda kv: -kv[1])
         print("attention alone (--ops, TFLOP/s): " + ", ".join(f"{k} {v:g}" for k, v in ranked))
+    # The decoder's convolutions alone, per shape, fastest first (cuDNN is `vae_conv`).
+    for line in decoder_op_lines(session):
+        print(line)
+    # Whole decodes per decoder path (--vae-only runs and full runs alike), fastest first.
+    decodes = []
+    for header, lines in runs(session):
+        m = medians(lines)
+        if "vae_decode" in m and "--width" not in header and "--height" not in header:
+            switches = " ".join(w for w in header.split() if w.startswith("HEADSHOT_")) or "(defaults)"
+            decodes.append((m["vae_decode"], switches))
+    if decodes:
+        ranked = sorted(dict((s, t) for t, s in sorted(decodes, reverse=True)).items(), key=lambda kv: kv[1])
+        base = f" (diffusers {base_decode} ms)" if base_decode else ""
+        print("decode by decoder path, fastest first" + base + ": " + ", ".join(f"{s} {t:g} ms" for s, t in ranked))
+
+
+def decoder_op_lines(session):
+    """One line per decoder shape: its --ops rows in TFLOP/s (convolutions), fastest first."""
+    by_shape = {}
+    for m in VAE_RATE.finditer(session):
+        if m.group(4) == "TFLOP/s":
+            by_shape.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
+    return [
+        f"decoder convolutions {shape} (--ops, TFLOP/s): "
+        + ", ".join(f"{k} {v:g}" for k, v in sorted(rows.items(), key=lambda kv: -kv[1]))
+        for shape, rows in by_shape.items()
+    ]
 
 
 if __name__ == "__main__":
