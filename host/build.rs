@@ -89,8 +89,8 @@ fn main() {
 
 /// `kernels/*.cu` → `$OUT_DIR/*.ptx` for `CUDA_COMPUTE_CAP` (default 80: the attention
 /// kernels need mma.sync with bf16, and PTX for 8.0 is JIT-compiled by newer drivers for newer
-/// cards); `flash_wgmma.cu` only for 90 or 90a, as compute_90a. nvcc comes from
-/// `CUDA_HOME`/`CUDA_ROOT` or the PATH.
+/// cards); `flash_wgmma.cu` and `conv_wgmma.cu` only for 90 or 90a, as compute_90a. nvcc
+/// comes from `CUDA_HOME`/`CUDA_ROOT` or the PATH.
 fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
@@ -116,7 +116,12 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
         }
     };
     // The headers the kernel files include.
-    for header in ["ptx_common.cuh", "lazy_softmax.cuh"] {
+    for header in [
+        "ptx_common.cuh",
+        "lazy_softmax.cuh",
+        "wgmma_common.cuh",
+        "conv_common.cuh",
+    ] {
         let path = manifest_dir.join("kernels").join(header);
         println!("cargo:rerun-if-changed={}", path.display());
     }
@@ -133,12 +138,14 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
     }
     // The wgmma kernels use sm_90a-only instructions: built for compute_90a when the target
     // is Hopper, else an empty PTX the host reads as "not in this build".
-    if cap == "90" || cap == "90a" {
-        ptx("flash_wgmma", "compute_90a");
-    } else {
-        let out = out_dir.join("flash_wgmma.ptx");
-        if let Err(e) = std::fs::write(&out, "") {
-            panic!("writing {}: {e}", out.display());
+    for kernel in ["flash_wgmma", "conv_wgmma"] {
+        if cap == "90" || cap == "90a" {
+            ptx(kernel, "compute_90a");
+        } else {
+            let out = out_dir.join(format!("{kernel}.ptx"));
+            if let Err(e) = std::fs::write(&out, "") {
+                panic!("writing {}: {e}", out.display());
+            }
         }
     }
 }

@@ -50,24 +50,22 @@ if [ ! -x "$sass_tools/nvidia/cu13/bin/cuobjdump" ]; then
 fi
 cubin=$(mktemp --suffix=.cubin)
 trap 'cp "$saved" "$root/Cargo.lock"; rm -f "$cubin" "$cubin.sass"' EXIT
-if ! ptxas_log=$(nvcc -cubin -arch=sm_90a -O3 -Xptxas -v -o "$cubin" host/kernels/flash_wgmma.cu 2>&1); then
-  echo "$ptxas_log" >&2; exit 1
-fi
-grep -E "Compiling entry|registers" <<<"$ptxas_log"
-if grep -oE "[0-9]+ bytes (spill stores|spill loads|stack frame)" <<<"$ptxas_log" | grep -vq "^0 "; then
-  echo "flash_wgmma.cu spills registers or uses local memory:" >&2; echo "$ptxas_log" >&2; exit 1
-fi
-if grep -qi "serializ" <<<"$ptxas_log"; then
-  echo "ptxas serialised wgmma in flash_wgmma.cu:" >&2; grep -i "serializ" <<<"$ptxas_log" >&2; exit 1
-fi
-PATH=$sass_tools/nvidia/cu13/bin:$PATH cuobjdump -sass "$cubin" > "$cubin.sass"
-python3 scripts/wgmma-sass-check.py "$cubin.sass"
-# The implicit-GEMM convolution holds 64 accumulators a thread in 128 registers (two blocks
-# an SM): a change that makes it spill fails here, not silently on the GPU.
-if ! ptxas_log=$(nvcc -cubin -arch=sm_90a -O3 -Xptxas -v -o "$cubin" host/kernels/conv_implicit.cu 2>&1); then
-  echo "$ptxas_log" >&2; exit 1
-fi
-grep -E "Compiling entry|registers" <<<"$ptxas_log"
-if grep -oE "[0-9]+ bytes (spill stores|spill loads|stack frame)" <<<"$ptxas_log" | grep -vq "^0 "; then
-  echo "conv_implicit.cu spills registers or uses local memory:" >&2; echo "$ptxas_log" >&2; exit 1
-fi
+# The kernels of each file at sm_90a: no spills or local memory (the convolutions hold 64
+# accumulators a thread for two blocks an SM; a change that makes them spill fails here, not
+# silently on the GPU); for the wgmma files also no serialised wgmma and no register hazards.
+for file in flash_wgmma conv_wgmma conv_implicit; do
+  if ! ptxas_log=$(nvcc -cubin -arch=sm_90a -O3 -Xptxas -v -o "$cubin" "host/kernels/$file.cu" 2>&1); then
+    echo "$ptxas_log" >&2; exit 1
+  fi
+  grep -E "Compiling entry|registers" <<<"$ptxas_log"
+  if grep -oE "[0-9]+ bytes (spill stores|spill loads|stack frame)" <<<"$ptxas_log" | grep -vq "^0 "; then
+    echo "$file.cu spills registers or uses local memory:" >&2; echo "$ptxas_log" >&2; exit 1
+  fi
+  case $file in *wgmma)
+    if grep -qi "serializ" <<<"$ptxas_log"; then
+      echo "ptxas serialised wgmma in $file.cu:" >&2; grep -i "serializ" <<<"$ptxas_log" >&2; exit 1
+    fi
+    PATH=$sass_tools/nvidia/cu13/bin:$PATH cuobjdump -sass "$cubin" > "$cubin.sass"
+    python3 scripts/wgmma-sass-check.py "$cubin.sass"
+  esac
+done

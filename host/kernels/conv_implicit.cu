@@ -27,6 +27,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "conv_common.cuh"
 #include "ptx_common.cuh"
 
 // ---- prep ------------------------------------------------------------------------------------
@@ -86,8 +87,6 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // ---- convolution -----------------------------------------------------------------------------
 
-#define CI_BN 128                          // output channels per block
-#define CI_BK 32                           // input channels per K step
 #define CI_STAGES 3                        // cp.async ring depth
 #define CI_ROW_BYTES (CI_BK * 2)           // one shared-memory row: 32 bf16
 #define CI_B_BYTES (3 * CI_BN * CI_ROW_BYTES)
@@ -276,41 +275,8 @@ __device__ __forceinline__ void conv3x3_block(const __nv_bfloat16 *__restrict__ 
     }
     __syncthreads();
 
-    // 128 channels × BM / 8 runs of 8 pixels; runs past w (a multiple of 8) are skipped.
-    constexpr int RUNS = T::BM / 8;
-    const long long plane = (long long)h * w;
-    for (int i = tid; i < CI_BN * RUNS; i += T::THREADS) {
-        const int n = i / RUNS, run = i % RUNS;
-        const int px = x0 + run * 8;
-        if (px >= w) {
-            continue;
-        }
-        const float *src = tile + n * T::OUT_STRIDE + run * 8;
-        const float b = __bfloat162float(bias[n0 + n]);
-        float v[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            v[e] = src[e] + b;
-        }
-        const long long at = (long long)(n0 + n) * plane + (long long)row * w + px;
-        if (has_residual) {
-            const uint4 raw = *reinterpret_cast<const uint4 *>(residual + at);
-            const __nv_bfloat162 *pairs = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float2 f = __bfloat1622float2(pairs[e]);
-                v[2 * e] += f.x;
-                v[2 * e + 1] += f.y;
-            }
-        }
-        uint4 packed;
-        __nv_bfloat162 *out_pairs = reinterpret_cast<__nv_bfloat162 *>(&packed);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            out_pairs[e] = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
-        }
-        *reinterpret_cast<uint4 *>(y + at) = packed;
-    }
+    conv_store_tile<T::BM, T::THREADS>(tile, T::OUT_STRIDE, bias, residual, has_residual, n0, x0,
+                                       row, h, w, y);
 }
 
 // 128 pixels × 128 channels a block, 8 warps, two blocks an SM (98 688 bytes of ring each,

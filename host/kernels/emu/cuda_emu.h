@@ -176,7 +176,7 @@ inline float fast_exp2(float x) {
     return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
 
-// ---- the PTX flash_wgmma.cu issues (Hopper warpgroup MMA) --------------------------------
+// ---- the PTX the wgmma kernels issue (Hopper warpgroup MMA, wgmma_common.cuh) -------------
 // Shared-memory addresses are offsets into the block's dynamic shared memory.
 uint32_t smem_addr(const void *p);
 void fence_proxy_async();
@@ -194,6 +194,7 @@ template <class T, int N> inline void fence_regs(T (&)[N]) {}
 // for them), and register writes between a wgmma.fence and the wgmma after it.
 void wgmma_m64n64k16_ss(float d[32], uint64_t desc_a, uint64_t desc_b, int accumulate);
 void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_b);
+void wgmma_m64n128k16_ss(float d[64], uint64_t desc_a, uint64_t desc_b);
 void wgmma_commit();
 void emu_wgmma_wait(int keep);
 template <int N> inline void wgmma_wait() { emu_wgmma_wait(N); }

@@ -56,6 +56,9 @@ namespace k_conv_gemm {
 namespace k_conv_implicit {
 #include "../conv_implicit.cu"
 }
+namespace k_conv_wgmma {
+#include "../conv_wgmma.cu"
+}
 namespace k_flash_attn {
 #include "../flash_attn.cu"
 }
@@ -513,6 +516,7 @@ const Entry KERNELS[] = {
     KERNEL(k_conv_implicit, headshot_conv_prep_nhwc_bf16),
     KERNEL(k_conv_implicit, headshot_conv3x3_nhwc_bf16),
     KERNEL(k_conv_implicit, headshot_conv3x3_wide_nhwc_bf16),
+    KERNEL(k_conv_wgmma, headshot_conv3x3_wgmma_nhwc_bf16),
     KERNEL(k_flash_attn, headshot_flash_attn_pipe4_bf16_d128),
     KERNEL(k_flash_attn, headshot_flash_attn_wide_bf16_d128),
     KERNEL(k_flash_attn, headshot_flash_attn_wide32_bf16_d128),
@@ -799,6 +803,10 @@ void issue(Wgmma op) {
 
 void wgmma_m64n64k16_ss(float d[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     issue(Wgmma{d, 64, false, {0, 0, 0, 0}, nullptr, desc_a, desc_b, accumulate != 0, {}, {}, {}});
+}
+
+void wgmma_m64n128k16_ss(float d[64], uint64_t desc_a, uint64_t desc_b) {
+    issue(Wgmma{d, 128, false, {0, 0, 0, 0}, nullptr, desc_a, desc_b, true, {}, {}, {}});
 }
 
 void wgmma_m64n128k16_rs(float d[64], const uint32_t a[4], uint64_t desc_b) {

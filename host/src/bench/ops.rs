@@ -412,48 +412,64 @@ fn vae_ops(
             )?;
         }
     }
-    // The implicit-GEMM convolutions last: a kernel that faults leaves the CUDA context
-    // unusable, and every row before it is printed already.
+    // The implicit-GEMM convolutions last, and the wgmma kernel (never run on a GPU yet) after
+    // the others: a kernel that faults leaves the CUDA context unusable, and every row before
+    // it is printed already.
     #[cfg(feature = "cuda")]
-    for (level, ch) in [(1usize, 512usize), (2, 512), (4, 256), (8, 128)] {
-        let (h, w) = (lh * level, lw * level);
-        let x = randn(&[1, ch, h, w])?;
-        let weight = (randn(&[ch, ch, 3, 3])? / ((9 * ch) as f64).sqrt())?;
-        let flop = 2.0 * (ch * ch * 9 * h * w) as f64;
-        implicit_conv_ops(
-            out,
-            time,
-            &x,
-            &weight,
-            &format!("{ch}x{h}x{w}"),
-            flop,
-            level < 8,
-        )?;
+    {
+        use crate::pipeline::flux::conv_implicit_cuda::Tile;
+        let mut passes = vec![vec![Tile::Narrow, Tile::Wide]];
+        if Tile::Wgmma.runs_on(device) {
+            passes.push(vec![Tile::Wgmma]);
+        }
+        for tiles in passes {
+            for (level, ch) in [(1usize, 512usize), (2, 512), (4, 256), (8, 128)] {
+                let (h, w) = (lh * level, lw * level);
+                let x = randn(&[1, ch, h, w])?;
+                let weight = (randn(&[ch, ch, 3, 3])? / ((9 * ch) as f64).sqrt())?;
+                let flop = 2.0 * (ch * ch * 9 * h * w) as f64;
+                let shape = ImplicitShape {
+                    tag: format!("{ch}x{h}x{w}"),
+                    flop,
+                    upsample_too: level < 8,
+                };
+                implicit_conv_ops(out, time, &x, &weight, &shape, &tiles)?;
+            }
+        }
     }
     Ok(())
 }
 
-/// The implicit-GEMM convolution (`HEADSHOT_CONV=implicit`) on `x`: alone
-/// (`vae_conv_implicit_*`, and with the wide tile where rows are 256 or wider:
-/// `vae_conv_implicit_wide_*`), as a resnet's second convolution runs it (group norm + SiLU
-/// before, residual after: `vae_norm_conv_residual_implicit_*`, against the fused norm and
-/// the GEMM convolution and an add as separate steps when those take the shape:
-/// `vae_norm_conv_residual_gemm_*`), and, below the top level, the next level's upsampling
-/// convolution (`vae_upsample_conv_implicit{,_wide}_*`, 4× the work; the upsampled rows are
-/// 256 or wider at 1024×1024 from the second level on).
+/// One decoder shape for [`implicit_conv_ops`]: its row tag, the 3×3 convolution's FLOP, and
+/// whether the next level's upsampling convolution is timed too.
+#[cfg(feature = "cuda")]
+struct ImplicitShape {
+    tag: String,
+    flop: f64,
+    upsample_too: bool,
+}
+
+/// The implicit-GEMM convolution (`HEADSHOT_CONV=implicit…`) on `x` with each of `tiles`
+/// (name suffix `` for the narrow tile, `_wide` where rows are 256 or wider, `_wgmma`): alone
+/// (`vae_conv_implicit*_*`); as a resnet's second convolution runs it (group norm + SiLU
+/// before, residual after: `vae_norm_conv_residual_implicit*_*`, and with the narrow tile,
+/// against the fused norm, the GEMM convolution and an add as separate steps when those take
+/// the shape: `vae_norm_conv_residual_gemm_*`); and, below the top level, the next level's
+/// upsampling convolution (`vae_upsample_conv_implicit*_*`, 4× the work).
 #[cfg(feature = "cuda")]
 fn implicit_conv_ops(
     out: &mut dyn Write,
     time: &TimeFn,
     x: &Tensor,
     weight: &Tensor,
-    tag: &str,
-    flop: f64,
-    upsample_too: bool,
+    shape: &ImplicitShape,
+    tiles: &[crate::pipeline::flux::conv_implicit_cuda::Tile],
 ) -> Result<(), BenchError> {
     use crate::pipeline::flux::conv_implicit_cuda::{InputNorm, Tile, conv3x3, supports};
     use crate::pipeline::flux::{conv_gemm_cuda, decoder, group_norm_cuda};
+    let (tag, flop) = (&shape.tag, shape.flop);
     let ch = x.dim(1)?;
+    let w = x.dim(3)?;
     let taps = decoder::implicit_taps(weight)?;
     let bias = Tensor::zeros(ch, x.dtype(), x.device())?;
     let norm = InputNorm {
@@ -466,28 +482,43 @@ fn implicit_conv_ops(
     if !supports(x, &taps, &bias, false, Some(&norm), Some(x)) {
         return Ok(());
     }
-    time(
-        out,
-        &format!("vae_conv_implicit_{tag}"),
-        Work::Flop(flop),
-        &|| conv3x3(x, &taps, &bias, None, false, None, false),
-    )?;
-    if Tile::for_width(x.dim(3)?, true) == Tile::Wide {
-        time(
-            out,
-            &format!("vae_conv_implicit_wide_{tag}"),
-            Work::Flop(flop),
-            &|| conv3x3(x, &taps, &bias, None, false, None, true),
-        )?;
+    for &tile in tiles {
+        let suffix = match tile {
+            Tile::Narrow => "",
+            Tile::Wide => "_wide",
+            Tile::Wgmma => "_wgmma",
+        };
+        if Tile::for_width(w, tile) == tile {
+            time(
+                out,
+                &format!("vae_conv_implicit{suffix}_{tag}"),
+                Work::Flop(flop),
+                &|| conv3x3(x, &taps, &bias, None, false, None, tile),
+            )?;
+            time(
+                out,
+                &format!("vae_norm_conv_residual_implicit{suffix}_{tag}"),
+                Work::Flop(flop),
+                &|| conv3x3(x, &taps, &bias, Some(&norm), false, Some(x), tile),
+            )?;
+        }
+        if shape.upsample_too
+            && Tile::for_width(2 * w, tile) == tile
+            && supports(x, &taps, &bias, true, None, None)
+        {
+            time(
+                out,
+                &format!("vae_upsample_conv_implicit{suffix}_{tag}"),
+                Work::Flop(4.0 * flop),
+                &|| conv3x3(x, &taps, &bias, None, true, None, tile),
+            )?;
+        }
     }
-    time(
-        out,
-        &format!("vae_norm_conv_residual_implicit_{tag}"),
-        Work::Flop(flop),
-        &|| conv3x3(x, &taps, &bias, Some(&norm), false, Some(x), false),
-    )?;
     let gemm_taps = decoder::gemm_taps(weight)?;
-    if group_norm_cuda::supports(x, GROUPS) && conv_gemm_cuda::supports(x, &gemm_taps, false) {
+    if tiles.contains(&Tile::Narrow)
+        && group_norm_cuda::supports(x, GROUPS)
+        && conv_gemm_cuda::supports(x, &gemm_taps, false)
+    {
         time(
             out,
             &format!("vae_norm_conv_residual_gemm_{tag}"),
@@ -497,20 +528,6 @@ fn implicit_conv_ops(
                     group_norm_cuda::group_norm(x, &norm.weight, &bias, GROUPS, EPS as f32, true)?;
                 conv_gemm_cuda::conv2d(&normed, &gemm_taps, &bias)? + x
             },
-        )?;
-    }
-    if upsample_too && supports(x, &taps, &bias, true, None, None) {
-        time(
-            out,
-            &format!("vae_upsample_conv_implicit_{tag}"),
-            Work::Flop(4.0 * flop),
-            &|| conv3x3(x, &taps, &bias, None, true, None, false),
-        )?;
-        time(
-            out,
-            &format!("vae_upsample_conv_implicit_wide_{tag}"),
-            Work::Flop(4.0 * flop),
-            &|| conv3x3(x, &taps, &bias, None, true, None, true),
         )?;
     }
     Ok(())

@@ -200,14 +200,24 @@ fn prep_config(channels: usize, h: usize, w: usize) -> Config {
     }
 }
 
-/// conv_implicit_cuda's convolution launch (`Tile`): 128 pixels × 128 channels a block of
-/// 256 threads, a three-stage ring of (130 + 3·128) rows of 64 bytes; or the wide kernel's
-/// 256 pixels, 512 threads, its f32 epilogue tile (128 × 260 × 4 bytes) larger than its ring.
-fn conv_config(wide: bool, cout: usize, h: usize, w: usize) -> (&'static str, Config) {
-    let (kernel, pixels, smem) = if wide {
-        ("headshot_conv3x3_wide_nhwc_bf16", 256, 128 * 260 * 4)
-    } else {
-        ("headshot_conv3x3_nhwc_bf16", 128, 3 * (130 + 3 * 128) * 64)
+/// The convolution kernels (conv_implicit_cuda's `Tile`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tile {
+    Narrow,
+    Wide,
+    Wgmma,
+}
+
+/// conv_implicit_cuda's convolution launch for `tile`: 128 pixels × 128 channels a block of
+/// 256 threads, a three-stage ring of (130 + 3·128) rows of 64 bytes (the narrow and the
+/// wgmma kernel, each in its layout); or the wide kernel's 256 pixels, 512 threads, its f32
+/// epilogue tile (128 × 260 × 4 bytes) larger than its ring.
+fn conv_config(tile: Tile, cout: usize, h: usize, w: usize) -> (&'static str, Config) {
+    let ring = 3 * (130 + 3 * 128) * 64;
+    let (kernel, pixels, smem) = match tile {
+        Tile::Narrow => ("headshot_conv3x3_nhwc_bf16", 128, ring),
+        Tile::Wide => ("headshot_conv3x3_wide_nhwc_bf16", 256, 128 * 260 * 4),
+        Tile::Wgmma => ("headshot_conv3x3_wgmma_nhwc_bf16", 128, ring),
     };
     let cfg = Config {
         grid: (w.div_ceil(pixels) as u32, h as u32, (cout / 128) as u32),
@@ -403,17 +413,20 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
 #[test]
 fn implicit_convolution_matches_candles_convolution() {
     // One channel slice and 128 outputs; two pixel tiles (the second 8 wide) and two
-    // output-channel blocks, with the residual; three slices. The wide kernel: one block
-    // part-empty, two blocks (the second 8 wide) and two channel blocks.
-    for (wide, cin, cout, h, w, with_residual) in [
-        (false, 32, 128, 3, 8, false),
-        (false, 64, 256, 2, 136, true),
-        (false, 96, 128, 4, 16, true),
-        (true, 32, 128, 2, 16, true),
-        (true, 64, 256, 2, 264, false),
+    // output-channel blocks, with the residual; three slices: for the narrow and the wgmma
+    // kernel. The wide kernel: one block part-empty, two blocks (the second 8 wide) and two
+    // channel blocks.
+    for (tile, cin, cout, h, w, with_residual) in [
+        (Tile::Narrow, 32, 128, 3, 8, false),
+        (Tile::Narrow, 64, 256, 2, 136, true),
+        (Tile::Narrow, 96, 128, 4, 16, true),
+        (Tile::Wide, 32, 128, 2, 16, true),
+        (Tile::Wide, 64, 256, 2, 264, false),
+        (Tile::Wgmma, 32, 128, 3, 8, false),
+        (Tile::Wgmma, 64, 256, 2, 136, true),
+        (Tile::Wgmma, 96, 128, 4, 16, true),
     ] {
-        let case =
-            format!("implicit conv wide {wide} {cin}->{cout} {h}x{w} residual {with_residual}");
+        let case = format!("implicit conv {tile:?} {cin}->{cout} {h}x{w} residual {with_residual}");
         let (_, x) = bf16_buffer(&random(cin * h * w, 31));
         let (_, weights) = bf16_buffer(
             &random(cout * cin * 9, 32)
@@ -426,7 +439,7 @@ fn implicit_convolution_matches_candles_convolution() {
         let weights = Tensor::from_vec(weights, (cout, cin, 3, 3), &Device::Cpu).unwrap();
         let (xp_bytes, _) = bf16_buffer(&padded_nhwc(&x, cin, h, w));
         let (taps_bytes, _) = bf16_buffer(&implicit_tap_values(&weights));
-        let (kernel, cfg) = conv_config(wide, cout, h, w);
+        let (kernel, cfg) = conv_config(tile, cout, h, w);
         let y = launch(
             kernel,
             &cfg,
@@ -524,7 +537,7 @@ fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
     let (taps_bytes, _) = bf16_buffer(&implicit_tap_values(&weights));
     let (bias_bytes, bias) = bf16_buffer(&random(cout, 45));
     let (res_bytes, residual) = bf16_buffer(&random(cout * h * w, 46));
-    let (kernel, cfg) = conv_config(false, cout, h, w);
+    let (kernel, cfg) = conv_config(Tile::Narrow, cout, h, w);
     let y = launch(
         kernel,
         &cfg,

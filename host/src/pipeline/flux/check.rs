@@ -424,11 +424,17 @@ pub fn run_into(
     if device.is_cuda() && dtype == DType::BF16 {
         // The implicit convolutions last: a kernel that faults leaves the CUDA context
         // unusable, and the results before it are still printed.
+        // The wgmma kernel, never run on a GPU yet, after everything else.
+        use super::conv_implicit_cuda::Tile;
         group_norms(device, tolerance, out)?;
         convolutions(device, tolerance, out)?;
-        decoder(device, false, out)?;
-        implicit_convolutions(device, tolerance, out)?;
-        decoder(device, true, out)?;
+        decoder(device, &[], out)?;
+        implicit_convolutions(device, tolerance, &[Tile::Narrow, Tile::Wide], out)?;
+        decoder(device, &[Tile::Narrow, Tile::Wide], out)?;
+        if Tile::Wgmma.runs_on(device) {
+            implicit_convolutions(device, tolerance, &[Tile::Wgmma], out)?;
+            decoder(device, &[Tile::Wgmma], out)?;
+        }
     }
     Ok(())
 }
@@ -439,14 +445,21 @@ pub fn run_into(
 /// strays further than one op does, so the bound is set by candle's own ops in bf16 on the
 /// same input: the fast paths may be at most twice as far off (and within 1e-2 in any case).
 #[cfg(feature = "cuda")]
-fn decoder(device: &Device, implicit: bool, out: &mut Vec<CheckResult>) -> Result<()> {
+fn decoder(
+    device: &Device,
+    implicit_tiles: &[super::conv_implicit_cuda::Tile],
+    out: &mut Vec<CheckResult>,
+) -> Result<()> {
+    use super::conv_implicit_cuda::Tile;
     use super::decoder::{Decoder, DecoderPaths, two_level_config};
     use candle_transformers::models::flux::autoencoder::AutoEncoder;
-    // 16 latent channels. The two-level decoder at 32 and 64 channels on 12x10 latents
-    // (pixel counts in multiples of 8, as the 1x1 GEMMs want) takes the GEMM convolutions
-    // only. With `implicit`, at 128 and 256 channels on 4x128 latents (rows of 128, then 256
-    // after the upsampling), the implicit kernel takes every 3x3 convolution but conv_in and
-    // conv_out, once with the narrow tile and once with the wide one where rows reach 256.
+    // 16 latent channels. Without `implicit_tiles`, the two-level decoder at 32 and 64
+    // channels on 12x10 latents (pixel counts in multiples of 8, as the 1x1 GEMMs want) takes
+    // the GEMM convolutions only. With them, at 128 and 256 channels on 4x128 latents (rows of
+    // 128, then 256 after the upsampling), the implicit kernel takes every 3x3 convolution but
+    // conv_in and conv_out, once per tile (the wide one only where rows reach 256). The
+    // baseline is compared for the first tile of each call (the wgmma one comes alone).
+    let implicit = !implicit_tiles.is_empty();
     let (cfg, latent_dims, tag) = if implicit {
         let cfg = candle_transformers::models::flux::autoencoder::Config {
             ch: 128,
@@ -472,22 +485,32 @@ fn decoder(device: &Device, implicit: bool, out: &mut Vec<CheckResult>) -> Resul
         0.1,
     )?;
     let bound = (2.0 * baseline.max_rel_error).max(BF16_TOLERANCE);
-    out.push(baseline);
-    let fast = decoder(DType::BF16, DecoderPaths::all())?.decode(&latents)?;
-    out.push(compare(
-        &format!("decoder{tag}_bf16_cuda_paths_vs_f32"),
-        &fast,
-        &reference,
-        bound,
-    )?);
-    if implicit {
-        let wide_tile = DecoderPaths {
-            conv_implicit_wide: true,
+    if implicit_tiles.first() != Some(&Tile::Wgmma) {
+        out.push(baseline);
+    }
+    if !implicit {
+        let fast = decoder(DType::BF16, DecoderPaths::all())?.decode(&latents)?;
+        out.push(compare(
+            &format!("decoder{tag}_bf16_cuda_paths_vs_f32"),
+            &fast,
+            &reference,
+            bound,
+        )?);
+    }
+    for &tile in implicit_tiles {
+        let paths = DecoderPaths {
+            conv_implicit_wide: tile == Tile::Wide,
+            conv_implicit_wgmma: tile == Tile::Wgmma,
             ..DecoderPaths::all()
         };
-        let fast = decoder(DType::BF16, wide_tile)?.decode(&latents)?;
+        let fast = decoder(DType::BF16, paths)?.decode(&latents)?;
+        let which = match tile {
+            Tile::Narrow => "",
+            Tile::Wide => "_wide_tile",
+            Tile::Wgmma => "_wgmma",
+        };
         out.push(compare(
-            &format!("decoder{tag}_bf16_cuda_paths_wide_tile_vs_f32"),
+            &format!("decoder{tag}_bf16_cuda_paths{which}_vs_f32"),
             &fast,
             &reference,
             bound,
@@ -498,25 +521,33 @@ fn decoder(device: &Device, implicit: bool, out: &mut Vec<CheckResult>) -> Resul
 
 /// The implicit-GEMM 3×3 convolution against candle's ops in f32: plain, with the group norm
 /// and SiLU before it, through 2× upsampling, and with the residual added; two images in a
-/// batch, widths that leave the last pixel block part-empty, two output-channel blocks; the
-/// narrow tile, and the wide one on rows at least 256 wide.
+/// batch, widths that leave the last pixel block part-empty, two output-channel blocks; with
+/// each of `tiles` (the wide one only on output rows at least 256 wide).
 #[cfg(feature = "cuda")]
 fn implicit_convolutions(
     device: &Device,
     tolerance: f64,
+    tiles: &[super::conv_implicit_cuda::Tile],
     out: &mut Vec<CheckResult>,
 ) -> Result<()> {
-    use super::conv_implicit_cuda::{InputNorm, conv3x3};
+    use super::conv_implicit_cuda::{InputNorm, Tile, conv3x3};
     use super::decoder::{EPS, GROUPS, implicit_taps};
     let mut rng = Rng::new(47);
-    for (wide, batch, cin, cout, h, w, norm, upsample, residual) in [
-        (false, 1, 128, 128, 16, 136, false, false, false),
-        (false, 2, 64, 256, 9, 16, true, false, true),
-        (false, 1, 256, 128, 12, 24, true, true, false),
-        (false, 1, 512, 512, 8, 8, false, true, true),
-        (true, 1, 128, 128, 6, 264, false, false, true),
-        (true, 2, 256, 256, 5, 136, true, true, true),
-    ] {
+    let shapes = [
+        (1, 128, 128, 16, 136, false, false, false),
+        (2, 64, 256, 9, 16, true, false, true),
+        (1, 256, 128, 12, 24, true, true, false),
+        (1, 512, 512, 8, 8, false, true, true),
+        (1, 128, 128, 6, 264, false, false, true),
+        (2, 256, 256, 5, 136, true, true, true),
+    ];
+    let cases = tiles
+        .iter()
+        .flat_map(|&tile| shapes.map(|shape| (tile, shape)));
+    for (tile, (batch, cin, cout, h, w, norm, upsample, residual)) in cases {
+        if tile == Tile::Wide && (w << usize::from(upsample)) < 256 {
+            continue;
+        }
         let x = bf16_values(&((rng.normal_tensor(&[batch, cin, h, w], device)? * 0.5)? + 0.3)?)?;
         let weight = bf16_values(
             &(rng.normal_tensor(&[cout, cin, 3, 3], device)? / ((9 * cin) as f64).sqrt())?,
@@ -555,11 +586,15 @@ fn implicit_convolutions(
             norm.then_some(&input_norm),
             upsample,
             residual.then_some(&skip),
-            wide,
+            tile,
         )?;
         let name = format!(
             "conv3x3_implicit{}_cuda_{batch}x{cin}x{h}x{w}_to_{cout}{}{}{}",
-            if wide { "_wide" } else { "" },
+            match tile {
+                Tile::Narrow => "",
+                Tile::Wide => "_wide",
+                Tile::Wgmma => "_wgmma",
+            },
             if norm { "_norm_silu" } else { "" },
             if upsample { "_upsampled" } else { "" },
             if residual { "_residual" } else { "" },

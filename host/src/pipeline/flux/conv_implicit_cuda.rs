@@ -21,6 +21,8 @@ use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 
 /// PTX of `conv_implicit.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_implicit.ptx"));
+/// PTX of `conv_wgmma.cu` for compute_90a; empty when the build targeted another card.
+const WGMMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_wgmma.ptx"));
 /// Output channels per block.
 const BLOCK_CHANNELS: usize = 128;
 /// Input channels per K step.
@@ -35,22 +37,36 @@ pub enum Tile {
     /// feed twice the pixels. For rows at least 256 wide (narrower ones would leave half a
     /// block idle): [`Tile::for_width`].
     Wide,
+    /// 128 pixels, two warpgroups issuing Hopper's wgmma (`conv_wgmma.cu`), two blocks an SM.
+    /// Only in builds for compute capability 9.0, on a 9.0 card: [`Tile::runs_on`].
+    Wgmma,
 }
 
 impl Tile {
-    /// The tile for output rows `w` wide: [`Tile::Wide`] when `prefer_wide` and `w` ≥ 256.
-    pub fn for_width(w: usize, prefer_wide: bool) -> Self {
-        if prefer_wide && w >= 256 {
-            Self::Wide
-        } else {
-            Self::Narrow
+    /// The tile for output rows `w` wide given the `preferred` one: [`Tile::Wide`] only where
+    /// `w` ≥ 256, else [`Tile::Narrow`].
+    pub fn for_width(w: usize, preferred: Tile) -> Self {
+        match preferred {
+            Self::Wide if w < 256 => Self::Narrow,
+            tile => tile,
+        }
+    }
+
+    /// Whether this tile's kernel runs on `device`: all but [`Tile::Wgmma`] on any CUDA
+    /// device; that one where the build has its PTX and the card is compute capability 9.0.
+    pub fn runs_on(self, device: &candle_core::Device) -> bool {
+        match (self, device) {
+            (Self::Wgmma, candle_core::Device::Cuda(dev)) => {
+                !WGMMA_PTX.is_empty() && super::flash_cuda::is_hopper(dev)
+            }
+            (_, device) => device.is_cuda(),
         }
     }
 
     /// Output pixels per block.
     fn pixels(self) -> usize {
         match self {
-            Self::Narrow => 128,
+            Self::Narrow | Self::Wgmma => 128,
             Self::Wide => 256,
         }
     }
@@ -63,12 +79,21 @@ impl Tile {
         match self {
             Self::Narrow => "headshot_conv3x3_nhwc_bf16",
             Self::Wide => "headshot_conv3x3_wide_nhwc_bf16",
+            Self::Wgmma => "headshot_conv3x3_wgmma_nhwc_bf16",
         }
     }
 
-    /// Dynamic shared memory (`ConvTile::SMEM_BYTES`): the larger of the three-stage ring
-    /// (pixels + 2 and 3 · 128 weight rows of 64 bytes a stage) and the epilogue's f32 tile
-    /// (128 channels × (pixels + 4)).
+    /// The kernel's module: its name and PTX.
+    fn module(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Narrow | Self::Wide => ("headshot_conv_implicit", PTX),
+            Self::Wgmma => ("headshot_conv_wgmma", WGMMA_PTX),
+        }
+    }
+
+    /// Dynamic shared memory (`ConvTile::SMEM_BYTES`, `CW_SMEM_BYTES`): the larger of the
+    /// three-stage ring (pixels + 2 and 3 · 128 weight rows of 64 bytes a stage, in either
+    /// layout) and the epilogue's f32 tile (128 channels × (pixels + 4)).
     fn smem_bytes(self) -> u32 {
         let ring = 3 * (self.pixels() + 2 + 3 * BLOCK_CHANNELS) * 2 * SLICE;
         let epilogue = BLOCK_CHANNELS * (self.pixels() + 4) * 4;
@@ -183,8 +208,8 @@ struct ConvImplicit {
     upsample: bool,
     norm: Option<InputNorm>,
     residual: Option<Tensor>,
-    /// Take [`Tile::Wide`] where the rows are wide enough.
-    prefer_wide: bool,
+    /// The tile asked for ([`Tile::for_width`] decides per call).
+    tile: Tile,
 }
 
 /// The contiguous bf16 CUDA view of an input candle does not hand the op itself (norm weight
@@ -296,8 +321,14 @@ impl CustomOp3 for ConvImplicit {
             "headshot_conv_implicit",
             PTX,
         )?;
-        let tile = Tile::for_width(w, self.prefer_wide);
-        let conv = dev.get_or_load_custom_func(tile.entry(), "headshot_conv_implicit", PTX)?;
+        let tile = Tile::for_width(w, self.tile);
+        if tile == Tile::Wgmma && WGMMA_PTX.is_empty() {
+            candle_core::bail!(
+                "the wgmma convolution is not in this build (CUDA_COMPUTE_CAP 90 or 90a builds it)"
+            );
+        }
+        let (module, ptx) = tile.module();
+        let conv = dev.get_or_load_custom_func(tile.entry(), module, ptx)?;
         // More than 48 KiB of dynamic shared memory needs an opt-in.
         conv.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -380,8 +411,8 @@ impl CustomOp3 for ConvImplicit {
 /// The 3×3 convolution (stride 1, padding 1) of bf16 NCHW `x`, normalized first by `norm`
 /// when given and upsampled 2× (nearest) when `upsample`, with `taps` from
 /// `decoder::implicit_taps` and `bias` `(C_out)`, plus `residual` (the output's shape) when
-/// given: `(batch, C_out, h, w)` at the (upsampled) input size. `prefer_wide` takes the
-/// 256-pixel tile where rows are at least that wide ([`Tile::for_width`]).
+/// given: `(batch, C_out, h, w)` at the (upsampled) input size, by the kernel of `tile`
+/// ([`Tile::for_width`]; [`Tile::Wgmma`] only where [`Tile::runs_on`]).
 pub fn conv3x3(
     x: &Tensor,
     taps: &Tensor,
@@ -389,7 +420,7 @@ pub fn conv3x3(
     norm: Option<&InputNorm>,
     upsample: bool,
     residual: Option<&Tensor>,
-    prefer_wide: bool,
+    tile: Tile,
 ) -> Result<Tensor> {
     let contiguous = |t: &Tensor| t.contiguous();
     let norm = match norm {
@@ -408,7 +439,7 @@ pub fn conv3x3(
             upsample,
             norm,
             residual,
-            prefer_wide,
+            tile,
         },
     )
 }
@@ -453,9 +484,16 @@ mod tests {
         assert_eq!((Tile::Narrow.threads(), Tile::Wide.threads()), (256, 512));
         // Both fit an H100's 227 KiB of shared memory per block.
         assert!(Tile::Wide.smem_bytes() <= 227 * 1024);
-        assert_eq!(Tile::for_width(1024, true), Tile::Wide);
-        assert_eq!(Tile::for_width(256, true), Tile::Wide);
-        assert_eq!(Tile::for_width(128, true), Tile::Narrow);
-        assert_eq!(Tile::for_width(1024, false), Tile::Narrow);
+        // conv_wgmma.cu: CW_SMEM_BYTES, the narrow tile's ring in the chunk-major layout.
+        assert_eq!(Tile::Wgmma.smem_bytes(), 3 * (4 * 130 * 16 + 4 * 384 * 16));
+        assert_eq!(Tile::Wgmma.threads(), 256);
+        assert_eq!(Tile::for_width(1024, Tile::Wide), Tile::Wide);
+        assert_eq!(Tile::for_width(256, Tile::Wide), Tile::Wide);
+        assert_eq!(Tile::for_width(128, Tile::Wide), Tile::Narrow);
+        assert_eq!(Tile::for_width(128, Tile::Wgmma), Tile::Wgmma);
+        assert_eq!(Tile::for_width(1024, Tile::Narrow), Tile::Narrow);
+        // Not on the CPU.
+        assert!(!Tile::Narrow.runs_on(&candle_core::Device::Cpu));
+        assert!(!Tile::Wgmma.runs_on(&candle_core::Device::Cpu));
     }
 }

@@ -35,6 +35,9 @@ pub struct DecoderPaths {
     /// With `conv_implicit`, the kernel's 256-pixel tile where rows are that wide
     /// (`conv_implicit_cuda::Tile::Wide`).
     pub conv_implicit_wide: bool,
+    /// With `conv_implicit`, the Hopper wgmma kernel (`conv_implicit_cuda::Tile::Wgmma`);
+    /// where it cannot run (another card or build) the narrow tile, with a warning.
+    pub conv_implicit_wgmma: bool,
 }
 
 impl DecoderPaths {
@@ -62,12 +65,37 @@ impl DecoderPaths {
             conv_gemm: true,
             conv_implicit: true,
             conv_implicit_wide: false,
+            conv_implicit_wgmma: false,
+        }
+    }
+
+    /// The implicit convolution's tile these paths ask for on `device`.
+    #[cfg(feature = "cuda")]
+    fn implicit_tile(&self, device: &candle_core::Device) -> super::conv_implicit_cuda::Tile {
+        use super::conv_implicit_cuda::Tile;
+        if self.conv_implicit_wgmma {
+            if Tile::Wgmma.runs_on(device) {
+                return Tile::Wgmma;
+            }
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    var = "HEADSHOT_CONV",
+                    "implicit_wgmma needs a compute capability 9.0 card and a build for it                      (CUDA_COMPUTE_CAP=90); the implicit convolutions take the mma.sync kernel"
+                );
+            });
+        }
+        if self.conv_implicit_wide {
+            Tile::Wide
+        } else {
+            Tile::Narrow
         }
     }
 
     /// The convolution paths `HEADSHOT_CONV` names (`gemm`, `implicit`, `implicit_wide`: the
-    /// implicit one with the wide tile; comma-separated, any case). A word it does not know is
-    /// logged as a warning naming the accepted ones, not taken silently as "off".
+    /// implicit one with the wide tile, `implicit_wgmma`: with the Hopper kernel;
+    /// comma-separated, any case). A word it does not know is logged as a warning naming the
+    /// accepted ones, not taken silently as "off".
     pub fn conv_from(value: &str) -> Self {
         let mut paths = Self::default();
         for word in value.split(',').map(str::trim).filter(|w| !w.is_empty()) {
@@ -78,11 +106,14 @@ impl DecoderPaths {
             } else if word.eq_ignore_ascii_case("implicit_wide") {
                 paths.conv_implicit = true;
                 paths.conv_implicit_wide = true;
+            } else if word.eq_ignore_ascii_case("implicit_wgmma") {
+                paths.conv_implicit = true;
+                paths.conv_implicit_wgmma = true;
             } else {
                 tracing::warn!(
                     var = "HEADSHOT_CONV",
                     value = %word,
-                    accepted = "gemm, implicit, implicit_wide",
+                    accepted = "gemm, implicit, implicit_wide, implicit_wgmma",
                     "unknown convolution path; it stays off"
                 );
             }
@@ -170,9 +201,9 @@ struct Conv {
     /// Weights as [`implicit_taps`] lays them out, and the bias, for the implicit path (3×3).
     #[cfg(feature = "cuda")]
     implicit: Option<(Tensor, Tensor)>,
-    /// The implicit path's wide tile where rows are wide enough.
+    /// The implicit path's kernel tile.
     #[cfg(feature = "cuda")]
-    implicit_wide: bool,
+    implicit_tile: super::conv_implicit_cuda::Tile,
 }
 
 impl Conv {
@@ -209,6 +240,8 @@ impl Conv {
             }
             _ => None,
         };
+        #[cfg(feature = "cuda")]
+        let implicit_tile = paths.implicit_tile(inner.weight().device());
         #[cfg(not(feature = "cuda"))]
         let _ = paths;
         Ok(Self {
@@ -218,7 +251,7 @@ impl Conv {
             #[cfg(feature = "cuda")]
             implicit,
             #[cfg(feature = "cuda")]
-            implicit_wide: paths.conv_implicit_wide,
+            implicit_tile,
         })
     }
 
@@ -252,7 +285,7 @@ impl Conv {
                     input_norm,
                     upsample,
                     residual,
-                    self.implicit_wide,
+                    self.implicit_tile,
                 );
             }
         }
@@ -625,6 +658,8 @@ mod tests {
         assert!(paths.conv_implicit && !paths.conv_gemm && !paths.conv_implicit_wide);
         let paths = DecoderPaths::conv_from("implicit_wide,gemm");
         assert!(paths.conv_implicit && paths.conv_implicit_wide && paths.conv_gemm);
+        let paths = DecoderPaths::conv_from("IMPLICIT_WGMMA");
+        assert!(paths.conv_implicit && paths.conv_implicit_wgmma && !paths.conv_implicit_wide);
         assert_eq!(DecoderPaths::conv_from(""), DecoderPaths::default());
         assert_eq!(
             DecoderPaths::conv_from("cudnn"),

@@ -193,9 +193,15 @@ impl FlashKernel {
 }
 
 /// Whether the wgmma kernels run on `dev`: a build for compute capability 9.0 (else their PTX
-/// is empty) and a 9.0 card (a driver attribute read, cheap enough for every call).
+/// is empty) and a 9.0 card.
 fn wgmma_runs_on(dev: &CudaDevice) -> bool {
-    !WGMMA_PTX.is_empty() && dev.cuda_stream().context().compute_capability().ok() == Some((9, 0))
+    !WGMMA_PTX.is_empty() && is_hopper(dev)
+}
+
+/// Whether `dev` is a compute capability 9.0 card, where sm_90a code (wgmma) runs: a driver
+/// attribute read, cheap enough for every call.
+pub(super) fn is_hopper(dev: &CudaDevice) -> bool {
+    dev.cuda_stream().context().compute_capability().ok() == Some((9, 0))
 }
 
 /// Whether the kernel handles these inputs.
