@@ -63,8 +63,8 @@ fi
 #    - the decoder's CUDA paths, the decode alone on random latents (--vae-only: no
 #      transformer is built, ~15 s a run), decode times against step 3's: the implicit-GEMM
 #      convolutions with the fused norm (the GEMM ones for the convolutions it does not
-#      take; the same with the wide tile; then without the GEMMs), the GEMM convolutions,
-#      the fused norm alone;
+#      take; the same with the wide tile, then with the wgmma kernel; then without the
+#      GEMMs), the GEMM convolutions, the fused norm alone;
 #    - whole steps with the wgmma_pipe attention kernel, bf16 and all-on FP8 (the largest
 #      expected gain on the transformer);
 #    - the rest of wgmma (the two-stage kernel, with the split GEMM, the kernels alone);
@@ -75,6 +75,7 @@ fi
 #      candle's stock module).
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wide,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wgmma,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
