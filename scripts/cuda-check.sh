@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Type-check and lint the `cuda` feature (our CUDA custom ops, the nvcc step of host/build.rs)
-# and read the wgmma kernels' SASS for register hazards (and the convolution kernel's for
-# spills), without a GPU, with the CUDA 13.0
+# Type-check and lint the `cuda` feature (our CUDA custom ops, the nvcc step of host/build.rs),
+# run its GPU-free unit tests, and read the kernels' compiled code (spills; for the wgmma
+# kernels also serialised wgmma and register hazards), without a GPU, with the CUDA 13.0
 # toolkit ../shared/gpu/build-cuda.sh fetches into its cache (fetched here too when missing;
 # cuobjdump/nvdisasm from PyPI). From the repo root: bash scripts/cuda-check.sh
 # Cold: ~25 min on 2 cores (candle-kernels nvcc step); target/cuda-check caches it.
@@ -37,6 +37,10 @@ export RUSTFLAGS="-L native=$cache/linklib"
 export CARGO_TARGET_DIR=$root/target/cuda-check
 nice cargo clippy -p headshot-host --features cuda --all-targets \
   --config "patch.crates-io.candle-core.path=\"$patched\"" -- -D warnings
+# The unit tests of the CUDA modules that need no GPU (shape checks, launch sizes against the
+# kernels' constants): nothing else runs them, CI builds without the feature.
+nice cargo test -p headshot-host --features cuda --lib \
+  --config "patch.crates-io.candle-core.path=\"$patched\"" -- _cuda::
 # The wgmma kernels' compiled code: no register spills, no serialised wgmma, and no
 # instruction touching registers a wgmma is still writing or reading (scripts/wgmma-sass-check.py).
 sass_tools=$cache/sass-tools
