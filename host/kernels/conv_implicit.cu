@@ -5,7 +5,8 @@
 //     ((h + 2) × (w + 2) × C), applying on the way, when asked, the group norm (per-group
 //     mean and 1/std from group_norm.cu's stats and finalize launches, per-channel weight
 //     and bias) and SiLU, and reading through 2× nearest upsampling. The norm's output and
-//     the upsampled image are never written.
+//     the upsampled image are never written. headshot_conv_prep_nhwc_vec_bf16 is the same
+//     pass with 16-byte loads and stores, where the source rows are whole 16-byte vectors.
 //   headshot_conv3x3_nhwc_bf16:    y[o][r][c] = bias[o] + Σ_{dy,dx,i} w[dy][dx][o][i] ·
 //     xp[r + dy][c + dx][i] (+ residual[o][r][c]), NCHW out. The padded input makes every
 //     tap a plain load: no bounds tests in the inner loop.
@@ -82,6 +83,94 @@ extern "C" __global__ void __launch_bounds__(256)
             out[((long long)r * wp + col) * channels + c0 + tx] =
                 __float2bfloat16(tile[tx][ty + 8 * i]);
         }
+    }
+}
+
+// Where the source rows are whole 16-byte vectors ((w >> up) a multiple of 8), the same pass
+// with 16-byte loads and stores: grid ((w + 63) / 64, h + 2, channels / 32), block 256. Block
+// (bx, r, bz) writes padded row r, image columns 64·bx … 64·bx + 63 (padded columns one
+// further on), channels 32·bz …, and the blocks at either end the zero border columns. Load:
+// warp v, lane c reads source pixels 8v … 8v + 7 of the block's columns (the first 32 source
+// pixels with upsampling, 64 output columns) of channel c, normalized in f32, into a bf16
+// tile [column][channel] (64-byte rows: a warp's 2-byte stores of one column fill one row).
+// Store: thread j·4 + v writes 16 bytes, channels 8v … 8v + 7 of column j.
+extern "C" __global__ void __launch_bounds__(256)
+    headshot_conv_prep_nhwc_vec_bf16(const __nv_bfloat16 *__restrict__ x, int channels, int h,
+                                     int w, int up, int norm, const float *__restrict__ stats,
+                                     const __nv_bfloat16 *__restrict__ gamma,
+                                     const __nv_bfloat16 *__restrict__ beta, int groups,
+                                     int silu, __nv_bfloat16 *__restrict__ out) {
+    __shared__ __align__(16) __nv_bfloat16 tile[64][32];
+    const int tid = threadIdx.x;
+    const int r = blockIdx.y;
+    const int col0 = blockIdx.x * 64;
+    const int c0 = blockIdx.z * 32;
+    const int hs = h >> up, ws = w >> up;
+    const int sr = r - 1;
+    {
+        const int v = tid >> 5, cl = tid & 31, c = c0 + cl;
+        const int src = (col0 >> up) + 8 * v; // first source pixel of this vector
+        if (v < (8 >> up)) {
+            float vals[8];
+            const bool inside = sr >= 0 && sr < h && src < ws;
+            if (inside) {
+                const uint4 raw = *reinterpret_cast<const uint4 *>(
+                    x + ((long long)c * hs + (sr >> up)) * ws + src);
+                const __nv_bfloat162 *pairs = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 f = __bfloat1622float2(pairs[e]);
+                    vals[2 * e] = f.x;
+                    vals[2 * e + 1] = f.y;
+                }
+                if (norm) {
+                    // As headshot_group_apply_bf16 computes it, so both paths round alike.
+                    const int g = c / (channels / groups);
+                    const float scale = __bfloat162float(gamma[c]) * stats[2 * g + 1];
+                    const float shift = __bfloat162float(beta[c]) - stats[2 * g] * scale;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        float a = vals[e] * scale + shift;
+                        if (silu) {
+                            a = a / (1.f + __expf(-a));
+                        }
+                        vals[e] = a;
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    vals[e] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const __nv_bfloat16 b = __float2bfloat16(vals[e]);
+                const int col = ((8 * v + e) << up);
+                tile[col][cl] = b;
+                if (up) {
+                    tile[col + 1][cl] = b;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    const int wp = w + 2;
+    __nv_bfloat16 *row_out = out + (long long)r * wp * channels + c0;
+    {
+        const int j = tid >> 2, v = tid & 3;
+        if (col0 + j < w) {
+            *reinterpret_cast<uint4 *>(row_out + (long long)(col0 + j + 1) * channels + 8 * v) =
+                *reinterpret_cast<const uint4 *>(&tile[j][8 * v]);
+        }
+    }
+    // The border columns: padded column 0 by the first block of the row, w + 1 by the last.
+    const uint4 zero = {0u, 0u, 0u, 0u};
+    if (tid < 4 && blockIdx.x == 0) {
+        *reinterpret_cast<uint4 *>(row_out + 8 * tid) = zero;
+    }
+    if (tid >= 4 && tid < 8 && col0 + 64 >= w) {
+        *reinterpret_cast<uint4 *>(row_out + (long long)(w + 1) * channels + 8 * (tid - 4)) = zero;
     }
 }
 

@@ -514,6 +514,7 @@ const Entry KERNELS[] = {
     KERNEL(k_conv_gemm, headshot_conv_pad3_bf16),
     KERNEL(k_conv_gemm, headshot_conv_crop_bias_bf16),
     KERNEL(k_conv_implicit, headshot_conv_prep_nhwc_bf16),
+    KERNEL(k_conv_implicit, headshot_conv_prep_nhwc_vec_bf16),
     KERNEL(k_conv_implicit, headshot_conv3x3_nhwc_bf16),
     KERNEL(k_conv_implicit, headshot_conv3x3_wide_nhwc_bf16),
     KERNEL(k_conv_wgmma, headshot_conv3x3_wgmma_nhwc_bf16),

@@ -187,16 +187,32 @@ fn convolution_gemm_kernels_with_the_gemms_in_rust_match_candles_convolution() {
 
 // ---- the implicit-GEMM convolution (conv_implicit_cuda.rs) ---------------------------------
 
-/// conv_implicit_cuda's prep launch over one image whose (upsampled) size is `h × w`.
-fn prep_config(channels: usize, h: usize, w: usize) -> Config {
-    Config {
-        grid: (
-            (w + 2).div_ceil(32) as u32,
-            (h + 2) as u32,
-            (channels / 32) as u32,
-        ),
-        block: 256,
-        smem: 0,
+/// conv_implicit_cuda's prep launch over one image whose (upsampled) size is `h × w`, by
+/// `up` from the source: the vector kernel where source rows are whole 16-byte vectors, else
+/// the scalar one.
+fn prep_launch(channels: usize, h: usize, w: usize, up: i32) -> (&'static str, Config) {
+    if (w >> up).is_multiple_of(8) {
+        let cfg = Config {
+            grid: (
+                w.div_ceil(64) as u32,
+                (h + 2) as u32,
+                (channels / 32) as u32,
+            ),
+            block: 256,
+            smem: 0,
+        };
+        ("headshot_conv_prep_nhwc_vec_bf16", cfg)
+    } else {
+        let cfg = Config {
+            grid: (
+                (w + 2).div_ceil(32) as u32,
+                (h + 2) as u32,
+                (channels / 32) as u32,
+            ),
+            block: 256,
+            smem: 0,
+        };
+        ("headshot_conv_prep_nhwc_bf16", cfg)
     }
 }
 
@@ -342,14 +358,21 @@ fn group_finalize_gives_each_groups_mean_and_inverse_std() {
 #[test]
 fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
     let (channels, groups) = (64, 32);
-    // One block of columns, two (w + 2 = 42), upsampled; with and without the norm.
+    // The scalar kernel: one block of columns, two (w + 2 = 44), upsampled; with and without
+    // the norm. The vector kernel (source widths in multiples of 8): one block, two (the
+    // second part-empty), upsampled into one block and into two.
     for ((h0, w0), up, norm, silu) in [
         ((5, 7), 0, false, false),
-        ((3, 40), 0, true, true),
+        ((3, 42), 0, true, true),
         ((4, 6), 1, true, false),
         ((2, 5), 1, false, false),
+        ((3, 40), 0, true, true),
+        ((2, 72), 0, true, false),
+        ((4, 16), 1, true, true),
+        ((3, 40), 1, false, false),
     ] {
-        let case = format!("prep {h0}x{w0} up {up} norm {norm} silu {silu}");
+        let (kernel, cfg) = prep_launch(channels, h0 << up, w0 << up, up);
+        let case = format!("{kernel} {h0}x{w0} up {up} norm {norm} silu {silu}");
         let (h, w) = (h0 << up, w0 << up);
         let (x_bytes, x) = bf16_buffer(&random(channels * h0 * w0, 22));
         let (g_bytes, gamma) = bf16_buffer(&random(channels, 23));
@@ -359,8 +382,8 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
             .flat_map(|p| [p[0], 0.5 + p[1].abs()])
             .collect();
         let out = launch(
-            "headshot_conv_prep_nhwc_bf16",
-            &prep_config(channels, h, w),
+            kernel,
+            &cfg,
             &[
                 Arg::In(x_bytes),
                 Arg::I32(channels as i32),
@@ -509,9 +532,12 @@ fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
             Arg::Out(4 * 2 * groups),
         ],
     );
+    // 8-wide source rows: the vector kernel, as the wrapper picks it.
+    let (prep, prep_cfg) = prep_launch(channels, h, w, 1);
+    assert_eq!(prep, "headshot_conv_prep_nhwc_vec_bf16");
     let xp = launch(
-        "headshot_conv_prep_nhwc_bf16",
-        &prep_config(channels, h, w),
+        prep,
+        &prep_cfg,
         &[
             Arg::In(x_bytes),
             Arg::I32(channels as i32),

@@ -316,11 +316,20 @@ impl CustomOp3 for ConvImplicit {
         // convolution reads them.
         let mut padded = alloc_like(dev, xs, padded_len)?;
 
-        let prep = dev.get_or_load_custom_func(
-            "headshot_conv_prep_nhwc_bf16",
-            "headshot_conv_implicit",
-            PTX,
-        )?;
+        // The prep pass with 16-byte vectors where the source rows are whole vectors (every
+        // decoder width at 1024 and 768 pixels), else the scalar one.
+        let (prep_entry, prep_grid) = if w0.is_multiple_of(8) {
+            (
+                "headshot_conv_prep_nhwc_vec_bf16",
+                (w.div_ceil(64), h + 2, cin / SLICE),
+            )
+        } else {
+            (
+                "headshot_conv_prep_nhwc_bf16",
+                ((w + 2).div_ceil(32), h + 2, cin / SLICE),
+            )
+        };
+        let prep = dev.get_or_load_custom_func(prep_entry, "headshot_conv_implicit", PTX)?;
         let tile = Tile::for_width(w, self.tile);
         if tile == Tile::Wgmma && WGMMA_PTX.is_empty() {
             candle_core::bail!(
@@ -371,8 +380,7 @@ impl CustomOp3 for ConvImplicit {
             builder.arg(&mut padded);
             // SAFETY: reads this image's cin·h0·w0 values (and with the norm its groups'
             // stats and cin weights and biases), writes (h+2)·(w+2)·cin.
-            let grid = ((w + 2).div_ceil(32), h + 2, cin / SLICE);
-            unsafe { builder.launch(config(grid, 256, 0)) }.w()?;
+            unsafe { builder.launch(config(prep_grid, 256, 0)) }.w()?;
 
             let residual = match &residual_guard {
                 Some(g) => {
