@@ -540,6 +540,8 @@ fn implicit_convolutions(
         (1, 512, 512, 8, 8, false, true, true),
         (1, 128, 128, 6, 264, false, false, true),
         (2, 256, 256, 5, 136, true, true, true),
+        // A source width of 12: the scalar prep kernel (the others take the vector one).
+        (1, 128, 128, 6, 12, true, true, false),
     ];
     let cases = tiles
         .iter()

@@ -331,9 +331,10 @@ impl CustomOp3 for ConvImplicit {
         };
         let prep = dev.get_or_load_custom_func(prep_entry, "headshot_conv_implicit", PTX)?;
         let tile = Tile::for_width(w, self.tile);
-        if tile == Tile::Wgmma && WGMMA_PTX.is_empty() {
+        if tile == Tile::Wgmma && (WGMMA_PTX.is_empty() || !super::flash_cuda::is_hopper(dev)) {
             candle_core::bail!(
-                "the wgmma convolution is not in this build (CUDA_COMPUTE_CAP 90 or 90a builds it)"
+                "the wgmma convolution runs only on a compute capability 9.0 card, in a build \
+                 for it (CUDA_COMPUTE_CAP 90 or 90a)"
             );
         }
         let (module, ptx) = tile.module();

@@ -81,7 +81,8 @@ impl DecoderPaths {
             WARNED.call_once(|| {
                 tracing::warn!(
                     var = "HEADSHOT_CONV",
-                    "implicit_wgmma needs a compute capability 9.0 card and a build for it                      (CUDA_COMPUTE_CAP=90); the implicit convolutions take the mma.sync kernel"
+                    "implicit_wgmma needs a compute capability 9.0 card and a build for it \
+                     (CUDA_COMPUTE_CAP=90); the implicit convolutions take the mma.sync kernel"
                 );
             });
         }
@@ -240,8 +241,12 @@ impl Conv {
             }
             _ => None,
         };
+        // Asked only where the implicit path is taken (its warning is about that path).
         #[cfg(feature = "cuda")]
-        let implicit_tile = paths.implicit_tile(inner.weight().device());
+        let implicit_tile = match &implicit {
+            Some(_) => paths.implicit_tile(inner.weight().device()),
+            None => super::conv_implicit_cuda::Tile::Narrow,
+        };
         #[cfg(not(feature = "cuda"))]
         let _ = paths;
         Ok(Self {
