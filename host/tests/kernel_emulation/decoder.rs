@@ -2,6 +2,7 @@
 
 use crate::kernel_emu::*;
 use candle_core::{DType, Device, Tensor};
+use headshot_host::pipeline::flux::conv_launch::{Launch, Tile, prep_launch};
 use headshot_host::pipeline::flux::decoder::gemm_taps;
 
 /// `group_norm_cuda::chunking`: a group split into chunks of at least 8192 values, at most 32
@@ -187,60 +188,28 @@ fn convolution_gemm_kernels_with_the_gemms_in_rust_match_candles_convolution() {
 
 // ---- the implicit-GEMM convolution (conv_implicit_cuda.rs) ---------------------------------
 
-/// conv_implicit_cuda's prep launch over one image whose (upsampled) size is `h × w`, by
-/// `up` from the source: the vector kernel where source rows are whole 16-byte vectors, else
-/// the scalar one.
-fn prep_launch(channels: usize, h: usize, w: usize, up: i32) -> (&'static str, Config) {
-    if (w >> up).is_multiple_of(8) {
-        let cfg = Config {
-            grid: (
-                w.div_ceil(64) as u32,
-                (h + 2) as u32,
-                (channels / 32) as u32,
-            ),
-            block: 256,
-            smem: 0,
-        };
-        ("headshot_conv_prep_nhwc_vec_bf16", cfg)
-    } else {
-        let cfg = Config {
-            grid: (
-                (w + 2).div_ceil(32) as u32,
-                (h + 2) as u32,
-                (channels / 32) as u32,
-            ),
-            block: 256,
-            smem: 0,
-        };
-        ("headshot_conv_prep_nhwc_bf16", cfg)
+/// The emulator's launch configuration for a launch `conv_launch` gives (as
+/// conv_implicit_cuda passes it to the driver).
+fn config(launch: &Launch) -> Config {
+    Config {
+        grid: launch.grid,
+        block: launch.threads,
+        smem: launch.smem,
     }
 }
 
-/// The convolution kernels (conv_implicit_cuda's `Tile`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Tile {
-    Narrow,
-    Wide,
-    Wgmma,
+/// The prep pass over one image whose (upsampled) size is `h × w`, by `up` from the source,
+/// as conv_implicit_cuda launches it: kernel and launch configuration.
+fn prep_config(channels: usize, h: usize, w: usize, up: i32) -> (&'static str, Config) {
+    let launch = prep_launch(channels, h, w, w >> up);
+    (launch.entry, config(&launch))
 }
 
-/// conv_implicit_cuda's convolution launch for `tile`: 128 pixels × 128 channels a block of
-/// 256 threads, a three-stage ring of (130 + 3·128) rows of 64 bytes (the narrow and the
-/// wgmma kernel, each in its layout); or the wide kernel's 256 pixels, 512 threads, its f32
-/// epilogue tile (128 × 260 × 4 bytes) larger than its ring.
+/// The convolution of an `h × w` output of `cout` channels with `tile`, as
+/// conv_implicit_cuda launches it.
 fn conv_config(tile: Tile, cout: usize, h: usize, w: usize) -> (&'static str, Config) {
-    let ring = 3 * (130 + 3 * 128) * 64;
-    let (kernel, pixels, smem) = match tile {
-        Tile::Narrow => ("headshot_conv3x3_nhwc_bf16", 128, ring),
-        Tile::Wide => ("headshot_conv3x3_wide_nhwc_bf16", 256, 128 * 260 * 4),
-        Tile::Wgmma => ("headshot_conv3x3_wgmma_nhwc_bf16", 128, ring),
-    };
-    let cfg = Config {
-        grid: (w.div_ceil(pixels) as u32, h as u32, (cout / 128) as u32),
-        block: 2 * pixels as u32,
-        smem,
-    };
-    (kernel, cfg)
+    let launch = tile.launch(cout, h, w);
+    (launch.entry, config(&launch))
 }
 
 /// `values` (channels × h × w) as the zero-padded NHWC image the convolution reads.
@@ -371,7 +340,7 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
         ((4, 16), 1, true, true),
         ((3, 40), 1, false, false),
     ] {
-        let (kernel, cfg) = prep_launch(channels, h0 << up, w0 << up, up);
+        let (kernel, cfg) = prep_config(channels, h0 << up, w0 << up, up);
         let case = format!("{kernel} {h0}x{w0} up {up} norm {norm} silu {silu}");
         let (h, w) = (h0 << up, w0 << up);
         let (x_bytes, x) = bf16_buffer(&random(channels * h0 * w0, 22));
@@ -437,19 +406,21 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
 fn implicit_convolution_matches_candles_convolution() {
     // One channel slice and 128 outputs; two pixel tiles (the second 8 wide) and two
     // output-channel blocks, with the residual; three slices: for the narrow and the wgmma
-    // kernel. The wide kernel: one block part-empty, two blocks (the second 8 wide) and two
-    // channel blocks.
+    // kernel. The wide kernel (on rows of 256 or more, where the wrapper takes it): one full
+    // block; two blocks (the second 8 wide) and two channel blocks. Each case launches as
+    // conv_implicit_cuda does (`conv_launch`), and names the kernel that ran.
     for (tile, cin, cout, h, w, with_residual) in [
         (Tile::Narrow, 32, 128, 3, 8, false),
         (Tile::Narrow, 64, 256, 2, 136, true),
         (Tile::Narrow, 96, 128, 4, 16, true),
-        (Tile::Wide, 32, 128, 2, 16, true),
+        (Tile::Wide, 32, 128, 2, 256, true),
         (Tile::Wide, 64, 256, 2, 264, false),
         (Tile::Wgmma, 32, 128, 3, 8, false),
         (Tile::Wgmma, 64, 256, 2, 136, true),
         (Tile::Wgmma, 96, 128, 4, 16, true),
     ] {
-        let case = format!("implicit conv {tile:?} {cin}->{cout} {h}x{w} residual {with_residual}");
+        let (kernel, cfg) = conv_config(tile, cout, h, w);
+        let case = format!("{kernel} {cin}->{cout} {h}x{w} residual {with_residual}");
         let (_, x) = bf16_buffer(&random(cin * h * w, 31));
         let (_, weights) = bf16_buffer(
             &random(cout * cin * 9, 32)
@@ -462,7 +433,6 @@ fn implicit_convolution_matches_candles_convolution() {
         let weights = Tensor::from_vec(weights, (cout, cin, 3, 3), &Device::Cpu).unwrap();
         let (xp_bytes, _) = bf16_buffer(&padded_nhwc(&x, cin, h, w));
         let (taps_bytes, _) = bf16_buffer(&implicit_tap_values(&weights));
-        let (kernel, cfg) = conv_config(tile, cout, h, w);
         let y = launch(
             kernel,
             &cfg,
@@ -533,7 +503,7 @@ fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
         ],
     );
     // 8-wide source rows: the vector kernel, as the wrapper picks it.
-    let (prep, prep_cfg) = prep_launch(channels, h, w, 1);
+    let (prep, prep_cfg) = prep_config(channels, h, w, 1);
     assert_eq!(prep, "headshot_conv_prep_nhwc_vec_bf16");
     let xp = launch(
         prep,

@@ -23,35 +23,10 @@ use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_implicit.ptx"));
 /// PTX of `conv_wgmma.cu` for compute_90a; empty when the build targeted another card.
 const WGMMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_wgmma.ptx"));
-/// Output channels per block.
-const BLOCK_CHANNELS: usize = 128;
-/// Input channels per K step.
-const SLICE: usize = 32;
-
-/// The convolution kernel's block: output pixels (of one row) × 128 output channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tile {
-    /// 128 pixels, 8 warps, two blocks an SM.
-    Narrow,
-    /// 256 pixels, 16 warps, one block an SM: the weights each block reads from L2 per step
-    /// feed twice the pixels. For rows at least 256 wide (narrower ones would leave half a
-    /// block idle): [`Tile::for_width`].
-    Wide,
-    /// 128 pixels, two warpgroups issuing Hopper's wgmma (`conv_wgmma.cu`), two blocks an SM.
-    /// Only in builds for compute capability 9.0, on a 9.0 card: [`Tile::runs_on`].
-    Wgmma,
-}
+pub use super::conv_launch::Tile;
+use super::conv_launch::{BLOCK_CHANNELS, Launch, SLICE, prep_launch};
 
 impl Tile {
-    /// The tile for output rows `w` wide given the `preferred` one: [`Tile::Wide`] only where
-    /// `w` ≥ 256, else [`Tile::Narrow`].
-    pub fn for_width(w: usize, preferred: Tile) -> Self {
-        match preferred {
-            Self::Wide if w < 256 => Self::Narrow,
-            tile => tile,
-        }
-    }
-
     /// Whether this tile's kernel runs on `device`: all but [`Tile::Wgmma`] on any CUDA
     /// device; that one where the build has its PTX and the card is compute capability 9.0.
     pub fn runs_on(self, device: &candle_core::Device) -> bool {
@@ -63,26 +38,6 @@ impl Tile {
         }
     }
 
-    /// Output pixels per block.
-    fn pixels(self) -> usize {
-        match self {
-            Self::Narrow | Self::Wgmma => 128,
-            Self::Wide => 256,
-        }
-    }
-
-    fn threads(self) -> u32 {
-        2 * self.pixels() as u32
-    }
-
-    fn entry(self) -> &'static str {
-        match self {
-            Self::Narrow => "headshot_conv3x3_nhwc_bf16",
-            Self::Wide => "headshot_conv3x3_wide_nhwc_bf16",
-            Self::Wgmma => "headshot_conv3x3_wgmma_nhwc_bf16",
-        }
-    }
-
     /// The kernel's module: its name and PTX.
     fn module(self) -> (&'static str, &'static str) {
         match self {
@@ -90,16 +45,8 @@ impl Tile {
             Self::Wgmma => ("headshot_conv_wgmma", WGMMA_PTX),
         }
     }
-
-    /// Dynamic shared memory (`ConvTile::SMEM_BYTES`, `CW_SMEM_BYTES`): the larger of the
-    /// three-stage ring (pixels + 2 and 3 · 128 weight rows of 64 bytes a stage, in either
-    /// layout) and the epilogue's f32 tile (128 channels × (pixels + 4)).
-    fn smem_bytes(self) -> u32 {
-        let ring = 3 * (self.pixels() + 2 + 3 * BLOCK_CHANNELS) * 2 * SLICE;
-        let epilogue = BLOCK_CHANNELS * (self.pixels() + 4) * 4;
-        ring.max(epilogue) as u32
-    }
 }
+
 /// Output width granule: the epilogue writes runs of 8 bf16 (16 bytes).
 const WIDTH_GRANULE: usize = 8;
 /// CUDA's limit on a grid's y and z dimensions.
@@ -228,12 +175,12 @@ macro_rules! bf16_view {
     }};
 }
 
-/// A launch config: grid, threads per block, dynamic shared memory.
-fn config(grid: (usize, usize, usize), threads: u32, smem: u32) -> LaunchConfig {
+/// cudarc's launch config for `launch`.
+fn config(launch: &Launch) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem,
+        grid_dim: launch.grid,
+        block_dim: (launch.threads, 1, 1),
+        shared_mem_bytes: launch.smem,
     }
 }
 
@@ -316,20 +263,9 @@ impl CustomOp3 for ConvImplicit {
         // convolution reads them.
         let mut padded = alloc_like(dev, xs, padded_len)?;
 
-        // The prep pass with 16-byte vectors where the source rows are whole vectors (every
-        // decoder width at 1024 and 768 pixels), else the scalar one.
-        let (prep_entry, prep_grid) = if w0.is_multiple_of(8) {
-            (
-                "headshot_conv_prep_nhwc_vec_bf16",
-                (w.div_ceil(64), h + 2, cin / SLICE),
-            )
-        } else {
-            (
-                "headshot_conv_prep_nhwc_bf16",
-                ((w + 2).div_ceil(32), h + 2, cin / SLICE),
-            )
-        };
-        let prep = dev.get_or_load_custom_func(prep_entry, "headshot_conv_implicit", PTX)?;
+        let prep_shape = prep_launch(cin, h, w, w0);
+        let prep = dev.get_or_load_custom_func(prep_shape.entry, "headshot_conv_implicit", PTX)?;
+        let conv_shape = self.tile.launch(cout, h, w);
         let tile = Tile::for_width(w, self.tile);
         if tile == Tile::Wgmma && (WGMMA_PTX.is_empty() || !super::flash_cuda::is_hopper(dev)) {
             candle_core::bail!(
@@ -338,11 +274,11 @@ impl CustomOp3 for ConvImplicit {
             );
         }
         let (module, ptx) = tile.module();
-        let conv = dev.get_or_load_custom_func(tile.entry(), module, ptx)?;
+        let conv = dev.get_or_load_custom_func(conv_shape.entry, module, ptx)?;
         // More than 48 KiB of dynamic shared memory needs an opt-in.
         conv.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            tile.smem_bytes() as i32,
+            conv_shape.smem as i32,
         )
         .w()?;
         let (cin_i, cout_i, h_i, w_i) = (cin as i32, cout as i32, h as i32, w as i32);
@@ -381,7 +317,7 @@ impl CustomOp3 for ConvImplicit {
             builder.arg(&mut padded);
             // SAFETY: reads this image's cin·h0·w0 values (and with the norm its groups'
             // stats and cin weights and biases), writes (h+2)·(w+2)·cin.
-            unsafe { builder.launch(config(prep_grid, 256, 0)) }.w()?;
+            unsafe { builder.launch(config(&prep_shape)) }.w()?;
 
             let residual = match &residual_guard {
                 Some(g) => {
@@ -405,8 +341,7 @@ impl CustomOp3 for ConvImplicit {
             // SAFETY: reads the padded image, 9·cout·cin weights, cout biases (and with the
             // residual cout·h·w values of it), writes this image's cout·h·w outputs; the
             // residual and y start 16-byte aligned (offsets in multiples of 8 bf16, h·w too).
-            let grid = (w.div_ceil(tile.pixels()), h, cout / BLOCK_CHANNELS);
-            unsafe { builder.launch(config(grid, tile.threads(), tile.smem_bytes())) }.w()?;
+            unsafe { builder.launch(config(&conv_shape)) }.w()?;
         }
         Ok(output(
             dev,
@@ -485,23 +420,7 @@ mod tests {
     }
 
     #[test]
-    fn tiles_match_the_kernels() {
-        // conv_implicit.cu, ConvTile<2> and ConvTile<4>: the ring for 128 pixels, the f32
-        // epilogue tile (128 × 260 × 4) for 256.
-        assert_eq!(Tile::Narrow.smem_bytes(), 3 * (130 * 64 + 3 * 128 * 64));
-        assert_eq!(Tile::Wide.smem_bytes(), 128 * 260 * 4);
-        assert_eq!((Tile::Narrow.threads(), Tile::Wide.threads()), (256, 512));
-        // Both fit an H100's 227 KiB of shared memory per block.
-        assert!(Tile::Wide.smem_bytes() <= 227 * 1024);
-        // conv_wgmma.cu: CW_SMEM_BYTES, the narrow tile's ring in the chunk-major layout.
-        assert_eq!(Tile::Wgmma.smem_bytes(), 3 * (4 * 130 * 16 + 4 * 384 * 16));
-        assert_eq!(Tile::Wgmma.threads(), 256);
-        assert_eq!(Tile::for_width(1024, Tile::Wide), Tile::Wide);
-        assert_eq!(Tile::for_width(256, Tile::Wide), Tile::Wide);
-        assert_eq!(Tile::for_width(128, Tile::Wide), Tile::Narrow);
-        assert_eq!(Tile::for_width(128, Tile::Wgmma), Tile::Wgmma);
-        assert_eq!(Tile::for_width(1024, Tile::Narrow), Tile::Narrow);
-        // Not on the CPU.
+    fn only_cuda_devices_run_the_kernels() {
         assert!(!Tile::Narrow.runs_on(&candle_core::Device::Cpu));
         assert!(!Tile::Wgmma.runs_on(&candle_core::Device::Cpu));
     }

@@ -10,6 +10,7 @@ pub mod check;
 pub mod conv_gemm_cuda;
 #[cfg(feature = "cuda")]
 pub mod conv_implicit_cuda;
+pub mod conv_launch;
 #[cfg(feature = "cuda")]
 mod cuda_util;
 pub mod decoder;
