@@ -1,16 +1,45 @@
 // What the implicit-GEMM convolution kernels share (conv_implicit.cu with mma.sync,
-// conv_wgmma.cu with Hopper's wgmma): the block's output tile size and its store, which
-// writes the f32 tile the accumulators were staged into (shared memory, [channel][pixel],
-// row stride `stride` floats) as NCHW bf16 with the bias and the residual added in f32 before
-// the one rounding.
+// conv_wgmma.cu with Hopper's wgmma): the block's output channels and K step, the K loop's
+// step cursor and refill, and the store of the output tile. The store writes the f32 tile the
+// accumulators were staged into (shared memory, [channel][pixel], row stride `stride`
+// floats) as NCHW bf16, with the bias and the residual added in f32 before the one rounding.
 // No include guard, as lazy_softmax.cuh: the emulator's runner includes every kernel file in a
 // namespace of its own, and each needs these definitions in its namespace.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "ptx_common.cuh"
+
 #define CI_BN 128 // output channels per block
 #define CI_BK 32  // input channels per K step
+
+// The next K step to load: row tap dy and the first of 32 input channels (slices fastest).
+struct ConvStep {
+    int dy;
+    int c0;
+    int cin;
+    __device__ __forceinline__ void advance() {
+        c0 += CI_BK;
+        if (c0 == cin) {
+            c0 = 0;
+            ++dy;
+        }
+    }
+};
+
+// Loads step `next` into ring stage `stage` by `load(dy, c0, stage)` and moves on, if a step
+// is left (`loaded` of `steps` issued so far), then commits a cp.async group either way (the
+// wait depths count groups, empty ones included).
+template <class Load>
+__device__ __forceinline__ void conv_load_step(Load &load, ConvStep &next, int loaded, int steps,
+                                               int stage) {
+    if (loaded < steps) {
+        load(next.dy, next.c0, stage);
+        next.advance();
+    }
+    cp_async_commit();
+}
 
 // 128 channels × BM / 8 runs of 8 pixels of row `row`, from pixel x0 on, by THREADS threads;
 // runs past w (a multiple of 8) are skipped. y and residual (read when has_residual) are

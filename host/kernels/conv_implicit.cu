@@ -281,23 +281,11 @@ __device__ __forceinline__ void conv3x3_block(const __nv_bfloat16 *__restrict__ 
         }
     }
 
-    // Steps run over (dy, channel slice), slices fastest; (load_dy, load_c0) is the next
-    // step to load.
-    int load_dy = 0, load_c0 = 0;
-    auto advance = [&]() {
-        load_c0 += CI_BK;
-        if (load_c0 == cin) {
-            load_c0 = 0;
-            ++load_dy;
-        }
-    };
+    // Steps run over (dy, channel slice), slices fastest; `next` is the next step to load.
+    ConvStep next{0, 0, cin};
 #pragma unroll
     for (int s = 0; s < CI_STAGES - 1; ++s) {
-        if (s < steps) {
-            load(load_dy, load_c0, s);
-            advance();
-        }
-        cp_async_commit();
+        conv_load_step(load, next, s, steps, s);
     }
     // ldmatrix rows of this lane: A row (pixel) lane & 15 of a 16-pixel tile, chunk lane >> 4
     // within a 16-channel half; B row (channel) (lane & 7) + 8·(lane >> 4) of a 16-channel
@@ -311,11 +299,7 @@ __device__ __forceinline__ void conv3x3_block(const __nv_bfloat16 *__restrict__ 
         cp_async_wait<CI_STAGES - 2>();
         __syncthreads();
         // The stage step t - 1 read is free now (every warp is past the barrier).
-        if (t + CI_STAGES - 1 < steps) {
-            load(load_dy, load_c0, (t + CI_STAGES - 1) % CI_STAGES);
-            advance();
-        }
-        cp_async_commit();
+        conv_load_step(load, next, t + CI_STAGES - 1, steps, (t + CI_STAGES - 1) % CI_STAGES);
         const unsigned char *a = smem + (t % CI_STAGES) * T::STAGE_BYTES;
         const unsigned char *b = a + T::A_BYTES;
 #pragma unroll

@@ -104,21 +104,10 @@ extern "C" __global__ void __launch_bounds__(CW_THREADS, 2)
         acc[i] = 0.f;
     }
 
-    int load_dy = 0, load_c0 = 0;
-    auto advance = [&]() {
-        load_c0 += CI_BK;
-        if (load_c0 == cin) {
-            load_c0 = 0;
-            ++load_dy;
-        }
-    };
+    ConvStep next{0, 0, cin};
 #pragma unroll
     for (int s = 0; s < CW_STAGES - 1; ++s) {
-        if (s < steps) {
-            load(load_dy, load_c0, s);
-            advance();
-        }
-        cp_async_commit();
+        conv_load_step(load, next, s, steps, s);
     }
 
     for (int t = 0; t < steps; ++t) {
@@ -128,11 +117,7 @@ extern "C" __global__ void __launch_bounds__(CW_THREADS, 2)
         // below overwrites); the barrier then covers the other warpgroup's too.
         wgmma_wait<0>();
         __syncthreads();
-        if (t + CW_STAGES - 1 < steps) {
-            load(load_dy, load_c0, (t + CW_STAGES - 1) % CW_STAGES);
-            advance();
-        }
-        cp_async_commit();
+        conv_load_step(load, next, t + CW_STAGES - 1, steps, (t + CW_STAGES - 1) % CW_STAGES);
         const unsigned char *a = smem + (t % CW_STAGES) * CW_STAGE_BYTES + (64 * wg) * 16;
         const unsigned char *b = smem + (t % CW_STAGES) * CW_STAGE_BYTES + CW_A_BYTES;
         fence_regs(acc);

@@ -13,6 +13,18 @@ fn chunking(group_len: usize) -> (usize, usize) {
     (chunk, group_len.div_ceil(chunk).max(1))
 }
 
+/// A group's mean and 1/std in f64 (epsilon 1e-6): the reference for the norm kernels.
+fn mean_rstd(group: &[f32]) -> (f64, f64) {
+    let n = group.len() as f64;
+    let mean = group.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = group
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + 1e-6).sqrt())
+}
+
 #[test]
 fn group_norm_kernels_match_f64_with_and_without_silu() {
     // One chunk per group; two chunks (8192 + 1024); channels of an odd number of pairs.
@@ -68,13 +80,7 @@ fn group_norm_kernels_match_f64_with_and_without_silu() {
             );
             let mut want = Vec::with_capacity(n);
             for (g, group) in x.chunks(group_len).enumerate() {
-                let mean = group.iter().map(|&v| f64::from(v)).sum::<f64>() / group_len as f64;
-                let var = group
-                    .iter()
-                    .map(|&v| (f64::from(v) - mean).powi(2))
-                    .sum::<f64>()
-                    / group_len as f64;
-                let rstd = 1.0 / (var + 1e-6).sqrt();
+                let (mean, rstd) = mean_rstd(group);
                 for (i, &v) in group.iter().enumerate() {
                     let c = g % groups * (channels / groups) + i / channel_len;
                     let y =
@@ -257,13 +263,50 @@ fn candle_conv3x3(
     y.flatten_all().and_then(|t| t.to_vec1()).unwrap()
 }
 
+/// group_norm_cuda::group_stats's two launches over `all_groups` groups of `group_len` values
+/// of bf16 `x`: the (mean, 1/std) f32 pairs, epsilon 1e-6.
+fn group_stats(x: &[u8], all_groups: usize, group_len: usize) -> Vec<u8> {
+    let (chunk_len, chunks) = chunking(group_len);
+    let partials = launch(
+        "headshot_group_stats_bf16",
+        &Config {
+            grid: (chunks as u32, all_groups as u32, 1),
+            block: 256,
+            smem: 0,
+        },
+        &[
+            Arg::In(x.to_vec()),
+            Arg::I64(group_len as i64),
+            Arg::I64(chunk_len as i64),
+            Arg::Out(8 * 2 * all_groups * chunks),
+        ],
+    );
+    let stats = launch(
+        "headshot_group_finalize_bf16",
+        &Config {
+            grid: (all_groups.div_ceil(256) as u32, 1, 1),
+            block: 256,
+            smem: 0,
+        },
+        &[
+            Arg::In(x.to_vec()),
+            Arg::In(partials[0].clone()),
+            Arg::I32(chunks as i32),
+            Arg::I32(all_groups as i32),
+            Arg::I64(group_len as i64),
+            Arg::F32(1e-6),
+            Arg::Out(4 * 2 * all_groups),
+        ],
+    );
+    stats[0].clone()
+}
+
 #[test]
 fn group_finalize_gives_each_groups_mean_and_inverse_std() {
     // One chunk per group, and two.
     for (batch, channels, groups, h, w) in [(2, 8, 4, 16, 16), (1, 16, 4, 48, 48)] {
         let channel_len = h * w;
         let group_len = channels / groups * channel_len;
-        let (chunk_len, chunks) = chunking(group_len);
         let all_groups = batch * groups;
         let x: Vec<f32> = random(batch * channels * channel_len, 21)
             .iter()
@@ -271,46 +314,9 @@ fn group_finalize_gives_each_groups_mean_and_inverse_std() {
             .map(|(i, v)| v * 2.0 + 7.0 + (i / group_len) as f32)
             .collect();
         let (x_bytes, x) = bf16_buffer(&x);
-        let partials = launch(
-            "headshot_group_stats_bf16",
-            &Config {
-                grid: (chunks as u32, all_groups as u32, 1),
-                block: 256,
-                smem: 0,
-            },
-            &[
-                Arg::In(x_bytes.clone()),
-                Arg::I64(group_len as i64),
-                Arg::I64(chunk_len as i64),
-                Arg::Out(8 * 2 * all_groups * chunks),
-            ],
-        );
-        let stats = launch(
-            "headshot_group_finalize_bf16",
-            &Config {
-                grid: (all_groups.div_ceil(256) as u32, 1, 1),
-                block: 256,
-                smem: 0,
-            },
-            &[
-                Arg::In(x_bytes),
-                Arg::In(partials[0].clone()),
-                Arg::I32(chunks as i32),
-                Arg::I32(all_groups as i32),
-                Arg::I64(group_len as i64),
-                Arg::F32(1e-6),
-                Arg::Out(4 * 2 * all_groups),
-            ],
-        );
-        let stats = f32_values(&stats[0]);
+        let stats = f32_values(&group_stats(&x_bytes, all_groups, group_len));
         for (g, group) in x.chunks(group_len).enumerate() {
-            let mean = group.iter().map(|&v| f64::from(v)).sum::<f64>() / group_len as f64;
-            let var = group
-                .iter()
-                .map(|&v| (f64::from(v) - mean).powi(2))
-                .sum::<f64>()
-                / group_len as f64;
-            let rstd = 1.0 / (var + 1e-6).sqrt();
+            let (mean, rstd) = mean_rstd(group);
             let (got_mean, got_rstd) = (f64::from(stats[2 * g]), f64::from(stats[2 * g + 1]));
             assert!(
                 (got_mean - mean).abs() <= 1e-5 * mean.abs(),
@@ -463,7 +469,6 @@ fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
     let (channels, groups, cout, h0, w0) = (64, 32, 128, 4, 8);
     let (h, w) = (2 * h0, 2 * w0);
     let group_len = channels / groups * h0 * w0;
-    let (chunk_len, chunks) = chunking(group_len);
     let x: Vec<f32> = random(channels * h0 * w0, 41)
         .iter()
         .map(|v| v * 1.5 + 0.7)
@@ -471,37 +476,7 @@ fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
     let (x_bytes, x) = bf16_buffer(&x);
     let (g_bytes, gamma) = bf16_buffer(&random(channels, 42));
     let (b_bytes, beta) = bf16_buffer(&random(channels, 43));
-    let partials = launch(
-        "headshot_group_stats_bf16",
-        &Config {
-            grid: (chunks as u32, groups as u32, 1),
-            block: 256,
-            smem: 0,
-        },
-        &[
-            Arg::In(x_bytes.clone()),
-            Arg::I64(group_len as i64),
-            Arg::I64(chunk_len as i64),
-            Arg::Out(8 * 2 * groups * chunks),
-        ],
-    );
-    let stats = launch(
-        "headshot_group_finalize_bf16",
-        &Config {
-            grid: (1, 1, 1),
-            block: 256,
-            smem: 0,
-        },
-        &[
-            Arg::In(x_bytes.clone()),
-            Arg::In(partials[0].clone()),
-            Arg::I32(chunks as i32),
-            Arg::I32(groups as i32),
-            Arg::I64(group_len as i64),
-            Arg::F32(1e-6),
-            Arg::Out(4 * 2 * groups),
-        ],
-    );
+    let stats = group_stats(&x_bytes, groups, group_len);
     // 8-wide source rows: the vector kernel, as the wrapper picks it.
     let (prep, prep_cfg) = prep_config(channels, h, w, 1);
     assert_eq!(prep, "headshot_conv_prep_nhwc_vec_bf16");
@@ -515,7 +490,7 @@ fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
             Arg::I32(w as i32),
             Arg::I32(1),
             Arg::I32(1),
-            Arg::In(stats[0].clone()),
+            Arg::In(stats),
             Arg::In(g_bytes),
             Arg::In(b_bytes),
             Arg::I32(groups as i32),
