@@ -45,7 +45,7 @@ run() {
 #    own with the attention checks only, since a kernel that faults leaves the CUDA context
 #    unusable for every check after it.
 mma_sync=pipe4,wide,wide32,wide32_lazy,wide_lazy
-HEADSHOT_FLASH_KERNELS=$mma_sync run 90 bench gpu --device cuda --check --attention fused
+HEADSHOT_FLASH_KERNELS=$mma_sync run 120 bench gpu --device cuda --check --attention fused
 for kernel in wgmma wgmma_pipe; do
   HEADSHOT_FLASH_KERNELS=$kernel HEADSHOT_CHECK_ONLY=attention run 45 bench gpu --device cuda --check --attention fused
 done
