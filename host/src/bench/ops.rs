@@ -483,11 +483,7 @@ fn implicit_conv_ops(
         return Ok(());
     }
     for &tile in tiles {
-        let suffix = match tile {
-            Tile::Narrow => "",
-            Tile::Wide => "_wide",
-            Tile::Wgmma => "_wgmma",
-        };
+        let suffix = tile.suffix();
         if Tile::for_width(w, tile) == tile {
             time(
                 out,

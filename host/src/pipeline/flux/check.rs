@@ -426,97 +426,131 @@ pub fn run_into(
         // unusable, and the results before it are still printed.
         // The wgmma kernel, never run on a GPU yet, after everything else.
         use super::conv_implicit_cuda::Tile;
+        use super::decoder::DecoderPaths;
         group_norms(device, tolerance, out)?;
         convolutions(device, tolerance, out)?;
-        decoder(device, &[], out)?;
+        let small = DecoderCase::new(device, false, out)?;
+        small.compare(DecoderPaths::all(), "", out)?;
         implicit_convolutions(device, tolerance, &[Tile::Narrow, Tile::Wide], out)?;
-        decoder(device, &[Tile::Narrow, Tile::Wide], out)?;
+        let wide = DecoderCase::new(device, true, out)?;
+        for tile in [Tile::Narrow, Tile::Wide] {
+            wide.compare_tile(tile, out)?;
+        }
         if Tile::Wgmma.runs_on(device) {
             implicit_convolutions(device, tolerance, &[Tile::Wgmma], out)?;
-            decoder(device, &[Tile::Wgmma], out)?;
+            wide.compare_tile(Tile::Wgmma, out)?;
         }
     }
     Ok(())
 }
 
-/// A whole (small) decoder with every CUDA path on, as the pipeline runs it (every norm with
-/// and without SiLU, the upsampling convolution, the attention block's 1×1 convolutions),
-/// against the same weights decoding in f32 with candle's ops. bf16 through a dozen layers
-/// strays further than one op does, so the bound is set by candle's own ops in bf16 on the
-/// same input: the fast paths may be at most twice as far off (and within 1e-2 in any case).
+/// A whole (small) decoder, to decode with the CUDA paths as the pipeline runs them (every
+/// norm with and without SiLU, the upsampling convolution, the attention block's 1×1
+/// convolutions) against the same weights decoding in f32 with candle's ops. bf16 through a
+/// dozen layers strays further than one op does, so the bound is set by candle's own ops in
+/// bf16 on the same input: the fast paths may be at most twice as far off (and within 1e-2
+/// in any case).
 #[cfg(feature = "cuda")]
-fn decoder(
-    device: &Device,
-    implicit_tiles: &[super::conv_implicit_cuda::Tile],
-    out: &mut Vec<CheckResult>,
-) -> Result<()> {
-    use super::conv_implicit_cuda::Tile;
-    use super::decoder::{Decoder, DecoderPaths, two_level_config};
-    use candle_transformers::models::flux::autoencoder::AutoEncoder;
-    // 16 latent channels. Without `implicit_tiles`, the two-level decoder at 32 and 64
-    // channels on 12x10 latents (pixel counts in multiples of 8, as the 1x1 GEMMs want) takes
-    // the GEMM convolutions only. With them, at 128 and 256 channels on 4x128 latents (rows of
-    // 128, then 256 after the upsampling), the implicit kernel takes every 3x3 convolution but
-    // conv_in and conv_out, once per tile (the wide one only where rows reach 256). The
-    // baseline is compared for the first tile of each call (the wgmma one comes alone).
-    let implicit = !implicit_tiles.is_empty();
-    let (cfg, latent_dims, tag) = if implicit {
-        let cfg = candle_transformers::models::flux::autoencoder::Config {
-            ch: 128,
-            ..two_level_config()
+struct DecoderCase<'a> {
+    device: &'a Device,
+    cfg: candle_transformers::models::flux::autoencoder::Config,
+    tensors: std::collections::HashMap<String, Tensor>,
+    /// bf16, as the fast paths take them.
+    latents: Tensor,
+    reference: Tensor,
+    bound: f64,
+    /// Name part after `decoder`.
+    tag: &'static str,
+}
+
+#[cfg(feature = "cuda")]
+impl<'a> DecoderCase<'a> {
+    /// The reference decode and the bound, pushing candle's bf16 ops against it as the
+    /// baseline row. 16 latent channels. The small case: the two-level decoder at 32 and 64
+    /// channels on 12x10 latents (pixel counts in multiples of 8, as the 1x1 GEMMs want),
+    /// which takes the GEMM convolutions only. `implicit`: at 128 and 256 channels on 4x128
+    /// latents (rows of 128, then 256 after the upsampling), where the implicit kernel takes
+    /// every 3x3 convolution but conv_in and conv_out.
+    fn new(device: &'a Device, implicit: bool, out: &mut Vec<CheckResult>) -> Result<Self> {
+        use super::decoder::{DecoderPaths, two_level_config};
+        use candle_transformers::models::flux::autoencoder::AutoEncoder;
+        let (cfg, latent_dims, tag) = if implicit {
+            let cfg = candle_transformers::models::flux::autoencoder::Config {
+                ch: 128,
+                ..two_level_config()
+            };
+            (cfg, [1, 16, 4, 128], "_128ch")
+        } else {
+            (two_level_config(), [1, 16, 12, 10], "")
         };
-        (cfg, [1, 16, 4, 128], "_128ch")
-    } else {
-        (two_level_config(), [1, 16, 12, 10], "")
-    };
-    let tensors = crate::pipeline::demo::record(45, |vb| AutoEncoder::new(&cfg, vb))?;
-    let decoder = |dtype: DType, paths: DecoderPaths| {
-        let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
-        Decoder::with_paths(&cfg, paths, vb)
-    };
-    let latents = Rng::new(46).normal_tensor(&latent_dims, device)?;
-    let reference = decoder(DType::F32, DecoderPaths::default())?.decode(&latents)?;
-    let latents = bf16(&latents)?;
-    let candle_ops = decoder(DType::BF16, DecoderPaths::default())?.decode(&latents)?;
-    let baseline = compare(
-        &format!("decoder{tag}_bf16_candle_ops_vs_f32"),
-        &candle_ops,
-        &reference,
-        0.1,
-    )?;
-    let bound = (2.0 * baseline.max_rel_error).max(BF16_TOLERANCE);
-    if implicit_tiles.first() != Some(&Tile::Wgmma) {
+        let tensors = crate::pipeline::demo::record(45, |vb| AutoEncoder::new(&cfg, vb))?;
+        let f32_latents = Rng::new(46).normal_tensor(&latent_dims, device)?;
+        let mut case = Self {
+            device,
+            cfg,
+            tensors,
+            latents: bf16(&f32_latents)?,
+            reference: Tensor::zeros(1, DType::F32, device)?,
+            bound: BF16_TOLERANCE,
+            tag,
+        };
+        case.reference = case.decode(DType::F32, DecoderPaths::default(), &f32_latents)?;
+        let candle_ops = case.decode(DType::BF16, DecoderPaths::default(), &case.latents)?;
+        let baseline = compare(
+            &format!("decoder{tag}_bf16_candle_ops_vs_f32"),
+            &candle_ops,
+            &case.reference,
+            0.1,
+        )?;
+        case.bound = (2.0 * baseline.max_rel_error).max(BF16_TOLERANCE);
         out.push(baseline);
+        Ok(case)
     }
-    if !implicit {
-        let fast = decoder(DType::BF16, DecoderPaths::all())?.decode(&latents)?;
+
+    /// `latents` decoded by this case's weights in `dtype` with `paths`.
+    fn decode(
+        &self,
+        dtype: DType,
+        paths: super::decoder::DecoderPaths,
+        latents: &Tensor,
+    ) -> Result<Tensor> {
+        let vb = VarBuilder::from_tensors(self.tensors.clone(), dtype, self.device);
+        super::decoder::Decoder::with_paths(&self.cfg, paths, vb)?.decode(latents)
+    }
+
+    /// The decode with `paths` in bf16 against the reference, as
+    /// `decoder{tag}_bf16_cuda_paths{suffix}_vs_f32`.
+    fn compare(
+        &self,
+        paths: super::decoder::DecoderPaths,
+        suffix: &str,
+        out: &mut Vec<CheckResult>,
+    ) -> Result<()> {
+        let fast = self.decode(DType::BF16, paths, &self.latents)?;
         out.push(compare(
-            &format!("decoder{tag}_bf16_cuda_paths_vs_f32"),
+            &format!("decoder{}_bf16_cuda_paths{suffix}_vs_f32", self.tag),
             &fast,
-            &reference,
-            bound,
+            &self.reference,
+            self.bound,
         )?);
+        Ok(())
     }
-    for &tile in implicit_tiles {
-        let paths = DecoderPaths {
+
+    /// [`DecoderCase::compare`] with every path on and the implicit convolutions on `tile`
+    /// (the wide one only where rows reach 256).
+    fn compare_tile(
+        &self,
+        tile: super::conv_implicit_cuda::Tile,
+        out: &mut Vec<CheckResult>,
+    ) -> Result<()> {
+        use super::conv_implicit_cuda::Tile;
+        let paths = super::decoder::DecoderPaths {
             conv_implicit_wide: tile == Tile::Wide,
             conv_implicit_wgmma: tile == Tile::Wgmma,
-            ..DecoderPaths::all()
+            ..super::decoder::DecoderPaths::all()
         };
-        let fast = decoder(DType::BF16, paths)?.decode(&latents)?;
-        let which = match tile {
-            Tile::Narrow => "",
-            Tile::Wide => "_wide_tile",
-            Tile::Wgmma => "_wgmma",
-        };
-        out.push(compare(
-            &format!("decoder{tag}_bf16_cuda_paths{which}_vs_f32"),
-            &fast,
-            &reference,
-            bound,
-        )?);
+        self.compare(paths, tile.suffix(), out)
     }
-    Ok(())
 }
 
 /// The implicit-GEMM 3×3 convolution against candle's ops in f32: plain, with the group norm
@@ -592,11 +626,7 @@ fn implicit_convolutions(
         )?;
         let name = format!(
             "conv3x3_implicit{}_cuda_{batch}x{cin}x{h}x{w}_to_{cout}{}{}{}",
-            match tile {
-                Tile::Narrow => "",
-                Tile::Wide => "_wide",
-                Tile::Wgmma => "_wgmma",
-            },
+            tile.suffix(),
             if norm { "_norm_silu" } else { "" },
             if upsample { "_upsampled" } else { "" },
             if residual { "_residual" } else { "" },

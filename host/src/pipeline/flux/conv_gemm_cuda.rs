@@ -21,15 +21,6 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_gemm.ptx"));
 /// Elements per 16 bytes of bf16: row and operand alignment the GEMMs are promised.
 const ALIGN: usize = 8;
 
-/// Whether the decoder runs its convolutions through these GEMMs: `HEADSHOT_CONV=gemm` turns
-/// them on. Off by default until `headshot bench gpu --check` (which compares them with
-/// candle's convolution whatever this says) has passed on a GPU: they were written in a
-/// session without one. Read once.
-pub fn enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| super::cuda_util::opt_in("HEADSHOT_CONV", "gemm"))
-}
-
 /// Whether [`conv2d`] (or with `upsample`, [`upsample_conv2d`]) takes `x` with `taps` from
 /// `decoder::gemm_taps`: bf16 NCHW on CUDA starting 16-byte aligned, in the shapes
 /// [`check_shapes`] accepts.

@@ -12,12 +12,13 @@
 //! The group norm's statistics take one more read (`group_norm_cuda::group_stats`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
+use super::cuda_util::{
+    alloc_like, allow_dynamic_smem, contiguous_view, cuda_only_cpu_fwd, output,
+};
 
 /// PTX of `conv_implicit.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_implicit.ptx"));
@@ -32,7 +33,7 @@ impl Tile {
     pub fn runs_on(self, device: &candle_core::Device) -> bool {
         match (self, device) {
             (Self::Wgmma, candle_core::Device::Cuda(dev)) => {
-                !WGMMA_PTX.is_empty() && super::flash_cuda::is_hopper(dev)
+                super::cuda_util::runs_sm90a(dev, WGMMA_PTX)
             }
             (_, device) => device.is_cuda(),
         }
@@ -267,7 +268,7 @@ impl CustomOp3 for ConvImplicit {
         let prep = dev.get_or_load_custom_func(prep_shape.entry, "headshot_conv_implicit", PTX)?;
         let conv_shape = self.tile.launch(cout, h, w);
         let tile = Tile::for_width(w, self.tile);
-        if tile == Tile::Wgmma && (WGMMA_PTX.is_empty() || !super::flash_cuda::is_hopper(dev)) {
+        if tile == Tile::Wgmma && !super::cuda_util::runs_sm90a(dev, WGMMA_PTX) {
             candle_core::bail!(
                 "the wgmma convolution runs only on a compute capability 9.0 card, in a build \
                  for it (CUDA_COMPUTE_CAP 90 or 90a)"
@@ -275,12 +276,7 @@ impl CustomOp3 for ConvImplicit {
         }
         let (module, ptx) = tile.module();
         let conv = dev.get_or_load_custom_func(conv_shape.entry, module, ptx)?;
-        // More than 48 KiB of dynamic shared memory needs an opt-in.
-        conv.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            conv_shape.smem as i32,
-        )
-        .w()?;
+        allow_dynamic_smem(&conv, conv_shape.smem)?;
         let (cin_i, cout_i, h_i, w_i) = (cin as i32, cout as i32, h as i32, w as i32);
         let up_i = i32::from(self.upsample);
         let norm_i = i32::from(self.norm.is_some());

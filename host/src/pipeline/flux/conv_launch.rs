@@ -42,6 +42,15 @@ impl Tile {
         }
     }
 
+    /// The tile's suffix in check and bench row names (`conv3x3_implicit_wide_…`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::Narrow => "",
+            Self::Wide => "_wide",
+            Self::Wgmma => "_wgmma",
+        }
+    }
+
     /// Output pixels per block.
     pub fn pixels(self) -> usize {
         match self {

@@ -1,9 +1,42 @@
 //! What every CUDA custom op of the model needs: fresh output buffers, contiguous aligned
 //! views of its inputs, and a clear error when candle offers it CPU tensors.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{Layout, Result, Shape};
+
+/// Lets `func` launch with `smem` bytes of dynamic shared memory: past 48 KiB that needs an
+/// opt-in per function (a cheap driver call; made per launch, since a function handle and
+/// its attributes go with the context the pipeline may re-create).
+pub fn allow_dynamic_smem(func: &CudaFunction, smem: u32) -> Result<()> {
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .w()
+}
+
+/// Whether sm_90a code (wgmma) compiled into `ptx` runs on `dev`: the build compiled it
+/// (`ptx` is empty unless `CUDA_COMPUTE_CAP` was 90 or 90a) and the card is compute capability
+/// 9.0. The capability is read from the driver once per device ordinal: this is asked on
+/// every launch of a wgmma kernel.
+pub fn runs_sm90a(dev: &CudaDevice, ptx: &str) -> bool {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static HOPPER: OnceLock<Mutex<HashMap<usize, bool>>> = OnceLock::new();
+    if ptx.is_empty() {
+        return false;
+    }
+    let context = dev.cuda_stream().context().clone();
+    let mut known = HOPPER
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *known
+        .entry(context.ordinal())
+        .or_insert_with(|| context.compute_capability().ok() == Some((9, 0)))
+}
 
 /// A fresh device buffer of `len` elements of the same type as `_like` (naming the element
 /// type is not possible from outside candle for bf16 and e4m3).

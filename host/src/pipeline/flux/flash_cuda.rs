@@ -7,14 +7,15 @@
 //! `(batch, tokens, heads·head_dim)` without a copy.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
+use super::cuda_util::{
+    alloc_like, allow_dynamic_smem, contiguous_view, cuda_only_cpu_fwd, output,
+};
 
 /// PTX of `flash_attn.cu` for the compute capability the build targeted.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
@@ -84,16 +85,30 @@ impl FlashKernel {
         SELECTED
             .get_or_init(|| match std::env::var("HEADSHOT_FLASH_KERNEL") {
                 Err(_) => Ok(Self::DEFAULT),
-                Ok(name) => Self::ALL
-                    .into_iter()
-                    .find(|k| k.name() == name)
-                    .ok_or_else(|| {
-                        let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-                        format!("HEADSHOT_FLASH_KERNEL={name:?} is none of {names:?}")
-                    }),
+                Ok(name) => Self::from_name(&name).ok_or_else(|| {
+                    format!(
+                        "HEADSHOT_FLASH_KERNEL={name:?} is none of {:?}",
+                        Self::names()
+                    )
+                }),
             })
             .clone()
             .map_err(candle_core::Error::Msg)
+    }
+
+    /// The kernel of this [`FlashKernel::name`].
+    pub fn from_name(name: &str) -> Option<FlashKernel> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Every kernel's [`FlashKernel::name`], for errors that list them.
+    fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|k| k.name()).collect()
+    }
+
+    /// Whether this is one of the Hopper warpgroup-MMA kernels (`flash_wgmma.cu`).
+    fn is_wgmma(self) -> bool {
+        matches!(self, Self::Wgmma | Self::WgmmaPipe)
     }
 
     /// Short name for check and bench output.
@@ -113,14 +128,9 @@ impl FlashKernel {
     /// capability 9.0 and a 9.0 card (their instructions exist on Hopper only); the others
     /// run on every card the build targets.
     pub fn available(self, device: &candle_core::Device) -> bool {
-        match self {
-            Self::Wgmma | Self::WgmmaPipe => {
-                let candle_core::Device::Cuda(dev) = device else {
-                    return false;
-                };
-                wgmma_runs_on(dev)
-            }
-            _ => device.is_cuda(),
+        match device {
+            candle_core::Device::Cuda(dev) if self.is_wgmma() => wgmma_runs_on(dev),
+            device => device.is_cuda(),
         }
     }
 
@@ -134,12 +144,11 @@ impl FlashKernel {
             return Ok(available.collect());
         };
         let wanted: Vec<&str> = names.split(',').map(str::trim).collect();
-        if let Some(unknown) = wanted
-            .iter()
-            .find(|n| !Self::ALL.iter().any(|k| k.name() == **n))
-        {
-            let all: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-            candle_core::bail!("HEADSHOT_FLASH_KERNELS names {unknown:?}, none of {all:?}");
+        if let Some(unknown) = wanted.iter().find(|n| Self::from_name(n).is_none()) {
+            candle_core::bail!(
+                "HEADSHOT_FLASH_KERNELS names {unknown:?}, none of {:?}",
+                Self::names()
+            );
         }
         let available: Vec<FlashKernel> = available.collect();
         if let Some(missing) = wanted
@@ -169,7 +178,7 @@ impl FlashKernel {
         }
     }
 
-    /// Query rows per block (every kernel runs 4 warps).
+    /// Query rows per block (4 warps a block, 8 for the wgmma kernels).
     fn rows(self) -> usize {
         match self {
             Self::Pipelined4 => 64,
@@ -195,13 +204,7 @@ impl FlashKernel {
 /// Whether the wgmma kernels run on `dev`: a build for compute capability 9.0 (else their PTX
 /// is empty) and a 9.0 card.
 fn wgmma_runs_on(dev: &CudaDevice) -> bool {
-    !WGMMA_PTX.is_empty() && is_hopper(dev)
-}
-
-/// Whether `dev` is a compute capability 9.0 card, where sm_90a code (wgmma) runs: a driver
-/// attribute read, cheap enough for every call.
-pub(super) fn is_hopper(dev: &CudaDevice) -> bool {
-    dev.cuda_stream().context().compute_capability().ok() == Some((9, 0))
+    super::cuda_util::runs_sm90a(dev, WGMMA_PTX)
 }
 
 /// Whether the kernel handles these inputs.
@@ -249,7 +252,7 @@ impl CustomOp3 for FlashAttentionCuda {
         let dev = s1.device();
         let out = alloc_like(dev, qs, b * n * h * d)?;
         let kernel = self.kernel;
-        if matches!(kernel, FlashKernel::Wgmma | FlashKernel::WgmmaPipe) {
+        if kernel.is_wgmma() {
             let out = self.wgmma(dev, (&q, &k, &v), out, (b, n, h))?;
             return Ok(output(
                 dev,
@@ -260,12 +263,8 @@ impl CustomOp3 for FlashAttentionCuda {
         }
         let func = dev.get_or_load_custom_func(kernel.entry(), "headshot_flash_attn", PTX)?;
         let smem = kernel.dynamic_smem();
-        // Every kernel uses more than 48 KiB of dynamic shared memory, which needs an opt-in.
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
+        // Every kernel uses more than 48 KiB of dynamic shared memory.
+        allow_dynamic_smem(&func, smem)?;
         let rows = kernel.rows();
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(rows) as u32, (b * h) as u32, 1),
@@ -336,11 +335,7 @@ impl FlashAttentionCuda {
         let func =
             dev.get_or_load_custom_func(self.kernel.entry(), "headshot_flash_wgmma", WGMMA_PTX)?;
         let smem = self.kernel.dynamic_smem();
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
+        allow_dynamic_smem(&func, smem)?;
         let mut builder = func.builder();
         builder.arg(q);
         builder.arg(k);
