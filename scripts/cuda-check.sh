@@ -62,6 +62,11 @@ for file in flash_wgmma conv_wgmma conv_implicit; do
     echo "$ptxas_log" >&2; exit 1
   fi
   grep -E "Compiling entry|registers" <<<"$ptxas_log"
+  # No figures at all would pass the test below: a changed ptxas report must fail instead.
+  if ! grep -qE "[0-9]+ bytes stack frame" <<<"$ptxas_log"; then
+    echo "no stack frame figures in ptxas' report on $file.cu (its format changed?):" >&2
+    echo "$ptxas_log" >&2; exit 1
+  fi
   if grep -oE "[0-9]+ bytes (spill stores|spill loads|stack frame)" <<<"$ptxas_log" | grep -vq "^0 "; then
     echo "$file.cu spills registers or uses local memory:" >&2; echo "$ptxas_log" >&2; exit 1
   fi

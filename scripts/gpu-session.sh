@@ -99,9 +99,9 @@ HEADSHOT_FLASH_KERNEL=wide32_lazy run 60 bench gpu --device cuda --attention fus
 # bf16 with the single block's linear2 as two GEMMs over its input's parts (no join copy).
 HEADSHOT_SPLIT_GEMM=on run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 # The checks again with GEMM tuning on: a tuned algorithm must be as right as the heuristic's.
-HEADSHOT_GEMM_TUNE=on run 90 bench gpu --device cuda --check --attention fused
+HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNELS=$mma_sync run 90 bench gpu --device cuda --check --attention fused
 if [ -n "${SHORT:-}" ]; then
-  run 30 bench gpu --device cuda --ops --iters 5 --warmup 1 --skip-vae
+  HEADSHOT_FLASH_KERNELS=$mma_sync run 30 bench gpu --device cuda --ops --iters 5 --warmup 1 --skip-vae
   echo "done at t=$((SECONDS - start))s" | tee -a "$out/session.txt"
   "$py" scripts/gpu-summary.py "$out" | tee "$out/summary.txt"
   exit 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks ptxas' SASS of the wgmma attention kernels for what no CPU test can see.
+"""Checks ptxas' SASS of the wgmma kernels (attention, convolution) for what no CPU test can see.
 
 wgmma writes its accumulators, and reads its A registers, asynchronously: between an HGMMA and
 the WARPGROUP.DEPBAR that waits for it, no other instruction may touch those registers. The
@@ -7,7 +7,7 @@ kernels tie them in place (fence_regs) so the compiler keeps its reads after the
 reads the compiled code to confirm it did. (scripts/cuda-check.sh checks ptxas' own output
 for spills and serialised wgmma.)
 
-Usage: wgmma-sass-check.py SASS_FILE   (cuobjdump -sass of flash_wgmma.cu built for sm_90a)
+Usage: wgmma-sass-check.py SASS_FILE   (cuobjdump -sass of a wgmma .cu file built for sm_90a)
 Exits 1 on a hazard, with the instruction named. A planted sample is checked first.
 """
 import re
