@@ -121,6 +121,7 @@ fn compile_cuda_kernels(manifest_dir: &Path, out_dir: &Path) {
         "lazy_softmax.cuh",
         "wgmma_common.cuh",
         "conv_common.cuh",
+        "norm_apply.cuh",
     ] {
         let path = manifest_dir.join("kernels").join(header);
         println!("cargo:rerun-if-changed={}", path.display());

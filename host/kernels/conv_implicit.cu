@@ -29,6 +29,7 @@
 #include <stdint.h>
 
 #include "conv_common.cuh"
+#include "norm_apply.cuh"
 #include "ptx_common.cuh"
 
 // ---- prep ------------------------------------------------------------------------------------
@@ -62,14 +63,10 @@ extern "C" __global__ void __launch_bounds__(256)
         if (inside) {
             v = __bfloat162float(x[((long long)c * hs + (sr >> up)) * ws + (sc >> up)]);
             if (norm) {
-                // As headshot_group_apply_bf16 computes it, so both paths round alike.
                 const int g = c / per_group;
-                const float scale = __bfloat162float(gamma[c]) * stats[2 * g + 1];
-                const float shift = __bfloat162float(beta[c]) - stats[2 * g] * scale;
-                v = v * scale + shift;
-                if (silu) {
-                    v = v / (1.f + __expf(-v));
-                }
+                const float2 scale_shift =
+                    norm_scale_shift(gamma[c], beta[c], stats[2 * g], stats[2 * g + 1]);
+                v = norm_apply(v, scale_shift, silu);
             }
         }
         tile[cl][tx] = v;
@@ -124,17 +121,12 @@ extern "C" __global__ void __launch_bounds__(256)
                     vals[2 * e + 1] = f.y;
                 }
                 if (norm) {
-                    // As headshot_group_apply_bf16 computes it, so both paths round alike.
                     const int g = c / (channels / groups);
-                    const float scale = __bfloat162float(gamma[c]) * stats[2 * g + 1];
-                    const float shift = __bfloat162float(beta[c]) - stats[2 * g] * scale;
+                    const float2 scale_shift =
+                        norm_scale_shift(gamma[c], beta[c], stats[2 * g], stats[2 * g + 1]);
 #pragma unroll
                     for (int e = 0; e < 8; ++e) {
-                        float a = vals[e] * scale + shift;
-                        if (silu) {
-                            a = a / (1.f + __expf(-a));
-                        }
-                        vals[e] = a;
+                        vals[e] = norm_apply(vals[e], scale_shift, silu);
                     }
                 }
             } else {

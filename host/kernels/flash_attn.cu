@@ -34,11 +34,6 @@
 // in different banks.
 #define KV_STRIDE (HEAD_DIM + 8)
 
-__device__ __forceinline__ uint32_t pack_floats(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
-
 __device__ __forceinline__ uint32_t load_pair(const __nv_bfloat16 *p) {
     return *reinterpret_cast<const uint32_t *>(p);
 }
@@ -196,10 +191,10 @@ __device__ __forceinline__ void flash_pipelined(const __nv_bfloat16 *__restrict_
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             uint32_t a[4];
-            a[0] = pack_floats(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_floats(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_floats(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_floats(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
             const int key = kk * 16 + (mat & 1) * 8 + mrow;
 #pragma unroll
             for (int np = 0; np < 8; ++np) {
@@ -224,11 +219,11 @@ __device__ __forceinline__ void flash_pipelined(const __nv_bfloat16 *__restrict_
         const int d = n * 8 + 2 * t;
         if (in0) {
             *reinterpret_cast<uint32_t *>(o + base + row0 * token_stride + d) =
-                pack_floats(acc[n][0] * inv0, acc[n][1] * inv0);
+                pack_bf16(acc[n][0] * inv0, acc[n][1] * inv0);
         }
         if (in1) {
             *reinterpret_cast<uint32_t *>(o + base + row1 * token_stride + d) =
-                pack_floats(acc[n][2] * inv1, acc[n][3] * inv1);
+                pack_bf16(acc[n][2] * inv1, acc[n][3] * inv1);
         }
     }
 }
@@ -429,10 +424,10 @@ __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
             uint32_t a[2][4];
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt) {
-                a[mt][0] = pack_floats(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                a[mt][1] = pack_floats(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                a[mt][2] = pack_floats(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                a[mt][3] = pack_floats(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                a[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
             }
             const int key = k0 + kk * 16 + (mat & 1) * 8 + mrow;
 #pragma unroll
@@ -467,11 +462,11 @@ __device__ __forceinline__ void flash_wide(const __nv_bfloat16 *__restrict__ q,
             const int d = n * 8 + 2 * t;
             if (row0 < tokens) {
                 *reinterpret_cast<uint32_t *>(o + base + row0 * token_stride + d) =
-                    pack_floats(acc[mt][n][0] * inv0, acc[mt][n][1] * inv0);
+                    pack_bf16(acc[mt][n][0] * inv0, acc[mt][n][1] * inv0);
             }
             if (row1 < tokens) {
                 *reinterpret_cast<uint32_t *>(o + base + row1 * token_stride + d) =
-                    pack_floats(acc[mt][n][2] * inv1, acc[mt][n][3] * inv1);
+                    pack_bf16(acc[mt][n][2] * inv1, acc[mt][n][3] * inv1);
             }
         }
     }

@@ -48,11 +48,6 @@
 #define WG_STAGE_BYTES (WG_K_BYTES + WG_VT_BYTES)
 
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
-
 // Byte offset of 16-byte chunk `c` (K elements 8c..8c+7) of row `r` in a K-major tile whose
 // rows hold `chunks` chunks (the canonical no-swizzle layout above).
 __device__ __forceinline__ uint32_t core_offset(int r, int c, int chunks) {

@@ -19,6 +19,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "norm_apply.cuh"
+
 #define GN_THREADS 256
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -142,14 +144,9 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
     for (long long p = begin / 2 + threadIdx.x; p < end / 2; p += GN_THREADS) {
         // Both values of a pair share a channel: channel_len is even.
         const int c = first_channel + (int)((unsigned)p / channel_pairs);
-        const float w = __bfloat162float(weight[c]) * rstd;
-        const float b = __bfloat162float(bias[c]) - mean * w;
+        const float2 scale_shift = norm_scale_shift(weight[c], bias[c], mean, rstd);
         const float2 v = __bfloat1622float2(xg[p]);
-        float a0 = v.x * w + b, a1 = v.y * w + b;
-        if (silu) {
-            a0 = a0 / (1.f + __expf(-a0));
-            a1 = a1 / (1.f + __expf(-a1));
-        }
-        yg[p] = __floats2bfloat162_rn(a0, a1);
+        yg[p] = __floats2bfloat162_rn(norm_apply(v.x, scale_shift, silu),
+                                      norm_apply(v.y, scale_shift, silu));
     }
 }

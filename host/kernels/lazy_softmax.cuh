@@ -1,5 +1,6 @@
-// The lazy online softmax both attention files run (flash_attn.cu's *_lazy kernels and
-// flash_wgmma.cu), on one 16-row slab of scores in the mma/wgmma accumulator layout:
+// What both attention files share (flash_attn.cu, flash_wgmma.cu): the bf16 pair packing of
+// their fragments, and the lazy online softmax (flash_attn.cu's *_lazy kernels and
+// flash_wgmma.cu's), on one 16-row slab of scores in the mma/wgmma accumulator layout:
 // `s[j][c]` is row g (c < 2) or g + 8, key first_key + 8j + 2t + (c & 1), and `acc[n][c]` the
 // same rows of the output's 16 column groups.
 //
@@ -17,6 +18,12 @@
 // own, and each needs its own copy of this function (every .cu includes it once).
 
 #define LAZY_SLACK 8.f
+
+// Two floats as a bf16 pair in one register (an mma/wgmma A fragment word, or two outputs).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
 
 template <int GROUPS>
 __device__ __forceinline__ void lazy_softmax_rows(float (&s)[GROUPS][4], float (&acc)[16][4],
