@@ -3,14 +3,30 @@
 use std::process::{Command, Output};
 
 fn headshot(data_dir: &std::path::Path, args: &[&str]) -> Output {
+    headshot_env(data_dir, args, &[])
+}
+
+/// [`headshot`] with `envs` set for the process.
+fn headshot_env(data_dir: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_headshot"))
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)
         .env("HEADSHOT_LOG", "warn")
         .env_remove("HEADSHOT__MODEL__SOURCE")
+        .envs(envs.iter().copied())
         .output()
         .expect("headshot runs")
+}
+
+/// `headshot bench gpu --tiny --device cpu` with `extra` arguments.
+fn bench_gpu_tiny(data_dir: &std::path::Path, extra: &[&str]) -> Output {
+    let args: Vec<&str> = ["bench", "gpu", "--tiny", "--device", "cpu"]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    headshot(data_dir, &args)
 }
 
 fn text(b: &[u8]) -> String {
@@ -170,12 +186,7 @@ fn bench_demo_reports_each_stage() {
 #[test]
 fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = headshot(
-        tmp.path(),
-        &[
-            "bench", "gpu", "--tiny", "--device", "cpu", "--iters", "2", "--warmup", "1",
-        ],
-    );
+    let out = bench_gpu_tiny(tmp.path(), &["--iters", "2", "--warmup", "1"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     for name in [
@@ -199,21 +210,7 @@ fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
 #[test]
 fn bench_gpu_vae_only_times_the_decoders_without_a_transformer() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = headshot(
-        tmp.path(),
-        &[
-            "bench",
-            "gpu",
-            "--tiny",
-            "--device",
-            "cpu",
-            "--vae-only",
-            "--iters",
-            "1",
-            "--warmup",
-            "0",
-        ],
-    );
+    let out = bench_gpu_tiny(tmp.path(), &["--vae-only", "--iters", "1", "--warmup", "0"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     for name in ["build_vae", "vae_decode", "vae_decode_candle"] {
@@ -229,37 +226,23 @@ fn bench_gpu_vae_only_times_the_decoders_without_a_transformer() {
         );
     }
     assert!(stdout.contains("decoded image [1, 3, 64, 64]"), "{stdout}");
-    let both = headshot(
-        tmp.path(),
-        &[
-            "bench",
-            "gpu",
-            "--tiny",
-            "--device",
-            "cpu",
-            "--vae-only",
-            "--skip-vae",
-        ],
-    );
+    let both = bench_gpu_tiny(tmp.path(), &["--vae-only", "--skip-vae"]);
     assert!(
         !both.status.success(),
         "--vae-only with --skip-vae is refused"
+    );
+    let stderr = text(&both.stderr);
+    assert!(
+        stderr.contains("--vae-only") && stderr.contains("--skip-vae"),
+        "the refusal names both flags: {stderr}"
     );
 }
 
 #[test]
 fn bench_gpu_check_only_attention_stops_after_the_attention_checks() {
     let tmp = tempfile::tempdir().unwrap();
-    let check = |only: &str| {
-        Command::new(env!("CARGO_BIN_EXE_headshot"))
-            .arg("--data-dir")
-            .arg(tmp.path())
-            .args(["bench", "gpu", "--tiny", "--device", "cpu", "--check"])
-            .env("HEADSHOT_LOG", "warn")
-            .env("HEADSHOT_CHECK_ONLY", only)
-            .output()
-            .expect("headshot runs")
-    };
+    let args = ["bench", "gpu", "--tiny", "--device", "cpu", "--check"];
+    let check = |only: &str| headshot_env(tmp.path(), &args, &[("HEADSHOT_CHECK_ONLY", only)]);
     let out = check("attention");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
@@ -269,10 +252,7 @@ fn bench_gpu_check_only_attention_stops_after_the_attention_checks() {
         "{stdout}"
     );
     // Everything else the full check runs is left out.
-    let full = headshot(
-        tmp.path(),
-        &["bench", "gpu", "--tiny", "--device", "cpu", "--check"],
-    );
+    let full = bench_gpu_tiny(tmp.path(), &["--check"]);
     assert!(full.status.success(), "{}", text(&full.stderr));
     assert!(
         text(&full.stdout).contains("CHECK layer_norm"),
@@ -297,12 +277,7 @@ fn bench_gpu_check_only_attention_stops_after_the_attention_checks() {
 #[test]
 fn bench_gpu_ops_times_each_op_with_its_rate() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = headshot(
-        tmp.path(),
-        &[
-            "bench", "gpu", "--tiny", "--device", "cpu", "--ops", "--iters", "1", "--warmup", "0",
-        ],
-    );
+    let out = bench_gpu_tiny(tmp.path(), &["--ops", "--iters", "1", "--warmup", "0"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     for (name, unit) in [
@@ -328,12 +303,7 @@ fn bench_gpu_ops_times_each_op_with_its_rate() {
     }
     // Ops timing is its own mode: no whole steps are run.
     assert!(!stdout.contains("RESULT one_step"), "{stdout}");
-    let both = headshot(
-        tmp.path(),
-        &[
-            "bench", "gpu", "--tiny", "--device", "cpu", "--ops", "--check",
-        ],
-    );
+    let both = bench_gpu_tiny(tmp.path(), &["--ops", "--check"]);
     assert!(!both.status.success());
 }
 

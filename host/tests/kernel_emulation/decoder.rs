@@ -330,6 +330,95 @@ fn group_finalize_gives_each_groups_mean_and_inverse_std() {
     }
 }
 
+/// The group norm a prep launch applies: per-group (mean, 1/std) f32 bytes, the per-channel
+/// weight and bias as bf16 bytes, and whether SiLU follows.
+struct PrepNorm {
+    stats: Vec<u8>,
+    gamma: Vec<u8>,
+    beta: Vec<u8>,
+    groups: usize,
+    silu: bool,
+}
+
+/// The prep pass over bf16 `x` (`channels` × source image) into an `h × w` output upsampled by
+/// `up`, normalized when `norm` is given, launched as conv_implicit_cuda does: the kernel that
+/// ran and the padded NHWC output bytes.
+fn run_prep(
+    x: Vec<u8>,
+    (channels, h, w, up): (usize, usize, usize, i32),
+    norm: Option<PrepNorm>,
+) -> (&'static str, Vec<u8>) {
+    let (kernel, cfg) = prep_config(channels, h, w, up);
+    let on = norm.is_some();
+    // Without a norm the kernel reads none of these: small placeholders stand in.
+    let norm = norm.unwrap_or(PrepNorm {
+        stats: vec![0; 8],
+        gamma: vec![0; 2],
+        beta: vec![0; 2],
+        groups: 1,
+        silu: false,
+    });
+    let out = launch(
+        kernel,
+        &cfg,
+        &[
+            Arg::In(x),
+            Arg::I32(channels as i32),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+            Arg::I32(up),
+            Arg::I32(i32::from(on)),
+            Arg::In(norm.stats),
+            Arg::In(norm.gamma),
+            Arg::In(norm.beta),
+            Arg::I32(norm.groups as i32),
+            Arg::I32(i32::from(norm.silu)),
+            Arg::Out(2 * (h + 2) * (w + 2) * channels),
+        ],
+    );
+    (kernel, out.into_iter().next().unwrap())
+}
+
+/// The convolution kernel of `tile` over padded NHWC bf16 `xp` (`cin` channels, an `h × w`
+/// output of `cout`), with `taps`, `bias` and (added when `with_residual`) `residual` bytes,
+/// launched as conv_implicit_cuda does: the kernel that ran and its output bytes.
+fn run_conv(
+    tile: Tile,
+    (xp, taps, bias, residual): (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>),
+    with_residual: bool,
+    (cin, cout, h, w): (usize, usize, usize, usize),
+) -> (&'static str, Vec<u8>) {
+    let (kernel, cfg) = conv_config(tile, cout, h, w);
+    let y = launch(
+        kernel,
+        &cfg,
+        &[
+            Arg::In(xp),
+            Arg::In(taps),
+            Arg::In(bias),
+            Arg::In(residual),
+            Arg::I32(i32::from(with_residual)),
+            Arg::I32(cin as i32),
+            Arg::I32(cout as i32),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+            Arg::Out(2 * cout * h * w),
+        ],
+    );
+    (kernel, y.into_iter().next().unwrap())
+}
+
+/// bf16-rounded 3×3 weights `(cout, cin, 3, 3)` scaled by 1/√(9·cin), from `seed`.
+fn conv_weights(cout: usize, cin: usize, seed: u64) -> Tensor {
+    let scale = (9.0 * cin as f32).sqrt();
+    let values: Vec<f32> = random(cout * cin * 9, seed)
+        .iter()
+        .map(|v| v / scale)
+        .collect();
+    let (_, values) = bf16_buffer(&values);
+    Tensor::from_vec(values, (cout, cin, 3, 3), &Device::Cpu).unwrap()
+}
+
 #[test]
 fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
     let (channels, groups) = (64, 32);
@@ -346,8 +435,6 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
         ((4, 16), 1, true, true),
         ((3, 40), 1, false, false),
     ] {
-        let (kernel, cfg) = prep_config(channels, h0 << up, w0 << up, up);
-        let case = format!("{kernel} {h0}x{w0} up {up} norm {norm} silu {silu}");
         let (h, w) = (h0 << up, w0 << up);
         let (x_bytes, x) = bf16_buffer(&random(channels * h0 * w0, 22));
         let (g_bytes, gamma) = bf16_buffer(&random(channels, 23));
@@ -356,24 +443,15 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
             .chunks(2)
             .flat_map(|p| [p[0], 0.5 + p[1].abs()])
             .collect();
-        let out = launch(
-            kernel,
-            &cfg,
-            &[
-                Arg::In(x_bytes),
-                Arg::I32(channels as i32),
-                Arg::I32(h as i32),
-                Arg::I32(w as i32),
-                Arg::I32(up),
-                Arg::I32(i32::from(norm)),
-                Arg::In(f32_bytes(&stats)),
-                Arg::In(g_bytes),
-                Arg::In(b_bytes),
-                Arg::I32(groups as i32),
-                Arg::I32(i32::from(silu)),
-                Arg::Out(2 * (h + 2) * (w + 2) * channels),
-            ],
-        );
+        let prep_norm = PrepNorm {
+            stats: f32_bytes(&stats),
+            gamma: g_bytes,
+            beta: b_bytes,
+            groups,
+            silu,
+        };
+        let (kernel, out) = run_prep(x_bytes, (channels, h, w, up), norm.then_some(prep_norm));
+        let case = format!("{kernel} {h0}x{w0} up {up} norm {norm} silu {silu}");
         let mut image = vec![0f32; channels * h * w];
         for c in 0..channels {
             let g = c / (channels / groups);
@@ -394,7 +472,7 @@ fn conv_prep_pads_transposes_and_applies_norm_silu_and_upsampling() {
             }
         }
         let want = padded_nhwc(&image, channels, h, w);
-        let got = bf16_values(&out[0]);
+        let got = bf16_values(&out);
         check_bf16(&case, &got, &want);
         let border_zero = (0..(h + 2) * (w + 2)).all(|p| {
             let (r, col) = (p / (w + 2), p % (w + 2));
@@ -425,39 +503,22 @@ fn implicit_convolution_matches_candles_convolution() {
         (Tile::Wgmma, 64, 256, 2, 136, true),
         (Tile::Wgmma, 96, 128, 4, 16, true),
     ] {
-        let (kernel, cfg) = conv_config(tile, cout, h, w);
-        let case = format!("{kernel} {cin}->{cout} {h}x{w} residual {with_residual}");
         let (_, x) = bf16_buffer(&random(cin * h * w, 31));
-        let (_, weights) = bf16_buffer(
-            &random(cout * cin * 9, 32)
-                .iter()
-                .map(|v| v / (9.0 * cin as f32).sqrt())
-                .collect::<Vec<_>>(),
-        );
+        let weights = conv_weights(cout, cin, 32);
         let (bias_bytes, bias) = bf16_buffer(&random(cout, 33));
         let (res_bytes, residual) = bf16_buffer(&random(cout * h * w, 34));
-        let weights = Tensor::from_vec(weights, (cout, cin, 3, 3), &Device::Cpu).unwrap();
         let (xp_bytes, _) = bf16_buffer(&padded_nhwc(&x, cin, h, w));
         let (taps_bytes, _) = bf16_buffer(&implicit_tap_values(&weights));
-        let y = launch(
-            kernel,
-            &cfg,
-            &[
-                Arg::In(xp_bytes),
-                Arg::In(taps_bytes),
-                Arg::In(bias_bytes),
-                Arg::In(res_bytes),
-                Arg::I32(i32::from(with_residual)),
-                Arg::I32(cin as i32),
-                Arg::I32(cout as i32),
-                Arg::I32(h as i32),
-                Arg::I32(w as i32),
-                Arg::Out(2 * cout * h * w),
-            ],
+        let (kernel, y) = run_conv(
+            tile,
+            (xp_bytes, taps_bytes, bias_bytes, res_bytes),
+            with_residual,
+            (cin, cout, h, w),
         );
+        let case = format!("{kernel} {cin}->{cout} {h}x{w} residual {with_residual}");
         let input = Tensor::from_vec(x, (1, cin, h, w), &Device::Cpu).unwrap();
         let want = candle_conv3x3(input, &weights, bias, with_residual.then_some(residual));
-        check_bf16(&case, &bf16_values(&y[0]), &want);
+        check_bf16(&case, &bf16_values(&y), &want);
     }
 }
 
@@ -477,53 +538,25 @@ fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
     let (g_bytes, gamma) = bf16_buffer(&random(channels, 42));
     let (b_bytes, beta) = bf16_buffer(&random(channels, 43));
     let stats = group_stats(&x_bytes, groups, group_len);
+    let norm = PrepNorm {
+        stats,
+        gamma: g_bytes,
+        beta: b_bytes,
+        groups,
+        silu: true,
+    };
+    let (prep, xp) = run_prep(x_bytes, (channels, h, w, 1), Some(norm));
     // 8-wide source rows: the vector kernel, as the wrapper picks it.
-    let (prep, prep_cfg) = prep_config(channels, h, w, 1);
     assert_eq!(prep, "headshot_conv_prep_nhwc_vec_bf16");
-    let xp = launch(
-        prep,
-        &prep_cfg,
-        &[
-            Arg::In(x_bytes),
-            Arg::I32(channels as i32),
-            Arg::I32(h as i32),
-            Arg::I32(w as i32),
-            Arg::I32(1),
-            Arg::I32(1),
-            Arg::In(stats),
-            Arg::In(g_bytes),
-            Arg::In(b_bytes),
-            Arg::I32(groups as i32),
-            Arg::I32(1),
-            Arg::Out(2 * (h + 2) * (w + 2) * channels),
-        ],
-    );
-    let (_, weights) = bf16_buffer(
-        &random(cout * channels * 9, 44)
-            .iter()
-            .map(|v| v / (9.0 * channels as f32).sqrt())
-            .collect::<Vec<_>>(),
-    );
-    let weights = Tensor::from_vec(weights, (cout, channels, 3, 3), &Device::Cpu).unwrap();
+    let weights = conv_weights(cout, channels, 44);
     let (taps_bytes, _) = bf16_buffer(&implicit_tap_values(&weights));
     let (bias_bytes, bias) = bf16_buffer(&random(cout, 45));
     let (res_bytes, residual) = bf16_buffer(&random(cout * h * w, 46));
-    let (kernel, cfg) = conv_config(Tile::Narrow, cout, h, w);
-    let y = launch(
-        kernel,
-        &cfg,
-        &[
-            Arg::In(xp[0].clone()),
-            Arg::In(taps_bytes),
-            Arg::In(bias_bytes),
-            Arg::In(res_bytes),
-            Arg::I32(1),
-            Arg::I32(channels as i32),
-            Arg::I32(cout as i32),
-            Arg::I32(h as i32),
-            Arg::I32(w as i32),
-            Arg::Out(2 * cout * h * w),
-        ],
+    let (_, y) = run_conv(
+        Tile::Narrow,
+        (xp, taps_bytes, bias_bytes, res_bytes),
+        true,
+        (channels, cout, h, w),
     );
     let cpu = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
     let norm = candle_nn::GroupNorm::new(
@@ -542,7 +575,7 @@ fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
     let want = candle_conv3x3(input, &weights, bias, Some(residual));
     check_bf16(
         "group norm + SiLU + upsample + implicit conv + residual",
-        &bf16_values(&y[0]),
+        &bf16_values(&y),
         &want,
     );
 }
