@@ -210,15 +210,14 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         // The decoder alone: random latents of the image's shape (the decode's time does not
         // depend on their values), without building the transformer.
         Rng::new(0)
-            .normal_tensor(&[1, 16, opts.height / 8, opts.width / 8], &device)?
+            .normal_tensor(
+                &[1, ae_cfg.z_channels, opts.height / 8, opts.width / 8],
+                &device,
+            )?
             .to_dtype(dtype)?
     } else {
         time_steps(opts, &device, dtype, &flux_cfg, out)?
     };
-    let bench = |out: &mut dyn Write, name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| {
-        timed(&device, opts.warmup, opts.iters, out, name, f).map(|(last, _)| last)
-    };
-
     if !opts.skip_vae {
         let t = Instant::now();
         let vb =
@@ -232,13 +231,27 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         )?;
         // The decoder the pipeline runs, then candle's autoencoder (random weights of its own:
         // the time does not depend on the values) as the baseline in the same process.
-        let img = bench(out, "vae_decode", &|| vae.decode(&latents))?;
+        let img = bench_figure(opts, &device, out, "vae_decode", &|| vae.decode(&latents))?;
         writeln!(out, "decoded image {:?}", img.dims())?;
         drop(vae);
         let stock = AutoEncoder::new(&ae_cfg, vb)?;
-        bench(out, "vae_decode_candle", &|| stock.decode(&latents))?;
+        bench_figure(opts, &device, out, "vae_decode_candle", &|| {
+            stock.decode(&latents)
+        })?;
     }
     Ok(())
+}
+
+/// One `RESULT` figure of `bench gpu`: [`timed`] with `opts`' warm-up and iterations, the
+/// last run's output.
+fn bench_figure(
+    opts: &GpuBenchOptions,
+    device: &Device,
+    out: &mut dyn Write,
+    name: &str,
+    f: &dyn Fn() -> candle_core::Result<Tensor>,
+) -> Result<Tensor, BenchError> {
+    timed(device, opts.warmup, opts.iters, out, name, f).map(|(last, _)| last)
 }
 
 /// One step and four steps of the transformer `opts` picks, timed; the four steps' latents,
@@ -309,7 +322,7 @@ fn time_steps(
     };
 
     let bench = |out: &mut dyn Write, name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| {
-        timed(device, opts.warmup, opts.iters, out, name, f).map(|(last, _)| last)
+        bench_figure(opts, device, out, name, f)
     };
     bench(out, "one_step", &|| forward(&state.img, 1.0))?;
     let latents = bench(out, "four_steps", &four_steps)?;

@@ -68,6 +68,15 @@ fn chunking(group_len: usize) -> (usize, usize) {
     (chunk, group_len.div_ceil(chunk).max(1))
 }
 
+/// The launch of both chunked kernels: a block per (chunk, group).
+fn chunk_grid(chunks: usize, all_groups: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (chunks as u32, all_groups as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// The partial sums of every group of bf16 `x` (`batch · channels · h · w` values, NCHW):
 /// `(partials, chunks, chunk_len)`, the stats launch's output that the apply and finalize
 /// launches read. The shape must have passed [`check_shape`].
@@ -81,11 +90,6 @@ fn partial_sums<T: DeviceRepr>(
     // SAFETY: the stats launch writes every (group, chunk) pair of partials: one block
     // per pair, its thread 0 writes both values.
     let mut partials = unsafe { dev.alloc::<f64>(2 * all_groups * chunks) }?;
-    let cfg = LaunchConfig {
-        grid_dim: (chunks as u32, all_groups as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let stats =
         dev.get_or_load_custom_func("headshot_group_stats_bf16", "headshot_group_norm", PTX)?;
     let (group_len_i, chunk_len_i) = (group_len as i64, chunk_len as i64);
@@ -96,7 +100,7 @@ fn partial_sums<T: DeviceRepr>(
     builder.arg(&mut partials);
     // SAFETY: block (k, g) reads values [k·chunk_len, (k+1)·chunk_len) ∩ [0, group_len)
     // of group g, inside x's all_groups·group_len values, and writes partials[g][k].
-    unsafe { builder.launch(cfg) }.w()?;
+    unsafe { builder.launch(chunk_grid(chunks, all_groups)) }.w()?;
     Ok((partials, chunks, chunk_len))
 }
 
@@ -190,11 +194,7 @@ impl CustomOp3 for GroupNorm {
         let all_groups = batch * groups;
         let (partials, chunks, chunk_len) = partial_sums(dev, &x, all_groups, group_len)?;
         let mut y = alloc_like(dev, xs, batch * channels * channel_len)?;
-        let cfg = LaunchConfig {
-            grid_dim: (chunks as u32, all_groups as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = chunk_grid(chunks, all_groups);
         let (group_len_i, chunk_len_i, channel_len_i) =
             (group_len as i64, chunk_len as i64, channel_len as i64);
 
