@@ -218,47 +218,14 @@ __device__ __forceinline__ void conv3x3_block(const __nv_bfloat16 *__restrict__ 
     const int wp = w + 2;
     const int steps = 3 * (cin / CI_BK);
 
-    // What this thread copies per step, fixed but for the step's row tap and channel slice:
-    // 16-byte chunk tid & 3 of shared rows tid / 4 + ROWS_PER_PASS·k: the BM + 2 pixel rows
-    // (the last pass only its first two rows) and the 3 · 128 weight rows. ROWS_PER_PASS is
-    // a multiple of 8, so such rows all have the swizzle of row tid / 4, and one shared offset
-    // serves every k.
-    static_assert(T::ROWS_PER_PASS % 8 == 0, "rows per pass keep the swizzle");
-    static_assert(T::BM % T::ROWS_PER_PASS == 0, "pixel rows in whole passes, plus two");
-    static_assert((3 * CI_BN) % T::ROWS_PER_PASS == 0, "weight rows in whole passes");
-    static_assert(CI_BN % T::ROWS_PER_PASS == 0, "a pass within one column tap");
-    constexpr int A_PASSES = T::BM / T::ROWS_PER_PASS + 1;
-    constexpr int B_PASSES = 3 * CI_BN / T::ROWS_PER_PASS;
-    const int chunk = tid & 3;
-    const int first_row = tid >> 2;
-    const int dst0 = ci_swizzle(first_row, chunk);
-    // Pixel row k's column in the padded row. Columns past it feed only pixels past w, which
-    // are not written: read the last column instead of leaving the row.
-    int a_src[A_PASSES];
-#pragma unroll
-    for (int k = 0; k < A_PASSES; ++k) {
-        a_src[k] = min(x0 + first_row + T::ROWS_PER_PASS * k, wp - 1) * cin + chunk * 8;
-    }
-    const __nv_bfloat16 *b_src = wt + (long long)(n0 + first_row) * cin + chunk * 8;
-    const long long tap_stride = (long long)cout * cin;
+    // Rows ROWS_PER_PASS apart (a multiple of 8) have the swizzle of row tid / 4, so one
+    // shared offset serves every pass.
+    const ConvCopies<T::BM, T::THREADS> copies(xp, wt, cin, cout, w, x0, row, n0);
+    const int dst0 = ci_swizzle(tid >> 2, tid & 3);
+    constexpr int PASS_BYTES = T::ROWS_PER_PASS * CI_ROW_BYTES;
     auto load = [&](int dy, int c0, int stage) {
         unsigned char *a = smem + stage * T::STAGE_BYTES + dst0;
-        unsigned char *b = smem + stage * T::STAGE_BYTES + T::A_BYTES + dst0;
-        const __nv_bfloat16 *src_row = xp + (long long)(row + dy) * wp * cin + c0;
-#pragma unroll
-        for (int k = 0; k < A_PASSES; ++k) {
-            if (k < A_PASSES - 1 || tid < 4 * (T::A_ROWS - T::BM)) {
-                cp_async_16(a + k * T::ROWS_PER_PASS * CI_ROW_BYTES, src_row + a_src[k], 16);
-            }
-        }
-        const __nv_bfloat16 *b_tap = b_src + dy * 3 * tap_stride + c0;
-#pragma unroll
-        for (int k = 0; k < B_PASSES; ++k) {
-            // Rows r = ROWS_PER_PASS·k + tid / 4: column tap r / 128, output channel r % 128.
-            const int r0 = T::ROWS_PER_PASS * k;
-            cp_async_16(b + r0 * CI_ROW_BYTES,
-                        b_tap + (r0 / CI_BN) * tap_stride + (r0 % CI_BN) * cin, 16);
-        }
+        copies.issue(dy, c0, a, PASS_BYTES, a + T::A_BYTES, PASS_BYTES);
     };
 
     float acc[4][4][4];

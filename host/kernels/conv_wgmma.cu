@@ -67,35 +67,14 @@ extern "C" __global__ void __launch_bounds__(CW_THREADS, 2)
     const int wp = w + 2;
     const int steps = 3 * (cin / CI_BK);
 
-    // What this thread copies per step: chunk tid & 3 of rows tid / 4 + 64·k (the 130 pixel
-    // rows: k < 3, the third pass only for the first 8 threads; the 384 weight rows: k < 6).
-    const int chunk = tid & 3;
-    const int first_row = tid >> 2;
-    int a_src[3];
-#pragma unroll
-    for (int k = 0; k < 3; ++k) {
-        // Columns past the padded row feed only pixels past w, which are not written.
-        a_src[k] = min(x0 + first_row + 64 * k, wp - 1) * cin + chunk * 8;
-    }
-    const __nv_bfloat16 *b_src = wt + (long long)(n0 + first_row) * cin + chunk * 8;
-    const long long tap_stride = (long long)cout * cin;
+    // Chunk c of row r is at c · rows · 16 + r · 16, so a pass of 64 rows is 64 · 16 bytes on.
+    const ConvCopies<CW_BM, CW_THREADS> copies(xp, wt, cin, cout, w, x0, row, n0);
+    const int chunk = tid & 3, first_row = tid >> 2;
+    constexpr int PASS_BYTES = ConvCopies<CW_BM, CW_THREADS>::ROWS_PER_PASS * 16;
     auto load = [&](int dy, int c0, int stage) {
-        unsigned char *a = smem + stage * CW_STAGE_BYTES + chunk * CW_A_ROWS * 16;
-        unsigned char *b = smem + stage * CW_STAGE_BYTES + CW_A_BYTES + chunk * CW_B_ROWS * 16;
-        const __nv_bfloat16 *src_row = xp + (long long)(row + dy) * wp * cin + c0;
-#pragma unroll
-        for (int k = 0; k < 3; ++k) {
-            if (k < 2 || tid < 4 * (CW_A_ROWS - CW_BM)) {
-                cp_async_16(a + (first_row + 64 * k) * 16, src_row + a_src[k], 16);
-            }
-        }
-        const __nv_bfloat16 *b_tap = b_src + dy * 3 * tap_stride + c0;
-#pragma unroll
-        for (int k = 0; k < 6; ++k) {
-            // Rows 64·k + tid / 4: column tap k / 2, output channel 64·(k % 2) + tid / 4.
-            cp_async_16(b + (first_row + 64 * k) * 16,
-                        b_tap + (k >> 1) * tap_stride + (k & 1) * 64 * cin, 16);
-        }
+        unsigned char *ring = smem + stage * CW_STAGE_BYTES + first_row * 16;
+        copies.issue(dy, c0, ring + chunk * CW_A_ROWS * 16, PASS_BYTES,
+                     ring + CW_A_BYTES + chunk * CW_B_ROWS * 16, PASS_BYTES);
     };
 
     float acc[64];
