@@ -36,7 +36,7 @@ run() {
   local switches; switches=$(env | grep -E '^HEADSHOT_' | sort | tr '\n' ' ')
   echo "== $switches$* (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
   timeout "$limit" /tmp/headshot "$@" > "$out/last.txt" 2>&1; local rc=$?
-  grep -E "RESULT|RATE|CHECK|MEMORY|model|Error|error|panick|per-row|WARN|GEMM tuned" "$out/last.txt" | tee -a "$out/session.txt"
+  grep -E "RESULT|RATE|CHECK|MEMORY|PROFILE|model|Error|error|panick|per-row|WARN|GEMM tuned" "$out/last.txt" | tee -a "$out/session.txt"
   echo "exit $rc" | tee -a "$out/session.txt"
 }
 

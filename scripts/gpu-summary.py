@@ -136,12 +136,15 @@ def main(out_dir):
     for line in decoder_op_lines(session):
         print(line)
     # Whole decodes per decoder path (--vae-only runs and full runs alike), fastest first.
-    decodes = []
+    decodes, profiles = [], {}
     for header, lines in runs(session):
         m = medians(lines)
         if "vae_decode" in m and "--width" not in header and "--height" not in header:
             switches = " ".join(w for w in header.split() if w.startswith("HEADSHOT_")) or "(defaults)"
             decodes.append((m["vae_decode"], switches))
+            profile = [l.removeprefix("PROFILE vae_decode ") for l in lines if l.startswith("PROFILE vae_decode ")]
+            if profile:
+                profiles.setdefault(switches, profile)
     if decodes:
         best = {}
         for t, s in decodes:
@@ -149,6 +152,11 @@ def main(out_dir):
         ranked = sorted(best.items(), key=lambda kv: kv[1])
         base = f" (diffusers {base_decode} ms)" if base_decode else ""
         print("decode by decoder path, fastest first" + base + ": " + ", ".join(f"{s} {t:g} ms" for s, t in ranked))
+        # Where the fastest path's decode spends its time (one traced decode, slowest stages
+        # first): what to work on next.
+        fastest = ranked[0][0]
+        if fastest in profiles:
+            print(f"stages of the fastest decode ({fastest}), slowest first: " + "; ".join(profiles[fastest][:8]))
 
 
 def decoder_op_lines(session):

@@ -233,12 +233,51 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         // the time does not depend on the values) as the baseline in the same process.
         let img = bench_figure(opts, &device, out, "vae_decode", &|| vae.decode(&latents))?;
         writeln!(out, "decoded image {:?}", img.dims())?;
+        profile_decode(&device, &vae, &latents, out)?;
         drop(vae);
         let stock = AutoEncoder::new(&ae_cfg, vb)?;
         bench_figure(opts, &device, out, "vae_decode_candle", &|| {
             stock.decode(&latents)
         })?;
     }
+    Ok(())
+}
+
+/// One more decode, the device synchronized after each stage: `PROFILE vae_decode` lines
+/// with each stage's time, output shape and share of the sum, slowest first, so a device
+/// session's figures say which of the decoder's steps to work on next. The syncs cost a few
+/// launches' latency per stage; the sum is printed beside the `vae_decode` figure to show it.
+fn profile_decode(
+    device: &Device,
+    vae: &Decoder,
+    latents: &Tensor,
+    out: &mut dyn Write,
+) -> Result<(), BenchError> {
+    device.synchronize()?;
+    let mut stages: Vec<(String, Vec<usize>, f64)> = Vec::new();
+    let mut mark = Instant::now();
+    vae.decode_traced(latents, &mut |name, output| {
+        device.synchronize()?;
+        let now = Instant::now();
+        let ms = (now - mark).as_secs_f64() * 1e3;
+        stages.push((name.to_string(), output.dims().to_vec(), ms));
+        mark = now;
+        Ok(())
+    })?;
+    let total: f64 = stages.iter().map(|(_, _, ms)| ms).sum();
+    stages.sort_by(|a, b| b.2.total_cmp(&a.2));
+    for (name, dims, ms) in &stages {
+        writeln!(
+            out,
+            "PROFILE vae_decode {name} {dims:?}: {ms:.2} ms ({:.0}%)",
+            100.0 * ms / total.max(f64::MIN_POSITIVE)
+        )?;
+    }
+    writeln!(
+        out,
+        "PROFILE vae_decode sum of {} stages: {total:.2} ms",
+        stages.len()
+    )?;
     Ok(())
 }
 

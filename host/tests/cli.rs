@@ -226,6 +226,29 @@ fn bench_gpu_vae_only_times_the_decoders_without_a_transformer() {
         );
     }
     assert!(stdout.contains("decoded image [1, 3, 64, 64]"), "{stdout}");
+    // One traced decode splits the time by stage: every stage once, the sum last.
+    let profile: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("PROFILE vae_decode "))
+        .collect();
+    for stage in [
+        "conv_in ",
+        "mid.attn_1 ",
+        "up.0.block.0 ",
+        "norm_out+conv_out ",
+    ] {
+        assert_eq!(
+            profile.iter().filter(|l| l.contains(stage)).count(),
+            1,
+            "{stage}: {stdout}"
+        );
+    }
+    assert!(
+        profile
+            .last()
+            .is_some_and(|l| l.contains("sum of ") && l.ends_with(" ms")),
+        "{stdout}"
+    );
     let both = bench_gpu_tiny(tmp.path(), &["--vae-only", "--skip-vae"]);
     assert!(
         !both.status.success(),

@@ -470,9 +470,15 @@ impl AttnBlock {
 
 /// One resolution level: its resnet blocks, then (except at the top) a 2× upsample and conv.
 struct UpLevel {
+    /// The level's index in the checkpoint (`up.{index}`): its name in a decode's trace.
+    index: usize,
     blocks: Vec<ResnetBlock>,
     upsample: Option<Conv>,
 }
+
+/// Told each stage of a traced decode ([`Decoder::decode_traced`]) once its ops are queued:
+/// the stage's name (its checkpoint prefix) and output.
+pub type StageHook<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
 
 /// The decoder, with the latent scale and shift the transformer's latents are in.
 pub struct Decoder {
@@ -530,7 +536,11 @@ impl Decoder {
                     vb_level.pp("upsample").pp("conv"),
                 )?)
             };
-            up.push(UpLevel { blocks, upsample });
+            up.push(UpLevel {
+                index: level,
+                blocks,
+                upsample,
+            });
         }
         Ok(Self {
             conv_in,
@@ -547,21 +557,38 @@ impl Decoder {
 
     /// Latents `(batch, z_channels, h, w)` to images `(batch, out_ch, 8h, 8w)` in about [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode_traced(latents, &mut |_, _| Ok(()))
+    }
+
+    /// [`Decoder::decode`], telling `after` each stage (`conv_in`, `mid.block_1`,
+    /// `mid.attn_1`, `mid.block_2`, `up.{level}.block.{i}`, `up.{level}.upsample`,
+    /// `norm_out+conv_out`) once its ops are queued: `bench gpu` synchronizes there to split
+    /// a decode's time by stage, so the next kernel to write is the one the figures name.
+    pub fn decode_traced(&self, latents: &Tensor, after: &mut StageHook) -> Result<Tensor> {
         let z = ((latents / self.scale_factor)? + self.shift_factor)?;
         let mut h = self.conv_in.forward(&z)?;
+        after("conv_in", &h)?;
         h = self.mid_block_1.forward(&h)?;
+        after("mid.block_1", &h)?;
         h = self.mid_attn.forward(&h)?;
+        after("mid.attn_1", &h)?;
         h = self.mid_block_2.forward(&h)?;
+        after("mid.block_2", &h)?;
         for level in &self.up {
-            for block in &level.blocks {
+            for (i, block) in level.blocks.iter().enumerate() {
                 h = block.forward(&h)?;
+                after(&format!("up.{}.block.{i}", level.index), &h)?;
             }
             if let Some(conv) = &level.upsample {
                 h = conv.forward_with(&h, None, true, None)?;
+                after(&format!("up.{}.upsample", level.index), &h)?;
             }
         }
-        self.conv_out
-            .forward_with(&h, Some(&self.norm_out), false, None)
+        let image = self
+            .conv_out
+            .forward_with(&h, Some(&self.norm_out), false, None)?;
+        after("norm_out+conv_out", &image)?;
+        Ok(image)
     }
 }
 
@@ -599,6 +626,50 @@ mod tests {
         );
         let error = max_rel_error(&got, &want).unwrap();
         assert!(error <= 1e-4, "max relative difference {error}");
+    }
+
+    #[test]
+    fn a_traced_decode_names_each_stage_in_order_and_decodes_the_same() {
+        let cfg = two_level_config();
+        let tensors = record(8, |vb| AutoEncoder::new(&cfg, vb)).unwrap();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let ours = Decoder::new(&cfg, vb).unwrap();
+        let latents = Tensor::randn(0f32, 1.0, (1, 16, 4, 6), &Device::Cpu).unwrap();
+
+        let mut stages = Vec::new();
+        let traced = ours
+            .decode_traced(&latents, &mut |name, out| {
+                stages.push((name.to_string(), out.dims().to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        let want: Vec<(String, Vec<usize>)> = [
+            ("conv_in", [1, 64, 4, 6]),
+            ("mid.block_1", [1, 64, 4, 6]),
+            ("mid.attn_1", [1, 64, 4, 6]),
+            ("mid.block_2", [1, 64, 4, 6]),
+            ("up.1.block.0", [1, 64, 4, 6]),
+            ("up.1.block.1", [1, 64, 4, 6]),
+            ("up.1.upsample", [1, 64, 8, 12]),
+            ("up.0.block.0", [1, 32, 8, 12]),
+            ("up.0.block.1", [1, 32, 8, 12]),
+            ("norm_out+conv_out", [1, 3, 8, 12]),
+        ]
+        .into_iter()
+        .map(|(name, dims)| (name.to_string(), dims.to_vec()))
+        .collect();
+        assert_eq!(stages, want);
+        let plain = ours.decode(&latents).unwrap();
+        assert_eq!(max_rel_error(&traced, &plain).unwrap(), 0.0);
+        // A hook's error ends the decode with it.
+        let failed = ours.decode_traced(&latents, &mut |name, _| {
+            if name == "mid.attn_1" {
+                candle_core::bail!("stop at {name}")
+            }
+            Ok(())
+        });
+        let message = failed.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("stop at mid.attn_1"), "{message}");
     }
 
     #[test]
