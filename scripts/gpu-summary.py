@@ -101,6 +101,8 @@ def main(out_dir):
             c = CHECK.search(line)
             if c and c.group(5) == "FAIL":
                 failed.append(f"{header}: {c.group(1)} {c.group(2)}{c.group(3)}(bound {c.group(4)})")
+            if line.startswith("CHECK ") and " where: " in line:
+                failed.append("    " + line.strip())
             if "CHECK stopped" in line or "panicked" in line:
                 failed.append(f"{header}: {line.strip()}")
         # A run that failed or ran out of time has no table row: say so. Every run the script

@@ -405,6 +405,9 @@ fn check(
         if !ok {
             failed.push(r.name.clone());
         }
+        if let Some(mismatch) = &r.mismatch {
+            writeln!(out, "CHECK {} where: {mismatch}", r.name)?;
+        }
     }
     if let Some(e) = stopped {
         // The comparisons before the failing op are reported above; this one could not run.

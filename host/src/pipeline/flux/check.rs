@@ -37,6 +37,9 @@ pub struct CheckResult {
     pub non_finite: bool,
     /// The bound this comparison is held to.
     pub tolerance: f64,
+    /// For a comparison that fails, where its wrong values lie
+    /// ([`super::mismatch::describe`]): what the next session debugs from.
+    pub mismatch: Option<String>,
 }
 
 impl CheckResult {
@@ -71,12 +74,23 @@ pub fn max_rel_error(fast: &Tensor, reference: &Tensor) -> Result<f64> {
 
 fn compare(name: &str, fast: &Tensor, reference: &Tensor, tolerance: f64) -> Result<CheckResult> {
     let values: Vec<f32> = fast.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok(CheckResult {
+    let mut result = CheckResult {
         name: name.to_string(),
         max_rel_error: max_rel_error(fast, reference)?,
         non_finite: values.iter().any(|v| !v.is_finite()),
         tolerance,
-    })
+        mismatch: None,
+    };
+    if !result.passes() {
+        let want: Vec<f32> = reference.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        result.mismatch = Some(super::mismatch::describe(
+            &values,
+            &want,
+            fast.dims(),
+            tolerance,
+        ));
+    }
+    Ok(result)
 }
 
 /// Runs every check on `device`, fast paths in `dtype` (held to [`BF16_TOLERANCE`], or
@@ -870,8 +884,21 @@ mod tests {
         let b = Tensor::new(&[1f32, 2.0, 3.1], &Device::Cpu).expect("b");
         let r = compare("x", &a, &b, 1e-2).expect("compare");
         assert!(!r.passes(), "{r:?}");
+        // A failure says where its wrong values lie; a pass carries no such line.
+        let mismatch = r.mismatch.as_deref().unwrap_or_default();
+        assert!(
+            mismatch.starts_with("1 of 3 values") && mismatch.contains("worst at [2]"),
+            "{mismatch}"
+        );
+        assert!(
+            compare("same", &a, &a, 1e-2)
+                .expect("compare")
+                .mismatch
+                .is_none()
+        );
         let nan = Tensor::new(&[f32::NAN, 2.0, 3.0], &Device::Cpu).expect("nan");
         let r = compare("nan", &nan, &a, 1.0).expect("compare");
         assert!(r.non_finite && !r.passes());
+        assert!(r.mismatch.is_some_and(|m| m.contains("worst at [0]: NaN")));
     }
 }

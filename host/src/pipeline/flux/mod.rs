@@ -27,6 +27,7 @@ pub mod gemm_cuda;
 #[cfg(feature = "cuda")]
 pub mod group_norm_cuda;
 pub mod layers;
+pub mod mismatch;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod norm_rope_cuda;
