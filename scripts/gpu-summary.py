@@ -144,9 +144,20 @@ def main(out_dir):
         if "vae_decode" in m and "--width" not in header and "--height" not in header:
             switches = " ".join(w for w in header.split() if w.startswith("HEADSHOT_")) or "(defaults)"
             decodes.append((m["vae_decode"], switches))
-            profile = [l.removeprefix("PROFILE vae_decode ") for l in lines if l.startswith("PROFILE vae_decode ")]
+            profile = stage_lines(lines, "vae_decode")
             if profile:
                 profiles.setdefault(switches, profile)
+    # The fastest 1024x1024 step (its switches and flags) and where its time goes.
+    steps = []
+    for header, lines in sections:
+        m = medians(lines)
+        if "one_step" in m and "--width" not in header and "--height" not in header:
+            steps.append((m["one_step"], re.sub(r" \(t=\d+s\)$", "", header), stage_lines(lines, "one_step")))
+    if steps:
+        t, header, profile = min(steps, key=lambda s: s[0])
+        print(f"fastest step: {t:g} ms ({header})")
+        if profile:
+            print("  its stages, slowest first: " + "; ".join(profile[:10]))
     if decodes:
         best = {}
         for t, s in decodes:
@@ -159,6 +170,12 @@ def main(out_dir):
         fastest = ranked[0][0]
         if fastest in profiles:
             print(f"stages of the fastest decode ({fastest}), slowest first: " + "; ".join(profiles[fastest][:8]))
+
+
+def stage_lines(lines, figure):
+    """The PROFILE lines of one figure (slowest stage first, the sum last), without the prefix."""
+    prefix = f"PROFILE {figure} "
+    return [l.removeprefix(prefix) for l in lines if l.startswith(prefix)]
 
 
 def decoder_op_lines(session):

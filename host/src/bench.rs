@@ -20,6 +20,7 @@ use crate::pipeline::flux::attention::AttentionKernel;
 use crate::pipeline::flux::check::{self, CheckShape};
 use crate::pipeline::flux::layers::{Fp8Scale, GemmKernel, WeightFormat};
 use crate::pipeline::flux::model::{FluxModel, ModelOptions};
+use crate::pipeline::flux::stage_profile;
 use crate::pipeline::random_weights::RandomWeights;
 use crate::pipeline::rng::Rng;
 use crate::pipeline::{
@@ -233,7 +234,7 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         // the time does not depend on the values) as the baseline in the same process.
         let img = bench_figure(opts, &device, out, "vae_decode", &|| vae.decode(&latents))?;
         writeln!(out, "decoded image {:?}", img.dims())?;
-        profile_decode(&device, &vae, &latents, out)?;
+        profile_figure(&device, out, "vae_decode", &|| vae.decode(&latents))?;
         drop(vae);
         let stock = AutoEncoder::new(&ae_cfg, vb)?;
         bench_figure(opts, &device, out, "vae_decode_candle", &|| {
@@ -243,41 +244,37 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
     Ok(())
 }
 
-/// One more decode, the device synchronized after each stage: `PROFILE vae_decode` lines
-/// with each stage's time, output shape and share of the sum, slowest first, so a device
-/// session's figures say which of the decoder's steps to work on next. The syncs cost a few
-/// launches' latency per stage; the sum is printed beside the `vae_decode` figure to show it.
-fn profile_decode(
+/// One more run of `pass` (a figure's), profiled ([`stage_profile::profile`]): `PROFILE
+/// {figure}` lines with each stage's time, runs, output shape and share of the sum, slowest
+/// first, then the sum, so a device session's figures say which part to work on next. The
+/// device is synchronized at every stage (a launch's latency or so each): compare the sum
+/// with the figure's median.
+fn profile_figure(
     device: &Device,
-    vae: &Decoder,
-    latents: &Tensor,
     out: &mut dyn Write,
+    figure: &str,
+    pass: &dyn Fn() -> candle_core::Result<Tensor>,
 ) -> Result<(), BenchError> {
-    device.synchronize()?;
-    let mut stages: Vec<(String, Vec<usize>, f64)> = Vec::new();
-    let mut mark = Instant::now();
-    vae.decode_traced(latents, &mut |name, output| {
-        device.synchronize()?;
-        let now = Instant::now();
-        let ms = (now - mark).as_secs_f64() * 1e3;
-        stages.push((name.to_string(), output.dims().to_vec(), ms));
-        mark = now;
-        Ok(())
-    })?;
-    let total: f64 = stages.iter().map(|(_, _, ms)| ms).sum();
-    stages.sort_by(|a, b| b.2.total_cmp(&a.2));
-    for (name, dims, ms) in &stages {
+    let (_, mut stages) = stage_profile::profile(device, pass)?;
+    let total: f64 = stages.iter().map(|s| s.ms).sum();
+    let count = stages.len();
+    stages.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    for s in &stages {
+        let runs = if s.runs > 1 {
+            format!(" x{}", s.runs)
+        } else {
+            String::new()
+        };
         writeln!(
             out,
-            "PROFILE vae_decode {name} {dims:?}: {ms:.2} ms ({:.0}%)",
-            100.0 * ms / total.max(f64::MIN_POSITIVE)
+            "PROFILE {figure} {}{runs} {:?}: {:.2} ms ({:.0}%)",
+            s.name,
+            s.dims,
+            s.ms,
+            100.0 * s.ms / total.max(f64::MIN_POSITIVE)
         )?;
     }
-    writeln!(
-        out,
-        "PROFILE vae_decode sum of {} stages: {total:.2} ms",
-        stages.len()
-    )?;
+    writeln!(out, "PROFILE {figure} sum of {count} stages: {total:.2} ms")?;
     Ok(())
 }
 
@@ -364,6 +361,9 @@ fn time_steps(
         bench_figure(opts, device, out, name, f)
     };
     bench(out, "one_step", &|| forward(&state.img, 1.0))?;
+    if opts.model == ModelImpl::Ours {
+        profile_figure(device, out, "one_step", &|| forward(&state.img, 1.0))?;
+    }
     let latents = bench(out, "four_steps", &four_steps)?;
     if let Some(mib) = crate::heap::proc_status_mib("VmHWM") {
         writeln!(out, "MEMORY peak resident after the steps: {mib:.0} MiB")?;

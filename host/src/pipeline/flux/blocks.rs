@@ -11,6 +11,7 @@ use super::layers::{
     Activation, Dense, FeedForward, Modulation, Modulator, PlainLayerNorm, Projections,
     ScaledRmsNorm, WeightSize,
 };
+use super::stage_profile::mark;
 
 /// Width of the MLP for a config.
 fn mlp_width(cfg: &Config) -> usize {
@@ -151,12 +152,14 @@ impl DoubleBlock {
     ) -> Result<(Tensor, Tensor)> {
         let img_mod = self.img.modulator.forward(silu_vec)?;
         let txt_mod = self.txt.modulator.forward(silu_vec)?;
+        mark("double.modulation", silu_vec)?;
         let qkv_of = |s: &Stream, x: &Tensor, m: &Modulation| {
             let input = m.norm_scale_shift_for(&s.norm, x, &s.qkv)?;
             s.qkv.apply(&input, Activation::Identity)
         };
         let txt_qkv = qkv_of(&self.txt, txt, &txt_mod[0])?;
         let img_qkv = qkv_of(&self.img, img, &img_mod[0])?;
+        mark("double.norm+qkv", &img_qkv)?;
         let (q, k, v) = joined_qkv(
             &[
                 (&txt_qkv, &self.txt.q_norm, &self.txt.k_norm),
@@ -165,15 +168,20 @@ impl DoubleBlock {
             self.heads,
             rope,
         )?;
+        mark("double.qk_norm+rope+join", &q)?;
         let attn = attention.run(&q, &k, &v)?;
+        mark("double.attention", &attn)?;
         let n_txt = txt.dim(1)?;
         let txt_attn = attn.narrow(1, 0, n_txt)?;
         let img_attn = attn.narrow(1, n_txt, attn.dim(1)? - n_txt)?;
 
         let finish = |s: &Stream, x: &Tensor, a: &Tensor, m: &[Modulation]| {
             let x = m[0].gated_add(x, &s.proj.forward(a)?)?;
+            mark("double.proj+gated_add", &x)?;
             let mlp = s.mlp.forward_modulated(&m[1], &s.norm, &x)?;
-            m[1].gated_add(&x, &mlp)
+            let x = m[1].gated_add(&x, &mlp)?;
+            mark("double.norm+mlp+gated_add", &x)?;
+            Ok::<_, candle_core::Error>(x)
         };
         Ok((
             finish(&self.img, img, &img_attn, &img_mod)?,
@@ -260,6 +268,7 @@ impl SingleBlock {
         attention: Resolved,
     ) -> Result<Tensor> {
         let m = self.modulator.forward(silu_vec)?;
+        mark("single.modulation", silu_vec)?;
         let (qkv, mlp) = match &self.linear1 {
             Linear1::Joint(linear1) => {
                 let h = linear1.forward(&m[0].norm_scale_shift(&self.norm, x)?)?;
@@ -277,12 +286,17 @@ impl SingleBlock {
                 )
             }
         };
+        mark("single.norm+linear1", &mlp)?;
         let (q, k, v) = joined_qkv(&[(&qkv, &self.q_norm, &self.k_norm)], self.heads, rope)?;
+        mark("single.qk_norm+rope", &q)?;
         let attn = attention.run(&q, &k, &v)?;
+        mark("single.attention", &attn)?;
         // linear2 reads attention output and MLP joined: per-row FP8 quantizes both where they
         // lie, and bf16 cuBLASLt multiplies each by its weight columns; elsewhere a copy joins.
         let joined = self.linear2.prepare(&[&attn, &mlp])?;
         let out = self.linear2.apply(&joined, Activation::Identity)?;
-        m[0].gated_add(x, &out)
+        let x = m[0].gated_add(x, &out)?;
+        mark("single.linear2+gated_add", &x)?;
+        Ok(x)
     }
 }

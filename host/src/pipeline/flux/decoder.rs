@@ -14,6 +14,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder, conv2d};
 use candle_transformers::models::flux::autoencoder::Config;
 
+use super::stage_profile;
+
 /// Groups of every group norm in the autoencoder.
 pub const GROUPS: usize = 32;
 /// Where the decoder's tensors sit in the autoencoder's checkpoint: all the worker loads.
@@ -476,10 +478,6 @@ struct UpLevel {
     upsample: Option<Conv>,
 }
 
-/// Told each stage of a traced decode ([`Decoder::decode_traced`]) once its ops are queued:
-/// the stage's name (its checkpoint prefix) and output.
-pub type StageHook<'a> = dyn FnMut(&str, &Tensor) -> Result<()> + 'a;
-
 /// The decoder, with the latent scale and shift the transformer's latents are in.
 pub struct Decoder {
     conv_in: Conv,
@@ -556,38 +554,39 @@ impl Decoder {
     }
 
     /// Latents `(batch, z_channels, h, w)` to images `(batch, out_ch, 8h, 8w)` in about [-1, 1].
+    ///
+    /// Each stage ends with a [`stage_profile::mark`] named by its checkpoint prefix
+    /// (`conv_in`, `mid.block_1`, `mid.attn_1`, `mid.block_2`, `up.{level}.block.{i}`,
+    /// `up.{level}.upsample`, `norm_out+conv_out`), so `bench gpu` can split a decode's time
+    /// by stage and name the next kernel worth writing.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.decode_traced(latents, &mut |_, _| Ok(()))
-    }
-
-    /// [`Decoder::decode`], telling `after` each stage (`conv_in`, `mid.block_1`,
-    /// `mid.attn_1`, `mid.block_2`, `up.{level}.block.{i}`, `up.{level}.upsample`,
-    /// `norm_out+conv_out`) once its ops are queued: `bench gpu` synchronizes there to split
-    /// a decode's time by stage, so the next kernel to write is the one the figures name.
-    pub fn decode_traced(&self, latents: &Tensor, after: &mut StageHook) -> Result<Tensor> {
         let z = ((latents / self.scale_factor)? + self.shift_factor)?;
         let mut h = self.conv_in.forward(&z)?;
-        after("conv_in", &h)?;
+        stage_profile::mark("conv_in", &h)?;
         h = self.mid_block_1.forward(&h)?;
-        after("mid.block_1", &h)?;
+        stage_profile::mark("mid.block_1", &h)?;
         h = self.mid_attn.forward(&h)?;
-        after("mid.attn_1", &h)?;
+        stage_profile::mark("mid.attn_1", &h)?;
         h = self.mid_block_2.forward(&h)?;
-        after("mid.block_2", &h)?;
+        stage_profile::mark("mid.block_2", &h)?;
         for level in &self.up {
             for (i, block) in level.blocks.iter().enumerate() {
                 h = block.forward(&h)?;
-                after(&format!("up.{}.block.{i}", level.index), &h)?;
+                if stage_profile::active() {
+                    stage_profile::mark(&format!("up.{}.block.{i}", level.index), &h)?;
+                }
             }
             if let Some(conv) = &level.upsample {
                 h = conv.forward_with(&h, None, true, None)?;
-                after(&format!("up.{}.upsample", level.index), &h)?;
+                if stage_profile::active() {
+                    stage_profile::mark(&format!("up.{}.upsample", level.index), &h)?;
+                }
             }
         }
         let image = self
             .conv_out
             .forward_with(&h, Some(&self.norm_out), false, None)?;
-        after("norm_out+conv_out", &image)?;
+        stage_profile::mark("norm_out+conv_out", &image)?;
         Ok(image)
     }
 }
@@ -629,20 +628,20 @@ mod tests {
     }
 
     #[test]
-    fn a_traced_decode_names_each_stage_in_order_and_decodes_the_same() {
+    fn a_profiled_decode_names_each_stage_in_order_and_decodes_the_same() {
         let cfg = two_level_config();
         let tensors = record(8, |vb| AutoEncoder::new(&cfg, vb)).unwrap();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         let ours = Decoder::new(&cfg, vb).unwrap();
         let latents = Tensor::randn(0f32, 1.0, (1, 16, 4, 6), &Device::Cpu).unwrap();
 
-        let mut stages = Vec::new();
-        let traced = ours
-            .decode_traced(&latents, &mut |name, out| {
-                stages.push((name.to_string(), out.dims().to_vec()));
-                Ok(())
-            })
-            .unwrap();
+        let (profiled, stages) =
+            stage_profile::profile(&Device::Cpu, || ours.decode(&latents)).unwrap();
+        let stages: Vec<(String, Vec<usize>)> = stages
+            .into_iter()
+            .inspect(|s| assert_eq!(s.runs, 1, "{s:?}"))
+            .map(|s| (s.name, s.dims))
+            .collect();
         let want: Vec<(String, Vec<usize>)> = [
             ("conv_in", [1, 64, 4, 6]),
             ("mid.block_1", [1, 64, 4, 6]),
@@ -657,19 +656,11 @@ mod tests {
         ]
         .into_iter()
         .map(|(name, dims)| (name.to_string(), dims.to_vec()))
+        .chain([(stage_profile::TAIL.to_string(), Vec::new())])
         .collect();
         assert_eq!(stages, want);
         let plain = ours.decode(&latents).unwrap();
-        assert_eq!(max_rel_error(&traced, &plain).unwrap(), 0.0);
-        // A hook's error ends the decode with it.
-        let failed = ours.decode_traced(&latents, &mut |name, _| {
-            if name == "mid.attn_1" {
-                candle_core::bail!("stop at {name}")
-            }
-            Ok(())
-        });
-        let message = failed.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(message.contains("stop at mid.attn_1"), "{message}");
+        assert_eq!(max_rel_error(&profiled, &plain).unwrap(), 0.0);
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod model;
 #[cfg(feature = "cuda")]
 pub mod norm_rope_cuda;
 mod pipeline;
+pub mod stage_profile;
 
 pub use model::FluxModel;
 pub use pipeline::{

@@ -14,6 +14,7 @@ use super::blocks::{DoubleBlock, SingleBlock};
 use super::embed::{RopeTable, timestep_embedding};
 use super::layers::{Dense, FinalLayer, MlpEmbedder};
 use super::layers::{GemmKernel, Projections, WeightFormat, WeightSize};
+use super::stage_profile;
 
 /// Width of the sinusoidal timestep/guidance embedding.
 const TIME_EMBED_DIM: usize = 256;
@@ -176,15 +177,20 @@ impl FluxModel {
 
         let mut txt = self.txt_in.forward(txt)?;
         let mut img = self.img_in.forward(img)?;
+        stage_profile::mark("embed", &img)?;
         for block in &self.double_blocks {
             (img, txt) = block.forward(&img, &txt, &silu_vec, rope, self.attention)?;
         }
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        stage_profile::mark("join txt+img", &x)?;
         for block in &self.single_blocks {
             x = block.forward(&x, &silu_vec, rope, self.attention)?;
         }
-        self.final_layer
-            .forward(&x.narrow(1, n_txt, n_img)?, &silu_vec)
+        let out = self
+            .final_layer
+            .forward(&x.narrow(1, n_txt, n_img)?, &silu_vec)?;
+        stage_profile::mark("final_layer", &out)?;
+        Ok(out)
     }
 }
 
