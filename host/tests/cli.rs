@@ -216,7 +216,10 @@ fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
             "{stage}: {stdout}"
         );
     }
-    assert!(stdout.contains("PROFILE one_step sum of 15 stages: "), "{stdout}");
+    assert!(
+        stdout.contains("PROFILE one_step sum of 15 stages: "),
+        "{stdout}"
+    );
     let full_on_cpu = headshot(tmp.path(), &["bench", "gpu", "--device", "cpu"]);
     assert!(!full_on_cpu.status.success());
 }
