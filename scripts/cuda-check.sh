@@ -35,8 +35,12 @@ export CUDA_HOME=$cuda CUDA_ROOT=$cuda PATH=$cuda/bin:$PATH
 export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="-L native=$cache/linklib"
 export CARGO_TARGET_DIR=$root/target/cuda-check
-nice cargo clippy -p headshot-host --features cuda --all-targets \
-  --config "patch.crates-io.candle-core.path=\"$patched\"" -- -D warnings
+# Both feature sets: `cuda` alone, and `cudnn` (what the GPU binary is built with, which adds
+# the cuDNN convolution path).
+for features in cuda cudnn; do
+  nice cargo clippy -p headshot-host --features $features --all-targets \
+    --config "patch.crates-io.candle-core.path=\"$patched\"" -- -D warnings
+done
 # The unit tests of the CUDA modules that need no GPU (shape checks, launch sizes against the
 # kernels' constants): nothing else runs them, CI builds without the feature.
 nice cargo test -p headshot-host --features cuda --lib \

@@ -443,13 +443,34 @@ pub fn run_into(
         use super::decoder::DecoderPaths;
         group_norms(device, tolerance, out)?;
         convolutions(device, tolerance, out)?;
+        // cuDNN with tensor-core math and the fused norm, as `HEADSHOT_CONV=cudnn` runs it.
+        #[cfg(feature = "cudnn")]
+        let cudnn = DecoderPaths {
+            fused_norm: true,
+            conv_cudnn: true,
+            ..DecoderPaths::default()
+        };
         let small = DecoderCase::new(device, false, out)?;
         small.compare(DecoderPaths::all(), "", out)?;
-        implicit_convolutions(device, tolerance, &[Tile::Narrow, Tile::Wide], out)?;
+        #[cfg(feature = "cudnn")]
+        small.compare(cudnn, "_cudnn", out)?;
         let wide = DecoderCase::new(device, true, out)?;
+        #[cfg(feature = "cudnn")]
+        wide.compare(cudnn, "_cudnn", out)?;
+        implicit_convolutions(device, tolerance, &[Tile::Narrow, Tile::Wide], out)?;
         for tile in [Tile::Narrow, Tile::Wide] {
             wide.compare_tile(tile, out)?;
         }
+        // The implicit kernel where it takes a convolution, cuDNN for the others.
+        #[cfg(feature = "cudnn")]
+        wide.compare(
+            DecoderPaths {
+                conv_implicit: true,
+                ..cudnn
+            },
+            "_implicit_cudnn",
+            out,
+        )?;
         if Tile::Wgmma.runs_on(device) {
             implicit_convolutions(device, tolerance, &[Tile::Wgmma], out)?;
             wide.compare_tile(Tile::Wgmma, out)?;
@@ -680,6 +701,8 @@ fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> 
         let fast = conv2d(&bf16(&x)?, &gemm_taps(&weight)?, &bf16(&bias)?)?;
         let name = format!("conv{size}x{size}_gemm_cuda_{batch}x{cin}x{h}x{w}_to_{cout}");
         out.push(compare(&name, &fast, &reference, tolerance)?);
+        #[cfg(feature = "cudnn")]
+        cudnn_convolution(&x, &weight, &bias, &reference, tolerance, out)?;
         if size == 3 {
             let reference = x
                 .upsample_nearest2d(2 * h, 2 * w)?
@@ -688,6 +711,49 @@ fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> 
             let fast = upsample_conv2d(&bf16(&x)?, &gemm_taps(&weight)?, &bf16(&bias)?)?;
             let name = format!("upsample_{name}");
             out.push(compare(&name, &fast, &reference, tolerance)?);
+        }
+    }
+    Ok(())
+}
+
+/// The cuDNN path with tensor-core math (`HEADSHOT_CONV=cudnn`) on `x` (f32 holding bf16
+/// values) against `reference`, candle's f32 convolution plus `bias`: with cuDNN's heuristic
+/// pick, then with each algorithm `--ops` times (named for it; one cuDNN refuses for the
+/// shape is skipped, since the path itself never asks for it).
+#[cfg(feature = "cudnn")]
+fn cudnn_convolution(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    reference: &Tensor,
+    tolerance: f64,
+    out: &mut Vec<CheckResult>,
+) -> Result<()> {
+    use super::conv_cudnn_cuda::{ALGORITHMS, conv2d, supports};
+    let (x, w, b) = (bf16(x)?, bf16(weight)?, bf16(bias)?);
+    let (batch, cin, h, wd) = x.dims4()?;
+    let (cout, _, size, _) = w.dims4()?;
+    let name = format!("conv{size}x{size}_cudnn_cuda_{batch}x{cin}x{h}x{wd}_to_{cout}");
+    if !supports(&x, &w) {
+        candle_core::bail!("{name}: the cuDNN path does not take the shape");
+    }
+    let with_bias = |y: Tensor| y.broadcast_add(&b.reshape((1, cout, 1, 1))?);
+    out.push(compare(
+        &name,
+        &with_bias(conv2d(&x, &w, None)?)?,
+        reference,
+        tolerance,
+    )?);
+    for algorithm in ALGORITHMS {
+        if let Ok(y) = conv2d(&x, &w, Some(algorithm)) {
+            let tag = format!("{algorithm:?}").to_lowercase();
+            let tag = tag.trim_start_matches("cudnn_convolution_fwd_algo_");
+            out.push(compare(
+                &format!("{name}_{tag}"),
+                &with_bias(y)?,
+                reference,
+                tolerance,
+            )?);
         }
     }
     Ok(())

@@ -30,6 +30,9 @@ pub struct DecoderPaths {
     pub fused_norm: bool,
     /// Convolutions as cuBLASLt GEMMs (`conv_gemm_cuda.rs`).
     pub conv_gemm: bool,
+    /// Convolutions through cuDNN with tensor-core math (`conv_cudnn_cuda.rs`, builds with
+    /// the `cudnn` feature); before the GEMM path where both are on.
+    pub conv_cudnn: bool,
     /// 3×3 convolutions as one implicit-GEMM kernel with the norm before them, the
     /// upsampling and the residual add folded in (`conv_implicit_cuda.rs`); the convolutions
     /// it does not take (too few channels) fall to the other paths.
@@ -44,7 +47,7 @@ pub struct DecoderPaths {
 
 impl DecoderPaths {
     /// The paths the environment turns on (`HEADSHOT_GROUP_NORM=fused`, `HEADSHOT_CONV=` a
-    /// comma-separated list of `gemm` and `implicit`): opt-in until `--check` has passed on a
+    /// comma-separated list, [`DecoderPaths::conv_from`]): opt-in until `--check` has passed on a
     /// GPU. None without the `cuda` feature.
     pub fn from_env() -> Self {
         #[cfg(feature = "cuda")]
@@ -65,6 +68,7 @@ impl DecoderPaths {
         Self {
             fused_norm: true,
             conv_gemm: true,
+            conv_cudnn: false,
             conv_implicit: true,
             conv_implicit_wide: false,
             conv_implicit_wgmma: false,
@@ -95,15 +99,24 @@ impl DecoderPaths {
         }
     }
 
-    /// The convolution paths `HEADSHOT_CONV` names (`gemm`, `implicit`, `implicit_wide`: the
-    /// implicit one with the wide tile, `implicit_wgmma`: with the Hopper kernel;
-    /// comma-separated, any case). A word it does not know is logged as a warning naming the
+    /// The convolution paths `HEADSHOT_CONV` names (`gemm`, `cudnn`, `implicit`,
+    /// `implicit_wide`: the implicit one with the wide tile, `implicit_wgmma`: with the Hopper
+    /// kernel; comma-separated, any case). A word it does not know is logged as a warning naming the
     /// accepted ones, not taken silently as "off".
     pub fn conv_from(value: &str) -> Self {
         let mut paths = Self::default();
         for word in value.split(',').map(str::trim).filter(|w| !w.is_empty()) {
             if word.eq_ignore_ascii_case("gemm") {
                 paths.conv_gemm = true;
+            } else if word.eq_ignore_ascii_case("cudnn") {
+                if cfg!(feature = "cudnn") {
+                    paths.conv_cudnn = true;
+                } else {
+                    tracing::warn!(
+                        var = "HEADSHOT_CONV",
+                        "the cudnn path needs a build with --features cudnn; it stays off"
+                    );
+                }
             } else if word.eq_ignore_ascii_case("implicit") {
                 paths.conv_implicit = true;
             } else if word.eq_ignore_ascii_case("implicit_wide") {
@@ -116,7 +129,7 @@ impl DecoderPaths {
                 tracing::warn!(
                     var = "HEADSHOT_CONV",
                     value = %word,
-                    accepted = "gemm, implicit, implicit_wide, implicit_wgmma",
+                    accepted = "gemm, cudnn, implicit, implicit_wide, implicit_wgmma",
                     "unknown convolution path; it stays off"
                 );
             }
@@ -207,6 +220,10 @@ struct Conv {
     /// The implicit path's kernel tile.
     #[cfg(feature = "cuda")]
     implicit_tile: super::conv_implicit_cuda::Tile,
+    /// Whether the cuDNN path (tensor-core math) takes this convolution, on candle's weight
+    /// tensor itself.
+    #[cfg(feature = "cudnn")]
+    cudnn: bool,
 }
 
 impl Conv {
@@ -249,9 +266,13 @@ impl Conv {
             Some(_) => paths.implicit_tile(inner.weight().device()),
             None => super::conv_implicit_cuda::Tile::Narrow,
         };
+        #[cfg(feature = "cudnn")]
+        let cudnn = paths.conv_cudnn && on_cuda_bf16(inner.weight()) && inner.bias().is_some();
         #[cfg(not(feature = "cuda"))]
         let _ = paths;
         Ok(Self {
+            #[cfg(feature = "cudnn")]
+            cudnn,
             inner,
             #[cfg(feature = "cuda")]
             gemm,
@@ -316,6 +337,10 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cudnn")]
+        if let Some(y) = self.forward_cudnn(x, false)? {
+            return Ok(y);
+        }
         #[cfg(feature = "cuda")]
         if let Some((taps, bias)) = &self.gemm
             && super::conv_gemm_cuda::supports(x, taps, false)
@@ -328,6 +353,10 @@ impl Conv {
     /// This (3×3) convolution of `x` upsampled 2× by nearest neighbour; the GEMM path reads
     /// through the upsampling instead of writing the 4× larger image first.
     fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cudnn")]
+        if let Some(y) = self.forward_cudnn(x, true)? {
+            return Ok(y);
+        }
         #[cfg(feature = "cuda")]
         if let Some((taps, bias)) = &self.gemm
             && super::conv_gemm_cuda::supports(x, taps, true)
@@ -336,6 +365,36 @@ impl Conv {
         }
         let (_, _, h, w) = x.dims4()?;
         self.inner.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+    }
+
+    /// The convolution (of `x` upsampled 2× by nearest neighbour when `upsample`) through
+    /// cuDNN with tensor-core math, the bias added, where that path is on for it and takes
+    /// `x`; `None` sends it another way.
+    #[cfg(feature = "cudnn")]
+    fn forward_cudnn(&self, x: &Tensor, upsample: bool) -> Result<Option<Tensor>> {
+        let weight = self.inner.weight();
+        if !self.cudnn || !super::conv_cudnn_cuda::supports(x, weight) {
+            return Ok(None);
+        }
+        let y = if upsample {
+            let (_, _, h, w) = x.dims4()?;
+            let up = x.upsample_nearest2d(2 * h, 2 * w)?;
+            if !super::conv_cudnn_cuda::supports(&up, weight) {
+                return Ok(None);
+            }
+            super::conv_cudnn_cuda::conv2d(&up, weight, None)?
+        } else {
+            super::conv_cudnn_cuda::conv2d(x, weight, None)?
+        };
+        match self.inner.bias() {
+            Some(b) => Ok(Some(y.broadcast_add(&b.reshape((
+                1,
+                b.dim(0)?,
+                1,
+                1,
+            ))?)?)),
+            None => Ok(Some(y)),
+        }
     }
 }
 
@@ -729,10 +788,14 @@ mod tests {
         assert!(paths.conv_implicit && paths.conv_implicit_wgmma && !paths.conv_implicit_wide);
         assert_eq!(DecoderPaths::conv_from(""), DecoderPaths::default());
         assert_eq!(
-            DecoderPaths::conv_from("cudnn"),
+            DecoderPaths::conv_from("winograd"),
             DecoderPaths::default(),
             "an unknown word turns nothing on"
         );
+        // cuDNN only in builds that have it; elsewhere a warning, and the rest still applies.
+        let paths = DecoderPaths::conv_from("cudnn,implicit");
+        assert_eq!(paths.conv_cudnn, cfg!(feature = "cudnn"));
+        assert!(paths.conv_implicit && !paths.conv_gemm);
     }
 
     #[test]

@@ -6,6 +6,8 @@ pub mod adaln_cuda;
 pub mod attention;
 pub mod blocks;
 pub mod check;
+#[cfg(feature = "cudnn")]
+pub mod conv_cudnn_cuda;
 #[cfg(feature = "cuda")]
 pub mod conv_gemm_cuda;
 #[cfg(feature = "cuda")]
