@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Type-check and lint the `cuda` feature (our CUDA custom ops, the nvcc step of host/build.rs),
+# Type-check and lint the `cuda` and `cudnn` features (our CUDA custom ops, the cuDNN convolution
+# path, the nvcc step of host/build.rs),
 # run its GPU-free unit tests, and read the kernels' compiled code (spills; for the wgmma
 # kernels also serialised wgmma and register hazards), without a GPU, with the CUDA 13.0
 # toolkit ../shared/gpu/build-cuda.sh fetches into its cache (fetched here too when missing;
@@ -43,7 +44,7 @@ for features in cuda cudnn; do
 done
 # The unit tests of the CUDA modules that need no GPU (shape checks, launch sizes against the
 # kernels' constants): nothing else runs them, CI builds without the feature.
-nice cargo test -p headshot-host --features cuda --lib \
+nice cargo test -p headshot-host --features cudnn --lib \
   --config "patch.crates-io.candle-core.path=\"$patched\"" -- _cuda::
 # The wgmma kernels' compiled code: no register spills, no serialised wgmma, and no
 # instruction touching registers a wgmma is still writing or reading (scripts/wgmma-sass-check.py).

@@ -63,7 +63,8 @@ fi
 #    - the decoder's CUDA paths, the decode alone on random latents (--vae-only: no
 #      transformer is built, ~15 s a run), decode times against step 3's: cuDNN with
 #      tensor-core math (what PyTorch asks of cuDNN; candle leaves the default math) and the
-#      fused norm; the implicit-GEMM convolutions with cuDNN for the convolutions they do not
+#      fused norm, NCHW and then in NHWC (cuDNN transforms there and back), then NCHW with
+#      candle's norm; the implicit-GEMM convolutions with cuDNN for the convolutions they do not
 #      take; the implicit ones with the GEMM ones (the same with the wide tile, then with the
 #      wgmma kernel); the GEMM convolutions; the fused norm alone. Each prints PROFILE lines:
 #      its stages, slowest first;
@@ -76,6 +77,7 @@ fi
 #    - the older variants (other flash kernels, 768x1024, plain GEMMs, plain attention,
 #      candle's stock module).
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=cudnn_nhwc run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1

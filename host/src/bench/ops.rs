@@ -534,9 +534,11 @@ fn implicit_conv_ops(
 /// The same 3×3 convolution with each cuDNN forward algorithm forced (candle otherwise takes
 /// cuDNN's heuristic pick): which one, if any, reaches tensor-core speed on bf16 NCHW. An
 /// algorithm cuDNN refuses for these inputs is reported as such, not fatal.
-/// The cuDNN path with tensor-core math (`HEADSHOT_CONV=cudnn`) at one decoder level:
-/// `vae_conv_cudnn_{tag}` (the heuristic's pick); at the lowest and the top level each
-/// algorithm of [`ALGORITHMS`](crate::pipeline::flux::conv_cudnn_cuda::ALGORITHMS)
+/// The cuDNN path with tensor-core math at one decoder level, in each layout
+/// (`HEADSHOT_CONV=cudnn`: `vae_conv_cudnn_*`, `cudnn_nhwc`: `vae_conv_cudnn_nhwc_*`, the
+/// transforms to NHWC and back included): the heuristic's pick (`vae_conv_cudnn_{tag}`); at
+/// the lowest and the top level each algorithm of
+/// [`ALGORITHMS`](crate::pipeline::flux::conv_cudnn_cuda::ALGORITHMS)
 /// (`vae_conv_cudnn_{algo}_{tag}`); below the top level the next level's upsampling
 /// convolution, candle's upsampling then the convolution (`vae_upsample_conv_cudnn_{tag}`, 4×
 /// the work).
@@ -550,36 +552,42 @@ fn cudnn_conv_ops(
     flop: f64,
     level: usize,
 ) -> Result<(), BenchError> {
-    use crate::pipeline::flux::conv_cudnn_cuda::{ALGORITHMS, conv2d, supports};
-    if !supports(x, weight) {
-        return Ok(());
-    }
-    time(
-        out,
-        &format!("vae_conv_cudnn_{tag}"),
-        Work::Flop(flop),
-        &|| conv2d(x, weight, None),
-    )?;
-    if matches!(level, 1 | 8) {
-        for algorithm in ALGORITHMS {
-            let algo = format!("{algorithm:?}").to_lowercase();
-            let algo = algo.trim_start_matches("cudnn_convolution_fwd_algo_");
-            let name = format!("vae_conv_cudnn_{algo}_{tag}");
-            if let Err(e) = time(out, &name, Work::Flop(flop), &|| {
-                conv2d(x, weight, Some(algorithm))
-            }) {
-                writeln!(out, "RATE op_{name}: unsupported ({e})")?;
-            }
+    use crate::pipeline::flux::conv_cudnn_cuda::{
+        ALGORITHMS, CudnnLayout, conv2d, supports, weights_for,
+    };
+    for layout in [CudnnLayout::Nchw, CudnnLayout::Nhwc] {
+        let weight = weights_for(layout, weight)?;
+        if !supports(x, &weight, layout) {
+            continue;
         }
-    }
-    if level < 8 {
-        let (_, _, h, w) = x.dims4()?;
+        let path = format!("cudnn{}", layout.suffix());
         time(
             out,
-            &format!("vae_upsample_conv_cudnn_{tag}"),
-            Work::Flop(4.0 * flop),
-            &|| conv2d(&x.upsample_nearest2d(2 * h, 2 * w)?, weight, None),
+            &format!("vae_conv_{path}_{tag}"),
+            Work::Flop(flop),
+            &|| conv2d(x, &weight, layout, None),
         )?;
+        if matches!(level, 1 | 8) {
+            for algorithm in ALGORITHMS {
+                let algo = format!("{algorithm:?}").to_lowercase();
+                let algo = algo.trim_start_matches("cudnn_convolution_fwd_algo_");
+                let name = format!("vae_conv_{path}_{algo}_{tag}");
+                if let Err(e) = time(out, &name, Work::Flop(flop), &|| {
+                    conv2d(x, &weight, layout, Some(algorithm))
+                }) {
+                    writeln!(out, "RATE op_{name}: unsupported ({e})")?;
+                }
+            }
+        }
+        if level < 8 {
+            let (_, _, h, w) = x.dims4()?;
+            time(
+                out,
+                &format!("vae_upsample_conv_{path}_{tag}"),
+                Work::Flop(4.0 * flop),
+                &|| conv2d(&x.upsample_nearest2d(2 * h, 2 * w)?, &weight, layout, None),
+            )?;
+        }
     }
     Ok(())
 }

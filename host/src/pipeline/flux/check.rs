@@ -453,10 +453,19 @@ pub fn run_into(
         let small = DecoderCase::new(device, false, out)?;
         small.compare(DecoderPaths::all(), "", out)?;
         #[cfg(feature = "cudnn")]
+        let cudnn_nhwc = DecoderPaths {
+            conv_cudnn_nhwc: true,
+            ..cudnn
+        };
+        #[cfg(feature = "cudnn")]
         small.compare(cudnn, "_cudnn", out)?;
+        #[cfg(feature = "cudnn")]
+        small.compare(cudnn_nhwc, "_cudnn_nhwc", out)?;
         let wide = DecoderCase::new(device, true, out)?;
         #[cfg(feature = "cudnn")]
         wide.compare(cudnn, "_cudnn", out)?;
+        #[cfg(feature = "cudnn")]
+        wide.compare(cudnn_nhwc, "_cudnn_nhwc", out)?;
         implicit_convolutions(device, tolerance, &[Tile::Narrow, Tile::Wide], out)?;
         for tile in [Tile::Narrow, Tile::Wide] {
             wide.compare_tile(tile, out)?;
@@ -716,10 +725,10 @@ fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> 
     Ok(())
 }
 
-/// The cuDNN path with tensor-core math (`HEADSHOT_CONV=cudnn`) on `x` (f32 holding bf16
-/// values) against `reference`, candle's f32 convolution plus `bias`: with cuDNN's heuristic
-/// pick, then with each algorithm `--ops` times (named for it; one cuDNN refuses for the
-/// shape is skipped, since the path itself never asks for it).
+/// The cuDNN path with tensor-core math (`HEADSHOT_CONV=cudnn`, `cudnn_nhwc`) on `x` (f32
+/// holding bf16 values) against `reference`, candle's f32 convolution plus `bias`, in each
+/// layout: with cuDNN's heuristic pick, then with each algorithm `--ops` times (named for
+/// it; one cuDNN refuses for the shape is skipped, since the path itself never asks for it).
 #[cfg(feature = "cudnn")]
 fn cudnn_convolution(
     x: &Tensor,
@@ -729,31 +738,37 @@ fn cudnn_convolution(
     tolerance: f64,
     out: &mut Vec<CheckResult>,
 ) -> Result<()> {
-    use super::conv_cudnn_cuda::{ALGORITHMS, conv2d, supports};
-    let (x, w, b) = (bf16(x)?, bf16(weight)?, bf16(bias)?);
+    use super::conv_cudnn_cuda::{ALGORITHMS, CudnnLayout, conv2d, supports, weights_for};
+    let (x, b) = (bf16(x)?, bf16(bias)?);
     let (batch, cin, h, wd) = x.dims4()?;
-    let (cout, _, size, _) = w.dims4()?;
-    let name = format!("conv{size}x{size}_cudnn_cuda_{batch}x{cin}x{h}x{wd}_to_{cout}");
-    if !supports(&x, &w) {
-        candle_core::bail!("{name}: the cuDNN path does not take the shape");
-    }
+    let (cout, _, size, _) = weight.dims4()?;
     let with_bias = |y: Tensor| y.broadcast_add(&b.reshape((1, cout, 1, 1))?);
-    out.push(compare(
-        &name,
-        &with_bias(conv2d(&x, &w, None)?)?,
-        reference,
-        tolerance,
-    )?);
-    for algorithm in ALGORITHMS {
-        if let Ok(y) = conv2d(&x, &w, Some(algorithm)) {
-            let tag = format!("{algorithm:?}").to_lowercase();
-            let tag = tag.trim_start_matches("cudnn_convolution_fwd_algo_");
-            out.push(compare(
-                &format!("{name}_{tag}"),
-                &with_bias(y)?,
-                reference,
-                tolerance,
-            )?);
+    for layout in [CudnnLayout::Nchw, CudnnLayout::Nhwc] {
+        let w = weights_for(layout, weight)?;
+        let name = format!(
+            "conv{size}x{size}_cudnn{}_cuda_{batch}x{cin}x{h}x{wd}_to_{cout}",
+            layout.suffix()
+        );
+        if !supports(&x, &w, layout) {
+            candle_core::bail!("{name}: the cuDNN path does not take the shape");
+        }
+        out.push(compare(
+            &name,
+            &with_bias(conv2d(&x, &w, layout, None)?)?,
+            reference,
+            tolerance,
+        )?);
+        for algorithm in ALGORITHMS {
+            if let Ok(y) = conv2d(&x, &w, layout, Some(algorithm)) {
+                let tag = format!("{algorithm:?}").to_lowercase();
+                let tag = tag.trim_start_matches("cudnn_convolution_fwd_algo_");
+                out.push(compare(
+                    &format!("{name}_{tag}"),
+                    &with_bias(y)?,
+                    reference,
+                    tolerance,
+                )?);
+            }
         }
     }
     Ok(())

@@ -1,27 +1,35 @@
-//! The decoder's convolutions through cuDNN with tensor-core math (`HEADSHOT_CONV=cudnn`).
+//! The decoder's convolutions through cuDNN, asked the way PyTorch asks it
+//! (`HEADSHOT_CONV=cudnn` or `cudnn_nhwc`).
 //!
-//! candle hands bf16 convolutions to cuDNN without setting the convolution's math type, so
-//! cuDNN runs them under `CUDNN_DEFAULT_MATH`; on an H100 they ran at 11–19 TFLOP/s
-//! (`headshot bench gpu --ops`, `vae_conv_*`), CUDA-core speed, and a 1024×1024 decode took
-//! 634 ms against diffusers' 91 ms. PyTorch (like Paddle and OneFlow) sets
-//! `CUDNN_TENSOR_OP_MATH` on every fp16 and bf16 convolution descriptor. This is the same
-//! cuDNN call with that math type: bf16 NCHW in and out, f32 compute (cuDNN's only bf16
-//! configuration), stride 1, "same" padding, the algorithm from cuDNN's heuristic (asked once
-//! per shape) unless the caller names one. The bias is the caller's (one broadcast add, as
-//! candle's `Conv2d` does it).
+//! candle hands bf16 NCHW convolutions to cuDNN with the descriptor's math type left at its
+//! default and the first algorithm of cuDNN's heuristic; on an H100 they ran at 11–19
+//! TFLOP/s (`headshot bench gpu --ops`, `vae_conv_*`), and a 1024×1024 decode took 634 ms
+//! against diffusers' 91 ms. Two ways to ask better, compared on the GPU by `--ops` and
+//! whole decodes:
+//! - [`CudnnLayout::Nchw`]: the same NCHW call with `CUDNN_TENSOR_OP_MATH`, which PyTorch
+//!   (like Paddle and OneFlow) sets on every fp16 and bf16 convolution descriptor. Whether
+//!   cuDNN 9's default math already allows tensor cores for bf16 is what the figures say.
+//! - [`CudnnLayout::Nhwc`]: cuDNN's tensor-core kernels are NHWC. cuDNN itself transforms the
+//!   input to NHWC (`cudnnTransformTensor`), convolves with the weights stored KRSC (once,
+//!   at load), and transforms the result back: two more passes over the activations, each
+//!   memory-bound, for a convolution in cuDNN's native layout.
+//!
+//! bf16 in and out, f32 compute (cuDNN's only bf16 configuration), stride 1, "same" padding;
+//! the algorithm from cuDNN's heuristic (asked once per shape and layout, the first
+//! candidate it says runs) unless the caller names one. The bias is the caller's (one
+//! broadcast add, as candle's `Conv2d` does it). Everything goes through cudarc's raw cuDNN
+//! bindings: its safe wrappers keep their descriptors private, and the transforms need them.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::ffi::c_void;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::cudnn::sys::{
-    cudnnConvolutionFwdAlgo_t, cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
-};
-use candle_core::cuda_backend::cudarc::cudnn::{ConvForward, Cudnn, CudnnDataType};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda_backend::cudarc::cudnn::result::{self as dnn, CudnnError};
+use candle_core::cuda_backend::cudarc::cudnn::sys;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
-use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
 
@@ -31,20 +39,65 @@ const ALIGN: usize = 8;
 
 /// A cuDNN forward algorithm, for `bench gpu --ops` to time each where the heuristic's pick
 /// is not the fastest.
-pub type Algorithm = cudnnConvolutionFwdAlgo_t;
+pub type Algorithm = sys::cudnnConvolutionFwdAlgo_t;
 
-/// The algorithms `--ops` times one by one.
+/// The algorithms `--check` and `--ops` try one by one.
 pub const ALGORITHMS: [Algorithm; 3] = [
-    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
-    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    Algorithm::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+    Algorithm::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+    Algorithm::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
 ];
 
-/// Whether [`conv2d`] takes `x` `(batch, C_in, h, w)` with `weight` `(C_out, C_in, k, k)`:
+/// The layout a convolution is handed to cuDNN in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CudnnLayout {
+    /// NCHW, as the decoder holds its activations; weights `(C_out, C_in, k, k)`.
+    Nchw,
+    /// Transformed to NHWC and back around the convolution; weights `(C_out, k, k, C_in)`
+    /// ([`weights_for`]).
+    Nhwc,
+}
+
+impl CudnnLayout {
+    /// `_nhwc` or nothing: how check and bench rows name the layout.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::Nchw => "",
+            Self::Nhwc => "_nhwc",
+        }
+    }
+}
+
+/// A convolution's weights `(C_out, C_in, k, k)` laid out for `layout` (for NHWC, KRSC:
+/// `(C_out, k, k, C_in)`), bf16 and contiguous: made once when the decoder loads.
+pub fn weights_for(layout: CudnnLayout, w: &Tensor) -> Result<Tensor> {
+    let w = w.to_dtype(DType::BF16)?;
+    match layout {
+        CudnnLayout::Nchw => w.contiguous(),
+        CudnnLayout::Nhwc => w.permute((0, 2, 3, 1))?.contiguous(),
+    }
+}
+
+/// `(C_out, C_in, k)` of `weight` as [`weights_for`] lays it out for `layout`, if square.
+fn weight_dims(layout: CudnnLayout, dims: &[usize]) -> Option<(usize, usize, usize)> {
+    match (layout, dims) {
+        (CudnnLayout::Nchw, &[cout, cin, kh, kw]) | (CudnnLayout::Nhwc, &[cout, kh, kw, cin])
+            if kh == kw =>
+        {
+            Some((cout, cin, kh))
+        }
+        _ => None,
+    }
+}
+
+/// Whether [`conv2d`] takes `x` `(batch, C_in, h, w)` with `weight` from [`weights_for`]:
 /// both bf16 on the same CUDA device, contiguous from a 16-byte boundary, an odd square
 /// kernel, and sizes within cuDNN's 32-bit dimensions.
-pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
-    let (Ok((batch, cin, h, w)), Ok((cout, wcin, kh, kw))) = (x.dims4(), weight.dims4()) else {
+pub fn supports(x: &Tensor, weight: &Tensor, layout: CudnnLayout) -> bool {
+    let Ok((batch, cin, h, w)) = x.dims4() else {
+        return false;
+    };
+    let Some((cout, wcin, k)) = weight_dims(layout, weight.dims()) else {
         return false;
     };
     let starts_aligned =
@@ -57,19 +110,25 @@ pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
         && starts_aligned(x)
         && starts_aligned(weight)
         && wcin == cin
-        && kh == kw
-        && kh % 2 == 1
-        && [batch, cin, cout, h, w].iter().all(|&n| n > 0 && fits(n))
+        && k % 2 == 1
+        && [batch, cin, cout, h, w].iter().all(|&n| n > 0)
         && fits(batch * cin.max(cout) * h * w)
 }
 
-/// `x` convolved with `weight` (stride 1, padding `k / 2`), no bias, by cuDNN with
-/// tensor-core math; `algorithm` `None` takes cuDNN's heuristic pick.
-pub fn conv2d(x: &Tensor, weight: &Tensor, algorithm: Option<Algorithm>) -> Result<Tensor> {
-    x.apply_op2_no_bwd(weight, &CudnnConv { algorithm })
+/// `x` convolved with `weight` (from [`weights_for`]; stride 1, padding `k / 2`), no bias,
+/// by cuDNN with tensor-core math in `layout`; `algorithm` `None` takes cuDNN's heuristic
+/// pick.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    layout: CudnnLayout,
+    algorithm: Option<Algorithm>,
+) -> Result<Tensor> {
+    x.apply_op2_no_bwd(weight, &CudnnConv { layout, algorithm })
 }
 
 struct CudnnConv {
+    layout: CudnnLayout,
     algorithm: Option<Algorithm>,
 }
 
@@ -80,7 +139,7 @@ impl CustomOp2 for CudnnConv {
 
     cuda_only_cpu_fwd!(2);
 
-    /// (x `(batch, C_in, h, w)`, weight `(C_out, C_in, k, k)`).
+    /// (x `(batch, C_in, h, w)`, weight as [`weights_for`] lays it out).
     fn cuda_fwd(
         &self,
         s1: &CudaStorage,
@@ -89,10 +148,16 @@ impl CustomOp2 for CudnnConv {
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (batch, cin, h, w) = l1.shape().dims4()?;
-        let (cout, wcin, kh, kw) = l2.shape().dims4()?;
-        if wcin != cin || kh != kw || kh % 2 == 0 {
+        let Some((cout, wcin, k)) = weight_dims(self.layout, l2.shape().dims()) else {
             candle_core::bail!(
-                "cuDNN convolution: weight {:?} for {cin} input channels (want (C_out, {cin}, k, k), k odd)",
+                "cuDNN convolution ({:?}): weight {:?} is not a square kernel",
+                self.layout,
+                l2.shape()
+            );
+        };
+        if wcin != cin || k % 2 == 0 {
+            candle_core::bail!(
+                "cuDNN convolution: weight {:?} for {cin} input channels (odd kernels only)",
                 l2.shape()
             );
         }
@@ -103,22 +168,52 @@ impl CustomOp2 for CudnnConv {
         let dev = s1.device();
         let x = contiguous_view(xs, l1, ALIGN, "convolution input")?;
         let weight = contiguous_view(ws, l2, ALIGN, "convolution weights")?;
-        let shape = Shape4 {
+        let dims = ConvDims {
             batch,
             cin,
             cout,
             h,
             w,
-            k: kh,
+            k,
         };
-        let y = run(dev, xs, &x, &weight, shape, self.algorithm)?;
+        let stream = dev.cuda_stream();
+        let handle = handle(dev)?;
+        let plan = Plan::new(handle, dims, self.layout)?;
+        let algorithm = match self.algorithm {
+            Some(a) => a,
+            None => pick(dev, &plan, dims, self.layout)?,
+        };
+        let workspace_bytes = plan.workspace(algorithm)?;
+        // SAFETY (allocations below): scratch and outputs cuDNN writes in full (beta 0)
+        // before anything reads them.
+        let mut workspace = unsafe { dev.alloc::<u8>(workspace_bytes.max(1)) }?;
+        let mut y = alloc_like(dev, xs, batch * cout * h * w)?;
+        let (x_ptr, _x_guard) = x.device_ptr(&stream);
+        let (w_ptr, _w_guard) = weight.device_ptr(&stream);
+        let (ws_ptr, _ws_guard) = workspace.device_ptr_mut(&stream);
+        match self.layout {
+            CudnnLayout::Nchw => {
+                let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
+                plan.convolve(algorithm, x_ptr, w_ptr, (ws_ptr, workspace_bytes), y_ptr)?;
+            }
+            CudnnLayout::Nhwc => {
+                let mut x_nhwc = alloc_like(dev, xs, batch * cin * h * w)?;
+                let mut y_nhwc = alloc_like(dev, xs, batch * cout * h * w)?;
+                let (xn_ptr, _xn_guard) = x_nhwc.device_ptr_mut(&stream);
+                let (yn_ptr, _yn_guard) = y_nhwc.device_ptr_mut(&stream);
+                let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
+                plan.transform(&plan.x_nchw, x_ptr, &plan.x, xn_ptr)?;
+                plan.convolve(algorithm, xn_ptr, w_ptr, (ws_ptr, workspace_bytes), yn_ptr)?;
+                plan.transform(&plan.y, yn_ptr, &plan.y_nchw, y_ptr)?;
+            }
+        }
         Ok(output(dev, CudaStorageSlice::BF16, y, (batch, cout, h, w)))
     }
 }
 
-/// A convolution's sizes: the key of the heuristic's cached pick.
+/// A convolution's sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Shape4 {
+struct ConvDims {
     batch: usize,
     cin: usize,
     cout: usize,
@@ -127,119 +222,343 @@ struct Shape4 {
     k: usize,
 }
 
-/// One device's cuDNN handle (bound to candle's stream) and the heuristic's picks so far.
-struct Slot {
-    device: DeviceId,
-    cudnn: Arc<Cudnn>,
-    picks: HashMap<Shape4, Algorithm>,
+/// A cuDNN handle, destroyed with its owner.
+struct Handle(sys::cudnnHandle_t);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreate and destroyed only here.
+        let _ = unsafe { dnn::destroy_handle(self.0) };
+    }
 }
 
-// cuDNN handles are neither Send nor Sync (candle keeps its own per thread, too): one per
-// thread and GPU ordinal, replaced when the pipeline re-creates its device.
+/// A tensor descriptor, destroyed with its owner.
+struct TensorDesc(sys::cudnnTensorDescriptor_t);
+
+impl TensorDesc {
+    /// bf16 `(n, c, h, w)` stored in `format`.
+    fn new(format: sys::cudnnTensorFormat_t, dims: [i32; 4]) -> Result<Self> {
+        let desc = Self(dnn::create_tensor_descriptor().map_err(dnn_error)?);
+        // SAFETY: a descriptor just created, not yet destroyed.
+        unsafe { dnn::set_tensor4d_descriptor(desc.0, format, BF16, dims) }.map_err(dnn_error)?;
+        Ok(desc)
+    }
+}
+
+impl Drop for TensorDesc {
+    fn drop(&mut self) {
+        // SAFETY: created above and destroyed only here.
+        let _ = unsafe { dnn::destroy_tensor_descriptor(self.0) };
+    }
+}
+
+/// A filter descriptor, destroyed with its owner.
+struct FilterDesc(sys::cudnnFilterDescriptor_t);
+
+impl Drop for FilterDesc {
+    fn drop(&mut self) {
+        // SAFETY: created in `Plan::new` and destroyed only here.
+        let _ = unsafe { dnn::destroy_filter_descriptor(self.0) };
+    }
+}
+
+/// A convolution descriptor, destroyed with its owner.
+struct ConvDesc(sys::cudnnConvolutionDescriptor_t);
+
+impl Drop for ConvDesc {
+    fn drop(&mut self) {
+        // SAFETY: created in `Plan::new` and destroyed only here.
+        let _ = unsafe { dnn::destroy_convolution_descriptor(self.0) };
+    }
+}
+
+const BF16: sys::cudnnDataType_t = sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16;
+const NCHW: sys::cudnnTensorFormat_t = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+const NHWC: sys::cudnnTensorFormat_t = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+
+fn dnn_error(e: CudnnError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuDNN: {e:?}"))
+}
+
+/// One convolution's descriptors: input and output in the layout cuDNN convolves in (and
+/// for NHWC, their NCHW twins, the transforms' other ends), the filter and the
+/// convolution with tensor-core math.
+struct Plan {
+    handle: sys::cudnnHandle_t,
+    x: TensorDesc,
+    y: TensorDesc,
+    x_nchw: TensorDesc,
+    y_nchw: TensorDesc,
+    filter: FilterDesc,
+    conv: ConvDesc,
+}
+
+impl Plan {
+    fn new(handle: sys::cudnnHandle_t, d: ConvDims, layout: CudnnLayout) -> Result<Self> {
+        let int = |n: usize| -> Result<i32> {
+            i32::try_from(n).map_err(|_| {
+                candle_core::Error::Msg(format!("cuDNN convolution: size {n} exceeds 32 bits"))
+            })
+        };
+        let (batch, cin, cout, h, w, k) = (
+            int(d.batch)?,
+            int(d.cin)?,
+            int(d.cout)?,
+            int(d.h)?,
+            int(d.w)?,
+            int(d.k)?,
+        );
+        let format = match layout {
+            CudnnLayout::Nchw => NCHW,
+            CudnnLayout::Nhwc => NHWC,
+        };
+        let filter = FilterDesc(dnn::create_filter_descriptor().map_err(dnn_error)?);
+        // SAFETY: a descriptor just created. Dimensions are (K, C, R, S) in either format;
+        // the format says how the values lie.
+        unsafe { dnn::set_filter4d_descriptor(filter.0, BF16, format, [cout, cin, k, k]) }
+            .map_err(dnn_error)?;
+        let conv = ConvDesc(dnn::create_convolution_descriptor().map_err(dnn_error)?);
+        // SAFETY: a descriptor just created.
+        unsafe {
+            dnn::set_convolution2d_descriptor(
+                conv.0,
+                k / 2,
+                k / 2,
+                1,
+                1,
+                1,
+                1,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )
+        }
+        .map_err(dnn_error)?;
+        // SAFETY: the descriptor set above.
+        unsafe {
+            dnn::set_convolution_math_type(conv.0, sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
+        }
+        .map_err(dnn_error)?;
+        Ok(Self {
+            handle,
+            x: TensorDesc::new(format, [batch, cin, h, w])?,
+            y: TensorDesc::new(format, [batch, cout, h, w])?,
+            x_nchw: TensorDesc::new(NCHW, [batch, cin, h, w])?,
+            y_nchw: TensorDesc::new(NCHW, [batch, cout, h, w])?,
+            filter,
+            conv,
+        })
+    }
+
+    /// The heuristic's candidates, best first: the first it says runs.
+    fn heuristic(&self) -> Result<Algorithm> {
+        const ASKED: usize = 8;
+        let mut returned = 0i32;
+        // SAFETY: cuDNN writes at most ASKED plain-data records, and the count it wrote.
+        let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; ASKED] = unsafe { std::mem::zeroed() };
+        // SAFETY: every descriptor and the handle are live; the array holds ASKED records.
+        unsafe {
+            dnn::get_convolution_forward_algorithm(
+                self.handle,
+                self.x.0,
+                self.filter.0,
+                self.conv.0,
+                self.y.0,
+                ASKED as i32,
+                &mut returned,
+                perf.as_mut_ptr(),
+            )
+        }
+        .map_err(dnn_error)?;
+        let returned = usize::try_from(returned).unwrap_or(0).min(ASKED);
+        perf[..returned]
+            .iter()
+            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+            .map(|p| p.algo)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "cuDNN's heuristic offered no convolution algorithm that runs".into(),
+                )
+            })
+    }
+
+    /// Workspace bytes `algorithm` needs.
+    fn workspace(&self, algorithm: Algorithm) -> Result<usize> {
+        // SAFETY: every descriptor and the handle are live.
+        unsafe {
+            dnn::get_convolution_forward_workspace_size(
+                self.handle,
+                self.x.0,
+                self.filter.0,
+                self.conv.0,
+                self.y.0,
+                algorithm,
+            )
+        }
+        .map_err(dnn_error)
+    }
+
+    /// y = conv(x, w) in the plan's layout, on the handle's stream.
+    fn convolve(
+        &self,
+        algorithm: Algorithm,
+        x: u64,
+        w: u64,
+        (workspace, workspace_bytes): (u64, usize),
+        y: u64,
+    ) -> Result<()> {
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: x, w and y hold the values the plan's descriptors describe (the caller
+        // allocated or checked them), the workspace has the bytes cuDNN asked for, all on
+        // the handle's stream; the scaling factors are f32, as for every bf16 configuration.
+        unsafe {
+            dnn::convolution_forward(
+                self.handle,
+                (&alpha as *const f32).cast(),
+                self.x.0,
+                x as *const c_void,
+                self.filter.0,
+                w as *const c_void,
+                self.conv.0,
+                algorithm,
+                workspace as *mut c_void,
+                workspace_bytes,
+                (&beta as *const f32).cast(),
+                self.y.0,
+                y as *mut c_void,
+            )
+        }
+        .map_err(dnn_error)
+    }
+
+    /// `to` = `from` in the other layout (same sizes), by cuDNN.
+    fn transform(
+        &self,
+        from_desc: &TensorDesc,
+        from: u64,
+        to_desc: &TensorDesc,
+        to: u64,
+    ) -> Result<()> {
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: both buffers hold the values their descriptors describe, on the handle's
+        // stream; f32 scaling factors.
+        unsafe {
+            sys::cudnnTransformTensor(
+                self.handle,
+                (&alpha as *const f32).cast(),
+                from_desc.0,
+                from as *const c_void,
+                (&beta as *const f32).cast(),
+                to_desc.0,
+                to as *mut c_void,
+            )
+        }
+        .result()
+        .map_err(dnn_error)
+    }
+}
+
+/// One device's cuDNN handle (on candle's stream) and the heuristic's picks so far.
+struct Slot {
+    device: DeviceId,
+    handle: Handle,
+    picks: HashMap<(ConvDims, CudnnLayout), Algorithm>,
+}
+
+// cuDNN handles are not to be shared between threads (candle keeps its own per thread too):
+// one per thread and GPU ordinal, replaced when the pipeline re-creates its device.
 thread_local! {
     static SLOTS: RefCell<HashMap<usize, Slot>> = RefCell::new(HashMap::new());
 }
 
-/// Runs the convolution on `dev`'s stream into a fresh buffer (`like` gives its element
-/// type).
-fn run<T>(
-    dev: &CudaDevice,
-    like: &CudaSlice<T>,
-    x: &CudaView<T>,
-    weight: &CudaView<T>,
-    s: Shape4,
-    algorithm: Option<Algorithm>,
-) -> Result<CudaSlice<T>>
-where
-    T: CudnnDataType + WithDType + DeviceRepr,
-{
-    let dim = |n: usize| -> Result<i32> {
-        i32::try_from(n).map_err(|_| {
-            candle_core::Error::Msg(format!("cuDNN convolution: size {n} exceeds 32 bits"))
-        })
-    };
-    let pad = dim(s.k / 2)?;
+/// This thread's cuDNN handle for `dev`, bound to its stream, made on first use.
+fn handle(dev: &CudaDevice) -> Result<sys::cudnnHandle_t> {
     let ordinal = dev.cuda_stream().context().ordinal();
     SLOTS.with(|slots| {
         let mut slots = slots.borrow_mut();
-        if slots
-            .get(&ordinal)
-            .is_none_or(|slot| slot.device != dev.id())
+        if let Some(slot) = slots.get(&ordinal)
+            && slot.device == dev.id()
         {
-            slots.remove(&ordinal);
-            let cudnn = Cudnn::new(dev.cuda_stream())?;
-            slots.insert(
-                ordinal,
-                Slot {
-                    device: dev.id(),
-                    cudnn,
-                    picks: HashMap::new(),
-                },
+            return Ok(slot.handle.0);
+        }
+        slots.remove(&ordinal);
+        dev.cuda_stream().context().bind_to_thread().map_err(|e| {
+            candle_core::Error::Msg(format!("binding the CUDA context for cuDNN: {e:?}"))
+        })?;
+        let handle = Handle(dnn::create_handle().map_err(dnn_error)?);
+        // SAFETY: a live handle and candle's live stream (cuDNN's stream type is the driver's).
+        unsafe { dnn::set_stream(handle.0, dev.cuda_stream().cu_stream() as sys::cudaStream_t) }
+            .map_err(dnn_error)?;
+        let raw = handle.0;
+        slots.insert(
+            ordinal,
+            Slot {
+                device: dev.id(),
+                handle,
+                picks: HashMap::new(),
+            },
+        );
+        Ok(raw)
+    })
+}
+
+/// The heuristic's pick for this shape and layout, asked once per device.
+fn pick(dev: &CudaDevice, plan: &Plan, dims: ConvDims, layout: CudnnLayout) -> Result<Algorithm> {
+    let ordinal = dev.cuda_stream().context().ordinal();
+    let known = SLOTS.with(|slots| {
+        slots
+            .borrow()
+            .get(&ordinal)
+            .and_then(|slot| slot.picks.get(&(dims, layout)).copied())
+    });
+    if let Some(algorithm) = known {
+        return Ok(algorithm);
+    }
+    let algorithm = plan.heuristic()?;
+    SLOTS.with(|slots| {
+        if let Some(slot) = slots.borrow_mut().get_mut(&ordinal) {
+            slot.picks.insert((dims, layout), algorithm);
+        }
+    });
+    Ok(algorithm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nhwc_weights_are_krsc_and_shapes_are_read_per_layout() {
+        let w = Tensor::arange(0f32, 2.0 * 3.0 * 9.0, &candle_core::Device::Cpu)
+            .and_then(|t| t.reshape((2, 3, 3, 3)))
+            .expect("weights");
+        let krsc = weights_for(CudnnLayout::Nhwc, &w).expect("krsc");
+        assert_eq!(krsc.dims(), &[2, 3, 3, 3]);
+        let values = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .expect("values")
+        };
+        let (orig, krsc) = (values(&w), values(&krsc));
+        // krsc[o][dy][dx][c] == w[o][c][dy][dx]
+        for (o, dy, dx, c) in [(0, 0, 0, 1), (1, 2, 1, 0), (1, 1, 2, 2)] {
+            assert_eq!(
+                krsc[((o * 3 + dy) * 3 + dx) * 3 + c],
+                orig[((o * 3 + c) * 3 + dy) * 3 + dx]
             );
         }
-        let Some(slot) = slots.get_mut(&ordinal) else {
-            candle_core::bail!("cuDNN convolution: no handle for GPU {ordinal}");
-        };
-        let cudnn = &slot.cudnn;
-        let mut conv = cudnn.create_conv2d::<f32>(
-            [pad, pad],
-            [1, 1],
-            [1, 1],
-            cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-        )?;
-        conv.set_math_type(cudnnMathType_t::CUDNN_TENSOR_OP_MATH)?;
-        let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-        let xd = cudnn
-            .create_4d_tensor::<T>(nchw, [dim(s.batch)?, dim(s.cin)?, dim(s.h)?, dim(s.w)?])?;
-        let wd =
-            cudnn.create_4d_filter::<T>(nchw, [dim(s.cout)?, dim(s.cin)?, dim(s.k)?, dim(s.k)?])?;
-        let yd = cudnn
-            .create_4d_tensor::<T>(nchw, [dim(s.batch)?, dim(s.cout)?, dim(s.h)?, dim(s.w)?])?;
-        let forward = ConvForward {
-            conv: &conv,
-            x: &xd,
-            w: &wd,
-            y: &yd,
-        };
-        let algorithm = match algorithm {
-            Some(a) => a,
-            None => match slot.picks.get(&s) {
-                Some(&a) => a,
-                None => {
-                    // cudarc asserts that the heuristic returned a candidate: not a panic
-                    // to let through a request.
-                    let pick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        forward.pick_algorithm()
-                    }))
-                    .map_err(|_| {
-                        candle_core::Error::Msg(
-                            "cuDNN's heuristic offered no convolution algorithm".into(),
-                        )
-                    })?;
-                    let a = pick?;
-                    slot.picks.insert(s, a);
-                    a
-                }
-            },
-        };
-        let workspace_bytes = forward.get_workspace_size(algorithm)?;
-        // SAFETY: scratch space cuDNN writes before it reads.
-        let mut workspace = unsafe { dev.alloc::<u8>(workspace_bytes.max(1)) }?;
-        let mut y = alloc_like(dev, like, s.batch * s.cout * s.h * s.w)?;
-        // SAFETY: the descriptors describe exactly these buffers: x and weight are contiguous
-        // NCHW views of batch·cin·h·w and cout·cin·k·k values (checked by the caller), y was
-        // just allocated with batch·cout·h·w, all of element type T; cuDNN writes every value
-        // of y (beta 0).
-        unsafe {
-            forward.launch(
-                algorithm,
-                Some(&mut workspace),
-                (T::from_f64(1.0), T::from_f64(0.0)),
-                x,
-                weight,
-                &mut y,
-            )
-        }?;
-        Ok(y)
-    })
+        assert_eq!(
+            weight_dims(CudnnLayout::Nchw, &[8, 4, 3, 3]),
+            Some((8, 4, 3))
+        );
+        assert_eq!(
+            weight_dims(CudnnLayout::Nhwc, &[8, 3, 3, 4]),
+            Some((8, 4, 3))
+        );
+        assert_eq!(weight_dims(CudnnLayout::Nhwc, &[8, 3, 1, 4]), None);
+        // CPU tensors are never taken.
+        let x = Tensor::zeros((1, 4, 8, 8), DType::BF16, &candle_core::Device::Cpu).expect("x");
+        let w = Tensor::zeros((8, 4, 3, 3), DType::BF16, &candle_core::Device::Cpu).expect("w");
+        assert!(!supports(&x, &w, CudnnLayout::Nchw));
+    }
 }

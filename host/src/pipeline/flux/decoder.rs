@@ -33,6 +33,8 @@ pub struct DecoderPaths {
     /// Convolutions through cuDNN with tensor-core math (`conv_cudnn_cuda.rs`, builds with
     /// the `cudnn` feature); before the GEMM path where both are on.
     pub conv_cudnn: bool,
+    /// With `conv_cudnn`, handed to cuDNN in NHWC (transformed there and back by cuDNN).
+    pub conv_cudnn_nhwc: bool,
     /// 3×3 convolutions as one implicit-GEMM kernel with the norm before them, the
     /// upsampling and the residual add folded in (`conv_implicit_cuda.rs`); the convolutions
     /// it does not take (too few channels) fall to the other paths.
@@ -69,6 +71,7 @@ impl DecoderPaths {
             fused_norm: true,
             conv_gemm: true,
             conv_cudnn: false,
+            conv_cudnn_nhwc: false,
             conv_implicit: true,
             conv_implicit_wide: false,
             conv_implicit_wgmma: false,
@@ -99,18 +102,20 @@ impl DecoderPaths {
         }
     }
 
-    /// The convolution paths `HEADSHOT_CONV` names (`gemm`, `cudnn`, `implicit`,
-    /// `implicit_wide`: the implicit one with the wide tile, `implicit_wgmma`: with the Hopper
-    /// kernel; comma-separated, any case). A word it does not know is logged as a warning naming the
+    /// The convolution paths `HEADSHOT_CONV` names (`gemm`, `cudnn`, `cudnn_nhwc`: cuDNN in
+    /// NHWC, `implicit`, `implicit_wide`: the implicit one with the wide tile,
+    /// `implicit_wgmma`: with the Hopper kernel; comma-separated, any case). A word it does not know is logged as a warning naming the
     /// accepted ones, not taken silently as "off".
     pub fn conv_from(value: &str) -> Self {
         let mut paths = Self::default();
         for word in value.split(',').map(str::trim).filter(|w| !w.is_empty()) {
             if word.eq_ignore_ascii_case("gemm") {
                 paths.conv_gemm = true;
-            } else if word.eq_ignore_ascii_case("cudnn") {
+            } else if word.eq_ignore_ascii_case("cudnn") || word.eq_ignore_ascii_case("cudnn_nhwc")
+            {
                 if cfg!(feature = "cudnn") {
                     paths.conv_cudnn = true;
+                    paths.conv_cudnn_nhwc |= word.eq_ignore_ascii_case("cudnn_nhwc");
                 } else {
                     tracing::warn!(
                         var = "HEADSHOT_CONV",
@@ -129,7 +134,7 @@ impl DecoderPaths {
                 tracing::warn!(
                     var = "HEADSHOT_CONV",
                     value = %word,
-                    accepted = "gemm, cudnn, implicit, implicit_wide, implicit_wgmma",
+                    accepted = "gemm, cudnn, cudnn_nhwc, implicit, implicit_wide, implicit_wgmma",
                     "unknown convolution path; it stays off"
                 );
             }
@@ -220,10 +225,10 @@ struct Conv {
     /// The implicit path's kernel tile.
     #[cfg(feature = "cuda")]
     implicit_tile: super::conv_implicit_cuda::Tile,
-    /// Whether the cuDNN path (tensor-core math) takes this convolution, on candle's weight
-    /// tensor itself.
+    /// For the cuDNN path (tensor-core math): the weights as its layout wants them (for NCHW
+    /// candle's tensor itself) and the layout.
     #[cfg(feature = "cudnn")]
-    cudnn: bool,
+    cudnn: Option<(Tensor, super::conv_cudnn_cuda::CudnnLayout)>,
 }
 
 impl Conv {
@@ -267,7 +272,17 @@ impl Conv {
             None => super::conv_implicit_cuda::Tile::Narrow,
         };
         #[cfg(feature = "cudnn")]
-        let cudnn = paths.conv_cudnn && on_cuda_bf16(inner.weight()) && inner.bias().is_some();
+        let cudnn = if paths.conv_cudnn && on_cuda_bf16(inner.weight()) {
+            use super::conv_cudnn_cuda::{CudnnLayout, weights_for};
+            let layout = if paths.conv_cudnn_nhwc {
+                CudnnLayout::Nhwc
+            } else {
+                CudnnLayout::Nchw
+            };
+            Some((weights_for(layout, inner.weight())?, layout))
+        } else {
+            None
+        };
         #[cfg(not(feature = "cuda"))]
         let _ = paths;
         Ok(Self {
@@ -372,19 +387,22 @@ impl Conv {
     /// `x`; `None` sends it another way.
     #[cfg(feature = "cudnn")]
     fn forward_cudnn(&self, x: &Tensor, upsample: bool) -> Result<Option<Tensor>> {
-        let weight = self.inner.weight();
-        if !self.cudnn || !super::conv_cudnn_cuda::supports(x, weight) {
+        use super::conv_cudnn_cuda::{conv2d, supports};
+        let Some((weight, layout)) = &self.cudnn else {
+            return Ok(None);
+        };
+        if !supports(x, weight, *layout) {
             return Ok(None);
         }
         let y = if upsample {
             let (_, _, h, w) = x.dims4()?;
             let up = x.upsample_nearest2d(2 * h, 2 * w)?;
-            if !super::conv_cudnn_cuda::supports(&up, weight) {
+            if !supports(&up, weight, *layout) {
                 return Ok(None);
             }
-            super::conv_cudnn_cuda::conv2d(&up, weight, None)?
+            conv2d(&up, weight, *layout, None)?
         } else {
-            super::conv_cudnn_cuda::conv2d(x, weight, None)?
+            conv2d(x, weight, *layout, None)?
         };
         match self.inner.bias() {
             Some(b) => Ok(Some(y.broadcast_add(&b.reshape((
@@ -795,7 +813,10 @@ mod tests {
         // cuDNN only in builds that have it; elsewhere a warning, and the rest still applies.
         let paths = DecoderPaths::conv_from("cudnn,implicit");
         assert_eq!(paths.conv_cudnn, cfg!(feature = "cudnn"));
-        assert!(paths.conv_implicit && !paths.conv_gemm);
+        assert!(paths.conv_implicit && !paths.conv_gemm && !paths.conv_cudnn_nhwc);
+        let paths = DecoderPaths::conv_from("CUDNN_NHWC");
+        assert_eq!(paths.conv_cudnn, cfg!(feature = "cudnn"));
+        assert_eq!(paths.conv_cudnn_nhwc, cfg!(feature = "cudnn"));
     }
 
     #[test]
