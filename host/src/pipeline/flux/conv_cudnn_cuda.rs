@@ -147,6 +147,28 @@ impl CustomOp2 for CudnnConv {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        // cudarc loads each cuDNN symbol on first use and panics where the library lacks one:
+        // that is an error of this convolution, not a panic in a request.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.convolve(s1, l1, s2, l2)
+        }))
+        .map_err(|_| {
+            candle_core::Error::Msg(
+                "cuDNN convolution panicked (a cuDNN library without a function it needs?)".into(),
+            )
+        })?
+    }
+}
+
+impl CudnnConv {
+    /// [`CustomOp2::cuda_fwd`], unguarded.
+    fn convolve(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let (batch, cin, h, w) = l1.shape().dims4()?;
         let Some((cout, wcin, k)) = weight_dims(self.layout, l2.shape().dims()) else {
             candle_core::bail!(
