@@ -15,8 +15,9 @@
 //!   memory-bound, for a convolution in cuDNN's native layout.
 //!
 //! bf16 in and out, f32 compute (cuDNN's only bf16 configuration), stride 1, "same" padding;
-//! the algorithm from cuDNN's heuristic (asked once per shape and layout, the first
-//! candidate it says runs) unless the caller names one. The bias is the caller's (one
+//! the algorithm from cuDNN's heuristic unless the caller names one: asked once per shape and
+//! layout with tensor-op math allowed, the first candidate it says runs within 512 MiB of
+//! workspace, run under the math type the heuristic rated it with (as PyTorch does). The bias is the caller's (one
 //! broadcast add, as candle's `Conv2d` does it). Everything goes through cudarc's raw cuDNN
 //! bindings: its safe wrappers keep their descriptors private, and the transforms need them.
 
@@ -201,9 +202,15 @@ impl CudnnConv {
         let stream = dev.cuda_stream();
         let handle = handle(dev)?;
         let plan = Plan::new(handle, dims, self.layout)?;
+        // A named algorithm runs with tensor-op math; the heuristic's with the math type it
+        // rated the algorithm under.
         let algorithm = match self.algorithm {
             Some(a) => a,
-            None => pick(dev, &plan, dims, self.layout)?,
+            None => {
+                let choice = pick(dev, &plan, dims, self.layout)?;
+                plan.set_math(choice.math)?;
+                choice.algorithm
+            }
         };
         let workspace_bytes = plan.workspace(algorithm)?;
         // SAFETY (allocations below): scratch and outputs cuDNN writes in full (beta 0)
@@ -231,6 +238,17 @@ impl CudnnConv {
         }
         Ok(output(dev, CudaStorageSlice::BF16, y, (batch, cout, h, w)))
     }
+}
+
+/// Most scratch memory a heuristic pick may ask for (FFT algorithms ask for gigabytes at
+/// the decoder's top level; PyTorch likewise skips candidates it cannot allocate).
+const WORKSPACE_CAP: usize = 512 << 20;
+
+/// An algorithm with the math type cuDNN rated it under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Choice {
+    algorithm: Algorithm,
+    math: sys::cudnnMathType_t,
 }
 
 /// A convolution's sizes.
@@ -371,8 +389,10 @@ impl Plan {
         })
     }
 
-    /// The heuristic's candidates, best first: the first it says runs.
-    fn heuristic(&self) -> Result<Algorithm> {
+    /// The heuristic's candidates, best first: the first it says runs within
+    /// [`WORKSPACE_CAP`], with the math type it was rated under (which the convolution must
+    /// then run with: cuDNN picks its kernels by the pair, so PyTorch sets it back too).
+    fn heuristic(&self) -> Result<Choice> {
         const ASKED: usize = 8;
         let mut returned = 0i32;
         // SAFETY: cuDNN writes at most ASKED plain-data records, and the count it wrote.
@@ -394,13 +414,26 @@ impl Plan {
         let returned = usize::try_from(returned).unwrap_or(0).min(ASKED);
         perf[..returned]
             .iter()
-            .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
-            .map(|p| p.algo)
-            .ok_or_else(|| {
-                candle_core::Error::Msg(
-                    "cuDNN's heuristic offered no convolution algorithm that runs".into(),
-                )
+            .find(|p| {
+                p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && p.memory <= WORKSPACE_CAP
             })
+            .map(|p| Choice {
+                algorithm: p.algo,
+                math: p.mathType,
+            })
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "cuDNN's heuristic offered no convolution algorithm that runs within {} MiB \
+                     of workspace",
+                    WORKSPACE_CAP >> 20
+                ))
+            })
+    }
+
+    /// Runs the convolution under `math` from here on.
+    fn set_math(&self, math: sys::cudnnMathType_t) -> Result<()> {
+        // SAFETY: the plan's live convolution descriptor.
+        unsafe { dnn::set_convolution_math_type(self.conv.0, math) }.map_err(dnn_error)
     }
 
     /// Workspace bytes `algorithm` needs.
@@ -483,7 +516,7 @@ impl Plan {
 struct Slot {
     device: DeviceId,
     handle: Handle,
-    picks: HashMap<(ConvDims, CudnnLayout), Algorithm>,
+    picks: HashMap<(ConvDims, CudnnLayout), Choice>,
 }
 
 // cuDNN handles are not to be shared between threads (candle keeps its own per thread too):
@@ -524,7 +557,7 @@ fn handle(dev: &CudaDevice) -> Result<sys::cudnnHandle_t> {
 }
 
 /// The heuristic's pick for this shape and layout, asked once per device.
-fn pick(dev: &CudaDevice, plan: &Plan, dims: ConvDims, layout: CudnnLayout) -> Result<Algorithm> {
+fn pick(dev: &CudaDevice, plan: &Plan, dims: ConvDims, layout: CudnnLayout) -> Result<Choice> {
     let ordinal = dev.cuda_stream().context().ordinal();
     let known = SLOTS.with(|slots| {
         slots
@@ -532,16 +565,16 @@ fn pick(dev: &CudaDevice, plan: &Plan, dims: ConvDims, layout: CudnnLayout) -> R
             .get(&ordinal)
             .and_then(|slot| slot.picks.get(&(dims, layout)).copied())
     });
-    if let Some(algorithm) = known {
-        return Ok(algorithm);
+    if let Some(choice) = known {
+        return Ok(choice);
     }
-    let algorithm = plan.heuristic()?;
+    let choice = plan.heuristic()?;
     SLOTS.with(|slots| {
         if let Some(slot) = slots.borrow_mut().get_mut(&ordinal) {
-            slot.picks.insert((dims, layout), algorithm);
+            slot.picks.insert((dims, layout), choice);
         }
     });
-    Ok(algorithm)
+    Ok(choice)
 }
 
 #[cfg(test)]
