@@ -553,7 +553,7 @@ fn cudnn_conv_ops(
     level: usize,
 ) -> Result<(), BenchError> {
     use crate::pipeline::flux::conv_cudnn_cuda::{
-        ALGORITHMS, CudnnLayout, conv2d, supports, weights_for,
+        ALGORITHMS, CudnnLayout, algorithm_name, conv2d, supports, weights_for,
     };
     for layout in [CudnnLayout::Nchw, CudnnLayout::Nhwc] {
         let weight = weights_for(layout, weight)?;
@@ -569,8 +569,7 @@ fn cudnn_conv_ops(
         )?;
         if matches!(level, 1 | 8) {
             for algorithm in ALGORITHMS {
-                let algo = format!("{algorithm:?}").to_lowercase();
-                let algo = algo.trim_start_matches("cudnn_convolution_fwd_algo_");
+                let algo = algorithm_name(algorithm);
                 let name = format!("vae_conv_{path}_{algo}_{tag}");
                 if let Err(e) = time(out, &name, Work::Flop(flop), &|| {
                     conv2d(x, &weight, layout, Some(algorithm))

@@ -738,7 +738,9 @@ fn cudnn_convolution(
     tolerance: f64,
     out: &mut Vec<CheckResult>,
 ) -> Result<()> {
-    use super::conv_cudnn_cuda::{ALGORITHMS, CudnnLayout, conv2d, supports, weights_for};
+    use super::conv_cudnn_cuda::{
+        ALGORITHMS, CudnnLayout, algorithm_name, conv2d, supports, weights_for,
+    };
     let (x, b) = (bf16(x)?, bf16(bias)?);
     let (batch, cin, h, wd) = x.dims4()?;
     let (cout, _, size, _) = weight.dims4()?;
@@ -760,8 +762,7 @@ fn cudnn_convolution(
         )?);
         for algorithm in ALGORITHMS {
             if let Ok(y) = conv2d(&x, &w, layout, Some(algorithm)) {
-                let tag = format!("{algorithm:?}").to_lowercase();
-                let tag = tag.trim_start_matches("cudnn_convolution_fwd_algo_");
+                let tag = algorithm_name(algorithm);
                 out.push(compare(
                     &format!("{name}_{tag}"),
                     &with_bias(y)?,

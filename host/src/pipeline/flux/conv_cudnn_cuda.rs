@@ -49,6 +49,13 @@ pub const ALGORITHMS: [Algorithm; 3] = [
     Algorithm::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
 ];
 
+/// `algorithm`'s name as check and bench rows carry it (`implicit_precomp_gemm`).
+pub fn algorithm_name(algorithm: Algorithm) -> String {
+    let name = format!("{algorithm:?}").to_lowercase();
+    name.trim_start_matches("cudnn_convolution_fwd_algo_")
+        .to_string()
+}
+
 /// The layout a convolution is handed to cuDNN in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CudnnLayout {
@@ -611,6 +618,15 @@ mod tests {
             Some((8, 4, 3))
         );
         assert_eq!(weight_dims(CudnnLayout::Nhwc, &[8, 3, 1, 4]), None);
+        let names: Vec<String> = ALGORITHMS.into_iter().map(algorithm_name).collect();
+        assert_eq!(
+            names,
+            [
+                "implicit_gemm",
+                "implicit_precomp_gemm",
+                "winograd_nonfused"
+            ]
+        );
         // CPU tensors are never taken.
         let x = Tensor::zeros((1, 4, 8, 8), DType::BF16, &candle_core::Device::Cpu).expect("x");
         let w = Tensor::zeros((8, 4, 3, 3), DType::BF16, &candle_core::Device::Cpu).expect("w");
