@@ -334,3 +334,41 @@ extern "C" __global__ void __launch_bounds__(512, 1)
                                     __nv_bfloat16 *__restrict__ y) {
     conv3x3_block<4>(xp, wt, bias, residual, has_residual, cin, cout, h, w, y);
 }
+
+// ---- cuDNN's NHWC output back to NCHW --------------------------------------------------------
+
+// HEADSHOT_CONV=implicit_cudnn: cuDNN convolves the prep pass's padded NHWC image, and this
+// pass turns its NHWC output (hw pixels × cout channels, one image) into the decoder's NCHW,
+// adding the bias and, when has_residual, the residual (cout × hw) in f32 before rounding.
+// grid ((hw + 31) / 32, (cout + 31) / 32), block 256. Block (bx, by) moves pixels 32·bx…,
+// channels 32·by…: read as 32-channel runs of each pixel (coalesced in NHWC), transposed
+// through shared memory, written as 32-pixel runs of each channel (coalesced in NCHW).
+extern "C" __global__ void __launch_bounds__(256)
+    headshot_conv_nhwc_out_bf16(const __nv_bfloat16 *__restrict__ y_nhwc,
+                                const __nv_bfloat16 *__restrict__ bias,
+                                const __nv_bfloat16 *__restrict__ residual, int has_residual,
+                                int cout, int hw, __nv_bfloat16 *__restrict__ y) {
+    __shared__ float tile[32][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int p = p0 + ty + 8 * i, c = c0 + tx;
+        if (p < hw && c < cout) {
+            tile[ty + 8 * i][tx] = __bfloat162float(y_nhwc[(long long)p * cout + c]);
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int c = c0 + ty + 8 * i, p = p0 + tx;
+        if (p < hw && c < cout) {
+            const long long at = (long long)c * hw + p;
+            float v = tile[tx][ty + 8 * i] + __bfloat162float(bias[c]);
+            if (has_residual) {
+                v += __bfloat162float(residual[at]);
+            }
+            y[at] = __float2bfloat16(v);
+        }
+    }
+}

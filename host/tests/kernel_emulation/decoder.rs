@@ -2,7 +2,7 @@
 
 use crate::kernel_emu::*;
 use candle_core::{DType, Device, Tensor};
-use headshot_host::pipeline::flux::conv_launch::{Launch, Tile, prep_launch};
+use headshot_host::pipeline::flux::conv_launch::{Launch, Tile, nhwc_out_launch, prep_launch};
 use headshot_host::pipeline::flux::decoder::gemm_taps;
 
 /// `group_norm_cuda::chunking`: a group split into chunks of at least 8192 values, at most 32
@@ -578,4 +578,59 @@ fn norm_silu_upsample_and_convolution_chain_as_the_decoder_runs_it() {
         &bf16_values(&y),
         &want,
     );
+}
+
+#[test]
+fn cudnns_nhwc_output_comes_back_nchw_with_bias_and_residual() {
+    // One tile; part-empty tiles in both pixels and channels (3 channels: conv_out's count),
+    // with and without the residual; as conv_implicit_cuda launches it for one image.
+    for (cout, hw, with_residual) in [(32, 32, false), (64, 200, true), (3, 45, true)] {
+        let (y_bytes, y_nhwc) = bf16_buffer(&random(hw * cout, 61));
+        let (bias_bytes, bias) = bf16_buffer(&random(cout, 62));
+        let (res_bytes, residual) = bf16_buffer(&random(cout * hw, 63));
+        let launch = nhwc_out_launch(cout, hw);
+        let out = launch_kernel_out(
+            launch.entry,
+            &config(&launch),
+            (y_bytes, bias_bytes, res_bytes),
+            with_residual,
+            (cout, hw),
+        );
+        let mut want = vec![0f32; cout * hw];
+        for c in 0..cout {
+            for p in 0..hw {
+                let mut v = y_nhwc[p * cout + c] + bias[c];
+                if with_residual {
+                    v += residual[c * hw + p];
+                }
+                want[c * hw + p] = v;
+            }
+        }
+        let case = format!("{} {cout}x{hw} residual {with_residual}", launch.entry);
+        check_bf16(&case, &bf16_values(&out), &want);
+    }
+}
+
+/// `headshot_conv_nhwc_out_bf16` over one image's NHWC bytes, with bias and residual bytes.
+fn launch_kernel_out(
+    entry: &str,
+    cfg: &Config,
+    (y_nhwc, bias, residual): (Vec<u8>, Vec<u8>, Vec<u8>),
+    with_residual: bool,
+    (cout, hw): (usize, usize),
+) -> Vec<u8> {
+    let out = launch(
+        entry,
+        cfg,
+        &[
+            Arg::In(y_nhwc),
+            Arg::In(bias),
+            Arg::In(residual),
+            Arg::I32(i32::from(with_residual)),
+            Arg::I32(cout as i32),
+            Arg::I32(hw as i32),
+            Arg::Out(2 * cout * hw),
+        ],
+    );
+    out.into_iter().next().unwrap()
 }

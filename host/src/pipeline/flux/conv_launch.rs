@@ -111,6 +111,17 @@ pub fn prep_launch(channels: usize, h: usize, w: usize, w0: usize) -> Launch {
     }
 }
 
+/// The pass that turns cuDNN's NHWC output of one image (`hw` pixels × `cout` channels) into
+/// NCHW with the bias and residual added (`HEADSHOT_CONV=implicit_cudnn`): 32 × 32 tiles.
+pub fn nhwc_out_launch(cout: usize, hw: usize) -> Launch {
+    Launch {
+        entry: "headshot_conv_nhwc_out_bf16",
+        grid: (hw.div_ceil(32) as u32, cout.div_ceil(32) as u32, 1),
+        threads: 256,
+        smem: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
