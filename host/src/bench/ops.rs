@@ -414,17 +414,22 @@ fn vae_ops(
             )?;
         }
     }
-    // The implicit-GEMM convolutions last, and the wgmma kernel (never run on a GPU yet) after
-    // the others: a kernel that faults leaves the CUDA context unusable, and every row before
-    // it is printed already.
+    // The implicit-GEMM convolutions last (the prep pass with cuDNN convolving first, then our
+    // kernels), and the wgmma kernel (never run on a GPU yet) after the others: a kernel that
+    // faults leaves the CUDA context unusable, and every row before it is printed already.
     #[cfg(feature = "cuda")]
     {
-        use crate::pipeline::flux::conv_implicit_cuda::Tile;
-        let mut passes = vec![vec![Tile::Narrow, Tile::Wide]];
+        use crate::pipeline::flux::conv_implicit_cuda::{Engine, Tile};
+        let mut passes = vec![vec![
+            Engine::Kernel(Tile::Narrow),
+            Engine::Kernel(Tile::Wide),
+        ]];
+        #[cfg(feature = "cudnn")]
+        passes.insert(0, vec![Engine::Cudnn]);
         if Tile::Wgmma.runs_on(device) {
-            passes.push(vec![Tile::Wgmma]);
+            passes.push(vec![Engine::Kernel(Tile::Wgmma)]);
         }
-        for tiles in passes {
+        for engines in passes {
             for (level, ch) in [(1usize, 512usize), (2, 512), (4, 256), (8, 128)] {
                 let (h, w) = (lh * level, lw * level);
                 let x = randn(&[1, ch, h, w])?;
@@ -435,7 +440,7 @@ fn vae_ops(
                     flop,
                     upsample_too: level < 8,
                 };
-                implicit_conv_ops(out, time, &x, &weight, &shape, &tiles)?;
+                implicit_conv_ops(out, time, &x, &weight, &shape, &engines)?;
             }
         }
     }
@@ -451,8 +456,9 @@ struct ImplicitShape {
     upsample_too: bool,
 }
 
-/// The implicit-GEMM convolution (`HEADSHOT_CONV=implicit…`) on `x` with each of `tiles`
-/// (name suffix `` for the narrow tile, `_wide` where rows are 256 or wider, `_wgmma`): alone
+/// The implicit-GEMM convolution (`HEADSHOT_CONV=implicit…`) on `x` with each of `engines`
+/// (name suffix `` for the narrow tile, `_wide` where rows are 256 or wider, `_wgmma`,
+/// `_on_cudnn` for cuDNN convolving the prep pass's image): alone
 /// (`vae_conv_implicit*_*`); as a resnet's second convolution runs it (group norm + SiLU
 /// before, residual after: `vae_norm_conv_residual_implicit*_*`, and with the narrow tile,
 /// against the fused norm, the GEMM convolution and an add as separate steps when those take
@@ -465,14 +471,15 @@ fn implicit_conv_ops(
     x: &Tensor,
     weight: &Tensor,
     shape: &ImplicitShape,
-    tiles: &[crate::pipeline::flux::conv_implicit_cuda::Tile],
+    engines: &[crate::pipeline::flux::conv_implicit_cuda::Engine],
 ) -> Result<(), BenchError> {
-    use crate::pipeline::flux::conv_implicit_cuda::{InputNorm, Tile, conv3x3, supports};
+    use crate::pipeline::flux::conv_implicit_cuda::{
+        Engine, InputNorm, Tile, conv3x3, supports, weights_for,
+    };
     use crate::pipeline::flux::{conv_gemm_cuda, decoder, group_norm_cuda};
     let (tag, flop) = (&shape.tag, shape.flop);
     let ch = x.dim(1)?;
     let w = x.dim(3)?;
-    let taps = decoder::implicit_taps(weight)?;
     let bias = Tensor::zeros(ch, x.dtype(), x.device())?;
     let norm = InputNorm {
         weight: Tensor::ones(ch, x.dtype(), x.device())?,
@@ -481,39 +488,47 @@ fn implicit_conv_ops(
         eps: EPS as f32,
         silu: true,
     };
-    if !supports(x, &taps, &bias, false, Some(&norm), Some(x)) {
-        return Ok(());
-    }
-    for &tile in tiles {
-        let suffix = tile.suffix();
-        if Tile::for_width(w, tile) == tile {
+    // Whether `engine` runs on rows `w` wide as asked (a wide tile falls to the narrow one on
+    // narrower rows, which the narrow tile's own rows time already).
+    let as_asked = |engine: Engine, w: usize| match engine {
+        Engine::Kernel(tile) => Tile::for_width(w, tile) == tile,
+        #[cfg(feature = "cudnn")]
+        Engine::Cudnn => true,
+    };
+    for &engine in engines {
+        let taps = weights_for(engine, weight)?;
+        if !supports(x, &taps, &bias, false, Some(&norm), Some(x), engine) {
+            continue;
+        }
+        let suffix = engine.suffix();
+        if as_asked(engine, w) {
             time(
                 out,
                 &format!("vae_conv_implicit{suffix}_{tag}"),
                 Work::Flop(flop),
-                &|| conv3x3(x, &taps, &bias, None, false, None, tile),
+                &|| conv3x3(x, &taps, &bias, None, false, None, engine),
             )?;
             time(
                 out,
                 &format!("vae_norm_conv_residual_implicit{suffix}_{tag}"),
                 Work::Flop(flop),
-                &|| conv3x3(x, &taps, &bias, Some(&norm), false, Some(x), tile),
+                &|| conv3x3(x, &taps, &bias, Some(&norm), false, Some(x), engine),
             )?;
         }
         if shape.upsample_too
-            && Tile::for_width(2 * w, tile) == tile
-            && supports(x, &taps, &bias, true, None, None)
+            && as_asked(engine, 2 * w)
+            && supports(x, &taps, &bias, true, None, None, engine)
         {
             time(
                 out,
                 &format!("vae_upsample_conv_implicit{suffix}_{tag}"),
                 Work::Flop(4.0 * flop),
-                &|| conv3x3(x, &taps, &bias, None, true, None, tile),
+                &|| conv3x3(x, &taps, &bias, None, true, None, engine),
             )?;
         }
     }
     let gemm_taps = decoder::gemm_taps(weight)?;
-    if tiles.contains(&Tile::Narrow)
+    if engines.contains(&Engine::Kernel(Tile::Narrow))
         && group_norm_cuda::supports(x, GROUPS)
         && conv_gemm_cuda::supports(x, &gemm_taps, false)
     {

@@ -439,7 +439,7 @@ pub fn run_into(
         // The implicit convolutions last: a kernel that faults leaves the CUDA context
         // unusable, and the results before it are still printed.
         // The wgmma kernel, never run on a GPU yet, after everything else.
-        use super::conv_implicit_cuda::Tile;
+        use super::conv_implicit_cuda::{Engine, Tile};
         use super::decoder::DecoderPaths;
         group_norms(device, tolerance, out)?;
         convolutions(device, tolerance, out)?;
@@ -463,12 +463,17 @@ pub fn run_into(
         small.compare(cudnn_nhwc, "_cudnn_nhwc", out)?;
         let wide = DecoderCase::new(device, true, out)?;
         #[cfg(feature = "cudnn")]
-        wide.compare(cudnn, "_cudnn", out)?;
-        #[cfg(feature = "cudnn")]
-        wide.compare(cudnn_nhwc, "_cudnn_nhwc", out)?;
-        implicit_convolutions(device, tolerance, &[Tile::Narrow, Tile::Wide], out)?;
-        for tile in [Tile::Narrow, Tile::Wide] {
-            wide.compare_tile(tile, out)?;
+        {
+            wide.compare(cudnn, "_cudnn", out)?;
+            wide.compare(cudnn_nhwc, "_cudnn_nhwc", out)?;
+            // The prep pass with cuDNN convolving its image: no convolution kernel of ours.
+            implicit_convolutions(device, tolerance, &[Engine::Cudnn], out)?;
+            wide.compare_engine(Engine::Cudnn, out)?;
+        }
+        let kernels = [Engine::Kernel(Tile::Narrow), Engine::Kernel(Tile::Wide)];
+        implicit_convolutions(device, tolerance, &kernels, out)?;
+        for engine in kernels {
+            wide.compare_engine(engine, out)?;
         }
         // The implicit kernel where it takes a convolution, cuDNN for the others.
         #[cfg(feature = "cudnn")]
@@ -477,12 +482,13 @@ pub fn run_into(
                 conv_implicit: true,
                 ..cudnn
             },
-            "_implicit_cudnn",
+            "_implicit_and_cudnn",
             out,
         )?;
         if Tile::Wgmma.runs_on(device) {
-            implicit_convolutions(device, tolerance, &[Tile::Wgmma], out)?;
-            wide.compare_tile(Tile::Wgmma, out)?;
+            let wgmma = Engine::Kernel(Tile::Wgmma);
+            implicit_convolutions(device, tolerance, &[wgmma], out)?;
+            wide.compare_engine(wgmma, out)?;
         }
     }
     Ok(())
@@ -580,20 +586,22 @@ impl<'a> DecoderCase<'a> {
         Ok(())
     }
 
-    /// [`DecoderCase::compare`] with every path on and the implicit convolutions on `tile`
-    /// (the wide one only where rows reach 256).
-    fn compare_tile(
+    /// [`DecoderCase::compare`] with every path on and the implicit convolutions on
+    /// `engine` (the wide tile only where rows reach 256).
+    fn compare_engine(
         &self,
-        tile: super::conv_implicit_cuda::Tile,
+        engine: super::conv_implicit_cuda::Engine,
         out: &mut Vec<CheckResult>,
     ) -> Result<()> {
-        use super::conv_implicit_cuda::Tile;
+        use super::conv_implicit_cuda::{Engine, Tile};
         let paths = super::decoder::DecoderPaths {
-            conv_implicit_wide: tile == Tile::Wide,
-            conv_implicit_wgmma: tile == Tile::Wgmma,
+            conv_implicit_wide: engine == Engine::Kernel(Tile::Wide),
+            conv_implicit_wgmma: engine == Engine::Kernel(Tile::Wgmma),
+            #[cfg(feature = "cudnn")]
+            conv_implicit_cudnn: engine == Engine::Cudnn,
             ..super::decoder::DecoderPaths::all()
         };
-        self.compare(paths, tile.suffix(), out)
+        self.compare(paths, engine.suffix(), out)
     }
 }
 
@@ -605,11 +613,11 @@ impl<'a> DecoderCase<'a> {
 fn implicit_convolutions(
     device: &Device,
     tolerance: f64,
-    tiles: &[super::conv_implicit_cuda::Tile],
+    engines: &[super::conv_implicit_cuda::Engine],
     out: &mut Vec<CheckResult>,
 ) -> Result<()> {
-    use super::conv_implicit_cuda::{InputNorm, Tile, conv3x3};
-    use super::decoder::{EPS, GROUPS, implicit_taps};
+    use super::conv_implicit_cuda::{Engine, InputNorm, Tile, conv3x3, weights_for};
+    use super::decoder::{EPS, GROUPS};
     let mut rng = Rng::new(47);
     let shapes = [
         (1, 128, 128, 16, 136, false, false, false),
@@ -621,11 +629,11 @@ fn implicit_convolutions(
         // A source width of 12: the scalar prep kernel (the others take the vector one).
         (1, 128, 128, 6, 12, true, true, false),
     ];
-    let cases = tiles
+    let cases = engines
         .iter()
-        .flat_map(|&tile| shapes.map(|shape| (tile, shape)));
-    for (tile, (batch, cin, cout, h, w, norm, upsample, residual)) in cases {
-        if tile == Tile::Wide && (w << usize::from(upsample)) < 256 {
+        .flat_map(|&engine| shapes.map(|shape| (engine, shape)));
+    for (engine, (batch, cin, cout, h, w, norm, upsample, residual)) in cases {
+        if engine == Engine::Kernel(Tile::Wide) && (w << usize::from(upsample)) < 256 {
             continue;
         }
         let x = bf16_values(&((rng.normal_tensor(&[batch, cin, h, w], device)? * 0.5)? + 0.3)?)?;
@@ -661,16 +669,16 @@ fn implicit_convolutions(
         let skip = bf16(&skip)?;
         let fast = conv3x3(
             &bf16(&x)?,
-            &implicit_taps(&weight)?,
+            &weights_for(engine, &weight)?,
             &bf16(&bias)?,
             norm.then_some(&input_norm),
             upsample,
             residual.then_some(&skip),
-            tile,
+            engine,
         )?;
         let name = format!(
             "conv3x3_implicit{}_cuda_{batch}x{cin}x{h}x{w}_to_{cout}{}{}{}",
-            tile.suffix(),
+            engine.suffix(),
             if norm { "_norm_silu" } else { "" },
             if upsample { "_upsampled" } else { "" },
             if residual { "_residual" } else { "" },

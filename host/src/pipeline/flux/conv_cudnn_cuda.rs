@@ -155,16 +155,7 @@ impl CustomOp2 for CudnnConv {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        // cudarc loads each cuDNN symbol on first use and panics where the library lacks one:
-        // that is an error of this convolution, not a panic in a request.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.convolve(s1, l1, s2, l2)
-        }))
-        .map_err(|_| {
-            candle_core::Error::Msg(
-                "cuDNN convolution panicked (a cuDNN library without a function it needs?)".into(),
-            )
-        })?
+        guarded(|| self.convolve(s1, l1, s2, l2))
     }
 }
 
@@ -205,6 +196,7 @@ impl CudnnConv {
             h,
             w,
             k,
+            pre_padded: false,
         };
         let stream = dev.cuda_stream();
         let handle = handle(dev)?;
@@ -258,15 +250,63 @@ struct Choice {
     math: sys::cudnnMathType_t,
 }
 
+/// cuDNN's 3×3 convolution of one image zero-padded in NHWC, `(h + 2) × (w + 2) × C_in` at
+/// `padded` (the implicit path's prep pass writes it, with the norm and the upsampling
+/// applied), with KRSC `weight` (`(C_out, 3, 3, C_in)`, [`weights_for`] NHWC), into NHWC `y`
+/// (`h × w × C_out`), on `dev`'s stream. Device pointers: the caller holds the buffers and
+/// their stream guards across the call. `HEADSHOT_CONV=implicit_cudnn`.
+pub fn conv3x3_prepadded_nhwc(
+    dev: &CudaDevice,
+    (padded, weight, y): (u64, u64, u64),
+    (cin, cout, h, w): (usize, usize, usize, usize),
+) -> Result<()> {
+    guarded(|| {
+        let dims = ConvDims {
+            batch: 1,
+            cin,
+            cout,
+            h,
+            w,
+            k: 3,
+            pre_padded: true,
+        };
+        let layout = CudnnLayout::Nhwc;
+        let plan = Plan::new(handle(dev)?, dims, layout)?;
+        let choice = pick(dev, &plan, dims, layout)?;
+        plan.set_math(choice.math)?;
+        let bytes = plan.workspace(choice.algorithm)?;
+        // SAFETY: scratch cuDNN writes before it reads.
+        let mut workspace = unsafe { dev.alloc::<u8>(bytes.max(1)) }?;
+        let stream = dev.cuda_stream();
+        let (ws_ptr, _ws_guard) = workspace.device_ptr_mut(&stream);
+        plan.convolve(choice.algorithm, padded, weight, (ws_ptr, bytes), y)
+    })
+}
+
+/// `f`'s result, or an error where it panicked: cudarc loads each cuDNN symbol on first use
+/// and panics where the library lacks one, which is an error of this convolution, not a
+/// panic in a request.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| {
+        candle_core::Error::Msg(
+            "cuDNN convolution panicked (a cuDNN library without a function it needs?)".into(),
+        )
+    })?
+}
+
 /// A convolution's sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct ConvDims {
     batch: usize,
     cin: usize,
     cout: usize,
+    /// The output's size (the input's too, unless `pre_padded`).
     h: usize,
     w: usize,
     k: usize,
+    /// The input is already zero-padded by `k / 2` on every side (the implicit path's prep
+    /// pass): cuDNN pads nothing more.
+    pre_padded: bool,
 }
 
 /// A cuDNN handle, destroyed with its owner.
@@ -355,6 +395,7 @@ impl Plan {
             int(d.w)?,
             int(d.k)?,
         );
+        let (pad, border) = if d.pre_padded { (0, k - 1) } else { (k / 2, 0) };
         let format = match layout {
             CudnnLayout::Nchw => NCHW,
             CudnnLayout::Nhwc => NHWC,
@@ -369,8 +410,8 @@ impl Plan {
         unsafe {
             dnn::set_convolution2d_descriptor(
                 conv.0,
-                k / 2,
-                k / 2,
+                pad,
+                pad,
                 1,
                 1,
                 1,
@@ -387,7 +428,7 @@ impl Plan {
         .map_err(dnn_error)?;
         Ok(Self {
             handle,
-            x: TensorDesc::new(format, [batch, cin, h, w])?,
+            x: TensorDesc::new(format, [batch, cin, h + border, w + border])?,
             y: TensorDesc::new(format, [batch, cout, h, w])?,
             x_nchw: TensorDesc::new(NCHW, [batch, cin, h, w])?,
             y_nchw: TensorDesc::new(NCHW, [batch, cout, h, w])?,

@@ -48,6 +48,63 @@ impl Tile {
     }
 }
 
+/// What convolves the prep pass's zero-padded NHWC image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// Our kernel of this tile (`conv_implicit.cu`, `conv_wgmma.cu`), weights from
+    /// `decoder::implicit_taps`, the bias and residual added in its epilogue.
+    Kernel(Tile),
+    /// cuDNN in NHWC with no padding of its own (`conv_cudnn_cuda.rs`), weights KRSC
+    /// (`conv_cudnn_cuda::weights_for` NHWC), then `headshot_conv_nhwc_out_bf16` back to
+    /// NCHW with the bias and residual: the prep pass's savings with cuDNN's convolution.
+    #[cfg(feature = "cudnn")]
+    Cudnn,
+}
+
+impl Engine {
+    /// `(9, C_out, C_in)` of this engine's weights (`(9, C_out, C_in)` taps, or KRSC `(C_out,
+    /// 3, 3, C_in)`), if they have the engine's rank.
+    fn taps(self, dims: &[usize]) -> Option<(usize, usize, usize)> {
+        match (self, dims) {
+            (Self::Kernel(_), &[nine, cout, cin]) => Some((nine, cout, cin)),
+            #[cfg(feature = "cudnn")]
+            (Self::Cudnn, &[cout, r, s, cin]) => Some((r * s, cout, cin)),
+            _ => None,
+        }
+    }
+
+    /// The weight shape this engine wants for `(9, C_out, C_in)`.
+    fn weight_dims(self, (_, cout, cin): (usize, usize, usize)) -> Vec<usize> {
+        match self {
+            Self::Kernel(_) => vec![9, cout, cin],
+            #[cfg(feature = "cudnn")]
+            Self::Cudnn => vec![cout, 3, 3, cin],
+        }
+    }
+
+    /// The engine's suffix in check and bench row names.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::Kernel(tile) => tile.suffix(),
+            #[cfg(feature = "cudnn")]
+            Self::Cudnn => "_on_cudnn",
+        }
+    }
+}
+
+/// A 3×3 convolution's weights `(C_out, C_in, 3, 3)` laid out as `engine` reads them: the
+/// kernels' taps (`decoder::implicit_taps`) or cuDNN's KRSC. Made once, when the decoder
+/// loads.
+pub fn weights_for(engine: Engine, w: &Tensor) -> Result<Tensor> {
+    match engine {
+        Engine::Kernel(_) => super::decoder::implicit_taps(w),
+        #[cfg(feature = "cudnn")]
+        Engine::Cudnn => {
+            super::conv_cudnn_cuda::weights_for(super::conv_cudnn_cuda::CudnnLayout::Nhwc, w)
+        }
+    }
+}
+
 /// Output width granule: the epilogue writes runs of 8 bf16 (16 bytes).
 const WIDTH_GRANULE: usize = 8;
 /// CUDA's limit on a grid's y and z dimensions.
@@ -116,11 +173,11 @@ fn check_shapes(
     Ok((h, w))
 }
 
-/// Whether [`conv3x3`] takes these inputs, so that a caller falls back instead of meeting
-/// an error: bf16 NCHW `x` on CUDA starting 16-byte aligned, at least one image; bf16 `taps`
-/// from `decoder::implicit_taps` and `bias` `(C_out)`; shapes [`check_shapes`] accepts; a
-/// norm's weight and bias bf16 `(C_in)`; a residual of the output's shape, bf16, starting
-/// 16-byte aligned; everything on `x`'s device.
+/// Whether [`conv3x3`] takes these inputs with `engine`, so that a caller falls back instead
+/// of meeting an error: bf16 NCHW `x` on CUDA starting 16-byte aligned, at least one image;
+/// bf16 `taps` as the engine wants them ([`Engine`]) and `bias` `(C_out)`; shapes
+/// [`check_shapes`] accepts; a norm's weight and bias bf16 `(C_in)`; a residual of the
+/// output's shape, bf16, starting 16-byte aligned; everything on `x`'s device.
 pub fn supports(
     x: &Tensor,
     taps: &Tensor,
@@ -128,8 +185,9 @@ pub fn supports(
     upsample: bool,
     norm: Option<&InputNorm>,
     residual: Option<&Tensor>,
+    engine: Engine,
 ) -> bool {
-    let (Ok((batch, cin, h0, w0)), Ok(taps_dims)) = (x.dims4(), taps.dims3()) else {
+    let (Ok((batch, cin, h0, w0)), Some(taps_dims)) = (x.dims4(), engine.taps(taps.dims())) else {
         return false;
     };
     let Ok((h, w)) = check_shapes((cin, h0, w0), taps_dims, upsample, norm.map(|n| n.groups))
@@ -143,7 +201,7 @@ pub fn supports(
         && x.device().is_cuda()
         && x.dtype() == DType::BF16
         && x.layout().start_offset().is_multiple_of(WIDTH_GRANULE)
-        && on_x(taps, &[9, taps_dims.1, cin])
+        && on_x(taps, &engine.weight_dims(taps_dims))
         && on_x(bias, &[taps_dims.1])
         && norm.is_none_or(|n| on_x(&n.weight, &[cin]) && on_x(&n.bias, &[cin]))
         && residual.is_none_or(|r| {
@@ -156,8 +214,8 @@ struct ConvImplicit {
     upsample: bool,
     norm: Option<InputNorm>,
     residual: Option<Tensor>,
-    /// The tile asked for ([`Tile::for_width`] decides per call).
-    tile: Tile,
+    /// The engine asked for (for a kernel, [`Tile::for_width`] decides the tile per call).
+    engine: Engine,
 }
 
 /// The contiguous bf16 CUDA view of an input candle does not hand the op itself (norm weight
@@ -203,7 +261,13 @@ impl CustomOp3 for ConvImplicit {
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (batch, cin, h0, w0) = l1.shape().dims4()?;
-        let taps = l2.shape().dims3()?;
+        let Some(taps) = self.engine.taps(l2.shape().dims()) else {
+            candle_core::bail!(
+                "implicit convolution: weights {:?} are not the shape its engine ({:?}) takes",
+                l2.shape(),
+                self.engine
+            );
+        };
         let cout = taps.1;
         let groups = self.norm.as_ref().map(|n| n.groups);
         // Checked before anything is allocated (the padded image runs to hundreds of MB).
@@ -266,17 +330,40 @@ impl CustomOp3 for ConvImplicit {
 
         let prep_shape = prep_launch(cin, h, w, w0);
         let prep = dev.get_or_load_custom_func(prep_shape.entry, "headshot_conv_implicit", PTX)?;
-        let conv_shape = self.tile.launch(cout, h, w);
-        let tile = Tile::for_width(w, self.tile);
-        if tile == Tile::Wgmma && !super::cuda_util::runs_sm90a(dev, WGMMA_PTX) {
-            candle_core::bail!(
-                "the wgmma convolution runs only on a compute capability 9.0 card, in a build \
-                 for it (CUDA_COMPUTE_CAP 90 or 90a)"
-            );
-        }
-        let (module, ptx) = tile.module();
-        let conv = dev.get_or_load_custom_func(conv_shape.entry, module, ptx)?;
-        allow_dynamic_smem(&conv, conv_shape.smem)?;
+        // The kernel that writes the NCHW output: the convolution itself, or after cuDNN's
+        // convolution the pass back from its NHWC output.
+        let (conv, conv_shape) = match self.engine {
+            Engine::Kernel(preferred) => {
+                let launch = preferred.launch(cout, h, w);
+                let tile = Tile::for_width(w, preferred);
+                if tile == Tile::Wgmma && !super::cuda_util::runs_sm90a(dev, WGMMA_PTX) {
+                    candle_core::bail!(
+                        "the wgmma convolution runs only on a compute capability 9.0 card, in a \
+                         build for it (CUDA_COMPUTE_CAP 90 or 90a)"
+                    );
+                }
+                let (module, ptx) = tile.module();
+                let f = dev.get_or_load_custom_func(launch.entry, module, ptx)?;
+                allow_dynamic_smem(&f, launch.smem)?;
+                (f, launch)
+            }
+            #[cfg(feature = "cudnn")]
+            Engine::Cudnn => {
+                let launch = super::conv_launch::nhwc_out_launch(cout, h * w);
+                let f = dev.get_or_load_custom_func(launch.entry, "headshot_conv_implicit", PTX)?;
+                (f, launch)
+            }
+        };
+        // cuDNN's NHWC output of one image at a time.
+        #[cfg(feature = "cudnn")]
+        let mut y_nhwc = match self.engine {
+            Engine::Cudnn => Some(alloc_like(dev, xs, out_len)?),
+            Engine::Kernel(_) => None,
+        };
+        #[cfg(feature = "cudnn")]
+        let hw_i = i32::try_from(h * w).map_err(|_| {
+            candle_core::Error::Msg(format!("implicit convolution: {h}x{w} exceeds 32 bits"))
+        })?;
         let (cin_i, cout_i, h_i, w_i) = (cin as i32, cout as i32, h as i32, w as i32);
         let up_i = i32::from(self.upsample);
         let norm_i = i32::from(self.norm.is_some());
@@ -323,6 +410,34 @@ impl CustomOp3 for ConvImplicit {
                 None => bias.slice(0..cout),
             };
             let mut y_img = y.slice_mut(img * out_len..(img + 1) * out_len);
+            #[cfg(feature = "cudnn")]
+            if let Some(y_nhwc) = y_nhwc.as_mut() {
+                use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+                {
+                    let stream = dev.cuda_stream();
+                    let (xp, _x_guard) = padded.device_ptr(&stream);
+                    let (wp, _w_guard) = weights.device_ptr(&stream);
+                    let (yp, _y_guard) = y_nhwc.device_ptr_mut(&stream);
+                    super::conv_cudnn_cuda::conv3x3_prepadded_nhwc(
+                        dev,
+                        (xp, wp, yp),
+                        (cin, cout, h, w),
+                    )?;
+                }
+                let mut builder = conv.builder();
+                builder.arg(&*y_nhwc);
+                builder.arg(&bias);
+                builder.arg(&residual);
+                builder.arg(&has_residual_i);
+                builder.arg(&cout_i);
+                builder.arg(&hw_i);
+                builder.arg(&mut y_img);
+                // SAFETY: reads cuDNN's h·w·cout NHWC values of this image, cout biases (and
+                // with the residual cout·h·w values of it), writes this image's cout·h·w
+                // outputs.
+                unsafe { builder.launch(config(&conv_shape)) }.w()?;
+                continue;
+            }
             let mut builder = conv.builder();
             builder.arg(&padded);
             builder.arg(&weights);
@@ -349,10 +464,10 @@ impl CustomOp3 for ConvImplicit {
 }
 
 /// The 3×3 convolution (stride 1, padding 1) of bf16 NCHW `x`, normalized first by `norm`
-/// when given and upsampled 2× (nearest) when `upsample`, with `taps` from
-/// `decoder::implicit_taps` and `bias` `(C_out)`, plus `residual` (the output's shape) when
-/// given: `(batch, C_out, h, w)` at the (upsampled) input size, by the kernel of `tile`
-/// ([`Tile::for_width`]; [`Tile::Wgmma`] only where [`Tile::runs_on`]).
+/// when given and upsampled 2× (nearest) when `upsample`, with `taps` as `engine` wants them
+/// (for a kernel from `decoder::implicit_taps`) and `bias` `(C_out)`, plus `residual` (the
+/// output's shape) when given: `(batch, C_out, h, w)` at the (upsampled) input size. A
+/// kernel's tile is [`Tile::for_width`]'s pick; [`Tile::Wgmma`] only where [`Tile::runs_on`].
 pub fn conv3x3(
     x: &Tensor,
     taps: &Tensor,
@@ -360,7 +475,7 @@ pub fn conv3x3(
     norm: Option<&InputNorm>,
     upsample: bool,
     residual: Option<&Tensor>,
-    tile: Tile,
+    engine: Engine,
 ) -> Result<Tensor> {
     let contiguous = |t: &Tensor| t.contiguous();
     let norm = match norm {
@@ -379,7 +494,7 @@ pub fn conv3x3(
             upsample,
             norm,
             residual,
-            tile,
+            engine,
         },
     )
 }

@@ -45,6 +45,9 @@ pub struct DecoderPaths {
     /// With `conv_implicit`, the Hopper wgmma kernel (`conv_implicit_cuda::Tile::Wgmma`);
     /// where it cannot run (another card or build) the narrow tile, with a warning.
     pub conv_implicit_wgmma: bool,
+    /// With `conv_implicit`, cuDNN convolves the prep pass's padded NHWC image in place of
+    /// our kernel (`conv_implicit_cuda::Engine::Cudnn`; builds with the `cudnn` feature).
+    pub conv_implicit_cudnn: bool,
 }
 
 impl DecoderPaths {
@@ -75,16 +78,22 @@ impl DecoderPaths {
             conv_implicit: true,
             conv_implicit_wide: false,
             conv_implicit_wgmma: false,
+            conv_implicit_cudnn: false,
         }
     }
 
-    /// The implicit convolution's tile these paths ask for on `device`.
+    /// What these paths ask to convolve the implicit path's padded image with on `device`:
+    /// cuDNN, or our kernel of a tile.
     #[cfg(feature = "cuda")]
-    fn implicit_tile(&self, device: &candle_core::Device) -> super::conv_implicit_cuda::Tile {
-        use super::conv_implicit_cuda::Tile;
+    fn implicit_engine(&self, device: &candle_core::Device) -> super::conv_implicit_cuda::Engine {
+        use super::conv_implicit_cuda::{Engine, Tile};
+        #[cfg(feature = "cudnn")]
+        if self.conv_implicit_cudnn {
+            return Engine::Cudnn;
+        }
         if self.conv_implicit_wgmma {
             if Tile::Wgmma.runs_on(device) {
-                return Tile::Wgmma;
+                return Engine::Kernel(Tile::Wgmma);
             }
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
@@ -95,16 +104,17 @@ impl DecoderPaths {
                 );
             });
         }
-        if self.conv_implicit_wide {
+        Engine::Kernel(if self.conv_implicit_wide {
             Tile::Wide
         } else {
             Tile::Narrow
-        }
+        })
     }
 
     /// The convolution paths `HEADSHOT_CONV` names (`gemm`, `cudnn`, `cudnn_nhwc`: cuDNN in
     /// NHWC, `implicit`, `implicit_wide`: the implicit one with the wide tile,
-    /// `implicit_wgmma`: with the Hopper kernel; comma-separated, any case). A word it does not know is logged as a warning naming the
+    /// `implicit_wgmma`: with the Hopper kernel, `implicit_cudnn`: with cuDNN convolving the
+    /// prep pass's image; comma-separated, any case). A word it does not know is logged as a warning naming the
     /// accepted ones, not taken silently as "off".
     pub fn conv_from(value: &str) -> Self {
         let mut paths = Self::default();
@@ -130,11 +140,22 @@ impl DecoderPaths {
             } else if word.eq_ignore_ascii_case("implicit_wgmma") {
                 paths.conv_implicit = true;
                 paths.conv_implicit_wgmma = true;
+            } else if word.eq_ignore_ascii_case("implicit_cudnn") {
+                if cfg!(feature = "cudnn") {
+                    paths.conv_implicit = true;
+                    paths.conv_implicit_cudnn = true;
+                } else {
+                    tracing::warn!(
+                        var = "HEADSHOT_CONV",
+                        "implicit_cudnn needs a build with --features cudnn; it stays off"
+                    );
+                }
             } else {
                 tracing::warn!(
                     var = "HEADSHOT_CONV",
                     value = %word,
-                    accepted = "gemm, cudnn, cudnn_nhwc, implicit, implicit_wide, implicit_wgmma",
+                    accepted = "gemm, cudnn, cudnn_nhwc, implicit, implicit_wide, implicit_wgmma, \
+                                implicit_cudnn",
                     "unknown convolution path; it stays off"
                 );
             }
@@ -222,9 +243,9 @@ struct Conv {
     /// Weights as [`implicit_taps`] lays them out, and the bias, for the implicit path (3×3).
     #[cfg(feature = "cuda")]
     implicit: Option<(Tensor, Tensor)>,
-    /// The implicit path's kernel tile.
+    /// What convolves on the implicit path: a kernel's tile, or cuDNN.
     #[cfg(feature = "cuda")]
-    implicit_tile: super::conv_implicit_cuda::Tile,
+    implicit_engine: super::conv_implicit_cuda::Engine,
     /// For the cuDNN path (tensor-core math): the weights as its layout wants them (for NCHW
     /// candle's tensor itself) and the layout.
     #[cfg(feature = "cudnn")]
@@ -254,22 +275,24 @@ impl Conv {
         // Only for convolutions whose channels the kernel takes (not conv_in's 16 in or
         // conv_out's 3 out): the taps are another copy of the weights.
         #[cfg(feature = "cuda")]
-        let implicit = match inner.bias() {
-            Some(bias)
-                if size == 3
-                    && paths.conv_implicit
-                    && on_cuda_bf16(inner.weight())
-                    && super::conv_implicit_cuda::takes_channels(in_c, out_c) =>
-            {
-                Some((implicit_taps(inner.weight())?, bias.clone()))
-            }
-            _ => None,
-        };
+        let takes_implicit = size == 3
+            && paths.conv_implicit
+            && on_cuda_bf16(inner.weight())
+            && super::conv_implicit_cuda::takes_channels(in_c, out_c);
         // Asked only where the implicit path is taken (its warning is about that path).
         #[cfg(feature = "cuda")]
-        let implicit_tile = match &implicit {
-            Some(_) => paths.implicit_tile(inner.weight().device()),
-            None => super::conv_implicit_cuda::Tile::Narrow,
+        let implicit_engine = if takes_implicit {
+            paths.implicit_engine(inner.weight().device())
+        } else {
+            super::conv_implicit_cuda::Engine::Kernel(super::conv_implicit_cuda::Tile::Narrow)
+        };
+        #[cfg(feature = "cuda")]
+        let implicit = match inner.bias() {
+            Some(bias) if takes_implicit => Some((
+                super::conv_implicit_cuda::weights_for(implicit_engine, inner.weight())?,
+                bias.clone(),
+            )),
+            _ => None,
         };
         #[cfg(feature = "cudnn")]
         let cudnn = if paths.conv_cudnn && on_cuda_bf16(inner.weight()) {
@@ -294,7 +317,7 @@ impl Conv {
             #[cfg(feature = "cuda")]
             implicit,
             #[cfg(feature = "cuda")]
-            implicit_tile,
+            implicit_engine,
         })
     }
 
@@ -318,7 +341,13 @@ impl Conv {
             let norm_fits = norm.is_none() || input_norm.is_some();
             if norm_fits
                 && super::conv_implicit_cuda::supports(
-                    x, taps, bias, upsample, input_norm, residual,
+                    x,
+                    taps,
+                    bias,
+                    upsample,
+                    input_norm,
+                    residual,
+                    self.implicit_engine,
                 )
             {
                 return super::conv_implicit_cuda::conv3x3(
@@ -328,7 +357,7 @@ impl Conv {
                     input_norm,
                     upsample,
                     residual,
-                    self.implicit_tile,
+                    self.implicit_engine,
                 );
             }
         }
@@ -817,6 +846,10 @@ mod tests {
         let paths = DecoderPaths::conv_from("CUDNN_NHWC");
         assert_eq!(paths.conv_cudnn, cfg!(feature = "cudnn"));
         assert_eq!(paths.conv_cudnn_nhwc, cfg!(feature = "cudnn"));
+        let paths = DecoderPaths::conv_from("implicit_cudnn");
+        assert_eq!(paths.conv_implicit, cfg!(feature = "cudnn"));
+        assert_eq!(paths.conv_implicit_cudnn, cfg!(feature = "cudnn"));
+        assert!(!paths.conv_cudnn);
     }
 
     #[test]
