@@ -61,13 +61,14 @@ fi
 # 4. Variants, each step time against step 3's diffusers step (what no longer fits is
 #    skipped):
 #    - the decoder's CUDA paths, the decode alone on random latents (--vae-only: no
-#      transformer is built, ~15 s a run), decode times against step 3's: cuDNN with
-#      tensor-core math (what PyTorch asks of cuDNN; candle leaves the default math) and the
-#      fused norm, NCHW and then in NHWC (cuDNN transforms there and back), then NCHW with
-#      candle's norm; the implicit-GEMM convolutions with cuDNN for the convolutions they do not
-#      take; the implicit ones with the GEMM ones (the same with the wide tile, then with the
-#      wgmma kernel); the GEMM convolutions; the fused norm alone. Each prints PROFILE lines:
-#      its stages, slowest first;
+#      transformer is built, ~15 s a run), decode times against step 3's, all but two with
+#      the fused norm: cuDNN with tensor-core math (what PyTorch asks of cuDNN; candle leaves
+#      the default math), NCHW and then NHWC (cuDNN transforms there and back); the implicit
+#      path's prep pass with cuDNN convolving its image (cuDNN for the rest too); our
+#      implicit-GEMM kernels with cuDNN, then with the GEMMs, for the convolutions they do
+#      not take (the same with the wide tile, then with the wgmma kernel); cuDNN with
+#      candle's norm; the fused norm alone. Each prints PROFILE lines: its stages, slowest
+#      first;
 #    - whole steps with the wgmma_pipe attention kernel, bf16 and all-on FP8 (the largest
 #      expected gain on the transformer);
 #    - the rest of wgmma (the two-stage kernel, with the split GEMM, the kernels alone);
@@ -78,12 +79,12 @@ fi
 #      candle's stock module).
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=cudnn_nhwc run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_cudnn,cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wide,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wgmma,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
+HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
 HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
