@@ -51,7 +51,7 @@ for kernel in wgmma wgmma_pipe; do
 done
 # 2. Each op alone: attention kernels, GEMMs (cuBLASLt epilogue, plain, FP8), norms.
 #    (SHORT=1: after the comparison with diffusers and FP8 instead, and nothing else.)
-[ -z "${SHORT:-}" ] && HEADSHOT_FLASH_KERNELS=$mma_sync run 90 bench gpu --device cuda --ops --iters 10 --warmup 2
+[ -z "${SHORT:-}" ] && HEADSHOT_FLASH_KERNELS=$mma_sync run 110 bench gpu --device cuda --ops --iters 10 --warmup 2
 # 3. Ours (fused attention, cuBLASLt GEMMs) and the diffusers twin, same card, same call.
 if [ "$(left)" -gt 60 ]; then
   echo "== vs torch (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
