@@ -61,7 +61,7 @@ fi
 # 4. Variants, each step time against step 3's diffusers step (what no longer fits is
 #    skipped):
 #    - the decoder's CUDA paths, the decode alone on random latents (--vae-only: no
-#      transformer is built, ~15 s a run), decode times against step 3's, all but two with
+#      transformer is built, ~15 s a run), decode times against step 3's, all but one with
 #      the fused norm: cuDNN with tensor-core math (what PyTorch asks of cuDNN; candle leaves
 #      the default math), NCHW and then NHWC (cuDNN transforms there and back); the implicit
 #      path's prep pass with cuDNN convolving its image (cuDNN for the rest too); our

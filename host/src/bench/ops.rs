@@ -501,16 +501,26 @@ fn implicit_conv_ops(
             continue;
         }
         let suffix = engine.suffix();
+        // Our kernels' rows stop the run on an error (a faulting kernel leaves the context
+        // unusable); cuDNN's report it and go on.
+        let row = |out: &mut dyn Write,
+                   name: String,
+                   work: Work,
+                   f: &dyn Fn() -> candle_core::Result<Tensor>| match engine {
+            Engine::Kernel(_) => time(out, &name, work, f),
+            #[cfg(feature = "cudnn")]
+            Engine::Cudnn => time_or_report(out, time, &name, work, f),
+        };
         if as_asked(engine, w) {
-            time(
+            row(
                 out,
-                &format!("vae_conv_implicit{suffix}_{tag}"),
+                format!("vae_conv_implicit{suffix}_{tag}"),
                 Work::Flop(flop),
                 &|| conv3x3(x, &taps, &bias, None, false, None, engine),
             )?;
-            time(
+            row(
                 out,
-                &format!("vae_norm_conv_residual_implicit{suffix}_{tag}"),
+                format!("vae_norm_conv_residual_implicit{suffix}_{tag}"),
                 Work::Flop(flop),
                 &|| conv3x3(x, &taps, &bias, Some(&norm), false, Some(x), engine),
             )?;
@@ -519,9 +529,9 @@ fn implicit_conv_ops(
             && as_asked(engine, 2 * w)
             && supports(x, &taps, &bias, true, None, None, engine)
         {
-            time(
+            row(
                 out,
-                &format!("vae_upsample_conv_implicit{suffix}_{tag}"),
+                format!("vae_upsample_conv_implicit{suffix}_{tag}"),
                 Work::Flop(4.0 * flop),
                 &|| conv3x3(x, &taps, &bias, None, true, None, engine),
             )?;
@@ -546,9 +556,6 @@ fn implicit_conv_ops(
     Ok(())
 }
 
-/// The same 3×3 convolution with each cuDNN forward algorithm forced (candle otherwise takes
-/// cuDNN's heuristic pick): which one, if any, reaches tensor-core speed on bf16 NCHW. An
-/// algorithm cuDNN refuses for these inputs is reported as such, not fatal.
 /// The cuDNN path with tensor-core math at one decoder level, in each layout
 /// (`HEADSHOT_CONV=cudnn`: `vae_conv_cudnn_*`, `cudnn_nhwc`: `vae_conv_cudnn_nhwc_*`, the
 /// transforms to NHWC and back included): the heuristic's pick (`vae_conv_cudnn_{tag}`); at
@@ -576,8 +583,9 @@ fn cudnn_conv_ops(
             continue;
         }
         let path = format!("cudnn{}", layout.suffix());
-        time(
+        time_or_report(
             out,
+            time,
             &format!("vae_conv_{path}_{tag}"),
             Work::Flop(flop),
             &|| conv2d(x, &weight, layout, None),
@@ -585,18 +593,20 @@ fn cudnn_conv_ops(
         if matches!(level, 1 | 8) {
             for algorithm in ALGORITHMS {
                 let algo = algorithm_name(algorithm);
-                let name = format!("vae_conv_{path}_{algo}_{tag}");
-                if let Err(e) = time(out, &name, Work::Flop(flop), &|| {
-                    conv2d(x, &weight, layout, Some(algorithm))
-                }) {
-                    writeln!(out, "RATE op_{name}: unsupported ({e})")?;
-                }
+                time_or_report(
+                    out,
+                    time,
+                    &format!("vae_conv_{path}_{algo}_{tag}"),
+                    Work::Flop(flop),
+                    &|| conv2d(x, &weight, layout, Some(algorithm)),
+                )?;
             }
         }
         if level < 8 {
             let (_, _, h, w) = x.dims4()?;
-            time(
+            time_or_report(
                 out,
+                time,
                 &format!("vae_upsample_conv_{path}_{tag}"),
                 Work::Flop(4.0 * flop),
                 &|| conv2d(&x.upsample_nearest2d(2 * h, 2 * w)?, &weight, layout, None),
@@ -606,6 +616,24 @@ fn cudnn_conv_ops(
     Ok(())
 }
 
+/// `time`'s row `name`, or where the op fails, a `RATE op_{name}: unsupported (…)` row in its
+/// place: for paths first run on a GPU whose failure must not end the rows after them.
+fn time_or_report(
+    out: &mut dyn Write,
+    time: &TimeFn,
+    name: &str,
+    work: Work,
+    f: &dyn Fn() -> candle_core::Result<Tensor>,
+) -> Result<(), BenchError> {
+    if let Err(e) = time(out, name, work, f) {
+        writeln!(out, "RATE op_{name}: unsupported ({e})")?;
+    }
+    Ok(())
+}
+
+/// The same 3×3 convolution with each cuDNN forward algorithm forced (candle otherwise takes
+/// cuDNN's heuristic pick): which one, if any, reaches tensor-core speed on bf16 NCHW. An
+/// algorithm cuDNN refuses for these inputs is reported as such, not fatal.
 fn conv_algorithms(
     out: &mut dyn Write,
     time: &TimeFn,
@@ -626,12 +654,9 @@ fn conv_algorithms(
         A::WinogradNonFused,
     ] {
         let name = format!("vae_conv_{tag}_{algo:?}").to_lowercase();
-        let run = time(out, &name, Work::Flop(flop), &|| {
+        time_or_report(out, time, &name, Work::Flop(flop), &|| {
             x.conv2d_with_algo(weight, 1, 1, 1, 1, Some(algo))
-        });
-        if let Err(e) = run {
-            writeln!(out, "RATE op_{name}: unsupported ({e})")?;
-        }
+        })?;
     }
     Ok(())
 }

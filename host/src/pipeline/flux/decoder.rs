@@ -67,8 +67,9 @@ impl DecoderPaths {
         Self::default()
     }
 
-    /// Every path (the implicit convolutions with the narrow tile), for `--check`, which
-    /// compares the wide tile on its own.
+    /// Every path of our own kernels (the implicit convolutions with the narrow tile, the
+    /// GEMMs for the rest, the fused norm), for `--check`, which compares the wide tile and
+    /// the cuDNN paths on their own.
     pub fn all() -> Self {
         Self {
             fused_norm: true,

@@ -22,7 +22,8 @@ pub struct StageTime {
     pub dims: Vec<usize>,
     /// Milliseconds, summed over its runs.
     pub ms: f64,
-    /// How many times it ran (once per block for a block's stages).
+    /// How many times it ran (per block for a block's stages; a double block's finishing
+    /// stages run once per stream, so twice per block).
     pub runs: usize,
 }
 
