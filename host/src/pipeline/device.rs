@@ -86,7 +86,7 @@ impl DeviceSpec {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Auto => {
                 if candle_core::utils::cuda_is_available() {
-                    match Device::new_cuda(0) {
+                    match open_catching(|| Device::new_cuda(0)) {
                         Ok(d) => return Ok(d),
                         Err(e) => {
                             tracing::warn!(error = %e, "CUDA GPU present but unusable; using the CPU")
@@ -104,9 +104,9 @@ impl DeviceSpec {
                             .into(),
                     });
                 }
-                Device::new_cuda(n).map_err(|e| LoadError::Device {
+                open_catching(|| Device::new_cuda(n)).map_err(|reason| LoadError::Device {
                     device: self.to_string(),
-                    reason: e.to_string(),
+                    reason,
                 })
             }
         }
@@ -183,5 +183,43 @@ pub fn device_name(device: &Device) -> String {
             _ => "cuda".into(),
         },
         Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// `open()`'s device, or why not. A CUDA build loads the driver library at run time, and
+/// cudarc panics where it cannot (a CUDA build on a machine without the NVIDIA driver): that
+/// is an error naming the library, not a crash of the worker.
+fn open_catching(open: impl FnOnce() -> candle_core::Result<Device>) -> Result<Device, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)) {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            Err(format!("the CUDA libraries could not be loaded: {message}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_driver_library_that_cannot_load_is_an_error_naming_it_not_a_crash() {
+        let err =
+            open_catching(|| panic!("Unable to dynamically load the \"cuda\" shared library"))
+                .expect_err("a panic is an error");
+        assert!(
+            err.contains("could not be loaded") && err.contains("\"cuda\" shared library"),
+            "{err}"
+        );
+        let err = open_catching(|| Err(candle_core::Error::Msg("no GPU 3".into())))
+            .expect_err("an error stays one");
+        assert_eq!(err, "no GPU 3");
+        assert!(matches!(open_catching(|| Ok(Device::Cpu)), Ok(Device::Cpu)));
     }
 }
