@@ -68,7 +68,7 @@ fi
 #      implicit-GEMM kernels with cuDNN, then with the GEMMs, for the convolutions they do
 #      not take (the same with the wide tile, then with the wgmma kernel); cuDNN with
 #      candle's norm; the fused norm alone. Each prints PROFILE lines: its stages, slowest
-#      first;
+#      first; candle's AutoEncoder decode is timed in the first run only;
 #    - whole steps with the wgmma_pipe attention kernel, bf16 and all-on FP8 (the largest
 #      expected gain on the transformer);
 #    - the rest of wgmma (the two-stage kernel, with the split GEMM, the kernels alone);
@@ -78,14 +78,14 @@ fi
 #    - the older variants (other flash kernels, 768x1024, plain GEMMs, plain attention,
 #      candle's stock module).
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=cudnn_nhwc run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_cudnn,cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wide,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wgmma,gemm run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=cudnn_nhwc run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_cudnn,cudnn run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,cudnn run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,gemm run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wide,gemm run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wgmma,gemm run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
+HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
+HEADSHOT_GROUP_NORM=fused run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
 HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
 HEADSHOT_FLASH_KERNEL=wgmma run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae

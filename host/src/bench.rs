@@ -131,6 +131,8 @@ pub struct GpuBenchOptions {
     pub skip_vae: bool,
     /// Time the autoencoder's decode alone (random latents; no transformer is built).
     pub vae_only: bool,
+    /// Leave out candle's `AutoEncoder` decode, the baseline after ours.
+    pub no_candle_vae: bool,
     /// Which transformer implementation is timed.
     pub model: ModelImpl,
     /// Attention kernel of the project's model.
@@ -236,10 +238,12 @@ pub fn gpu(opts: &GpuBenchOptions, out: &mut dyn Write) -> Result<(), BenchError
         writeln!(out, "decoded image {:?}", img.dims())?;
         profile_figure(&device, out, "vae_decode", &|| vae.decode(&latents))?;
         drop(vae);
-        let stock = AutoEncoder::new(&ae_cfg, vb)?;
-        bench_figure(opts, &device, out, "vae_decode_candle", &|| {
-            stock.decode(&latents)
-        })?;
+        if !opts.no_candle_vae {
+            let stock = AutoEncoder::new(&ae_cfg, vb)?;
+            bench_figure(opts, &device, out, "vae_decode_candle", &|| {
+                stock.decode(&latents)
+            })?;
+        }
     }
     Ok(())
 }

@@ -168,6 +168,10 @@ enum BenchCommand {
         /// Time the autoencoder's decode alone, on random latents (no transformer is built).
         #[arg(long, conflicts_with_all = ["skip_vae", "check", "ops"])]
         vae_only: bool,
+        /// Leave out candle's `AutoEncoder` decode after ours (the same in every run; a
+        /// device session times it once).
+        #[arg(long, conflicts_with = "skip_vae")]
+        no_candle_vae: bool,
         /// Transformer to time: "ours" (what the worker runs) or "stock" (candle-transformers).
         #[arg(long, default_value = "ours")]
         model: String,
@@ -500,6 +504,7 @@ fn run(cli: Cli) -> Result<()> {
             warmup,
             skip_vae,
             vae_only,
+            no_candle_vae,
             model,
             attention,
             check,
@@ -538,6 +543,7 @@ fn run(cli: Cli) -> Result<()> {
                 warmup,
                 skip_vae,
                 vae_only,
+                no_candle_vae,
                 model,
                 attention,
                 check,

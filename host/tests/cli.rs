@@ -266,6 +266,22 @@ fn bench_gpu_vae_only_times_the_decoders_without_a_transformer() {
             .is_some_and(|l| l.contains("sum of ") && l.ends_with(" ms")),
         "{stdout}"
     );
+    // Without candle's decode: ours only.
+    let ours_only = bench_gpu_tiny(
+        tmp.path(),
+        &[
+            "--vae-only",
+            "--no-candle-vae",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+        ],
+    );
+    assert!(ours_only.status.success(), "{}", text(&ours_only.stderr));
+    let ours_only = text(&ours_only.stdout);
+    assert!(ours_only.contains("RESULT vae_decode: "), "{ours_only}");
+    assert!(!ours_only.contains("vae_decode_candle"), "{ours_only}");
     let both = bench_gpu_tiny(tmp.path(), &["--vae-only", "--skip-vae"]);
     assert!(
         !both.status.success(),
