@@ -664,7 +664,9 @@ fn implicit_convolutions(
     engines: &[super::conv_implicit_cuda::Engine],
     out: &mut Vec<CheckResult>,
 ) -> Result<()> {
-    use super::conv_implicit_cuda::{Engine, InputNorm, Tile, conv3x3, weights_for};
+    use super::conv_implicit_cuda::{
+        Engine, InputNorm, Tile, conv3x3, takes_channels, weights_for,
+    };
     use super::decoder::{EPS, GROUPS};
     let mut rng = Rng::new(47);
     let shapes = [
@@ -676,12 +678,16 @@ fn implicit_convolutions(
         (2, 256, 256, 5, 136, true, true, true),
         // A source width of 12: the scalar prep kernel (the others take the vector one).
         (1, 128, 128, 6, 12, true, true, false),
+        // conv_out's 3 output channels (only engines that take them: cuDNN).
+        (1, 128, 3, 8, 16, true, false, false),
     ];
     let cases = engines
         .iter()
         .flat_map(|&engine| shapes.map(|shape| (engine, shape)));
     for (engine, (batch, cin, cout, h, w, norm, upsample, residual)) in cases {
-        if engine == Engine::Kernel(Tile::Wide) && (w << usize::from(upsample)) < 256 {
+        if engine == Engine::Kernel(Tile::Wide) && (w << usize::from(upsample)) < 256
+            || !takes_channels(cin, cout, engine)
+        {
             continue;
         }
         let x = bf16_values(&((rng.normal_tensor(&[batch, cin, h, w], device)? * 0.5)? + 0.3)?)?;

@@ -82,6 +82,16 @@ impl Engine {
         }
     }
 
+    /// What C_out must be a multiple of: our kernels' blocks cover 128 output channels; cuDNN
+    /// and the pass back from its output take any count (conv_out's 3 too).
+    fn cout_granule(self) -> usize {
+        match self {
+            Self::Kernel(_) => BLOCK_CHANNELS,
+            #[cfg(feature = "cudnn")]
+            Self::Cudnn => 1,
+        }
+    }
+
     /// The engine's suffix in check and bench row names.
     pub fn suffix(self) -> &'static str {
         match self {
@@ -121,23 +131,26 @@ pub struct InputNorm {
     pub silu: bool,
 }
 
-/// Whether the kernels take a convolution of `cin` → `cout` channels at all (C_in a multiple
-/// of 32, C_out of 128), before any image is seen: the decoder lays out the weights for this
-/// path only for those.
-pub fn takes_channels(cin: usize, cout: usize) -> bool {
-    cin > 0 && cout > 0 && cin.is_multiple_of(SLICE) && cout.is_multiple_of(BLOCK_CHANNELS)
+/// Whether `engine` takes a convolution of `cin` → `cout` channels at all (C_in a multiple
+/// of 32 for the prep pass; for our kernels C_out of 128), before any image is seen: the
+/// decoder lays out the weights for this path only for those.
+pub fn takes_channels(cin: usize, cout: usize, engine: Engine) -> bool {
+    cin > 0 && cout > 0 && cin.is_multiple_of(SLICE) && cout.is_multiple_of(engine.cout_granule())
 }
 
-/// The shapes the kernels take, for input `(cin, h0, w0)` (upsampled 2× when `upsample`),
-/// `taps` `(9, cout, cin)`: cin a multiple of 32, cout of 128, the output width of 8, grids
-/// within CUDA's limits, a padded image within 32-bit element offsets per row tap, and with
-/// a norm, a shape its kernels take. Returns the output's `(h, w)`.
+/// The shapes `engine` takes, for input `(cin, h0, w0)` (upsampled 2× when `upsample`),
+/// `taps` `(9, cout, cin)`: cin a multiple of 32, cout of the engine's granule (128 for our
+/// kernels), the output width of 8, grids within CUDA's limits, a padded image within 32-bit
+/// element offsets per row tap, and with a norm, a shape its kernels take. Returns the
+/// output's `(h, w)`.
 fn check_shapes(
     (cin, h0, w0): (usize, usize, usize),
     taps: (usize, usize, usize),
     upsample: bool,
     groups: Option<usize>,
+    engine: Engine,
 ) -> Result<(usize, usize)> {
+    let granule = engine.cout_granule();
     let up = usize::from(upsample);
     let (h, w) = (h0 << up, w0 << up);
     let (nine, cout, k) = taps;
@@ -147,13 +160,14 @@ fn check_shapes(
         );
     }
     if !cin.is_multiple_of(SLICE)
-        || !cout.is_multiple_of(BLOCK_CHANNELS)
+        || cout == 0
+        || !cout.is_multiple_of(granule)
         || !w.is_multiple_of(WIDTH_GRANULE)
         || w == 0
         || h == 0
     {
         candle_core::bail!(
-            "implicit convolution wants C_in a multiple of {SLICE}, C_out of {BLOCK_CHANNELS} \
+            "implicit convolution wants C_in a multiple of {SLICE}, C_out of {granule} \
              and an output width of {WIDTH_GRANULE}: {cin} -> {cout} channels, {h}x{w}"
         );
     }
@@ -190,8 +204,13 @@ pub fn supports(
     let (Ok((batch, cin, h0, w0)), Some(taps_dims)) = (x.dims4(), engine.taps(taps.dims())) else {
         return false;
     };
-    let Ok((h, w)) = check_shapes((cin, h0, w0), taps_dims, upsample, norm.map(|n| n.groups))
-    else {
+    let Ok((h, w)) = check_shapes(
+        (cin, h0, w0),
+        taps_dims,
+        upsample,
+        norm.map(|n| n.groups),
+        engine,
+    ) else {
         return false;
     };
     let on_x = |t: &Tensor, dims: &[usize]| {
@@ -271,7 +290,7 @@ impl CustomOp3 for ConvImplicit {
         let cout = taps.1;
         let groups = self.norm.as_ref().map(|n| n.groups);
         // Checked before anything is allocated (the padded image runs to hundreds of MB).
-        let (h, w) = check_shapes((cin, h0, w0), taps, self.upsample, groups)?;
+        let (h, w) = check_shapes((cin, h0, w0), taps, self.upsample, groups, self.engine)?;
         if batch == 0 {
             candle_core::bail!("implicit convolution of an empty batch");
         }
@@ -503,15 +522,17 @@ pub fn conv3x3(
 mod tests {
     use super::*;
 
+    const NARROW: Engine = Engine::Kernel(Tile::Narrow);
+
     #[test]
     fn shapes_outside_the_kernels_are_refused_with_the_limit_named() {
         // The decoder's shapes pass, upsampled or not.
         assert_eq!(
-            check_shapes((128, 128, 128), (9, 128, 128), true, Some(32)).unwrap(),
+            check_shapes((128, 128, 128), (9, 128, 128), true, Some(32), NARROW).unwrap(),
             (256, 256)
         );
         assert_eq!(
-            check_shapes((512, 96, 128), (9, 512, 512), false, None).unwrap(),
+            check_shapes((512, 96, 128), (9, 512, 512), false, None, NARROW).unwrap(),
             (96, 128)
         );
         for ((cin, h0, w0), taps, why) in [
@@ -520,14 +541,26 @@ mod tests {
             ((128, 8, 12), (9, 128, 128), "an output width of 8"),
             ((128, 8, 8), (3, 128, 384), "want (9, C_out, 128)"),
         ] {
-            let err = check_shapes((cin, h0, w0), taps, false, None)
+            let err = check_shapes((cin, h0, w0), taps, false, None, NARROW)
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(why), "{err}");
         }
-        assert!(check_shapes((128, 8, 8), (9, 128, 128), false, Some(3)).is_err());
-        assert!(takes_channels(128, 128) && takes_channels(512, 256));
-        assert!(!takes_channels(16, 128) && !takes_channels(128, 3) && !takes_channels(0, 128));
+        assert!(check_shapes((128, 8, 8), (9, 128, 128), false, Some(3), NARROW).is_err());
+        assert!(takes_channels(128, 128, NARROW) && takes_channels(512, 256, NARROW));
+        assert!(!takes_channels(16, 128, NARROW) && !takes_channels(128, 3, NARROW));
+        assert!(!takes_channels(0, 128, NARROW));
+        // cuDNN convolves any output count (conv_out's 3), but the prep pass still wants
+        // input channels in 32s.
+        #[cfg(feature = "cudnn")]
+        {
+            assert!(takes_channels(128, 3, Engine::Cudnn));
+            assert!(!takes_channels(16, 128, Engine::Cudnn));
+            assert_eq!(
+                check_shapes((128, 8, 8), (9, 3, 128), false, Some(32), Engine::Cudnn).unwrap(),
+                (8, 8)
+            );
+        }
     }
 
     #[test]

@@ -273,20 +273,21 @@ impl Conv {
             }
             _ => None,
         };
-        // Only for convolutions whose channels the kernel takes (not conv_in's 16 in or
-        // conv_out's 3 out): the taps are another copy of the weights.
+        // Only for convolutions whose channels the engine takes (not conv_in's 16 in; for our
+        // kernels not conv_out's 3 out either): the taps are another copy of the weights.
+        // The engine is asked only where the implicit path may be taken (its warning is about
+        // that path).
         #[cfg(feature = "cuda")]
-        let takes_implicit = size == 3
-            && paths.conv_implicit
-            && on_cuda_bf16(inner.weight())
-            && super::conv_implicit_cuda::takes_channels(in_c, out_c);
-        // Asked only where the implicit path is taken (its warning is about that path).
-        #[cfg(feature = "cuda")]
-        let implicit_engine = if takes_implicit {
+        let implicit_engine = if size == 3 && paths.conv_implicit && on_cuda_bf16(inner.weight()) {
             paths.implicit_engine(inner.weight().device())
         } else {
             super::conv_implicit_cuda::Engine::Kernel(super::conv_implicit_cuda::Tile::Narrow)
         };
+        #[cfg(feature = "cuda")]
+        let takes_implicit = size == 3
+            && paths.conv_implicit
+            && on_cuda_bf16(inner.weight())
+            && super::conv_implicit_cuda::takes_channels(in_c, out_c, implicit_engine);
         #[cfg(feature = "cuda")]
         let implicit = match inner.bias() {
             Some(bias) if takes_implicit => Some((
