@@ -153,9 +153,11 @@ def main(out_dir):
         m = medians(lines)
         if "one_step" in m and "--width" not in header and "--height" not in header:
             steps.append((m["one_step"], re.sub(r" \(t=\d+s\)$", "", header), stage_lines(lines, "one_step")))
+    verdicts = check_verdicts(session)
     if steps:
         t, header, profile = min(steps, key=lambda s: s[0])
         print(f"fastest step: {t:g} ms ({header})")
+        print("  " + verdict_line(header, verdicts, attention=True))
         if profile:
             print("  its stages, slowest first: " + "; ".join(profile[:10]))
     if decodes:
@@ -164,12 +166,82 @@ def main(out_dir):
             best[s] = min(t, best.get(s, t))
         ranked = sorted(best.items(), key=lambda kv: kv[1])
         base = f" (diffusers {base_decode} ms)" if base_decode else ""
-        print("decode by decoder path, fastest first" + base + ": " + ", ".join(f"{s} {t:g} ms" for s, t in ranked))
+        print("decode by decoder path, fastest first" + base + ":")
+        for s, t in ranked:
+            print(f"  {t:g} ms  {s}  ({verdict_line(s, verdicts, attention=False)})")
         # Where the fastest path's decode spends its time (one traced decode, slowest stages
         # first): what to work on next.
         fastest = ranked[0][0]
         if fastest in profiles:
             print(f"stages of the fastest decode ({fastest}), slowest first: " + "; ".join(profiles[fastest][:8]))
+
+
+# The --check rows each opt-in switch stands on: a path is a candidate for the default only if
+# every one of them ran and passed. Keys: a HEADSHOT_CONV word, or VAR=value.
+CHECK_ROWS = {
+    "HEADSHOT_GROUP_NORM=fused": [r"^group_norm(_silu)?_cuda_"],
+    "gemm": [r"^(upsample_)?conv\dx\d_gemm_cuda_", r"^decoder_bf16_cuda_paths_vs_f32$"],
+    "cudnn": [r"^conv\dx\d_cudnn_cuda_[\dx]+_to_\d+$", r"^decoder(_128ch)?_bf16_cuda_paths_cudnn_vs_f32$"],
+    "cudnn_nhwc": [r"^conv\dx\d_cudnn_nhwc_cuda_[\dx]+_to_\d+$", r"^decoder(_128ch)?_bf16_cuda_paths_cudnn_nhwc_vs_f32$"],
+    "implicit": [r"^conv3x3_implicit_cuda_", r"^decoder_128ch_bf16_cuda_paths_vs_f32$"],
+    "implicit_wide": [r"^conv3x3_implicit_wide_cuda_", r"^decoder_128ch_bf16_cuda_paths_wide_vs_f32$"],
+    "implicit_wgmma": [r"^conv3x3_implicit_wgmma_cuda_", r"^decoder_128ch_bf16_cuda_paths_wgmma_vs_f32$"],
+    "implicit_cudnn": [r"^conv3x3_implicit_on_cudnn_cuda_", r"^decoder_128ch_bf16_cuda_paths_on_cudnn_vs_f32$"],
+    "HEADSHOT_SPLIT_GEMM=on": [r"^gemm_bias(_gelu)?_parts$"],
+    "--fp8": [r"fp8"],
+    "row": [r"fp8_rows"],
+}
+
+
+def check_verdicts(session):
+    """{row name: passed} over every --check run (a row passes only if it passed every time)."""
+    verdicts = {}
+    for m in CHECK.finditer(session):
+        verdicts[m.group(1)] = verdicts.get(m.group(1), True) and m.group(5) == "ok"
+    return verdicts
+
+
+def switch_keys(header):
+    """The CHECK_ROWS keys a run's header turns on (HEADSHOT_CONV words, VAR=value, flags),
+    with the attention kernel it runs (wide32 unless HEADSHOT_FLASH_KERNEL names another)."""
+    keys, kernel = [], "wide32"
+    words = header.split()
+    for w in words:
+        if w.startswith("HEADSHOT_CONV="):
+            keys += w.split("=", 1)[1].split(",")
+        elif w.startswith("HEADSHOT_FLASH_KERNEL="):
+            kernel = w.split("=", 1)[1]
+        elif w.startswith("HEADSHOT_"):
+            keys.append(w)
+    if "--fp8" in words:
+        keys.append("--fp8")
+        scale = words.index("--fp8-scale") + 1 if "--fp8-scale" in words else len(words)
+        if words[scale:scale + 1] == ["row"]:
+            keys.append("row")
+    return keys, kernel
+
+
+def verdict_line(header, verdicts, attention):
+    """Whether the --check rows a run's switches stand on all passed: "checks: n rows pass",
+    "checks FAILED: …", or what is missing."""
+    keys, kernel = switch_keys(header)
+    patterns = [p for k in keys for p in CHECK_ROWS.get(k, [])]
+    if attention:
+        patterns.append(rf"^attention_cuda_{re.escape(kernel)}(_|$)")
+    if not patterns:
+        return "checks: none needed (default paths)"
+    failed, missing, passed = [], [], 0
+    for pattern in patterns:
+        rows = [(n, ok) for n, ok in verdicts.items() if re.search(pattern, n)]
+        if not rows:
+            missing.append(pattern)
+        passed += sum(ok for _, ok in rows)
+        failed += [n for n, ok in rows if not ok]
+    if failed:
+        return "checks FAILED: " + ", ".join(failed)
+    if missing:
+        return f"checks: {passed} rows pass, none ran for " + ", ".join(missing)
+    return f"checks: all {passed} rows pass"
 
 
 def stage_lines(lines, figure):
