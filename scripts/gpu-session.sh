@@ -68,7 +68,8 @@ fi
 #      implicit-GEMM kernels with cuDNN, then with the GEMMs, for the convolutions they do
 #      not take (the same with the wide tile, then with the wgmma kernel); cuDNN with
 #      candle's norm; the fused norm alone. Each prints PROFILE lines: its stages, slowest
-#      first; candle's AutoEncoder decode is timed in the first run only;
+#      first; candle's AutoEncoder decode is timed in the first run only; then the whole
+#      decoder at full size with each path, checked against candle's f32 ops;
 #    - whole steps with the wgmma_pipe attention kernel, bf16 and all-on FP8 (the largest
 #      expected gain on the transformer);
 #    - the rest of wgmma (the two-stage kernel, with the split GEMM, the kernels alone);
@@ -86,6 +87,9 @@ HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wide,gemm run 45 bench gpu --de
 HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wgmma,gemm run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
 HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
 HEADSHOT_GROUP_NORM=fused run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
+# The whole decoder at 1024x1024 with each path against candle's f32 ops: the main --check's
+# decoders are small, and a path becomes the default only on its full-size row too.
+HEADSHOT_CHECK_ONLY=decoder_full run 60 bench gpu --device cuda --check
 HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
 HEADSHOT_FLASH_KERNEL=wgmma run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae

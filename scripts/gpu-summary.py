@@ -179,14 +179,38 @@ def main(out_dir):
 # The --check rows each opt-in switch stands on: a path is a candidate for the default only if
 # every one of them ran and passed. Keys: a HEADSHOT_CONV word, or VAR=value.
 CHECK_ROWS = {
-    "HEADSHOT_GROUP_NORM=fused": [r"^group_norm(_silu)?_cuda_"],
+    "HEADSHOT_GROUP_NORM=fused": [r"^group_norm(_silu)?_cuda_", r"^decoder_full_bf16_cuda_paths_fused_norm_vs_f32$"],
     "gemm": [r"^(upsample_)?conv\dx\d_gemm_cuda_", r"^decoder_bf16_cuda_paths_vs_f32$"],
-    "cudnn": [r"^conv\dx\d_cudnn_cuda_[\dx]+_to_\d+$", r"^decoder(_128ch)?_bf16_cuda_paths_cudnn_vs_f32$"],
-    "cudnn_nhwc": [r"^conv\dx\d_cudnn_nhwc_cuda_[\dx]+_to_\d+$", r"^decoder(_128ch)?_bf16_cuda_paths_cudnn_nhwc_vs_f32$"],
-    "implicit": [r"^conv3x3_implicit_cuda_", r"^decoder_128ch_bf16_cuda_paths_vs_f32$"],
-    "implicit_wide": [r"^conv3x3_implicit_wide_cuda_", r"^decoder_128ch_bf16_cuda_paths_wide_vs_f32$"],
-    "implicit_wgmma": [r"^conv3x3_implicit_wgmma_cuda_", r"^decoder_128ch_bf16_cuda_paths_wgmma_vs_f32$"],
-    "implicit_cudnn": [r"^conv3x3_implicit_on_cudnn_cuda_", r"^decoder_128ch_bf16_cuda_paths_on_cudnn_vs_f32$"],
+    "cudnn": [
+        r"^conv\dx\d_cudnn_cuda_[\dx]+_to_\d+$",
+        r"^decoder(_128ch)?_bf16_cuda_paths_cudnn_vs_f32$",
+        r"^decoder_full_bf16_cuda_paths_cudnn_vs_f32$",
+    ],
+    "cudnn_nhwc": [
+        r"^conv\dx\d_cudnn_nhwc_cuda_[\dx]+_to_\d+$",
+        r"^decoder(_128ch)?_bf16_cuda_paths_cudnn_nhwc_vs_f32$",
+        r"^decoder_full_bf16_cuda_paths_cudnn_nhwc_vs_f32$",
+    ],
+    "implicit": [
+        r"^conv3x3_implicit_cuda_",
+        r"^decoder_128ch_bf16_cuda_paths_vs_f32$",
+        r"^decoder_full_bf16_cuda_paths_vs_f32$",
+    ],
+    "implicit_wide": [
+        r"^conv3x3_implicit_wide_cuda_",
+        r"^decoder_128ch_bf16_cuda_paths_wide_vs_f32$",
+        r"^decoder_full_bf16_cuda_paths_wide_vs_f32$",
+    ],
+    "implicit_wgmma": [
+        r"^conv3x3_implicit_wgmma_cuda_",
+        r"^decoder_128ch_bf16_cuda_paths_wgmma_vs_f32$",
+        r"^decoder_full_bf16_cuda_paths_wgmma_vs_f32$",
+    ],
+    "implicit_cudnn": [
+        r"^conv3x3_implicit_on_cudnn_cuda_",
+        r"^decoder_128ch_bf16_cuda_paths_on_cudnn_vs_f32$",
+        r"^decoder_full_bf16_cuda_paths_on_cudnn_vs_f32$",
+    ],
     "HEADSHOT_SPLIT_GEMM=on": [r"^gemm_bias(_gelu)?_parts$"],
     "--fp8": [r"fp8"],
     "row": [r"fp8_rows"],

@@ -324,9 +324,17 @@ fn bench_gpu_check_only_attention_stops_after_the_attention_checks() {
         text(&wrong.stdout)
     );
     assert!(
-        text(&wrong.stderr).contains("the one value is \"attention\""),
+        text(&wrong.stderr).contains("the values are \"attention\" and \"decoder_full\""),
         "{}",
         text(&wrong.stderr)
+    );
+    // The full-size decoders compare CUDA paths: on the CPU that is an error saying so.
+    let full_decoders = check("decoder_full");
+    assert!(!full_decoders.status.success());
+    assert!(
+        text(&full_decoders.stderr).contains("needs a CUDA device and bf16"),
+        "{}",
+        text(&full_decoders.stderr)
     );
 }
 

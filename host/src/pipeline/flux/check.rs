@@ -145,13 +145,15 @@ pub fn run_into(
 ) -> Result<()> {
     // HEADSHOT_CHECK_ONLY=attention stops after the attention comparisons: a kernel that has
     // never run gets a process of its own (a fault leaves the CUDA context unusable), without
-    // repeating every other check. Read before any work, so a wrong value costs nothing.
+    // repeating every other check. HEADSHOT_CHECK_ONLY=decoder_full compares only whole
+    // decoders at the image size. Read before any work, so a wrong value costs nothing.
     let attention_only = match std::env::var("HEADSHOT_CHECK_ONLY").as_deref() {
         Err(_) => false,
         Ok("attention") => true,
-        Ok(other) => {
-            candle_core::bail!("HEADSHOT_CHECK_ONLY={other:?}: the one value is \"attention\"")
-        }
+        Ok("decoder_full") => return full_decoders(device, dtype, shape, out),
+        Ok(other) => candle_core::bail!(
+            "HEADSHOT_CHECK_ONLY={other:?}: the values are \"attention\" and \"decoder_full\""
+        ),
     };
     let tolerance = if dtype == DType::F32 {
         1e-4
@@ -522,6 +524,64 @@ pub fn run_into(
     Ok(())
 }
 
+/// `HEADSHOT_CHECK_ONLY=decoder_full`: FLUX's whole decoder (random weights) at the image
+/// size of `shape`, in bf16 with each decoder path, against candle's ops in f32
+/// (`decoder_full_bf16_cuda_paths*_vs_f32`). The small cases of the main `--check` cannot
+/// show what only full sizes reach: grids over a thousand rows, cuDNN's picks for large
+/// images, offsets near 32 bits. cuDNN's paths first, then ours, the Hopper kernel last (a
+/// kernel that faults ends the process).
+fn full_decoders(
+    device: &Device,
+    dtype: DType,
+    shape: &CheckShape,
+    out: &mut Vec<CheckResult>,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && dtype == DType::BF16 {
+        use super::conv_implicit_cuda::{Engine, Tile};
+        use super::decoder::DecoderPaths;
+        let (gh, gw) = shape.image_tokens;
+        let case = DecoderCase::build(
+            device,
+            candle_transformers::models::flux::autoencoder::Config::schnell(),
+            [1, 16, 2 * gh, 2 * gw],
+            "_full",
+            out,
+        )?;
+        let fused = DecoderPaths {
+            fused_norm: true,
+            ..DecoderPaths::default()
+        };
+        case.compare(fused, "_fused_norm", out)?;
+        #[cfg(feature = "cudnn")]
+        {
+            let cudnn = DecoderPaths {
+                conv_cudnn: true,
+                ..fused
+            };
+            case.compare_soft(cudnn, "_cudnn", out)?;
+            let cudnn_nhwc = DecoderPaths {
+                conv_cudnn_nhwc: true,
+                ..cudnn
+            };
+            case.compare_soft(cudnn_nhwc, "_cudnn_nhwc", out)?;
+            case.compare_engine(Engine::Cudnn, out)?;
+        }
+        for tile in [Tile::Narrow, Tile::Wide] {
+            case.compare_engine(Engine::Kernel(tile), out)?;
+        }
+        if Tile::Wgmma.runs_on(device) {
+            case.compare_engine(Engine::Kernel(Tile::Wgmma), out)?;
+        }
+        return Ok(());
+    }
+    let _ = (shape, out);
+    candle_core::bail!(
+        "HEADSHOT_CHECK_ONLY=decoder_full compares the decoder's CUDA paths: it needs a CUDA \
+         device and bf16 (device {device:?}, dtype {dtype:?})"
+    )
+}
+
 /// A whole (small) decoder, to decode with the CUDA paths as the pipeline runs them (every
 /// norm with and without SiLU, the upsampling convolution, the attention block's 1×1
 /// convolutions) against the same weights decoding in f32 with candle's ops. bf16 through a
@@ -550,18 +610,32 @@ impl<'a> DecoderCase<'a> {
     /// latents (rows of 128, then 256 after the upsampling), where the implicit kernel takes
     /// every 3x3 convolution but conv_in and conv_out.
     fn new(device: &'a Device, implicit: bool, out: &mut Vec<CheckResult>) -> Result<Self> {
-        use super::decoder::{DecoderPaths, two_level_config};
-        use candle_transformers::models::flux::autoencoder::AutoEncoder;
-        let (cfg, latent_dims, tag) = if implicit {
+        use super::decoder::two_level_config;
+        if implicit {
             let cfg = candle_transformers::models::flux::autoencoder::Config {
                 ch: 128,
                 ..two_level_config()
             };
-            (cfg, [1, 16, 4, 128], "_128ch")
+            Self::build(device, cfg, [1, 16, 4, 128], "_128ch", out)
         } else {
-            (two_level_config(), [1, 16, 12, 10], "")
-        };
-        let tensors = crate::pipeline::demo::record(45, |vb| AutoEncoder::new(&cfg, vb))?;
+            Self::build(device, two_level_config(), [1, 16, 12, 10], "", out)
+        }
+    }
+
+    /// A case of decoder `cfg` (random weights) on random latents `latent_dims`, named by
+    /// `tag`: the f32 reference decode, and candle's bf16 ops against it as the baseline row.
+    fn build(
+        device: &'a Device,
+        cfg: candle_transformers::models::flux::autoencoder::Config,
+        latent_dims: [usize; 4],
+        tag: &'static str,
+        out: &mut Vec<CheckResult>,
+    ) -> Result<Self> {
+        use super::decoder::{Decoder, DecoderPaths};
+        // The decoder's weights only (the worker never loads the encoder).
+        let tensors = crate::pipeline::demo::record(45, |vb| {
+            Decoder::with_paths(&cfg, DecoderPaths::default(), vb)
+        })?;
         let f32_latents = Rng::new(46).normal_tensor(&latent_dims, device)?;
         let mut case = Self {
             device,
