@@ -372,3 +372,50 @@ extern "C" __global__ void __launch_bounds__(256)
         }
     }
 }
+
+// ---- the bias and the residual on an NCHW output ---------------------------------------------
+
+// HEADSHOT_CONV=cudnn: cuDNN's NCHW convolution output x (n values, channels planes of hw per
+// image) plus the per-channel bias and, when has_residual, the residual (same shape), in f32
+// before one rounding, into y: one pass where candle's broadcast add and then its add would
+// take two. hw a multiple of 8, so each thread's 8 values (16 bytes) share a channel; n is
+// the whole batch. grid (n / 8 + 255) / 256, block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    headshot_bias_residual_nchw_bf16(const __nv_bfloat16 *__restrict__ x,
+                                     const __nv_bfloat16 *__restrict__ bias,
+                                     const __nv_bfloat16 *__restrict__ residual, int has_residual,
+                                     int channels, long long hw, long long n,
+                                     __nv_bfloat16 *__restrict__ y) {
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (i >= n) {
+        return;
+    }
+    const int c = (int)((i / hw) % channels);
+    const float b = __bfloat162float(bias[c]);
+    const uint4 xv = *reinterpret_cast<const uint4 *>(x + i);
+    const __nv_bfloat162 *xp = reinterpret_cast<const __nv_bfloat162 *>(&xv);
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float2 f = __bfloat1622float2(xp[e]);
+        v[2 * e] = f.x + b;
+        v[2 * e + 1] = f.y + b;
+    }
+    if (has_residual) {
+        const uint4 rv = *reinterpret_cast<const uint4 *>(residual + i);
+        const __nv_bfloat162 *rp = reinterpret_cast<const __nv_bfloat162 *>(&rv);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 f = __bfloat1622float2(rp[e]);
+            v[2 * e] += f.x;
+            v[2 * e + 1] += f.y;
+        }
+    }
+    uint4 out;
+    __nv_bfloat162 *op = reinterpret_cast<__nv_bfloat162 *>(&out);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        op[e] = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
+    }
+    *reinterpret_cast<uint4 *>(y + i) = out;
+}

@@ -518,6 +518,7 @@ const Entry KERNELS[] = {
     KERNEL(k_conv_implicit, headshot_conv3x3_nhwc_bf16),
     KERNEL(k_conv_implicit, headshot_conv3x3_wide_nhwc_bf16),
     KERNEL(k_conv_implicit, headshot_conv_nhwc_out_bf16),
+    KERNEL(k_conv_implicit, headshot_bias_residual_nchw_bf16),
     KERNEL(k_conv_wgmma, headshot_conv3x3_wgmma_nhwc_bf16),
     KERNEL(k_flash_attn, headshot_flash_attn_pipe4_bf16_d128),
     KERNEL(k_flash_attn, headshot_flash_attn_wide_bf16_d128),

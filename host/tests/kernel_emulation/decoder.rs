@@ -2,7 +2,9 @@
 
 use crate::kernel_emu::*;
 use candle_core::{DType, Device, Tensor};
-use headshot_host::pipeline::flux::conv_launch::{Launch, Tile, nhwc_out_launch, prep_launch};
+use headshot_host::pipeline::flux::conv_launch::{
+    Launch, Tile, bias_residual_launch, nhwc_out_launch, prep_launch,
+};
 use headshot_host::pipeline::flux::decoder::gemm_taps;
 
 /// `group_norm_cuda::chunking`: a group split into chunks of at least 8192 values, at most 32
@@ -633,4 +635,48 @@ fn launch_kernel_out(
         ],
     );
     out.into_iter().next().unwrap()
+}
+
+#[test]
+fn the_bias_and_residual_pass_adds_per_channel_over_a_batch() {
+    // Two images of 3 channels (conv_out's count) with planes of 24; one image of 64 channels
+    // whose last block is part-empty; with and without the residual; launched as
+    // conv_cudnn_cuda does, over the whole batch.
+    for (batch, channels, hw, with_residual) in [(2, 3, 24, true), (1, 64, 40, false)] {
+        let n = batch * channels * hw;
+        let (x_bytes, x) = bf16_buffer(&random(n, 71));
+        let (bias_bytes, bias) = bf16_buffer(&random(channels, 72));
+        let (res_bytes, residual) = bf16_buffer(&random(n, 73));
+        let launch = bias_residual_launch(n);
+        let out = launch_fn(
+            launch.entry,
+            &config(&launch),
+            &[
+                Arg::In(x_bytes),
+                Arg::In(bias_bytes),
+                Arg::In(res_bytes),
+                Arg::I32(i32::from(with_residual)),
+                Arg::I32(channels as i32),
+                Arg::I64(hw as i64),
+                Arg::I64(n as i64),
+                Arg::Out(2 * n),
+            ],
+        );
+        let want: Vec<f32> = (0..n)
+            .map(|i| {
+                let c = (i / hw) % channels;
+                x[i] + bias[c] + if with_residual { residual[i] } else { 0.0 }
+            })
+            .collect();
+        let case = format!(
+            "{} {batch}x{channels}x{hw} residual {with_residual}",
+            launch.entry
+        );
+        check_bf16(&case, &bf16_values(&out), &want);
+    }
+}
+
+/// One launch with `args`, its one output's bytes.
+fn launch_fn(entry: &str, cfg: &Config, args: &[Arg]) -> Vec<u8> {
+    launch(entry, cfg, args).into_iter().next().unwrap()
 }

@@ -122,6 +122,17 @@ pub fn nhwc_out_launch(cout: usize, hw: usize) -> Launch {
     }
 }
 
+/// The pass that adds the bias (and the residual) to an NCHW output of `n` values in
+/// channel planes of `hw` (a multiple of 8): 8 values a thread (`HEADSHOT_CONV=cudnn`).
+pub fn bias_residual_launch(n: usize) -> Launch {
+    Launch {
+        entry: "headshot_bias_residual_nchw_bf16",
+        grid: ((n / 8).div_ceil(256) as u32, 1, 1),
+        threads: 256,
+        smem: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
