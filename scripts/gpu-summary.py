@@ -182,12 +182,12 @@ CHECK_ROWS = {
     "HEADSHOT_GROUP_NORM=fused": [r"^group_norm(_silu)?_cuda_", r"^decoder_full_bf16_cuda_paths_fused_norm_vs_f32$"],
     "gemm": [r"^(upsample_)?conv\dx\d_gemm_cuda_", r"^decoder_bf16_cuda_paths_vs_f32$"],
     "cudnn": [
-        r"^conv\dx\d_cudnn_cuda_[\dx]+_to_\d+$",
+        r"^conv\dx\d_cudnn_cuda_[\dx]+_to_\d+(_bias_residual)?$",
         r"^decoder(_128ch)?_bf16_cuda_paths_cudnn_vs_f32$",
         r"^decoder_full_bf16_cuda_paths_cudnn_vs_f32$",
     ],
     "cudnn_nhwc": [
-        r"^conv\dx\d_cudnn_nhwc_cuda_[\dx]+_to_\d+$",
+        r"^conv\dx\d_cudnn_nhwc_cuda_[\dx]+_to_\d+(_bias_residual)?$",
         r"^decoder(_128ch)?_bf16_cuda_paths_cudnn_nhwc_vs_f32$",
         r"^decoder_full_bf16_cuda_paths_cudnn_nhwc_vs_f32$",
     ],

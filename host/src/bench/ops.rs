@@ -391,6 +391,14 @@ fn vae_ops(
             Work::Bytes(2.0 * n),
             &|| x.silu(),
         )?;
+        // A convolution's bias as candle's Conv2d adds it: a broadcast add, on candle's
+        // strided path (what the cuDNN path's epilogue replaces).
+        time(
+            out,
+            &format!("vae_bias_add_{tag}"),
+            Work::Bytes(2.0 * n),
+            &|| x.broadcast_add(&zero.reshape((1, ch, 1, 1))?),
+        )?;
         #[cfg(feature = "cuda")]
         if crate::pipeline::flux::group_norm_cuda::supports(&x, GROUPS) {
             // Reads x twice and writes once; what the decoder runs in place of the two above.
@@ -575,7 +583,8 @@ fn cudnn_conv_ops(
     level: usize,
 ) -> Result<(), BenchError> {
     use crate::pipeline::flux::conv_cudnn_cuda::{
-        ALGORITHMS, CudnnLayout, algorithm_name, conv2d, supports, weights_for,
+        ALGORITHMS, CudnnLayout, algorithm_name, conv2d, conv2d_bias, supports, takes_epilogue,
+        weights_for,
     };
     for layout in [CudnnLayout::Nchw, CudnnLayout::Nhwc] {
         let weight = weights_for(layout, weight)?;
@@ -590,6 +599,19 @@ fn cudnn_conv_ops(
             Work::Flop(flop),
             &|| conv2d(x, &weight, layout, None),
         )?;
+        // As a resnet's second convolution runs it: the bias and the residual added in one
+        // pass after cuDNN.
+        let cout = weight.dim(0)?;
+        if takes_epilogue(x, cout, Some(x)) {
+            let bias = Tensor::zeros(cout, x.dtype(), x.device())?;
+            time_or_report(
+                out,
+                time,
+                &format!("vae_conv_bias_residual_{path}_{tag}"),
+                Work::Flop(flop),
+                &|| conv2d_bias(x, &weight, &bias, Some(x), layout),
+            )?;
+        }
         if matches!(level, 1 | 8) {
             for algorithm in ALGORITHMS {
                 let algo = algorithm_name(algorithm);

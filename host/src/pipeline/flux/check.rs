@@ -881,12 +881,17 @@ fn cudnn_convolution(
     out: &mut Vec<CheckResult>,
 ) -> Result<()> {
     use super::conv_cudnn_cuda::{
-        ALGORITHMS, CudnnLayout, algorithm_name, conv2d, supports, weights_for,
+        ALGORITHMS, CudnnLayout, algorithm_name, conv2d, conv2d_bias, supports, takes_epilogue,
+        weights_for,
     };
     let (x, b) = (bf16(x)?, bf16(bias)?);
     let (batch, cin, h, wd) = x.dims4()?;
     let (cout, _, size, _) = weight.dims4()?;
     let with_bias = |y: Tensor| y.broadcast_add(&b.reshape((1, cout, 1, 1))?);
+    // The epilogue's residual, and the reference with it added.
+    let skip = bf16_values(&Rng::new(48).normal_tensor(&[batch, cout, h, wd], x.device())?)?;
+    let with_skip = (reference + &skip)?;
+    let skip = bf16(&skip)?;
     for layout in [CudnnLayout::Nchw, CudnnLayout::Nhwc] {
         let w = weights_for(layout, weight)?;
         let name = format!(
@@ -901,6 +906,12 @@ fn cudnn_convolution(
             ))
         };
         out.push(compare_or_fail(&name, fast, reference, tolerance)?);
+        // The bias and residual added in one pass after cuDNN (what the decoder runs).
+        if supports(&x, &w, layout) && takes_epilogue(&x, cout, Some(&skip)) {
+            let fast = conv2d_bias(&x, &w, &b, Some(&skip), layout);
+            let name = format!("{name}_bias_residual");
+            out.push(compare_or_fail(&name, fast, &with_skip, tolerance)?);
+        }
         for algorithm in ALGORITHMS {
             if let Ok(y) = conv2d(&x, &w, layout, Some(algorithm)) {
                 let tag = algorithm_name(algorithm);

@@ -28,11 +28,11 @@ use std::ffi::c_void;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::result::{self as dnn, CudnnError};
 use candle_core::cuda_backend::cudarc::cudnn::sys;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use super::cuda_util::{alloc_like, contiguous_view, cuda_only_cpu_fwd, output};
+use super::cuda_util::{alloc_like, bf16_view, contiguous_view, cuda_only_cpu_fwd, output};
 
 /// Elements per 16 bytes of bf16: where the input and weights must start (tensor-core
 /// kernels load 16-byte vectors; every tensor the decoder makes starts there).
@@ -132,12 +132,65 @@ pub fn conv2d(
     layout: CudnnLayout,
     algorithm: Option<Algorithm>,
 ) -> Result<Tensor> {
-    x.apply_op2_no_bwd(weight, &CudnnConv { layout, algorithm })
+    x.apply_op2_no_bwd(
+        weight,
+        &CudnnConv {
+            layout,
+            algorithm,
+            bias: None,
+            residual: None,
+        },
+    )
+}
+
+/// Whether [`conv2d_bias`] takes the output epilogue for input `x` (its output's planes in
+/// whole 16-byte vectors) and `residual` (the output's shape, `(batch, C_out, h, w)`, bf16,
+/// contiguous from a 16-byte boundary), beside what [`supports`] asks.
+pub fn takes_epilogue(x: &Tensor, cout: usize, residual: Option<&Tensor>) -> bool {
+    let Ok((batch, _, h, w)) = x.dims4() else {
+        return false;
+    };
+    (h * w).is_multiple_of(ALIGN)
+        && residual.is_none_or(|r| {
+            r.dims() == [batch, cout, h, w]
+                && r.dtype() == DType::BF16
+                && r.is_contiguous()
+                && r.layout().start_offset().is_multiple_of(ALIGN)
+                && r.device().same_device(x.device())
+        })
+}
+
+/// [`conv2d`] with the heuristic's algorithm, plus `bias` `(C_out)` and, when given,
+/// `residual` (the output's shape), added in f32 in one pass after the convolution: in NCHW
+/// by `headshot_bias_residual_nchw_bf16` over cuDNN's output, in NHWC by
+/// `headshot_conv_nhwc_out_bf16` on the way back from NHWC (in place of cuDNN's transform).
+/// candle's broadcast add of the bias and its add of the residual would be two more passes,
+/// the first on its strided slow path. Shapes as [`takes_epilogue`] says.
+pub fn conv2d_bias(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    layout: CudnnLayout,
+) -> Result<Tensor> {
+    x.apply_op2_no_bwd(
+        weight,
+        &CudnnConv {
+            layout,
+            algorithm: None,
+            bias: Some(bias.contiguous()?),
+            residual: residual.map(Tensor::contiguous).transpose()?,
+        },
+    )
 }
 
 struct CudnnConv {
     layout: CudnnLayout,
     algorithm: Option<Algorithm>,
+    /// The epilogue's bias `(C_out)`: with it, the output gets the bias and the residual.
+    bias: Option<Tensor>,
+    /// The epilogue's residual, the output's shape.
+    residual: Option<Tensor>,
 }
 
 impl CustomOp2 for CudnnConv {
@@ -215,24 +268,121 @@ impl CudnnConv {
         // SAFETY (allocations below): scratch and outputs cuDNN writes in full (beta 0)
         // before anything reads them.
         let mut workspace = unsafe { dev.alloc::<u8>(workspace_bytes.max(1)) }?;
-        let mut y = alloc_like(dev, xs, batch * cout * h * w)?;
-        let (x_ptr, _x_guard) = x.device_ptr(&stream);
-        let (w_ptr, _w_guard) = weight.device_ptr(&stream);
-        let (ws_ptr, _ws_guard) = workspace.device_ptr_mut(&stream);
+        let (hw, n_out) = (h * w, batch * cout * h * w);
+        let mut y = alloc_like(dev, xs, n_out)?;
+        // The epilogue's inputs, checked before anything runs.
+        let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let residual_guard = self.residual.as_ref().map(|r| r.storage_and_layout());
+        if let Some(b) = &self.bias
+            && b.dims() != [cout]
+        {
+            candle_core::bail!("cuDNN convolution bias {:?} for {cout} channels", b.dims());
+        }
+        if let Some(r) = &self.residual
+            && (r.dims() != [batch, cout, h, w] || self.bias.is_none())
+        {
+            candle_core::bail!(
+                "cuDNN convolution residual {:?} for output {:?} (and only with a bias)",
+                r.dims(),
+                [batch, cout, h, w]
+            );
+        }
+        if self.bias.is_some() && !hw.is_multiple_of(ALIGN) {
+            candle_core::bail!(
+                "cuDNN convolution epilogue: {h}x{w} planes are not whole 16-byte vectors"
+            );
+        }
+        // cuDNN's own output: y itself unless an epilogue reads it (NCHW) or the way back
+        // reads it (NHWC).
+        let mut staged = if self.bias.is_some() || self.layout == CudnnLayout::Nhwc {
+            Some(alloc_like(dev, xs, n_out)?)
+        } else {
+            None
+        };
+        {
+            let (x_ptr, _x_guard) = x.device_ptr(&stream);
+            let (w_ptr, _w_guard) = weight.device_ptr(&stream);
+            let (ws_ptr, _ws_guard) = workspace.device_ptr_mut(&stream);
+            let workspace = (ws_ptr, workspace_bytes);
+            let target = staged.as_mut().unwrap_or(&mut y);
+            let (t_ptr, _t_guard) = target.device_ptr_mut(&stream);
+            match self.layout {
+                CudnnLayout::Nchw => plan.convolve(algorithm, x_ptr, w_ptr, workspace, t_ptr)?,
+                CudnnLayout::Nhwc => {
+                    let mut x_nhwc = alloc_like(dev, xs, batch * cin * h * w)?;
+                    let (xn_ptr, _xn_guard) = x_nhwc.device_ptr_mut(&stream);
+                    plan.transform(&plan.x_nchw, x_ptr, &plan.x, xn_ptr)?;
+                    plan.convolve(algorithm, xn_ptr, w_ptr, workspace, t_ptr)?;
+                }
+            }
+        }
+        let Some(staged) = staged else {
+            return Ok(output(dev, CudaStorageSlice::BF16, y, (batch, cout, h, w)));
+        };
+        let Some(bias_guard) = &bias_guard else {
+            // NHWC without an epilogue: cuDNN's transform back.
+            let (s_ptr, _s_guard) = staged.device_ptr(&stream);
+            let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
+            plan.transform(&plan.y, s_ptr, &plan.y_nchw, y_ptr)?;
+            drop((_s_guard, _y_guard));
+            return Ok(output(dev, CudaStorageSlice::BF16, y, (batch, cout, h, w)));
+        };
+        let bias = bf16_view!(bias_guard, 1, "convolution bias");
+        let residual = match &residual_guard {
+            Some(g) => bf16_view!(g, ALIGN, "convolution residual"),
+            None => bias.slice(0..cout),
+        };
+        let has_residual = i32::from(self.residual.is_some());
+        let cout_i = i32::try_from(cout)
+            .map_err(|_| candle_core::Error::Msg(format!("cuDNN convolution: {cout} channels")))?;
+        let ptx = super::conv_implicit_cuda::PTX;
         match self.layout {
             CudnnLayout::Nchw => {
-                let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
-                plan.convolve(algorithm, x_ptr, w_ptr, (ws_ptr, workspace_bytes), y_ptr)?;
+                let launch = super::conv_launch::bias_residual_launch(n_out);
+                let f = dev.get_or_load_custom_func(launch.entry, "headshot_conv_implicit", ptx)?;
+                let (hw_l, n_l) = (hw as i64, n_out as i64);
+                let mut builder = f.builder();
+                builder.arg(&staged);
+                builder.arg(&bias);
+                builder.arg(&residual);
+                builder.arg(&has_residual);
+                builder.arg(&cout_i);
+                builder.arg(&hw_l);
+                builder.arg(&n_l);
+                builder.arg(&mut y);
+                // SAFETY: reads n_out values of cuDNN's output (and of the residual), cout
+                // biases; writes n_out; every buffer starts 16-byte aligned and hw is a
+                // multiple of 8 (checked above).
+                unsafe { builder.launch(super::conv_implicit_cuda::config(&launch)) }.w()?;
             }
             CudnnLayout::Nhwc => {
-                let mut x_nhwc = alloc_like(dev, xs, batch * cin * h * w)?;
-                let mut y_nhwc = alloc_like(dev, xs, batch * cout * h * w)?;
-                let (xn_ptr, _xn_guard) = x_nhwc.device_ptr_mut(&stream);
-                let (yn_ptr, _yn_guard) = y_nhwc.device_ptr_mut(&stream);
-                let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
-                plan.transform(&plan.x_nchw, x_ptr, &plan.x, xn_ptr)?;
-                plan.convolve(algorithm, xn_ptr, w_ptr, (ws_ptr, workspace_bytes), yn_ptr)?;
-                plan.transform(&plan.y, yn_ptr, &plan.y_nchw, y_ptr)?;
+                let launch = super::conv_launch::nhwc_out_launch(cout, hw);
+                let f = dev.get_or_load_custom_func(launch.entry, "headshot_conv_implicit", ptx)?;
+                let hw_i = i32::try_from(hw).map_err(|_| {
+                    candle_core::Error::Msg(format!("cuDNN convolution: {h}x{w} exceeds 32 bits"))
+                })?;
+                let image = cout * hw;
+                for img in 0..batch {
+                    let part = img * image..(img + 1) * image;
+                    let staged_img = staged.slice(part.clone());
+                    let residual_img = if self.residual.is_some() {
+                        residual.slice(part.clone())
+                    } else {
+                        residual.slice(0..cout)
+                    };
+                    let mut y_img = y.slice_mut(part);
+                    let mut builder = f.builder();
+                    builder.arg(&staged_img);
+                    builder.arg(&bias);
+                    builder.arg(&residual_img);
+                    builder.arg(&has_residual);
+                    builder.arg(&cout_i);
+                    builder.arg(&hw_i);
+                    builder.arg(&mut y_img);
+                    // SAFETY: reads this image's hw·cout NHWC values (and cout·hw of the
+                    // residual), cout biases; writes this image's cout·hw outputs.
+                    unsafe { builder.launch(super::conv_implicit_cuda::config(&launch)) }.w()?;
+                }
             }
         }
         Ok(output(dev, CudaStorageSlice::BF16, y, (batch, cout, h, w)))

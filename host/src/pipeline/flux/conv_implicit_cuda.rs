@@ -14,14 +14,14 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
-use candle_core::{CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::cuda_util::{
-    alloc_like, allow_dynamic_smem, contiguous_view, cuda_only_cpu_fwd, output,
+    alloc_like, allow_dynamic_smem, bf16_view, contiguous_view, cuda_only_cpu_fwd, output,
 };
 
-/// PTX of `conv_implicit.cu`.
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_implicit.ptx"));
+/// PTX of `conv_implicit.cu` (also the cuDNN path's epilogue kernels).
+pub(super) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_implicit.ptx"));
 /// PTX of `conv_wgmma.cu` for compute_90a; empty when the build targeted another card.
 const WGMMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_wgmma.ptx"));
 pub use super::conv_launch::Tile;
@@ -237,24 +237,8 @@ struct ConvImplicit {
     engine: Engine,
 }
 
-/// The contiguous bf16 CUDA view of an input candle does not hand the op itself (norm weight
-/// and bias, the residual), from its `storage_and_layout()` guard. A macro: the view's element
-/// type (`half::bf16`) cannot be named from this crate.
-macro_rules! bf16_view {
-    ($guard:expr, $align:expr, $what:expr) => {{
-        let (storage, layout) = &$guard;
-        let Storage::Cuda(cuda) = &**storage else {
-            candle_core::bail!("{} is not on the GPU", $what);
-        };
-        let CudaStorageSlice::BF16(slice) = &cuda.slice else {
-            candle_core::bail!("{} is not bf16", $what);
-        };
-        contiguous_view(slice, layout, $align, $what)?
-    }};
-}
-
 /// cudarc's launch config for `launch`.
-fn config(launch: &Launch) -> LaunchConfig {
+pub(super) fn config(launch: &Launch) -> LaunchConfig {
     LaunchConfig {
         grid_dim: launch.grid,
         block_dim: (launch.threads, 1, 1),

@@ -120,3 +120,21 @@ macro_rules! cuda_only_cpu_fwd {
     };
 }
 pub(crate) use cuda_only_cpu_fwd;
+
+/// The contiguous bf16 CUDA view of an input candle does not hand a custom op itself (a norm's
+/// weight and bias, a residual), from its `storage_and_layout()` guard, starting at a
+/// multiple of `$align` elements. A macro: the view's element type (`half::bf16`) cannot be
+/// named from this crate.
+macro_rules! bf16_view {
+    ($guard:expr, $align:expr, $what:expr) => {{
+        let (storage, layout) = &$guard;
+        let candle_core::Storage::Cuda(cuda) = &**storage else {
+            candle_core::bail!("{} is not on the GPU", $what);
+        };
+        let candle_core::cuda_backend::CudaStorageSlice::BF16(slice) = &cuda.slice else {
+            candle_core::bail!("{} is not bf16", $what);
+        };
+        $crate::pipeline::flux::cuda_util::contiguous_view(slice, layout, $align, $what)?
+    }};
+}
+pub(crate) use bf16_view;

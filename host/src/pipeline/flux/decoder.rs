@@ -371,6 +371,10 @@ impl Conv {
             }
             None => x,
         };
+        #[cfg(feature = "cudnn")]
+        if let Some(y) = self.forward_cudnn(x, upsample, residual)? {
+            return Ok(y);
+        }
         let y = if upsample {
             self.forward_upsampled(x)?
         } else {
@@ -384,7 +388,7 @@ impl Conv {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cudnn")]
-        if let Some(y) = self.forward_cudnn(x, false)? {
+        if let Some(y) = self.forward_cudnn(x, false, None)? {
             return Ok(y);
         }
         #[cfg(feature = "cuda")]
@@ -399,10 +403,6 @@ impl Conv {
     /// This (3×3) convolution of `x` upsampled 2× by nearest neighbour; the GEMM path reads
     /// through the upsampling instead of writing the 4× larger image first.
     fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cudnn")]
-        if let Some(y) = self.forward_cudnn(x, true)? {
-            return Ok(y);
-        }
         #[cfg(feature = "cuda")]
         if let Some((taps, bias)) = &self.gemm
             && super::conv_gemm_cuda::supports(x, taps, true)
@@ -413,35 +413,47 @@ impl Conv {
         self.inner.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
     }
 
-    /// The convolution (of `x` upsampled 2× by nearest neighbour when `upsample`) through
-    /// cuDNN with tensor-core math, the bias added, where that path is on for it and takes
-    /// `x`; `None` sends it another way.
+    /// `residual +` the convolution (of `x` upsampled 2× by nearest neighbour when
+    /// `upsample`) through cuDNN with tensor-core math, with the bias, where that path is on
+    /// for it and takes `x`; `None` sends it another way. The bias and the residual are added
+    /// in one pass after cuDNN where the shapes allow (`conv2d_bias`), else by candle's ops.
     #[cfg(feature = "cudnn")]
-    fn forward_cudnn(&self, x: &Tensor, upsample: bool) -> Result<Option<Tensor>> {
-        use super::conv_cudnn_cuda::{conv2d, supports};
+    fn forward_cudnn(
+        &self,
+        x: &Tensor,
+        upsample: bool,
+        residual: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        use super::conv_cudnn_cuda::{conv2d, conv2d_bias, supports, takes_epilogue};
         let Some((weight, layout)) = &self.cudnn else {
             return Ok(None);
         };
         if !supports(x, weight, *layout) {
             return Ok(None);
         }
-        let y = if upsample {
+        let upsampled;
+        let x = if upsample {
             let (_, _, h, w) = x.dims4()?;
-            let up = x.upsample_nearest2d(2 * h, 2 * w)?;
-            if !supports(&up, weight, *layout) {
+            upsampled = x.upsample_nearest2d(2 * h, 2 * w)?;
+            if !supports(&upsampled, weight, *layout) {
                 return Ok(None);
             }
-            conv2d(&up, weight, *layout, None)?
+            &upsampled
         } else {
-            conv2d(x, weight, *layout, None)?
+            x
         };
-        match self.inner.bias() {
-            Some(b) => Ok(Some(y.broadcast_add(&b.reshape((
-                1,
-                b.dim(0)?,
-                1,
-                1,
-            ))?)?)),
+        let cout = weight.dim(0)?;
+        if let Some(bias) = self.inner.bias()
+            && takes_epilogue(x, cout, residual)
+        {
+            return conv2d_bias(x, weight, bias, residual, *layout).map(Some);
+        }
+        let mut y = conv2d(x, weight, *layout, None)?;
+        if let Some(b) = self.inner.bias() {
+            y = y.broadcast_add(&b.reshape((1, cout, 1, 1))?)?;
+        }
+        match residual {
+            Some(r) => (r + y).map(Some),
             None => Ok(Some(y)),
         }
     }
@@ -574,7 +586,7 @@ impl AttnBlock {
             &tokens(self.v.forward(&h)?)?,
         )?;
         let att = att.transpose(1, 2)?.reshape((b, c, hh, ww))?;
-        self.proj_out.forward(&att)? + x
+        self.proj_out.forward_with(&att, None, false, Some(x))
     }
 }
 
