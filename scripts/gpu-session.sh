@@ -90,7 +90,7 @@ HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --no-candle-vae --
 HEADSHOT_GROUP_NORM=fused run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
 # The whole decoder at 1024x1024 with each path against candle's f32 ops: the main --check's
 # decoders are small, and a path becomes the default only on its full-size row too.
-HEADSHOT_CHECK_ONLY=decoder_full run 60 bench gpu --device cuda --check
+HEADSHOT_CHECK_ONLY=decoder_full run 90 bench gpu --device cuda --check
 HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae
 HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wgmma_pipe run 60 bench gpu --device cuda --attention fused --fp8 --fp8-scale row --iters 3 --warmup 1 --skip-vae
 HEADSHOT_FLASH_KERNEL=wgmma run 60 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae

@@ -21,6 +21,8 @@ CHECK = re.compile(r"CHECK (\S+): max relative error (\S+)(.*)\(bound (\S+)\) (o
 ATTENTION_RATE = re.compile(r"RATE op_attention_(\w+): ([0-9.]+) TFLOP/s")
 # The decoder's ops (--ops): name, shape (channels x height x width), rate, unit.
 VAE_RATE = re.compile(r"RATE op_(vae_\w+?)_(\d+x\d+x\d+): ([0-9.]+(?:e[+-]?\d+)?) TFLOP/s")
+# The decoder's memory-bound ops (norms, SiLU, upsampling, candle's bias add): GB/s.
+VAE_BYTES = re.compile(r"RATE op_(vae_\w+?)_(\d+x\d+x\d+): ([0-9.]+(?:e[+-]?\d+)?) GB/s")
 
 
 def medians(lines):
@@ -134,8 +136,11 @@ def main(out_dir):
     if rates:
         ranked = sorted(rates.items(), key=lambda kv: -kv[1])
         print("attention alone (--ops, TFLOP/s): " + ", ".join(f"{k} {v:g}" for k, v in ranked))
-    # The decoder's convolutions alone, per shape, fastest first (cuDNN is `vae_conv`).
-    for line in decoder_op_lines(session):
+    # The decoder's convolutions alone, per shape, fastest first (cuDNN is `vae_conv`), then
+    # its memory-bound ops.
+    for line in decoder_op_lines(session, VAE_RATE, "convolutions", "TFLOP/s"):
+        print(line)
+    for line in decoder_op_lines(session, VAE_BYTES, "memory-bound ops", "GB/s"):
         print(line)
     # Whole decodes per decoder path (--vae-only runs and full runs alike), fastest first.
     decodes, profiles = [], {}
@@ -212,7 +217,7 @@ CHECK_ROWS = {
         r"^decoder_full_bf16_cuda_paths_on_cudnn_vs_f32$",
     ],
     "HEADSHOT_SPLIT_GEMM=on": [r"^gemm_bias(_gelu)?_parts$"],
-    "--fp8": [r"fp8"],
+    "--fp8": [r"^(model_fp8_vs_full|fp8_linear_vs_full|fp8_batch_independent)$"],
     "row": [r"fp8_rows"],
 }
 
@@ -251,7 +256,7 @@ def verdict_line(header, verdicts, attention):
     keys, kernel = switch_keys(header)
     patterns = [p for k in keys for p in CHECK_ROWS.get(k, [])]
     if attention:
-        patterns.append(rf"^attention_cuda_{re.escape(kernel)}(_|$)")
+        patterns.append(rf"^attention_cuda_{re.escape(kernel)}(_batch_2|_\d+_tokens(_late_peak)?)?$")
     if not patterns:
         return "checks: none needed (default paths)"
     failed, missing, passed = [], [], 0
@@ -274,13 +279,14 @@ def stage_lines(lines, figure):
     return [l.removeprefix(prefix) for l in lines if l.startswith(prefix)]
 
 
-def decoder_op_lines(session):
-    """One line per decoder shape: its --ops rows in TFLOP/s (convolutions), fastest first."""
+def decoder_op_lines(session, pattern, what, unit):
+    """One line per decoder shape: its --ops rows `pattern` matches (rate in `unit`), fastest
+    first."""
     by_shape = {}
-    for m in VAE_RATE.finditer(session):
+    for m in pattern.finditer(session):
         by_shape.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
     return [
-        f"decoder convolutions {shape} (--ops, TFLOP/s): "
+        f"decoder {what} {shape} (--ops, {unit}): "
         + ", ".join(f"{k} {v:g}" for k, v in sorted(rows.items(), key=lambda kv: -kv[1]))
         for shape, rows in by_shape.items()
     ]

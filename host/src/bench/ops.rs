@@ -489,13 +489,16 @@ fn implicit_conv_ops(
     let ch = x.dim(1)?;
     let w = x.dim(3)?;
     let bias = Tensor::zeros(ch, x.dtype(), x.device())?;
+    // Every input its own tensor: an op read-locks each input's storage, and std's RwLock may
+    // panic on a second read lock of the same one from the same thread.
     let norm = InputNorm {
         weight: Tensor::ones(ch, x.dtype(), x.device())?,
-        bias: bias.clone(),
+        bias: Tensor::zeros(ch, x.dtype(), x.device())?,
         groups: GROUPS,
         eps: EPS as f32,
         silu: true,
     };
+    let skip = x.copy()?;
     // Whether `engine` runs on rows `w` wide as asked (a wide tile falls to the narrow one on
     // narrower rows, which the narrow tile's own rows time already).
     let as_asked = |engine: Engine, w: usize| match engine {
@@ -505,7 +508,7 @@ fn implicit_conv_ops(
     };
     for &engine in engines {
         let taps = weights_for(engine, weight)?;
-        if !supports(x, &taps, &bias, false, Some(&norm), Some(x), engine) {
+        if !supports(x, &taps, &bias, false, Some(&norm), Some(&skip), engine) {
             continue;
         }
         let suffix = engine.suffix();
@@ -530,7 +533,7 @@ fn implicit_conv_ops(
                 out,
                 format!("vae_norm_conv_residual_implicit{suffix}_{tag}"),
                 Work::Flop(flop),
-                &|| conv3x3(x, &taps, &bias, Some(&norm), false, Some(x), engine),
+                &|| conv3x3(x, &taps, &bias, Some(&norm), false, Some(&skip), engine),
             )?;
         }
         if shape.upsample_too
@@ -604,12 +607,14 @@ fn cudnn_conv_ops(
         let cout = weight.dim(0)?;
         if takes_epilogue(x, cout, Some(x)) {
             let bias = Tensor::zeros(cout, x.dtype(), x.device())?;
+            // Its own tensor: an op read-locks each input's storage once.
+            let skip = x.copy()?;
             time_or_report(
                 out,
                 time,
                 &format!("vae_conv_bias_residual_{path}_{tag}"),
                 Work::Flop(flop),
-                &|| conv2d_bias(x, &weight, &bias, Some(x), layout),
+                &|| conv2d_bias(x, &weight, &bias, Some(&skip), layout),
             )?;
         }
         if matches!(level, 1 | 8) {
