@@ -392,27 +392,28 @@ fn check(
         image_tokens: (opts.height / 16, opts.width / 16),
         text_tokens: opts.txt_len,
     };
-    let mut results = Vec::new();
-    let stopped = check::run_into(device, dtype, &shape, opts.attention, &mut results).err();
-    let mut failed = Vec::new();
-    for r in &results {
-        let ok = r.passes();
-        writeln!(
-            out,
-            "CHECK {}: max relative error {:.3e}{} (bound {:e}) {}",
-            r.name,
-            r.max_rel_error,
-            if r.non_finite { ", NaN/inf" } else { "" },
-            r.tolerance,
-            if ok { "ok" } else { "FAIL" }
-        )?;
-        if !ok {
-            failed.push(r.name.clone());
-        }
-        if let Some(mismatch) = &r.mismatch {
-            writeln!(out, "CHECK {} where: {mismatch}", r.name)?;
-        }
+    // Each row is printed as its comparison completes: a run cut short (a fault, the device
+    // call's time limit) keeps every row before it.
+    let mut write_error = None;
+    let (stopped, results) = {
+        let mut log = check::CheckLog::new(|r: &check::CheckResult| {
+            if write_error.is_none()
+                && let Err(e) = write_check_row(out, r)
+            {
+                write_error = Some(e);
+            }
+        });
+        let stopped = check::run_into(device, dtype, &shape, opts.attention, &mut log).err();
+        (stopped, log.into_results())
+    };
+    if let Some(e) = write_error {
+        return Err(e.into());
     }
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|r| !r.passes())
+        .map(|r| r.name.clone())
+        .collect();
     if let Some(e) = stopped {
         // The comparisons before the failing op are reported above; this one could not run.
         writeln!(
@@ -435,6 +436,23 @@ fn check(
             failed.join(", ")
         )))
     }
+}
+
+/// One comparison's `CHECK` line, and where it failed, the `CHECK … where:` line.
+fn write_check_row(out: &mut dyn Write, r: &check::CheckResult) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "CHECK {}: max relative error {:.3e}{} (bound {:e}) {}",
+        r.name,
+        r.max_rel_error,
+        if r.non_finite { ", NaN/inf" } else { "" },
+        r.tolerance,
+        if r.passes() { "ok" } else { "FAIL" }
+    )?;
+    if let Some(mismatch) = &r.mismatch {
+        writeln!(out, "CHECK {} where: {mismatch}", r.name)?;
+    }
+    Ok(())
 }
 
 /// Options of `headshot bench demo`.

@@ -63,6 +63,40 @@ impl CheckResult {
     }
 }
 
+/// The comparisons of a check run as they complete: kept, and each handed to a reporter the
+/// moment it is pushed, so a run cut short (a kernel fault, a device call's time limit) has
+/// printed every row before it.
+pub struct CheckLog<'a> {
+    results: Vec<CheckResult>,
+    report: Box<dyn FnMut(&CheckResult) + 'a>,
+}
+
+impl<'a> CheckLog<'a> {
+    /// A log that hands each comparison to `report` as it is pushed.
+    pub fn new(report: impl FnMut(&CheckResult) + 'a) -> Self {
+        Self {
+            results: Vec::new(),
+            report: Box::new(report),
+        }
+    }
+
+    /// Records `result` after reporting it.
+    pub fn push(&mut self, result: CheckResult) {
+        (self.report)(&result);
+        self.results.push(result);
+    }
+
+    /// The comparisons so far, in order.
+    pub fn results(&self) -> &[CheckResult] {
+        &self.results
+    }
+
+    /// The comparisons, in order.
+    pub fn into_results(self) -> Vec<CheckResult> {
+        self.results
+    }
+}
+
 /// Sizes the checks run at.
 #[derive(Debug, Clone)]
 pub struct CheckShape {
@@ -129,19 +163,19 @@ pub fn run(
     shape: &CheckShape,
     kernel: AttentionKernel,
 ) -> Result<Vec<CheckResult>> {
-    let mut out = Vec::new();
+    let mut out = CheckLog::new(|_| {});
     run_into(device, dtype, shape, kernel, &mut out)?;
-    Ok(out)
+    Ok(out.into_results())
 }
 
-/// [`run`], appending each comparison to `out` as it completes, so a failing op leaves the
-/// results before it for the report.
+/// [`run`], pushing each comparison to `out` as it completes, so a failing op leaves the
+/// results before it reported.
 pub fn run_into(
     device: &Device,
     dtype: DType,
     shape: &CheckShape,
     kernel: AttentionKernel,
-    out: &mut Vec<CheckResult>,
+    out: &mut CheckLog,
 ) -> Result<()> {
     // HEADSHOT_CHECK_ONLY=attention stops after the attention comparisons: a kernel that has
     // never run gets a process of its own (a fault leaves the CUDA context unusable), without
@@ -534,7 +568,7 @@ fn full_decoders(
     device: &Device,
     dtype: DType,
     shape: &CheckShape,
-    out: &mut Vec<CheckResult>,
+    out: &mut CheckLog,
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() && dtype == DType::BF16 {
@@ -609,7 +643,7 @@ impl<'a> DecoderCase<'a> {
     /// which takes the GEMM convolutions only. `implicit`: at 128 and 256 channels on 4x128
     /// latents (rows of 128, then 256 after the upsampling), where the implicit kernel takes
     /// every 3x3 convolution but conv_in and conv_out.
-    fn new(device: &'a Device, implicit: bool, out: &mut Vec<CheckResult>) -> Result<Self> {
+    fn new(device: &'a Device, implicit: bool, out: &mut CheckLog) -> Result<Self> {
         use super::decoder::two_level_config;
         if implicit {
             let cfg = candle_transformers::models::flux::autoencoder::Config {
@@ -629,7 +663,7 @@ impl<'a> DecoderCase<'a> {
         cfg: candle_transformers::models::flux::autoencoder::Config,
         latent_dims: [usize; 4],
         tag: &'static str,
-        out: &mut Vec<CheckResult>,
+        out: &mut CheckLog,
     ) -> Result<Self> {
         use super::decoder::{Decoder, DecoderPaths};
         // The decoder's weights only (the worker never loads the encoder).
@@ -678,7 +712,7 @@ impl<'a> DecoderCase<'a> {
         &self,
         paths: super::decoder::DecoderPaths,
         suffix: &str,
-        out: &mut Vec<CheckResult>,
+        out: &mut CheckLog,
     ) -> Result<()> {
         let name = format!("decoder{}_bf16_cuda_paths{suffix}_vs_f32", self.tag);
         let fast = self.decode(DType::BF16, paths, &self.latents);
@@ -692,7 +726,7 @@ impl<'a> DecoderCase<'a> {
         &self,
         paths: super::decoder::DecoderPaths,
         suffix: &str,
-        out: &mut Vec<CheckResult>,
+        out: &mut CheckLog,
     ) -> Result<()> {
         let fast = self.decode(DType::BF16, paths, &self.latents)?;
         out.push(compare(
@@ -709,7 +743,7 @@ impl<'a> DecoderCase<'a> {
     fn compare_engine(
         &self,
         engine: super::conv_implicit_cuda::Engine,
-        out: &mut Vec<CheckResult>,
+        out: &mut CheckLog,
     ) -> Result<()> {
         use super::conv_implicit_cuda::{Engine, Tile};
         let paths = super::decoder::DecoderPaths {
@@ -736,7 +770,7 @@ fn implicit_convolutions(
     device: &Device,
     tolerance: f64,
     engines: &[super::conv_implicit_cuda::Engine],
-    out: &mut Vec<CheckResult>,
+    out: &mut CheckLog,
 ) -> Result<()> {
     use super::conv_implicit_cuda::{
         Engine, InputNorm, Tile, conv3x3, takes_channels, weights_for,
@@ -825,7 +859,7 @@ fn implicit_convolutions(
 /// The decoder's convolutions as GEMMs (and 3×3 ones through 2× upsampling) against candle's
 /// convolution in f32.
 #[cfg(feature = "cuda")]
-fn convolutions(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> Result<()> {
+fn convolutions(device: &Device, tolerance: f64, out: &mut CheckLog) -> Result<()> {
     use super::conv_gemm_cuda::{conv2d, upsample_conv2d};
     use super::decoder::gemm_taps;
     let mut rng = Rng::new(44);
@@ -878,7 +912,7 @@ fn cudnn_convolution(
     bias: &Tensor,
     reference: &Tensor,
     tolerance: f64,
-    out: &mut Vec<CheckResult>,
+    out: &mut CheckLog,
 ) -> Result<()> {
     use super::conv_cudnn_cuda::{
         ALGORITHMS, CudnnLayout, algorithm_name, conv2d, conv2d_bias, supports, takes_epilogue,
@@ -943,7 +977,7 @@ fn bf16(t: &Tensor) -> Result<Tensor> {
 /// fits one block's chunk and one split over several, on activations whose mean is far from
 /// zero (where a sum-of-squares variance loses precision first).
 #[cfg(feature = "cuda")]
-fn group_norms(device: &Device, tolerance: f64, out: &mut Vec<CheckResult>) -> Result<()> {
+fn group_norms(device: &Device, tolerance: f64, out: &mut CheckLog) -> Result<()> {
     use super::decoder::{EPS, GROUPS};
     use super::group_norm_cuda::group_norm;
     let mut rng = Rng::new(43);
@@ -989,7 +1023,7 @@ fn cuda_kernels(
     qkv: &[Tensor],
     reference: &Tensor,
     tolerance: f64,
-    out: &mut Vec<CheckResult>,
+    out: &mut CheckLog,
 ) -> Result<()> {
     use super::flash_cuda::{FlashKernel, attention_with};
     let tokens = qkv[0].dim(1)?;
@@ -1110,6 +1144,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_log_reports_each_comparison_as_it_is_pushed() {
+        let a = Tensor::new(&[1f32, 2.0], &Device::Cpu).expect("a");
+        let mut seen = Vec::new();
+        let results = {
+            let mut log = CheckLog::new(|r: &CheckResult| seen.push(r.name.clone()));
+            log.push(compare("first", &a, &a, 1e-2).expect("compare"));
+            log.push(compare("second", &a, &a, 1e-2).expect("compare"));
+            assert_eq!(log.results().len(), 2);
+            log.into_results()
+        };
+        assert_eq!(seen, ["first", "second"]);
+        assert_eq!(results[1].name, "second");
     }
 
     #[test]
