@@ -28,7 +28,9 @@ use std::ffi::c_void;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::result::{self as dnn, CudnnError};
 use candle_core::cuda_backend::cudarc::cudnn::sys;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -356,37 +358,58 @@ impl CudnnConv {
                 unsafe { builder.launch(super::conv_implicit_cuda::config(&launch)) }.w()?;
             }
             CudnnLayout::Nhwc => {
-                let launch = super::conv_launch::nhwc_out_launch(cout, hw);
-                let f = dev.get_or_load_custom_func(launch.entry, "headshot_conv_implicit", ptx)?;
-                let hw_i = i32::try_from(hw).map_err(|_| {
-                    candle_core::Error::Msg(format!("cuDNN convolution: {h}x{w} exceeds 32 bits"))
-                })?;
                 let image = cout * hw;
                 for img in 0..batch {
                     let part = img * image..(img + 1) * image;
-                    let staged_img = staged.slice(part.clone());
                     let residual_img = if self.residual.is_some() {
                         residual.slice(part.clone())
                     } else {
                         residual.slice(0..cout)
                     };
-                    let mut y_img = y.slice_mut(part);
-                    let mut builder = f.builder();
-                    builder.arg(&staged_img);
-                    builder.arg(&bias);
-                    builder.arg(&residual_img);
-                    builder.arg(&has_residual);
-                    builder.arg(&cout_i);
-                    builder.arg(&hw_i);
-                    builder.arg(&mut y_img);
-                    // SAFETY: reads this image's hw·cout NHWC values (and cout·hw of the
-                    // residual), cout biases; writes this image's cout·hw outputs.
-                    unsafe { builder.launch(super::conv_implicit_cuda::config(&launch)) }.w()?;
+                    nhwc_out(
+                        dev,
+                        (&staged.slice(part.clone()), &bias, &residual_img),
+                        self.residual.is_some(),
+                        (cout, hw),
+                        &mut y.slice_mut(part),
+                    )?;
                 }
             }
         }
         Ok(output(dev, CudaStorageSlice::BF16, y, (batch, cout, h, w)))
     }
+}
+
+/// One image's `headshot_conv_nhwc_out_bf16`: cuDNN's NHWC output `y_nhwc` (`hw` pixels ×
+/// `cout` channels) into NCHW `y`, with `bias` and, when `has_residual`, `residual` (NCHW)
+/// added; the implicit path's cuDNN engine and [`conv2d_bias`] in NHWC end with it.
+pub(super) fn nhwc_out<T: DeviceRepr>(
+    dev: &CudaDevice,
+    (y_nhwc, bias, residual): (&CudaView<T>, &CudaView<T>, &CudaView<T>),
+    has_residual: bool,
+    (cout, hw): (usize, usize),
+    y: &mut CudaViewMut<T>,
+) -> Result<()> {
+    let launch = super::conv_launch::nhwc_out_launch(cout, hw);
+    let ptx = super::conv_implicit_cuda::PTX;
+    let f = dev.get_or_load_custom_func(launch.entry, "headshot_conv_implicit", ptx)?;
+    let int = |n: usize| {
+        i32::try_from(n)
+            .map_err(|_| candle_core::Error::Msg(format!("NHWC output pass: {n} exceeds 32 bits")))
+    };
+    let (has_residual, cout_i, hw_i) = (i32::from(has_residual), int(cout)?, int(hw)?);
+    let mut builder = f.builder();
+    builder.arg(y_nhwc);
+    builder.arg(bias);
+    builder.arg(residual);
+    builder.arg(&has_residual);
+    builder.arg(&cout_i);
+    builder.arg(&hw_i);
+    builder.arg(y);
+    // SAFETY: reads hw·cout NHWC values (and with the residual cout·hw of it), cout biases;
+    // writes cout·hw outputs: the caller passes views of those lengths.
+    unsafe { builder.launch(super::conv_implicit_cuda::config(&launch)) }.w()?;
+    Ok(())
 }
 
 /// Most scratch memory a heuristic pick may ask for (FFT algorithms ask for gigabytes at

@@ -333,9 +333,9 @@ impl CustomOp3 for ConvImplicit {
 
         let prep_shape = prep_launch(cin, h, w, w0);
         let prep = dev.get_or_load_custom_func(prep_shape.entry, "headshot_conv_implicit", PTX)?;
-        // The kernel that writes the NCHW output: the convolution itself, or after cuDNN's
-        // convolution the pass back from its NHWC output.
-        let (conv, conv_shape) = match self.engine {
+        // Our convolution kernel (none with the cuDNN engine: cuDNN, then the pass back from its
+        // NHWC output).
+        let kernel = match self.engine {
             Engine::Kernel(preferred) => {
                 let launch = preferred.launch(cout, h, w);
                 let tile = Tile::for_width(w, preferred);
@@ -348,14 +348,10 @@ impl CustomOp3 for ConvImplicit {
                 let (module, ptx) = tile.module();
                 let f = dev.get_or_load_custom_func(launch.entry, module, ptx)?;
                 allow_dynamic_smem(&f, launch.smem)?;
-                (f, launch)
+                Some((f, launch))
             }
             #[cfg(feature = "cudnn")]
-            Engine::Cudnn => {
-                let launch = super::conv_launch::nhwc_out_launch(cout, h * w);
-                let f = dev.get_or_load_custom_func(launch.entry, "headshot_conv_implicit", PTX)?;
-                (f, launch)
-            }
+            Engine::Cudnn => None,
         };
         // cuDNN's NHWC output of one image at a time.
         #[cfg(feature = "cudnn")]
@@ -363,10 +359,6 @@ impl CustomOp3 for ConvImplicit {
             Engine::Cudnn => Some(alloc_like(dev, xs, out_len)?),
             Engine::Kernel(_) => None,
         };
-        #[cfg(feature = "cudnn")]
-        let hw_i = i32::try_from(h * w).map_err(|_| {
-            candle_core::Error::Msg(format!("implicit convolution: {h}x{w} exceeds 32 bits"))
-        })?;
         let (cin_i, cout_i, h_i, w_i) = (cin as i32, cout as i32, h as i32, w as i32);
         let up_i = i32::from(self.upsample);
         let norm_i = i32::from(self.norm.is_some());
@@ -427,20 +419,18 @@ impl CustomOp3 for ConvImplicit {
                         (cin, cout, h, w),
                     )?;
                 }
-                let mut builder = conv.builder();
-                builder.arg(&*y_nhwc);
-                builder.arg(&bias);
-                builder.arg(&residual);
-                builder.arg(&has_residual_i);
-                builder.arg(&cout_i);
-                builder.arg(&hw_i);
-                builder.arg(&mut y_img);
-                // SAFETY: reads cuDNN's h·w·cout NHWC values of this image, cout biases (and
-                // with the residual cout·h·w values of it), writes this image's cout·h·w
-                // outputs.
-                unsafe { builder.launch(config(&conv_shape)) }.w()?;
+                super::conv_cudnn_cuda::nhwc_out(
+                    dev,
+                    (&y_nhwc.slice(0..out_len), &bias, &residual),
+                    self.residual.is_some(),
+                    (cout, h * w),
+                    &mut y_img,
+                )?;
                 continue;
             }
+            let Some((conv, conv_shape)) = &kernel else {
+                candle_core::bail!("implicit convolution: no kernel for {:?}", self.engine);
+            };
             let mut builder = conv.builder();
             builder.arg(&padded);
             builder.arg(&weights);
@@ -455,7 +445,7 @@ impl CustomOp3 for ConvImplicit {
             // SAFETY: reads the padded image, 9·cout·cin weights, cout biases (and with the
             // residual cout·h·w values of it), writes this image's cout·h·w outputs; the
             // residual and y start 16-byte aligned (offsets in multiples of 8 bf16, h·w too).
-            unsafe { builder.launch(config(&conv_shape)) }.w()?;
+            unsafe { builder.launch(config(conv_shape)) }.w()?;
         }
         Ok(output(
             dev,
