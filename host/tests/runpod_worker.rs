@@ -458,6 +458,7 @@ async fn an_unrecoverable_gpu_error_posts_stop_pod_and_the_worker_takes_nothing_
             message:
                 "CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered (injected)"
                     .into(),
+            ..Default::default()
         });
     h.fake
         .push_take(TakeAnswer::Job(job("gpu-dies", "a portrait", 64, 4)));

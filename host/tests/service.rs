@@ -545,6 +545,7 @@ async fn generation_failing_mid_way_fails_that_job_only() {
         .inject_fault(headshot_host::jobs::inference::InjectedFault {
             after_step: 2,
             message: "kernel launch failed (injected)".into(),
+            ..Default::default()
         });
     let mut inp = input("fails at step 2", 64);
     inp["steps"] = json!(4);
@@ -561,6 +562,7 @@ async fn generation_failing_mid_way_fails_that_job_only() {
         .inject_fault(headshot_host::jobs::inference::InjectedFault {
             after_step: 1,
             message: "CUDA out of memory (injected)".into(),
+            ..Default::default()
         });
     let v: Value = runsync(&c, &r, "oom").await;
     let err = job_error(&v);
@@ -572,6 +574,35 @@ async fn generation_failing_mid_way_fails_that_job_only() {
         r.service.inference().state().loads >= 2,
         "the pipeline was reloaded after the OOM"
     );
+    // A panic inside generation (a bug in a kernel wrapper or a library) fails that job
+    // with an internal error; the inference thread lives on and reloads the model.
+    let loads = r.service.inference().state().loads;
+    r.service
+        .inference()
+        .inject_fault(headshot_host::jobs::inference::InjectedFault {
+            after_step: 1,
+            message: "index out of bounds (injected panic)".into(),
+            panic: true,
+        });
+    let v: Value = runsync(&c, &r, "panics").await;
+    assert_eq!(v["status"], "FAILED", "{v}");
+    let err = job_error(&v);
+    assert_eq!(err["error_type"], "internal", "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("panicked"),
+        "{err}"
+    );
+    assert_eq!(
+        err["details"]["panic"], "index out of bounds (injected panic)",
+        "{err}"
+    );
+    assert!(
+        !r.service.inference().state().loaded,
+        "the pipeline was dropped"
+    );
+    let v: Value = runsync(&c, &r, "after the panic").await;
+    assert_eq!(v["status"], "COMPLETED", "{v}");
+    assert_eq!(r.service.inference().state().loads, loads + 1);
     r.shutdown().await;
 }
 

@@ -25,6 +25,10 @@ pub enum InferError {
     /// The inference thread is gone.
     #[error("the inference thread has stopped")]
     Stopped,
+    /// Loading or generating panicked (a bug, in our code or a library's). The thread caught
+    /// it and dropped the pipeline, whose state is suspect; the next job loads it again.
+    #[error("the model panicked ({0}); it reloads on the next job")]
+    Panicked(String),
 }
 
 /// What `/readyz` and the admin API show about the model.
@@ -61,12 +65,15 @@ enum Work {
 
 /// A failure to inject into the next generation (fault-injection hook for tests and drills:
 /// it runs the real pipeline and fails it part-way, it does not replace it).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct InjectedFault {
     /// Fail after this many denoising steps.
     pub after_step: u32,
     /// The failure's text, e.g. `CUDA_ERROR_ILLEGAL_ADDRESS` or `out of memory`.
     pub message: String,
+    /// Panic with the message instead of returning it as an error, as a bug in a kernel
+    /// wrapper or a library would.
+    pub panic: bool,
 }
 
 /// Handle to the inference thread.
@@ -172,6 +179,29 @@ fn ensure_loaded(
     }
 }
 
+/// What a caught panic leaves: the pipeline dropped (its state is suspect, so the next job
+/// loads it again), the state saying why, and the job's error.
+fn panicked(
+    panic: Box<dyn std::any::Any + Send>,
+    pipeline: &mut Option<FluxPipeline>,
+    state: &Mutex<ModelState>,
+) -> InferError {
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
+        .to_string();
+    tracing::error!(error = %message, "the model panicked; it reloads on the next job");
+    *pipeline = None;
+    set(state, |s| {
+        s.loaded = false;
+        s.busy = false;
+        s.last_error = Some(format!("panicked: {message}"));
+    });
+    InferError::Panicked(message)
+}
+
 fn run(
     options: LoadOptions,
     rx: mpsc::Receiver<Work>,
@@ -186,7 +216,11 @@ fn run(
                     pipeline = None;
                     set(&state, |s| s.loaded = false);
                 }
-                let _ = reply.send(ensure_loaded(&options, &mut pipeline, &state));
+                let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    ensure_loaded(&options, &mut pipeline, &state)
+                }))
+                .unwrap_or_else(|panic| Err(panicked(panic, &mut pipeline, &state)));
+                let _ = reply.send(loaded);
             }
             Work::Generate {
                 params,
@@ -202,7 +236,10 @@ fn run(
                     })));
                     continue;
                 }
-                let result = ensure_loaded(&options, &mut pipeline, &state).and_then(|()| {
+                // A panic (a bug in our code or a library's) fails this job, not the thread:
+                // every later job would otherwise find the worker unable to generate.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    ensure_loaded(&options, &mut pipeline, &state)?;
                     let Some(p) = pipeline.as_mut() else {
                         return Err(InferError::Stopped);
                     };
@@ -211,7 +248,10 @@ fn run(
                     let mut fault_fired = false;
                     let mut on_step = |step: StepProgress| {
                         progress(step);
-                        if fault.as_ref().is_some_and(|f| step.step >= f.after_step) {
+                        if let Some(f) = fault.as_ref().filter(|f| step.step >= f.after_step) {
+                            if f.panic {
+                                panic!("{}", f.message);
+                            }
                             fault_fired = true;
                             return ControlFlow::Break(());
                         }
@@ -233,7 +273,8 @@ fn run(
                         s.status = Some(p.status());
                     });
                     out
-                });
+                }))
+                .unwrap_or_else(|panic| Err(panicked(panic, &mut pipeline, &state)));
                 if let Err(InferError::Generate(e)) = &result
                     && e.is_out_of_memory()
                 {

@@ -913,6 +913,11 @@ fn infer_error(e: InferError) -> ErrorResponse {
             "the inference thread has stopped",
             Value::Null,
         ),
+        InferError::Panicked(ref message) => ErrorResponse::new(
+            ErrorType::Internal,
+            e.to_string(),
+            json!({ "panic": message, "model_reloads": true }),
+        ),
         InferError::Generate(g) => match &g {
             GenerateError::Cancelled { completed, total } => ErrorResponse::new(
                 ErrorType::Cancelled,
