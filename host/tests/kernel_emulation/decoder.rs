@@ -590,13 +590,19 @@ fn cudnns_nhwc_output_comes_back_nchw_with_bias_and_residual() {
         let (y_bytes, y_nhwc) = bf16_buffer(&random(hw * cout, 61));
         let (bias_bytes, bias) = bf16_buffer(&random(cout, 62));
         let (res_bytes, residual) = bf16_buffer(&random(cout * hw, 63));
-        let launch = nhwc_out_launch(cout, hw);
-        let out = launch_kernel_out(
-            launch.entry,
-            &config(&launch),
-            (y_bytes, bias_bytes, res_bytes),
-            with_residual,
-            (cout, hw),
+        let geometry = nhwc_out_launch(cout, hw);
+        let out = launch(
+            geometry.entry,
+            &config(&geometry),
+            &[
+                Arg::In(y_bytes),
+                Arg::In(bias_bytes),
+                Arg::In(res_bytes),
+                Arg::I32(i32::from(with_residual)),
+                Arg::I32(cout as i32),
+                Arg::I32(hw as i32),
+                Arg::Out(2 * cout * hw),
+            ],
         );
         let mut want = vec![0f32; cout * hw];
         for c in 0..cout {
@@ -608,33 +614,9 @@ fn cudnns_nhwc_output_comes_back_nchw_with_bias_and_residual() {
                 want[c * hw + p] = v;
             }
         }
-        let case = format!("{} {cout}x{hw} residual {with_residual}", launch.entry);
-        check_bf16(&case, &bf16_values(&out), &want);
+        let case = format!("{} {cout}x{hw} residual {with_residual}", geometry.entry);
+        check_bf16(&case, &bf16_values(&out[0]), &want);
     }
-}
-
-/// `headshot_conv_nhwc_out_bf16` over one image's NHWC bytes, with bias and residual bytes.
-fn launch_kernel_out(
-    entry: &str,
-    cfg: &Config,
-    (y_nhwc, bias, residual): (Vec<u8>, Vec<u8>, Vec<u8>),
-    with_residual: bool,
-    (cout, hw): (usize, usize),
-) -> Vec<u8> {
-    let out = launch(
-        entry,
-        cfg,
-        &[
-            Arg::In(y_nhwc),
-            Arg::In(bias),
-            Arg::In(residual),
-            Arg::I32(i32::from(with_residual)),
-            Arg::I32(cout as i32),
-            Arg::I32(hw as i32),
-            Arg::Out(2 * cout * hw),
-        ],
-    );
-    out.into_iter().next().unwrap()
 }
 
 #[test]
@@ -647,10 +629,10 @@ fn the_bias_and_residual_pass_adds_per_channel_over_a_batch() {
         let (x_bytes, x) = bf16_buffer(&random(n, 71));
         let (bias_bytes, bias) = bf16_buffer(&random(channels, 72));
         let (res_bytes, residual) = bf16_buffer(&random(n, 73));
-        let launch = bias_residual_launch(n);
-        let out = launch_fn(
-            launch.entry,
-            &config(&launch),
+        let geometry = bias_residual_launch(n);
+        let out = launch(
+            geometry.entry,
+            &config(&geometry),
             &[
                 Arg::In(x_bytes),
                 Arg::In(bias_bytes),
@@ -670,13 +652,8 @@ fn the_bias_and_residual_pass_adds_per_channel_over_a_batch() {
             .collect();
         let case = format!(
             "{} {batch}x{channels}x{hw} residual {with_residual}",
-            launch.entry
+            geometry.entry
         );
-        check_bf16(&case, &bf16_values(&out), &want);
+        check_bf16(&case, &bf16_values(&out[0]), &want);
     }
-}
-
-/// One launch with `args`, its one output's bytes.
-fn launch_fn(entry: &str, cfg: &Config, args: &[Arg]) -> Vec<u8> {
-    launch(entry, cfg, args).into_iter().next().unwrap()
 }
