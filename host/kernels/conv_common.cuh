@@ -100,6 +100,29 @@ __device__ __forceinline__ void conv_load_step(Load &load, ConvStep &next, int l
     cp_async_commit();
 }
 
+// v[0..8) += the 8 bf16 values of the 16-byte vector at p (16-byte aligned).
+__device__ __forceinline__ void add_bf16x8(float v[8], const __nv_bfloat16 *p) {
+    const uint4 raw = *reinterpret_cast<const uint4 *>(p);
+    const __nv_bfloat162 *pairs = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float2 f = __bfloat1622float2(pairs[e]);
+        v[2 * e] += f.x;
+        v[2 * e + 1] += f.y;
+    }
+}
+
+// v rounded to bf16 once and stored as one 16-byte vector at p (16-byte aligned).
+__device__ __forceinline__ void store_bf16x8(__nv_bfloat16 *p, const float v[8]) {
+    uint4 packed;
+    __nv_bfloat162 *pairs = reinterpret_cast<__nv_bfloat162 *>(&packed);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        pairs[e] = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
+    }
+    *reinterpret_cast<uint4 *>(p) = packed;
+}
+
 // 128 channels × BM / 8 runs of 8 pixels of row `row`, from pixel x0 on, by THREADS threads;
 // runs past w (a multiple of 8) are skipped. y and residual (read when has_residual) are
 // cout × h × w, 16-byte aligned.
@@ -126,21 +149,8 @@ __device__ __forceinline__ void conv_store_tile(const float *tile, int stride,
         }
         const long long at = (long long)(n0 + n) * plane + (long long)row * w + px;
         if (has_residual) {
-            const uint4 raw = *reinterpret_cast<const uint4 *>(residual + at);
-            const __nv_bfloat162 *pairs = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float2 f = __bfloat1622float2(pairs[e]);
-                v[2 * e] += f.x;
-                v[2 * e + 1] += f.y;
-            }
+            add_bf16x8(v, residual + at);
         }
-        uint4 packed;
-        __nv_bfloat162 *out_pairs = reinterpret_cast<__nv_bfloat162 *>(&packed);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            out_pairs[e] = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
-        }
-        *reinterpret_cast<uint4 *>(y + at) = packed;
+        store_bf16x8(y + at, v);
     }
 }

@@ -215,7 +215,6 @@ __device__ __forceinline__ void conv3x3_block(const __nv_bfloat16 *__restrict__ 
     const int x0 = blockIdx.x * T::BM;
     const int row = blockIdx.y;
     const int n0 = blockIdx.z * CI_BN;
-    const int wp = w + 2;
     const int steps = 3 * (cin / CI_BK);
 
     // Rows ROWS_PER_PASS apart (a multiple of 8) have the swizzle of row tid / 4, so one
@@ -392,30 +391,14 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     const int c = (int)((i / hw) % channels);
     const float b = __bfloat162float(bias[c]);
-    const uint4 xv = *reinterpret_cast<const uint4 *>(x + i);
-    const __nv_bfloat162 *xp = reinterpret_cast<const __nv_bfloat162 *>(&xv);
     float v[8];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const float2 f = __bfloat1622float2(xp[e]);
-        v[2 * e] = f.x + b;
-        v[2 * e + 1] = f.y + b;
+    for (int e = 0; e < 8; ++e) {
+        v[e] = b;
     }
+    add_bf16x8(v, x + i);
     if (has_residual) {
-        const uint4 rv = *reinterpret_cast<const uint4 *>(residual + i);
-        const __nv_bfloat162 *rp = reinterpret_cast<const __nv_bfloat162 *>(&rv);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const float2 f = __bfloat1622float2(rp[e]);
-            v[2 * e] += f.x;
-            v[2 * e + 1] += f.y;
-        }
+        add_bf16x8(v, residual + i);
     }
-    uint4 out;
-    __nv_bfloat162 *op = reinterpret_cast<__nv_bfloat162 *>(&out);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        op[e] = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
-    }
-    *reinterpret_cast<uint4 *>(y + i) = out;
+    store_bf16x8(y + i, v);
 }

@@ -64,7 +64,6 @@ extern "C" __global__ void __launch_bounds__(CW_THREADS, 2)
     const int x0 = blockIdx.x * CW_BM;
     const int row = blockIdx.y;
     const int n0 = blockIdx.z * CI_BN;
-    const int wp = w + 2;
     const int steps = 3 * (cin / CI_BK);
 
     // Chunk c of row r is at c · rows · 16 + r · 16, so a pass of 64 rows is 64 · 16 bytes on.
