@@ -8,6 +8,7 @@ pub mod error;
 pub mod heap;
 pub mod ingress;
 pub mod jobs;
+pub mod panics;
 pub mod pipeline;
 pub mod policy;
 pub mod resources;

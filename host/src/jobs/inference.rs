@@ -182,16 +182,10 @@ fn ensure_loaded(
 /// What a caught panic leaves: the pipeline dropped (its state is suspect, so the next job
 /// loads it again), the state saying why, and the job's error.
 fn panicked(
-    panic: Box<dyn std::any::Any + Send>,
+    message: String,
     pipeline: &mut Option<FluxPipeline>,
     state: &Mutex<ModelState>,
 ) -> InferError {
-    let message = panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("no message")
-        .to_string();
     tracing::error!(error = %message, "the model panicked; it reloads on the next job");
     *pipeline = None;
     set(state, |s| {
@@ -216,10 +210,9 @@ fn run(
                     pipeline = None;
                     set(&state, |s| s.loaded = false);
                 }
-                let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    ensure_loaded(&options, &mut pipeline, &state)
-                }))
-                .unwrap_or_else(|panic| Err(panicked(panic, &mut pipeline, &state)));
+                let loaded =
+                    crate::panics::catch(|| ensure_loaded(&options, &mut pipeline, &state))
+                        .unwrap_or_else(|panic| Err(panicked(panic, &mut pipeline, &state)));
                 let _ = reply.send(loaded);
             }
             Work::Generate {
@@ -238,7 +231,7 @@ fn run(
                 }
                 // A panic (a bug in our code or a library's) fails this job, not the thread:
                 // every later job would otherwise find the worker unable to generate.
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let result = crate::panics::catch(|| {
                     ensure_loaded(&options, &mut pipeline, &state)?;
                     let Some(p) = pipeline.as_mut() else {
                         return Err(InferError::Stopped);
@@ -273,7 +266,7 @@ fn run(
                         s.status = Some(p.status());
                     });
                     out
-                }))
+                })
                 .unwrap_or_else(|panic| Err(panicked(panic, &mut pipeline, &state)));
                 if let Err(InferError::Generate(e)) = &result
                     && e.is_out_of_memory()

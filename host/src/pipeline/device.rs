@@ -190,18 +190,9 @@ pub fn device_name(device: &Device) -> String {
 /// cudarc panics where it cannot (a CUDA build on a machine without the NVIDIA driver): that
 /// is an error naming the library, not a crash of the worker.
 fn open_catching(open: impl FnOnce() -> candle_core::Result<Device>) -> Result<Device, String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)) {
-        Ok(Ok(device)) => Ok(device),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("no message");
-            Err(format!("the CUDA libraries could not be loaded: {message}"))
-        }
-    }
+    crate::panics::catch(open)
+        .map_err(|message| format!("the CUDA libraries could not be loaded: {message}"))?
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

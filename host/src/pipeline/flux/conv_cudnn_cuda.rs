@@ -460,10 +460,11 @@ pub fn conv3x3_prepadded_nhwc(
 /// and panics where the library lacks one, which is an error of this convolution, not a
 /// panic in a request.
 fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| {
-        candle_core::Error::Msg(
-            "cuDNN convolution panicked (a cuDNN library without a function it needs?)".into(),
-        )
+    crate::panics::catch(f).map_err(|message| {
+        candle_core::Error::Msg(format!(
+            "cuDNN convolution panicked (a cuDNN library without a function it needs?): \
+             {message}"
+        ))
     })?
 }
 

@@ -59,15 +59,14 @@ fn cublaslt(dev: &CudaDevice) -> Result<(Arc<CudaBlasLT>, Arc<LtRaw>)> {
     slots.remove(&ordinal);
     // cudarc's constructor unwraps its workspace allocation: out of GPU memory it panics,
     // which must not take a request (or the worker) down.
-    let blas = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        CudaBlasLT::new(dev.cuda_stream())
-    }))
-    .map_err(|_| {
-        candle_core::Error::Msg(
-            "cuBLASLt could not allocate its 32 MiB workspace (out of GPU memory?)".into(),
-        )
-    })?
-    .map_err(|e| candle_core::Error::Msg(format!("creating a cuBLASLt handle: {e:?}")))?;
+    let blas = crate::panics::catch(|| CudaBlasLT::new(dev.cuda_stream()))
+        .map_err(|message| {
+            candle_core::Error::Msg(format!(
+                "cuBLASLt could not allocate its 32 MiB workspace (out of GPU memory?): \
+                 {message}"
+            ))
+        })?
+        .map_err(|e| candle_core::Error::Msg(format!("creating a cuBLASLt handle: {e:?}")))?;
     let raw = LtRaw::new(dev)?;
     let lt = Lt {
         device: dev.id(),
