@@ -313,7 +313,7 @@ impl CudnnConv {
                 CudnnLayout::Nhwc => {
                     let mut x_nhwc = alloc_like(dev, xs, batch * cin * h * w)?;
                     let (xn_ptr, _xn_guard) = x_nhwc.device_ptr_mut(&stream);
-                    plan.transform(&plan.x_nchw, x_ptr, &plan.x, xn_ptr)?;
+                    plan.transform(&plan.nchw()?.0, x_ptr, &plan.x, xn_ptr)?;
                     plan.convolve(algorithm, xn_ptr, w_ptr, workspace, t_ptr)?;
                 }
             }
@@ -325,7 +325,7 @@ impl CudnnConv {
             // NHWC without an epilogue: cuDNN's transform back.
             let (s_ptr, _s_guard) = staged.device_ptr(&stream);
             let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
-            plan.transform(&plan.y, s_ptr, &plan.y_nchw, y_ptr)?;
+            plan.transform(&plan.y, s_ptr, &plan.nchw()?.1, y_ptr)?;
             drop((_s_guard, _y_guard));
             return Ok(output(dev, CudaStorageSlice::BF16, y, (batch, cout, h, w)));
         };
@@ -542,14 +542,14 @@ fn dnn_error(e: CudnnError) -> candle_core::Error {
 }
 
 /// One convolution's descriptors: input and output in the layout cuDNN convolves in (and
-/// for NHWC, their NCHW twins, the transforms' other ends), the filter and the
+/// for NHWC from NCHW, their NCHW twins, the transforms' other ends), the filter and the
 /// convolution with tensor-core math.
 struct Plan {
     handle: sys::cudnnHandle_t,
     x: TensorDesc,
     y: TensorDesc,
-    x_nchw: TensorDesc,
-    y_nchw: TensorDesc,
+    /// NCHW input and output, where cuDNN transforms to and from NHWC.
+    nchw: Option<(TensorDesc, TensorDesc)>,
     filter: FilterDesc,
     conv: ConvDesc,
 }
@@ -600,14 +600,28 @@ impl Plan {
             dnn::set_convolution_math_type(conv.0, sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
         }
         .map_err(dnn_error)?;
+        let nchw = if layout == CudnnLayout::Nhwc && !d.pre_padded {
+            Some((
+                TensorDesc::new(NCHW, [batch, cin, h, w])?,
+                TensorDesc::new(NCHW, [batch, cout, h, w])?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             handle,
             x: TensorDesc::new(format, [batch, cin, h + border, w + border])?,
             y: TensorDesc::new(format, [batch, cout, h, w])?,
-            x_nchw: TensorDesc::new(NCHW, [batch, cin, h, w])?,
-            y_nchw: TensorDesc::new(NCHW, [batch, cout, h, w])?,
+            nchw,
             filter,
             conv,
+        })
+    }
+
+    /// The NCHW twins of the input and output, for the transforms.
+    fn nchw(&self) -> Result<&(TensorDesc, TensorDesc)> {
+        self.nchw.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("cuDNN convolution: this plan has no NCHW side".into())
         })
     }
 

@@ -241,12 +241,10 @@ struct Conv {
     /// Weights as [`gemm_taps`] lays them out, and the bias, for the GEMM path.
     #[cfg(feature = "cuda")]
     gemm: Option<(Tensor, Tensor)>,
-    /// Weights as [`implicit_taps`] lays them out, and the bias, for the implicit path (3×3).
+    /// For the implicit path (3×3): what convolves (a kernel's tile, or cuDNN), its weights as
+    /// [`super::conv_implicit_cuda::weights_for`] lays them out for it, and the bias.
     #[cfg(feature = "cuda")]
-    implicit: Option<(Tensor, Tensor)>,
-    /// What convolves on the implicit path: a kernel's tile, or cuDNN.
-    #[cfg(feature = "cuda")]
-    implicit_engine: super::conv_implicit_cuda::Engine,
+    implicit: Option<(super::conv_implicit_cuda::Engine, Tensor, Tensor)>,
     /// For the cuDNN path (tensor-core math): the weights as its layout wants them (for NCHW
     /// candle's tensor itself) and the layout.
     #[cfg(feature = "cudnn")]
@@ -278,22 +276,16 @@ impl Conv {
         // The engine is asked only where the implicit path may be taken (its warning is about
         // that path).
         #[cfg(feature = "cuda")]
-        let implicit_engine = if size == 3 && paths.conv_implicit && on_cuda_bf16(inner.weight()) {
-            paths.implicit_engine(inner.weight().device())
-        } else {
-            super::conv_implicit_cuda::Engine::Kernel(super::conv_implicit_cuda::Tile::Narrow)
-        };
-        #[cfg(feature = "cuda")]
-        let takes_implicit = size == 3
-            && paths.conv_implicit
-            && on_cuda_bf16(inner.weight())
-            && super::conv_implicit_cuda::takes_channels(in_c, out_c, implicit_engine);
-        #[cfg(feature = "cuda")]
         let implicit = match inner.bias() {
-            Some(bias) if takes_implicit => Some((
-                super::conv_implicit_cuda::weights_for(implicit_engine, inner.weight())?,
-                bias.clone(),
-            )),
+            Some(bias) if size == 3 && paths.conv_implicit && on_cuda_bf16(inner.weight()) => {
+                let engine = paths.implicit_engine(inner.weight().device());
+                if super::conv_implicit_cuda::takes_channels(in_c, out_c, engine) {
+                    let taps = super::conv_implicit_cuda::weights_for(engine, inner.weight())?;
+                    Some((engine, taps, bias.clone()))
+                } else {
+                    None
+                }
+            }
             _ => None,
         };
         #[cfg(feature = "cudnn")]
@@ -318,8 +310,6 @@ impl Conv {
             gemm,
             #[cfg(feature = "cuda")]
             implicit,
-            #[cfg(feature = "cuda")]
-            implicit_engine,
         })
     }
 
@@ -333,7 +323,7 @@ impl Conv {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some((taps, bias)) = &self.implicit {
+        if let Some((engine, taps, bias)) = &self.implicit {
             let input_norm = match norm {
                 Some(n) => n.implicit.as_ref(),
                 None => None,
@@ -343,23 +333,11 @@ impl Conv {
             let norm_fits = norm.is_none() || input_norm.is_some();
             if norm_fits
                 && super::conv_implicit_cuda::supports(
-                    x,
-                    taps,
-                    bias,
-                    upsample,
-                    input_norm,
-                    residual,
-                    self.implicit_engine,
+                    x, taps, bias, upsample, input_norm, residual, *engine,
                 )
             {
                 return super::conv_implicit_cuda::conv3x3(
-                    x,
-                    taps,
-                    bias,
-                    input_norm,
-                    upsample,
-                    residual,
-                    self.implicit_engine,
+                    x, taps, bias, input_norm, upsample, residual, *engine,
                 );
             }
         }
