@@ -79,15 +79,14 @@ fi
 #    - --check with tuning;
 #    - the older variants (other flash kernels, 768x1024, plain GEMMs, plain attention,
 #      candle's stock module).
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=cudnn_nhwc run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_cudnn,cudnn run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,cudnn run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit,gemm run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wide,gemm run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=implicit_wgmma,gemm run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
-HEADSHOT_CONV=cudnn run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
-HEADSHOT_GROUP_NORM=fused run 45 bench gpu --device cuda --vae-only --no-candle-vae --iters 3 --warmup 1
+vae_only=(bench gpu --device cuda --vae-only --iters 3 --warmup 1)
+HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=cudnn run 45 "${vae_only[@]}"
+for conv in cudnn_nhwc implicit_cudnn,cudnn implicit,cudnn implicit,gemm implicit_wide,gemm \
+  implicit_wgmma,gemm; do
+  HEADSHOT_GROUP_NORM=fused HEADSHOT_CONV=$conv run 45 "${vae_only[@]}" --no-candle-vae
+done
+HEADSHOT_CONV=cudnn run 45 "${vae_only[@]}" --no-candle-vae
+HEADSHOT_GROUP_NORM=fused run 45 "${vae_only[@]}" --no-candle-vae
 # The whole decoder at 1024x1024 with each path against candle's f32 ops: the main --check's
 # decoders are small, and a path becomes the default only on its full-size row too.
 HEADSHOT_CHECK_ONLY=decoder_full run 90 bench gpu --device cuda --check
