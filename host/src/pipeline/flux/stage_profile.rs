@@ -137,6 +137,8 @@ mod tests {
             assert!(active());
             for _ in 0..3 {
                 mark("a", &t)?;
+                // Time spent between two marks is booked to the later one.
+                std::thread::sleep(std::time::Duration::from_millis(2));
                 mark("b", &t.flatten_all()?)?;
             }
             Ok(7)
@@ -157,6 +159,8 @@ mod tests {
             ]
         );
         assert!(stages.iter().all(|s| s.ms >= 0.0));
+        // The sleeps are booked to "b", the mark that ends them: at least 6 ms.
+        assert!(stages[1].ms >= 6.0, "{stages:?}");
     }
 
     #[test]
