@@ -706,3 +706,36 @@ fn readable(x: f64) -> String {
         format!("{x:.3e}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_op_is_reported_unsupported_and_the_rows_after_it_still_run() {
+        // A timer that runs the op once and prints a rate, as `run`'s does.
+        let time: &TimeFn = &|out, name, _work, f| {
+            f()?;
+            writeln!(out, "RATE op_{name}: 1 GB/s")?;
+            Ok(())
+        };
+        let mut out = Vec::new();
+        time_or_report(&mut out, time, "refused", Work::Bytes(1.0), &|| {
+            Err(candle_core::Error::Msg("CUDNN_STATUS_NOT_SUPPORTED".into()))
+        })
+        .expect("a failing op is a row, not an error");
+        time_or_report(&mut out, time, "runs", Work::Bytes(1.0), &|| {
+            Tensor::zeros(1, DType::F32, &Device::Cpu)
+        })
+        .expect("a row");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].starts_with("RATE op_refused: unsupported (")
+                && lines[0].contains("NOT_SUPPORTED"),
+            "{text}"
+        );
+        assert_eq!(lines[1], "RATE op_runs: 1 GB/s");
+    }
+}

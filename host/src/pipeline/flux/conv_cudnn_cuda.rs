@@ -861,4 +861,22 @@ mod tests {
         let w = Tensor::zeros((8, 4, 3, 3), DType::BF16, &candle_core::Device::Cpu).expect("w");
         assert!(!supports(&x, &w, CudnnLayout::Nchw));
     }
+
+    #[test]
+    fn the_epilogue_takes_whole_vector_planes_and_a_residual_of_the_output_shape() {
+        let cpu = candle_core::Device::Cpu;
+        let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::BF16, &cpu).expect("zeros");
+        let x = zeros(&[2, 4, 4, 6]);
+        // 24-value planes are whole 16-byte vectors; 3 output channels.
+        assert!(takes_epilogue(&x, 3, None));
+        assert!(takes_epilogue(&x, 3, Some(&zeros(&[2, 3, 4, 6]))));
+        // A residual of another shape, dtype, or not contiguous, is refused.
+        assert!(!takes_epilogue(&x, 3, Some(&zeros(&[2, 4, 4, 6]))));
+        let f32_residual = Tensor::zeros((2, 3, 4, 6), DType::F32, &cpu).expect("zeros");
+        assert!(!takes_epilogue(&x, 3, Some(&f32_residual)));
+        let strided = zeros(&[2, 3, 6, 4]).transpose(2, 3).expect("transpose");
+        assert!(!takes_epilogue(&x, 3, Some(&strided)));
+        // Planes of 5 × 3 = 15 values are not.
+        assert!(!takes_epilogue(&zeros(&[1, 4, 5, 3]), 3, None));
+    }
 }
