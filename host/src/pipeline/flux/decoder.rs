@@ -356,7 +356,7 @@ impl Conv {
         let y = if upsample {
             self.forward_upsampled(x)?
         } else {
-            self.forward(x)?
+            self.forward_plain(x)?
         };
         match residual {
             Some(r) => r + y,
@@ -364,11 +364,13 @@ impl Conv {
         }
     }
 
+    /// The convolution of `x` alone, by whichever path takes it.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cudnn")]
-        if let Some(y) = self.forward_cudnn(x, false, None)? {
-            return Ok(y);
-        }
+        self.forward_with(x, None, false, None)
+    }
+
+    /// The convolution of `x` by the GEMM path where it is on and takes `x`, else candle's.
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some((taps, bias)) = &self.gemm
             && super::conv_gemm_cuda::supports(x, taps, false)
