@@ -15,6 +15,11 @@ use std::path::{Path, PathBuf};
 /// sled's page cache size.
 const CACHE_BYTES: u64 = 16 << 20;
 
+/// How long opening waits for the database's file lock: a worker restarted in the same
+/// process or container can find the previous one's sled still releasing it (sled lets go
+/// from its own threads once the last handle is gone).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The schema this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -64,17 +69,16 @@ pub struct StateDb {
 impl StateDb {
     /// Opens (or creates) the database in `dir` and checks the schema version.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             // sled caches pages up to this size (default 1 GiB): bounded, so resident memory
             // does not grow with the job history.
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|source| StateError::Open {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+            .cache_capacity(CACHE_BYTES);
+        let db = open_waiting_for_lock(&config, LOCK_WAIT).map_err(|source| StateError::Open {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let meta = db.open_tree("meta")?;
         match meta.get("schema_version")? {
             Some(raw) => {
@@ -140,9 +144,50 @@ impl StateDb {
     }
 }
 
+/// `config` opened, retrying for up to `wait` while another handle (a previous worker still
+/// shutting down) holds the file lock; any other error at once.
+fn open_waiting_for_lock(
+    config: &sled::Config,
+    wait: std::time::Duration,
+) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match config.open() {
+            Err(e) if is_lock_contention(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// Whether `e` is sled refusing the file lock another handle holds. sled 0.34 reports it as
+/// an `Other` I/O error with this text, the OS's `WouldBlock` only inside the message.
+fn is_lock_contention(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opening_waits_for_a_previous_handle_to_let_go_of_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = StateDb::open(dir.path()).unwrap();
+        // Without waiting, the lock is refused while the first handle lives.
+        let config = sled::Config::new().path(dir.path());
+        let err = open_waiting_for_lock(&config, std::time::Duration::ZERO).expect_err("locked");
+        assert!(is_lock_contention(&err), "{err}");
+        // Released a moment later, as a worker shutting down releases it.
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(first);
+        });
+        let second = StateDb::open(dir.path());
+        release.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
+    }
 
     #[test]
     fn schema_version_is_written_and_newer_refused() {
