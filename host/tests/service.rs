@@ -188,6 +188,30 @@ async fn a_repeated_job_id_returns_the_recorded_result_without_generating_again(
         .unwrap()
         .collect();
     assert_eq!(files.len(), 1);
+
+    // The same id with another input (another user's job, say) is refused by name on both
+    // routes, and the answer carries nothing of the recorded job.
+    let mut other = input("a dog", 64);
+    other["user_id"] = json!("user-2");
+    for route in ["/v2/local/runsync", "/v2/local/run"] {
+        let resp = c
+            .post(api(&r, route))
+            .json(&json!({ "id": "order-42", "input": other }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 422, "{route}");
+        let text = resp.text().await.unwrap();
+        let err: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(err["error_type"], "validation_error", "{err}");
+        assert_eq!(err["details"]["fields"][0]["field"], "/id", "{err}");
+        assert_eq!(err["details"]["fields"][0]["code"], "id_reused", "{err}");
+        for recorded in ["user-1", "a chef", "png", "sig="] {
+            assert!(!text.contains(recorded), "{route} leaks {recorded}: {text}");
+        }
+    }
+    let job: Value = get_admin_json(&c, admin(&r, "/admin/jobs/order-42")).await;
+    assert_eq!(job["job"]["input"]["prompt"], "a chef", "{job}");
     r.shutdown().await;
 }
 

@@ -57,7 +57,7 @@ pub fn local_api() -> Value {
             "RunRequest": {
                 "type": "object", "required": ["input"], "additionalProperties": false,
                 "properties": {
-                    "id": { "type": "string", "description": "idempotency key; a repeated id returns the recorded job" },
+                    "id": { "type": "string", "description": "idempotency key; a repeated id with the same input returns the recorded job, with another input it is refused (422, /id)" },
                     "input": { "type": "object", "required": ["prompt", "user_id"], "additionalProperties": false, "properties": {
                         "prompt": { "type": "string" }, "user_id": { "type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]*$" },
                         "style": { "type": "string" }, "width": { "type": "integer", "multipleOf": 16 }, "height": { "type": "integer", "multipleOf": 16 },

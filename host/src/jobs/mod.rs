@@ -54,6 +54,26 @@ impl Submitted {
     }
 }
 
+/// A repeated id answers with its recorded job only when it carries the same input: an id
+/// reused for another request (another user's, say) would otherwise hand that caller the first
+/// job's images and signed URLs. The error names neither the first job's input nor its user.
+fn reused(existing: JobRecord, input: &Value) -> Result<Submitted, ErrorResponse> {
+    if existing.input == *input {
+        return Ok(Submitted::Existing(existing));
+    }
+    Err(ErrorResponse::validation(
+        "this job id was already used for a different input",
+        &[FieldError::new(
+            "/id",
+            "id_reused",
+            format!(
+                "job `{}` exists with another input; a repeated id must carry the same input (it is an idempotency key), or leave `id` out for a new job",
+                existing.id
+            ),
+        )],
+    ))
+}
+
 /// Job counts in Runpod's `/health` shape.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Counts {
@@ -421,7 +441,7 @@ impl JobService {
             None => new_job_id(),
         };
         if let Some(existing) = i.jobs.get(&id).map_err(internal)? {
-            return Ok(Submitted::Existing(existing));
+            return reused(existing, &input);
         }
         if i.queued.load(Ordering::Acquire) >= i.config.jobs.queue_capacity {
             return Err(ErrorResponse::new(
@@ -433,8 +453,10 @@ impl JobService {
                 json!({ "retry_after_ms": 1000 }),
             ));
         }
+        // Kept to compare with a record that a concurrent submission of this id stored first.
+        let submitted = input.clone();
         match i.jobs.accept(&id, input, now_ms()).map_err(internal)? {
-            Err(existing) => Ok(Submitted::Existing(existing)),
+            Err(existing) => reused(existing, &submitted),
             Ok(record) => {
                 i.live.entry(&id);
                 i.queued.fetch_add(1, Ordering::AcqRel);
