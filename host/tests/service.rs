@@ -304,6 +304,21 @@ async fn bad_input_gets_field_level_errors_and_nothing_reaches_storage() {
     let resp = c.get(api(&r, "/nope")).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     assert!(resp.json::<Value>().await.unwrap()["message"].is_string());
+    // A malformed query string and a wrong method get the JSON error too, not axum's text.
+    let resp = c
+        .post(api(&r, "/v2/local/runsync?wait=abc"))
+        .json(&json!({ "input": input("a portrait", 64) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["details"]["fields"][0]["field"], "?wait", "{err}");
+    let resp = c.get(api(&r, "/v2/local/run")).send().await.unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "POST");
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error_type"], "validation_error", "{err}");
     let resp = c
         .get(api(&r, "/v2/local/status/unknown-id"))
         .send()
@@ -331,6 +346,7 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
         ("POST", "/admin/breakers/storage/force-open"),
         ("GET", "/admin/model"),
         ("POST", "/admin/model/reload"),
+        ("GET", "/admin/resources"),
         ("GET", "/metrics"),
         ("GET", "/openapi.json"),
         ("GET", "/no-such-route"),
@@ -373,6 +389,48 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
     .await;
     assert_eq!(rest["jobs"].as_array().unwrap().len(), 2);
     assert!(rest["next_cursor"].is_null());
+    // A cursor the API did not hand out, an unknown or malformed parameter, or a wrong method
+    // is a JSON 422/405 naming it, not a first page, an empty one, or axum's plain text.
+    for (query, field) in [
+        ("cursor=zz", "?cursor"),
+        ("cursor=00", "?cursor"),
+        ("cursor=", "?cursor"),
+        ("limit=abc", "?limit"),
+        ("since_ms=-1", "?since_ms"),
+    ] {
+        let resp = c
+            .get(admin(&r, &format!("/admin/jobs?{query}")))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 422, "{query}");
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(
+            err["details"]["fields"][0]["field"], field,
+            "{query}: {err}"
+        );
+    }
+    let resp = c
+        .get(admin(&r, "/admin/jobs?foo=bar"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let err: Value = resp.json().await.unwrap();
+    assert!(err["message"].as_str().unwrap().contains("foo"), "{err}");
+    let resp = c
+        .get(admin(&r, "/admin/breakers/storage/reset"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error_type"],
+        "validation_error"
+    );
     let bobs = get_admin_json(&c, admin(&r, "/admin/jobs?user_id=bob")).await;
     assert_eq!(bobs["jobs"].as_array().unwrap().len(), 3);
     let failed = get_admin_json(&c, admin(&r, "/admin/jobs?status=FAILED")).await;
@@ -519,7 +577,24 @@ async fn base64_output_and_openapi_documents() {
     let doc: Value = get_json(&c, api(&r, "/openapi.json")).await;
     assert!(doc["paths"]["/v2/{endpoint}/runsync"].is_object());
     let doc: Value = get_admin_json(&c, admin(&r, "/openapi.json")).await;
-    assert!(doc["paths"]["/admin/policies"].is_object());
+    // Every route of the admin router (admin.rs) is documented.
+    for path in [
+        "/admin/policies",
+        "/admin/policies/{kind}",
+        "/admin/policies/{kind}/history",
+        "/admin/policies/{kind}/activate/{sha256}",
+        "/admin/policies/{kind}/rollback",
+        "/admin/jobs",
+        "/admin/jobs/{id}",
+        "/admin/breakers",
+        "/admin/breakers/{name}/reset",
+        "/admin/breakers/{name}/force-open",
+        "/admin/model",
+        "/admin/model/reload",
+        "/admin/resources",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} is not in {doc}");
+    }
     let ready = c.get(api(&r, "/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     r.shutdown().await;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use fake_supabase::{BUCKET, FakeSupabase, Fault, SERVICE_JWT};
 use headshot_host::config::{Config, StorageBackend};
 use headshot_plugin_sdk::rules::retry::Jitter;
-use serde_json::Value;
+use serde_json::{Value, json};
 use support::*;
 
 fn config(dir: &std::path::Path, fake: &FakeSupabase) -> Config {
@@ -137,8 +137,49 @@ async fn a_reset_breaker_lets_jobs_through_once_storage_recovers() {
         .unwrap();
     assert!(forced.status().is_success());
     let v = runsync(&c, &r, "refused while forced open").await;
-    assert_eq!(job_error(&v)["error_type"], "circuit_open", "{v}");
+    let err = job_error(&v);
+    assert_eq!(err["error_type"], "circuit_open", "{v}");
+    assert_eq!(err["details"]["forced_open"], true, "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("/admin/breakers/storage/reset"),
+        "{err}"
+    );
     assert_eq!(fake.uploads_received(), 0);
+    // Storage answers its health check, but no job can store: not ready.
+    let ready = c.get(api(&r, "/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["storage"]["ok"], false, "{ready}");
+    assert_eq!(ready["storage"]["breaker"], "forced_open", "{ready}");
+
+    // Only the worker's own breakers can be forced or reset: a mistyped name is a 404 naming
+    // them, and creates nothing.
+    for action in ["force-open", "reset"] {
+        let resp = c
+            .post(admin(&r, &format!("/admin/breakers/storge/{action}")))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{action}");
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(
+            err["details"]["breakers"],
+            json!(["storage", "model"]),
+            "{err}"
+        );
+    }
+    let listed = get_admin_json(&c, admin(&r, "/admin/breakers")).await;
+    let names: Vec<&str> = listed["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["storage", "model"], "{listed}");
     let reset = c
         .post(admin(&r, "/admin/breakers/storage/reset"))
         .bearer_auth(ADMIN_TOKEN)
@@ -146,6 +187,8 @@ async fn a_reset_breaker_lets_jobs_through_once_storage_recovers() {
         .await
         .unwrap();
     assert!(reset.status().is_success());
+    let ready = c.get(api(&r, "/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
     let v = runsync(&c, &r, "accepted after the reset").await;
     assert_eq!(v["status"], "COMPLETED", "{v}");
     assert_eq!(fake.objects_stored(), 1);

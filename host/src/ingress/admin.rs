@@ -3,7 +3,7 @@
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -11,12 +11,13 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::reply::{ApiError, json_error, no_route, read_body};
+use super::reply::{ApiError, JsonQuery, json_error, no_route, read_body, wrong_method};
 use crate::error::{ErrorResponse, ErrorType};
-use crate::jobs::JobService;
 use crate::jobs::upload;
+use crate::jobs::{BREAKERS, JobService};
 use crate::policy::{PolicyKind, UploadError};
 use crate::state::{JobFilter, JobStatus};
+use headshot_plugin_sdk::rules::request::FieldError;
 
 /// Shared state of the admin API.
 #[derive(Clone)]
@@ -53,6 +54,7 @@ pub fn router(state: AdminState) -> Router {
             get(|| async { axum::Json(super::openapi::admin_api()) }),
         )
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
@@ -147,6 +149,7 @@ async fn policies(State(s): State<AdminState>) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UploadQuery {
     activate: Option<bool>,
 }
@@ -154,7 +157,7 @@ struct UploadQuery {
 async fn upload_policy(
     State(s): State<AdminState>,
     Path(raw): Path<String>,
-    Query(q): Query<UploadQuery>,
+    JsonQuery(q): JsonQuery<UploadQuery>,
     body: Body,
 ) -> Response {
     let kind = match kind(&raw) {
@@ -244,6 +247,7 @@ async fn rollback(State(s): State<AdminState>, Path(raw): Path<String>) -> Respo
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct JobsQuery {
     status: Option<String>,
     user_id: Option<String>,
@@ -253,7 +257,7 @@ struct JobsQuery {
     limit: Option<usize>,
 }
 
-async fn jobs(State(s): State<AdminState>, Query(q): Query<JobsQuery>) -> Response {
+async fn jobs(State(s): State<AdminState>, JsonQuery(q): JsonQuery<JobsQuery>) -> Response {
     let status = match q.status.as_deref().map(|v| JobStatus::parse(v).ok_or(v)) {
         None => None,
         Some(Ok(st)) => Some(st),
@@ -271,6 +275,21 @@ async fn jobs(State(s): State<AdminState>, Query(q): Query<JobsQuery>) -> Respon
             ErrorType::ValidationError,
             format!("limit must be between 1 and 1000, got {limit}"),
         )
+        .into_response();
+    }
+    if let Some(cursor) = q.cursor.as_deref()
+        && !crate::state::cursor_is_valid(cursor)
+    {
+        // Read as "from the start" or "past the end", a mistyped cursor would page wrongly
+        // without a word.
+        return ApiError(ErrorResponse::validation(
+            "invalid cursor",
+            &[FieldError::new(
+                "?cursor",
+                "invalid",
+                "pass the `next_cursor` of the previous page as it came",
+            )],
+        ))
         .into_response();
     }
     let filter = JobFilter {
@@ -301,7 +320,7 @@ async fn job(State(s): State<AdminState>, Path(id): Path<String>) -> Response {
 
 async fn breakers(State(s): State<AdminState>) -> Response {
     let cfg = s.service.registry().settings().resilience.breaker.clone();
-    match s.service.breakers().all() {
+    match s.service.breakers().named(&BREAKERS) {
         Ok(all) => {
             let now = upload::now_ms();
             let list: Vec<_> = all
@@ -318,15 +337,24 @@ async fn breakers(State(s): State<AdminState>) -> Response {
 }
 
 fn breaker_name(name: &str) -> Result<(), Response> {
-    if headshot_plugin_sdk::rules::request::user_id_is_safe(name, 64) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            ErrorType::ValidationError,
-            "breaker names use [A-Za-z0-9_-]",
-        )
-        .into_response())
+    if BREAKERS.contains(&name) {
+        return Ok(());
     }
+    let mut shown: String = name.chars().take(64).collect();
+    if shown.len() < name.len() {
+        shown.push('…');
+    }
+    Err(json_error(
+        StatusCode::NOT_FOUND,
+        ErrorResponse::new(
+            ErrorType::ValidationError,
+            format!(
+                "no breaker named `{shown}`; the breakers are {}",
+                BREAKERS.join(", ")
+            ),
+            json!({ "breakers": BREAKERS }),
+        ),
+    ))
 }
 
 async fn breaker_reset(State(s): State<AdminState>, Path(name): Path<String>) -> Response {

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::reply::{ApiError, json_error, no_route, read_body};
+use super::reply::{ApiError, JsonQuery, json_error, no_route, read_body, wrong_method};
 use crate::error::{ErrorResponse, ErrorType};
 use crate::jobs::{JobService, Submitted};
 use crate::state::{JobRecord, JobStatus};
@@ -48,6 +48,7 @@ pub fn router(state: ApiState) -> Router {
             get(|| async { axum::Json(super::openapi::local_api()) }),
         )
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
 }
 
@@ -189,7 +190,7 @@ struct WaitQuery {
 async fn runsync(
     State(state): State<ApiState>,
     Path(ep): Path<String>,
-    q: Query<WaitQuery>,
+    q: JsonQuery<WaitQuery>,
     body: Body,
 ) -> Response {
     if let Err(r) = check_endpoint(&state, &ep) {
@@ -200,7 +201,7 @@ async fn runsync(
 
 async fn runsync_plain(
     State(state): State<ApiState>,
-    Query(q): Query<WaitQuery>,
+    JsonQuery(q): JsonQuery<WaitQuery>,
     body: Body,
 ) -> Response {
     let submitted = match submit(&state, body).await {
@@ -319,7 +320,7 @@ struct Signed {
 async fn file(
     State(state): State<ApiState>,
     Path((user, job, file)): Path<(String, String, String)>,
-    Query(q): Query<Signed>,
+    JsonQuery(q): JsonQuery<Signed>,
 ) -> Response {
     let Store::Local(local) = state.service.store().as_ref() else {
         return ApiError::not_found("file (images are stored in Supabase)");
@@ -371,6 +372,23 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     if let Err(e) = &storage {
         problems.push(format!("storage: {e}"));
     }
+    // Storage may answer its health check while an operator keeps its breaker forced open:
+    // every job would still fail, so the worker is not ready.
+    let breaker = state
+        .service
+        .breakers()
+        .get(crate::jobs::upload::STORAGE_BREAKER)
+        .map(|b| b.state);
+    let forced_open = matches!(
+        breaker,
+        Ok(headshot_plugin_sdk::rules::breaker::State::ForcedOpen)
+    );
+    if forced_open {
+        problems.push(
+            "storage: its circuit breaker is forced open (POST /admin/breakers/storage/reset)"
+                .into(),
+        );
+    }
     if let Err(e) = &policies {
         problems.push(format!("policies: {e}"));
     }
@@ -378,7 +396,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         "ready": problems.is_empty(),
         "problems": problems,
         "model": { "loaded": model.loaded, "busy": model.busy, "last_error": model.last_error, "load_failures": model.load_failures },
-        "storage": { "backend": state.service.store().name(), "ok": storage.is_ok() },
+        "storage": { "backend": state.service.store().name(), "ok": storage.is_ok() && !forced_open, "breaker": breaker.ok() },
         "policies": policies.unwrap_or_default(),
         "queue": { "waiting": state.service.queued() },
         "resources": state.service.monitor().read(),

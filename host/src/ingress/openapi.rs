@@ -91,11 +91,12 @@ pub fn admin_api() -> Value {
             "/admin/policies/{kind}/rollback": { "post": secured("Return to the previous version") },
             "/admin/jobs": { "get": secured("Job history: ?status=&user_id=&since_ms=&until_ms=&cursor=&limit=") },
             "/admin/jobs/{id}": { "get": secured("One job with timings, policies used and error") },
-            "/admin/breakers": { "get": secured("Circuit breakers") },
-            "/admin/breakers/{name}/reset": { "post": secured("Close a breaker") },
-            "/admin/breakers/{name}/force-open": { "post": secured("Hold a breaker open until reset") },
+            "/admin/breakers": { "get": secured("Circuit breakers: storage and model") },
+            "/admin/breakers/{name}/reset": { "post": secured("Close a breaker (storage or model; another name is 404)") },
+            "/admin/breakers/{name}/force-open": { "post": secured("Hold a breaker open until reset (storage or model; another name is 404)") },
             "/admin/model": { "get": secured("Model state") },
             "/admin/model/reload": { "post": secured("Reload the model") },
+            "/admin/resources": { "get": secured("GPU and system memory readings") },
             "/metrics": { "get": secured("Prometheus metrics") }
         },
         "components": {

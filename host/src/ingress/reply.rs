@@ -1,8 +1,12 @@
 //! Turning results and errors into HTTP responses: every error is the JSON `ErrorResponse`
 //! with the status its category maps to.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use headshot_plugin_sdk::rules::request::FieldError;
+use serde::de::DeserializeOwned;
 
 use crate::error::{ErrorResponse, ErrorType};
 
@@ -90,4 +94,92 @@ pub async fn no_route(uri: axum::http::Uri) -> Response {
             serde_json::Value::Null,
         ),
     )
+}
+
+/// 405 for a route that exists under other methods, as JSON (axum adds the `Allow` header).
+pub async fn wrong_method(method: Method, uri: Uri) -> Response {
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorResponse::new(
+            ErrorType::ValidationError,
+            format!(
+                "{method} is not allowed on {} (the Allow header lists what is)",
+                uri.path()
+            ),
+            serde_json::Value::Null,
+        ),
+    )
+}
+
+/// A query string read into `T`. axum's own `Query` answers a malformed one with a plain-text
+/// 400; every error of this worker is the JSON `ErrorResponse`, so this one is a 422 naming the
+/// parameter (as `?name` in `details.fields`) and what is wrong with it.
+pub struct JsonQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for JsonQuery<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(query_error(&rejection.body_text())),
+        }
+    }
+}
+
+/// The 422 for a query string serde could not read: `text` is axum's message, such as
+/// "Failed to deserialize query string: wait: invalid digit found in string".
+fn query_error(text: &str) -> Response {
+    let detail = text
+        .strip_prefix("Failed to deserialize query string: ")
+        .unwrap_or(text);
+    let named = detail.split_once(": ").filter(|(name, _)| {
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    });
+    let fields = match named {
+        Some((name, problem)) => vec![FieldError::new(format!("?{name}"), "invalid", problem)],
+        None => Vec::new(),
+    };
+    json_error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorResponse::validation(format!("invalid query string: {detail}"), &fields),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_of(resp: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_malformed_query_names_its_parameter_and_an_unreadable_one_says_why() {
+        let resp =
+            query_error("Failed to deserialize query string: wait: invalid digit found in string");
+        assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body = body_of(resp).await;
+        assert_eq!(body["error_type"], "validation_error");
+        assert_eq!(body["details"]["fields"][0]["field"], "?wait", "{body}");
+        assert_eq!(
+            body["details"]["fields"][0]["message"],
+            "invalid digit found in string"
+        );
+        let body = body_of(query_error(
+            "Failed to deserialize query string: unknown field `foo`, expected `status` or `limit`",
+        ))
+        .await;
+        assert_eq!(body["details"]["fields"], serde_json::json!([]), "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown field `foo`"),
+            "{body}"
+        );
+    }
 }

@@ -366,7 +366,10 @@ pub fn metrics_text(service: &JobService) -> String {
         );
     }
 
-    let breakers = service.breakers().all().unwrap_or_default();
+    let breakers = service
+        .breakers()
+        .named(&crate::jobs::BREAKERS)
+        .unwrap_or_default();
     let open = breakers.iter().map(|(name, b)| {
         use headshot_plugin_sdk::rules::breaker::State;
         let open = matches!(b.state, State::Open | State::ForcedOpen);

@@ -157,6 +157,10 @@ impl JobMetrics {
 /// Name of the model-loading breaker in the `breakers` tree.
 pub const MODEL_BREAKER: &str = "model";
 
+/// Every breaker the worker consults. The admin API resets or forces open only these: a
+/// mistyped name must be an error, not a new breaker that nothing reads.
+pub const BREAKERS: [&str; 2] = [upload::STORAGE_BREAKER, MODEL_BREAKER];
+
 /// The job service; cheap to clone.
 #[derive(Clone)]
 pub struct JobService {

@@ -43,10 +43,20 @@ pub fn admit(
             if next != current {
                 breakers.put_durable(name, &next).map_err(internal)?;
             }
+            // A breaker an operator forced open stays open until they reset it: saying "try
+            // again in N ms" alone would promise a recovery that no wait brings.
+            let forced = current.state == headshot_plugin_sdk::rules::breaker::State::ForcedOpen;
+            let message = if forced {
+                format!(
+                    "the {name} circuit breaker was forced open by an operator and stays open until POST /admin/breakers/{name}/reset"
+                )
+            } else {
+                format!("the {name} circuit breaker is open; try again in {retry_after_ms} ms")
+            };
             Err(ErrorResponse::new(
                 ErrorType::CircuitOpen,
-                format!("the {name} circuit breaker is open; try again in {retry_after_ms} ms"),
-                serde_json::json!({ "breaker": name, "retry_after_ms": retry_after_ms }),
+                message,
+                serde_json::json!({ "breaker": name, "forced_open": forced, "retry_after_ms": retry_after_ms }),
             ))
         }
         Err(failure) => Err(ErrorResponse::new(

@@ -343,6 +343,11 @@ fn encode_cursor(key: &[u8]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Whether `s` is a cursor `list` handed out: hex of a creation time and a job id.
+pub fn cursor_is_valid(s: &str) -> bool {
+    decode_cursor(s).is_some_and(|key| key.len() > 8 && std::str::from_utf8(&key[8..]).is_ok())
+}
+
 fn decode_cursor(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) || s.len() > 2048 {
         return None;
