@@ -47,12 +47,12 @@ fn is_freeform(prefix: &str) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file could not be read.
-    #[error("reading config file {}: {source}", path.display())]
+    #[error("reading config file {}: {error}", path.display())]
     Read {
         /// The file given with `--config`.
         path: PathBuf,
-        /// The I/O failure.
-        source: std::io::Error,
+        /// The I/O failure (in the message, not a `source`: an error chain would print it twice).
+        error: std::io::Error,
     },
     /// The config file is not valid TOML.
     #[error("config file {origin} is not valid TOML: {message}")]
@@ -87,6 +87,17 @@ pub enum ConfigError {
     Invalid {
         /// Dotted key path.
         key: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+    /// As `Invalid`, for a key a file or environment variable set: naming which one saves the
+    /// operator a search through every layer.
+    #[error("config key `{key}` (from {origin}): {message}")]
+    InvalidFrom {
+        /// Dotted key path.
+        key: String,
+        /// File or environment variable it came from.
+        origin: String,
         /// What is wrong and what is allowed.
         message: String,
     },
@@ -401,9 +412,9 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let file_layer = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.to_path_buf(),
-                    source,
+                    error,
                 })?;
                 Some((text, path.display().to_string()))
             }
@@ -421,9 +432,11 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut merged = parse_table(DEFAULT_TOML, "config/default.toml")?;
+        // Which layer set each key last, for errors found after the merge.
+        let mut origins = Origins::new();
         if let Some((text, origin)) = file {
             let layer = parse_table(text, origin)?;
-            merge_into(&mut merged, layer, "", origin)?;
+            merge_into(&mut merged, layer, "", origin, &mut origins)?;
         }
         // Well-known names (SUPABASE_URL, ...) first, so HEADSHOT__* overrides them.
         let mut env: Vec<(String, String)> = env.into_iter().collect();
@@ -449,14 +462,12 @@ impl Config {
                 layer,
                 "",
                 &format!("environment variable {name}"),
+                &mut origins,
             )?;
         }
-        let config =
-            Config::deserialize(Value::Table(merged)).map_err(|e| ConfigError::Invalid {
-                key: "(config)".into(),
-                message: e.to_string(),
-            })?;
-        config.validate()?;
+        let config = Config::deserialize(Value::Table(merged))
+            .map_err(|e| deserialize_error(&e.to_string(), &origins))?;
+        config.validate().map_err(|e| with_origin(e, &origins))?;
         Ok(config)
     }
 
@@ -746,12 +757,55 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// Dotted key → the file or environment variable that set it last.
+type Origins = BTreeMap<String, String>;
+
+/// A value serde refused after the merge (an unknown enum variant, a port past 65535). toml
+/// ends its message with "in `dotted.key`" (after a space or a newline); the key and the layer
+/// that set it are named.
+fn deserialize_error(message: &str, origins: &Origins) -> ConfigError {
+    let located = message
+        .trim_end()
+        .rsplit_once("in `")
+        .filter(|(what, _)| what.ends_with(char::is_whitespace))
+        .and_then(|(what, rest)| Some((what.trim_end(), rest.strip_suffix('`')?)));
+    match located {
+        Some((what, key)) => with_origin(
+            ConfigError::Invalid {
+                key: key.into(),
+                message: what.into(),
+            },
+            origins,
+        ),
+        None => ConfigError::Invalid {
+            key: "(config)".into(),
+            message: message.into(),
+        },
+    }
+}
+
+/// Names the layer that set an invalid key, when one did (a default has no layer to name).
+fn with_origin(error: ConfigError, origins: &Origins) -> ConfigError {
+    match error {
+        ConfigError::Invalid { key, message } => match origins.get(&key) {
+            Some(origin) => ConfigError::InvalidFrom {
+                key,
+                origin: origin.clone(),
+                message,
+            },
+            None => ConfigError::Invalid { key, message },
+        },
+        other => other,
+    }
+}
+
 /// Overlays `over` onto `base`, refusing unknown keys and type changes.
 fn merge_into(
     base: &mut Table,
     over: Table,
     prefix: &str,
     origin: &str,
+    origins: &mut Origins,
 ) -> Result<(), ConfigError> {
     let freeform = is_freeform(prefix);
     for (k, v) in over {
@@ -762,6 +816,7 @@ fn merge_into(
         };
         match base.get_mut(&k) {
             None if freeform => {
+                origins.insert(key, origin.into());
                 base.insert(k, v);
             }
             None => {
@@ -771,9 +826,13 @@ fn merge_into(
                 });
             }
             Some(slot) => match (slot, v) {
-                (Value::Table(b), Value::Table(o)) => merge_into(b, o, &key, origin)?,
-                (slot @ Value::Float(_), Value::Integer(i)) => *slot = Value::Float(i as f64),
+                (Value::Table(b), Value::Table(o)) => merge_into(b, o, &key, origin, origins)?,
+                (slot @ Value::Float(_), Value::Integer(i)) => {
+                    origins.insert(key, origin.into());
+                    *slot = Value::Float(i as f64)
+                }
                 (slot, v) if std::mem::discriminant(slot) == std::mem::discriminant(&v) => {
+                    origins.insert(key, origin.into());
                     *slot = v
                 }
                 (slot, v) => {
@@ -937,6 +996,48 @@ mod tests {
             e.contains("model.max_width") && e.contains("integer"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn values_refused_after_the_merge_name_their_key_and_the_layer_that_set_them() {
+        let cases = [
+            ("HEADSHOT__JOBS__ON_RESTART", "maybe", "`jobs.on_restart`"),
+            ("HEADSHOT__SERVER__PORT", "70000", "`server.port`"),
+            (
+                "HEADSHOT__SERVER__ADMIN_TOKEN",
+                "short",
+                "`server.admin_token`",
+            ),
+        ];
+        for (var, value, key) in cases {
+            let e = Config::from_layers(None, env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(key) && e.contains(&format!("environment variable {var}")),
+                "{var}: {e}"
+            );
+        }
+        let e = Config::from_layers(
+            Some(("[jobs]\non_restart = \"maybe\"\n", "f.toml")),
+            env(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`jobs.on_restart` (from f.toml)"), "{e}");
+        // A relation between a set key and a default names the set one's layer only where
+        // the blamed key was set.
+        let e = Config::from_layers(None, env(&[("HEADSHOT__MODEL__MIN_SIZE", "2000")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.min_size (2000)"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_config_file_says_why_once() {
+        let e = Config::load(Some(Path::new("/nonexistent/headshot.toml")), env(&[])).unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chain.matches("os error 2").count(), 1, "{chain}");
     }
 
     #[test]

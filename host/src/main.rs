@@ -86,6 +86,10 @@ struct WorkerArgs {
     /// Local API port with --rp_serve_api.
     #[arg(long = "rp_api_port", alias = "rp-api-port")]
     rp_api_port: Option<u16>,
+    /// Admin API port with --rp_serve_api, which serves the admin API too (0 = any free
+    /// port); overrides server.admin_port.
+    #[arg(long = "admin-port", alias = "admin_port", requires = "rp_serve_api")]
+    admin_port: Option<u16>,
 }
 
 #[derive(Args)]
@@ -358,7 +362,7 @@ fn worker(config: Config, args: WorkerArgs) -> Result<()> {
         let serve_args = ServeArgs {
             host: args.rp_api_host,
             port: args.rp_api_port,
-            admin_port: None,
+            admin_port: args.admin_port,
         };
         return serve(config, serve_args);
     }

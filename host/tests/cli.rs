@@ -140,6 +140,65 @@ fn bad_input_fails_with_the_field_named_and_nothing_written() {
 }
 
 #[test]
+fn a_busy_port_is_named_once_with_the_flags_that_move_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let out = headshot(tmp.path(), &["serve", "--port", &port, "--admin-port", "0"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(err.contains("--rp_api_port / --admin-port"), "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+}
+
+#[test]
+fn worker_serving_the_local_api_takes_an_admin_port_too() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_headshot"))
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .args([
+            "worker",
+            "--rp_serve_api",
+            "--rp_api_port",
+            "0",
+            "--admin-port",
+            "0",
+        ])
+        .env("HEADSHOT_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let admin = v["admin"].as_str().unwrap_or_else(|| panic!("{v}"));
+    assert!(!admin.ends_with(":8001"), "--admin-port 0 was ignored: {v}");
+    // Without --rp_serve_api there is no admin API to move: the flag is refused, not ignored.
+    let out = headshot(
+        tmp.path(),
+        &["worker", "--admin-port", "0", "--test-input", "{}"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--rp_serve_api"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn config_errors_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_headshot"))

@@ -20,24 +20,24 @@ use crate::storage::{LocalStore, Store, SupabaseStore};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Data dir, token file, key file.
-    #[error("{what} ({}): {source}", path.display())]
+    #[error("{what} ({}): {error}", path.display())]
     Io {
         /// What was being done.
         what: &'static str,
         /// The path involved.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not a `source`: an error chain would print it twice).
+        error: std::io::Error,
     },
     /// A port could not be bound.
     #[error(
-        "cannot listen on {addr}: {source} (change server.port / server.admin_port or use --port/--admin-port)"
+        "cannot listen on {addr}: {error} (set server.port / server.admin_port, or the command's --port / --admin-port; `worker --rp_serve_api` takes --rp_api_port / --admin-port)"
     )]
     Bind {
         /// Address.
         addr: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a `source`, as above).
+        error: std::io::Error,
     },
     /// Anything else, with its message.
     #[error("{0}")]
@@ -76,10 +76,10 @@ impl Running {
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServeError + 'a {
-    move |source| ServeError::Io {
+    move |error| ServeError::Io {
         what,
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -189,13 +189,13 @@ async fn bind(
     let addr = format!("{host}:{port}");
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
-        .map_err(|source| ServeError::Bind {
+        .map_err(|error| ServeError::Bind {
             addr: addr.clone(),
-            source,
+            error,
         })?;
     let local = listener
         .local_addr()
-        .map_err(|source| ServeError::Bind { addr, source })?;
+        .map_err(|error| ServeError::Bind { addr, error })?;
     Ok((listener, local))
 }
 
