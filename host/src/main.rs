@@ -466,10 +466,26 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once. The library's errors put their cause in their
+/// own message (`{0}`, `{source}`) so they read whole wherever they are shown; anyhow's `{:#}`
+/// appends every cause again, which printed "(os error 2): No such file or directory (os
+/// error 2)". A cause whose text the message already holds is left out.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -565,5 +581,23 @@ fn run(cli: Cli) -> Result<()> {
             bench::gpu(&opts, &mut std::io::stdout())?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("opening the state database: {0}")]
+    struct Embeds(#[from] std::io::Error);
+
+    #[test]
+    fn each_cause_is_said_once_and_a_context_keeps_its_cause() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::from(Embeds(io()));
+        assert_eq!(describe(&e), "opening the state database: no such file");
+        let e = anyhow::Error::from(io()).context("reading weights");
+        assert_eq!(describe(&e), "reading weights: no such file");
     }
 }
