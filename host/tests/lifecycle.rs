@@ -39,11 +39,12 @@ async fn a_model_that_fails_twice_then_loads_becomes_ready_without_a_restart() {
             assert!(problems.contains("model"), "{problems}");
             // While it is down, jobs fail fast and say why.
             let job: Value = runsync(&c, &server, "early").await;
-            assert_eq!(
-                job_error(&job)["error_type"],
-                "initialization_error",
-                "{job}"
-            );
+            let err = job_error(&job);
+            assert_eq!(err["error_type"], "initialization_error", "{job}");
+            // The retry-after is the supervisor's next try (150 ms away here, floored at a
+            // second), not a fixed guess.
+            let after = err["details"]["retry_after_ms"].as_u64().unwrap();
+            assert!((1..=1000).contains(&after), "{err}");
             break;
         }
         assert!(
@@ -110,5 +111,50 @@ async fn a_model_that_never_loads_leaves_the_worker_up_and_saying_why() {
             .status(),
         200
     );
+    server.shutdown().await;
+}
+
+/// A device this binary cannot drive is a configuration error: jobs say so and that retrying
+/// cannot help, and the worker stops trying to load (it stays up for the operator to see why).
+#[cfg(not(feature = "cuda"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_the_binary_cannot_drive_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.model.device = "cuda".parse().unwrap();
+    cfg.model.load = LoadMode::Eager;
+    cfg.model.load_attempts = 1;
+    let r = &mut cfg.policies.resilience.retry;
+    r.initial_delay_ms = 20;
+    r.max_delay_ms = 20;
+    r.jitter = Jitter::None;
+    r.max_attempts = 50;
+    let server = serve(cfg).await;
+    let c = client();
+    let failures = || async {
+        let v: Value = get_json(&c, api(&server, "/readyz")).await;
+        v["model"]["load_failures"].as_u64().unwrap_or(0)
+    };
+    let start = Instant::now();
+    while failures().await == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the load never failed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let job: Value = runsync(&c, &server, "on a GPU, please").await;
+    let err = job_error(&job);
+    assert_eq!(err["error_type"], "initialization_error", "{err}");
+    assert_eq!(err["retryable"], false, "{err}");
+    assert_eq!(err["details"]["permanent"], true, "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("without CUDA"),
+        "{err}"
+    );
+    // With 20 ms between tries, a retrying supervisor would have failed many more times; the
+    // job's own load attempt adds one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(failures().await <= 2, "the load was retried");
     server.shutdown().await;
 }

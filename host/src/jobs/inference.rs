@@ -16,9 +16,15 @@ use crate::pipeline::{
 /// Why the inference thread could not produce images.
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
-    /// The model could not be loaded; the next job tries again.
-    #[error("the model could not be loaded: {0}")]
-    Load(String),
+    /// The model could not be loaded; the next job tries again unless `permanent` (a device
+    /// this binary cannot drive): then only another configuration or binary helps.
+    #[error("the model could not be loaded: {message}")]
+    Load {
+        /// The load error with its causes.
+        message: String,
+        /// No retry can succeed with this configuration and binary.
+        permanent: bool,
+    },
     /// Generation failed (or was cancelled).
     #[error(transparent)]
     Generate(#[from] GenerateError),
@@ -174,7 +180,10 @@ fn ensure_loaded(
                 s.last_error = Some(msg.clone());
                 s.load_failures += 1;
             });
-            Err(InferError::Load(msg))
+            Err(InferError::Load {
+                message: msg,
+                permanent: e.is_permanent(),
+            })
         }
     }
 }

@@ -110,6 +110,9 @@ struct Inner {
     dispatcher: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     monitor: Arc<Monitor>,
     supervising: std::sync::atomic::AtomicBool,
+    /// When the supervisor tries loading again (Unix ms; 0 before its first wait): the
+    /// retry-after a job refused meanwhile is told.
+    next_load_ms: std::sync::atomic::AtomicU64,
     metrics: JobMetrics,
 }
 
@@ -227,6 +230,7 @@ impl JobService {
                 dispatcher: std::sync::Mutex::new(None),
                 monitor,
                 supervising: std::sync::atomic::AtomicBool::new(false),
+                next_load_ms: std::sync::atomic::AtomicU64::new(0),
                 metrics: JobMetrics::default(),
             }),
         };
@@ -268,6 +272,7 @@ impl JobService {
                 (0u32, 0u64, Instant::now());
             loop {
                 attempt += 1;
+                i.next_load_ms.store(0, Ordering::Release);
                 let t = Instant::now();
                 let result = i.inference.load(false).await;
                 upload::record(
@@ -283,6 +288,16 @@ impl JobService {
                 };
                 if !i.config.model.reinit {
                     tracing::error!(error = %err, "model load failed; model.reinit is off");
+                    break;
+                }
+                if matches!(
+                    err,
+                    InferError::Load {
+                        permanent: true,
+                        ..
+                    }
+                ) {
+                    tracing::error!(error = %err, "model load failed and no retry can succeed with this configuration; not retrying");
                     break;
                 }
                 let failed = headshot_plugin_sdk::rules::retry::Attempt {
@@ -303,6 +318,7 @@ impl JobService {
                     }
                 };
                 previous_delay_ms = delay;
+                i.next_load_ms.store(now_ms() + delay, Ordering::Release);
                 tracing::warn!(error = %err, retry_in_ms = delay, "model load failed; retrying in the background");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
@@ -736,10 +752,16 @@ impl JobService {
             let why = model
                 .last_error
                 .unwrap_or_else(|| "the model is loading".into());
+            // The supervisor's next try, when it is waiting for one; else (loading now) a
+            // short wait.
+            let retry_after_ms = match i.next_load_ms.load(Ordering::Acquire) {
+                0 => 5000,
+                at => at.saturating_sub(now_ms()).max(1000),
+            };
             return Err(ErrorResponse::new(
                 ErrorType::InitializationError,
                 format!("the model is not ready: {why}"),
-                json!({ "retry_after_ms": 5000, "load_failures": model.load_failures }),
+                json!({ "retry_after_ms": retry_after_ms, "load_failures": model.load_failures }),
             ));
         }
         if let Err(refusal) = i
@@ -796,7 +818,14 @@ impl JobService {
         {
             Ok(g) => g,
             Err(e) => {
-                if matches!(e, InferError::Load(_)) && i.config.model.reinit {
+                if matches!(
+                    e,
+                    InferError::Load {
+                        permanent: false,
+                        ..
+                    }
+                ) && i.config.model.reinit
+                {
                     self.supervise_model();
                 }
                 return Err(infer_error(e));
@@ -929,11 +958,25 @@ fn policy_error(f: &crate::policy::PolicyFailure) -> ErrorResponse {
 
 fn infer_error(e: InferError) -> ErrorResponse {
     match e {
-        InferError::Load(msg) => ErrorResponse::new(
+        InferError::Load {
+            message,
+            permanent: false,
+        } => ErrorResponse::new(
             ErrorType::InitializationError,
-            format!("the model is not available: {msg}"),
+            format!("the model is not available: {message}"),
             Value::Null,
         ),
+        InferError::Load {
+            message,
+            permanent: true,
+        } => ErrorResponse {
+            retryable: false,
+            ..ErrorResponse::new(
+                ErrorType::InitializationError,
+                format!("the model cannot be loaded with this configuration: {message}"),
+                json!({ "permanent": true }),
+            )
+        },
         InferError::Stopped => ErrorResponse::new(
             ErrorType::Internal,
             "the inference thread has stopped",

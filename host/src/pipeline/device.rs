@@ -97,7 +97,7 @@ impl DeviceSpec {
             }
             DeviceSpec::Cuda(n) => {
                 if !candle_core::utils::cuda_is_available() {
-                    return Err(LoadError::Device {
+                    return Err(LoadError::Unsupported {
                         device: self.to_string(),
                         reason: "this binary was built without CUDA support; rebuild with \
                                  `--features cuda` or set model.device = \"cpu\""

@@ -59,6 +59,15 @@ pub enum LoadError {
         /// Why it is unusable.
         reason: String,
     },
+    /// The device asked for needs support this binary was not built with: no retry helps,
+    /// only another binary or another `model.device`.
+    #[error("device {device}: {reason}")]
+    Unsupported {
+        /// Device as configured.
+        device: String,
+        /// What is missing and how to get it.
+        reason: String,
+    },
     /// Building a model component from its weights failed.
     #[error("building the {component} from {}: {reason}", file.display())]
     Build {
@@ -87,6 +96,13 @@ impl LoadError {
             ),
             _ => false,
         }
+    }
+
+    /// Whether the failure stays as long as the binary does, so that retrying the load (or
+    /// the job) cannot help. Missing or corrupt files, and a source folder that is not there
+    /// yet, are not: an operator may mount or fix them while the worker waits.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, LoadError::Unsupported { .. })
     }
 }
 
