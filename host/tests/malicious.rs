@@ -51,7 +51,18 @@ async fn hostile_uploads_are_refused_and_hostile_calls_contained() {
             422,
             "not a WebAssembly component",
         ),
-        ("oversized upload", vec![0u8; (10 << 20) + 1], 413, "limit"),
+        (
+            "oversized upload",
+            vec![0u8; (10 << 20) + 1],
+            413,
+            "limit of 10485760 bytes",
+        ),
+        (
+            "far oversized upload",
+            vec![0u8; 11 << 20],
+            413,
+            "limit of 10485760 bytes",
+        ),
         (
             "wrong world",
             sanitizer,
