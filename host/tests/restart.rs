@@ -31,6 +31,23 @@ fn jobs_accepted_before_a_sigkill_complete_after_the_restart() {
         assert_eq!(v["status"], "IN_QUEUE");
         ids.push(v["id"].as_str().unwrap().to_string());
     }
+    // Kill the moment the first job is seen running, before any progress may have been
+    // flushed: its start must already be on disk.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: Value = c
+            .get(format!("{}/v2/local/status/crash-0", api))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        if v["status"] == "IN_PROGRESS" {
+            break;
+        }
+        assert_eq!(v["status"], "IN_QUEUE", "{v}");
+        assert!(Instant::now() < deadline, "crash-0 never started: {v}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
@@ -53,6 +70,14 @@ fn jobs_accepted_before_a_sigkill_complete_after_the_restart() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    // The interrupted run counts as a retry.
+    let health: Value = c
+        .get(format!("{}/v2/local/health", api))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(health["jobs"]["retried"], 1, "{health}");
     // Each image exists exactly once under its job key.
     for id in &ids {
         let files: Vec<_> = std::fs::read_dir(dir.path().join("images/u1").join(id))

@@ -669,7 +669,9 @@ impl JobService {
             "queue_ms".into(),
             started.saturating_sub(rec.created_ms) as f64,
         );
-        i.jobs.put(&rec, false).map_err(internal)?;
+        // Flushed, as is the request with its seed below: a run that a crash or a power loss
+        // interrupts counts as an attempt and reruns with the same seed (two fsyncs per job).
+        i.jobs.put(&rec, true).map_err(internal)?;
         let t0 = Instant::now();
         let outcome = self.stages(&mut rec, &live).await;
         rec.timings.insert("total_ms".into(), ms(t0.elapsed()));
@@ -737,7 +739,7 @@ impl JobService {
                     req.seed = Some(crate::pipeline::params::random_seed());
                 }
                 rec.request = serde_json::to_value(&req).ok();
-                i.jobs.put(rec, false).map_err(internal)?;
+                i.jobs.put(rec, true).map_err(internal)?;
                 req
             }
         };
