@@ -67,17 +67,7 @@ pub async fn read_body(
     body: axum::body::Body,
     limit: usize,
 ) -> Result<axum::body::Bytes, Response> {
-    use axum::body::HttpBody;
-    // A declared Content-Length over the limit is refused before any of the body is read:
-    // a client would otherwise send it all, or wait for a reply that never comes before it
-    // has (as `curl` does on `Expect: 100-continue`).
-    let declared = body.size_hint().lower();
-    let body = if declared > limit as u64 {
-        Err(())
-    } else {
-        axum::body::to_bytes(body, limit).await.map_err(|_| ())
-    };
-    body.map_err(|()| {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
         // The rest of the body is never read, so the connection cannot carry another
         // request: say so, or a keep-alive client reuses it and fails its next request.
         let mut resp = json_error(
