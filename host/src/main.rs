@@ -367,6 +367,9 @@ fn worker(config: Config, args: WorkerArgs) -> Result<()> {
         return serve(config, serve_args);
     }
     let env = RunpodEnv::from_vars(|k| std::env::var(k).ok());
+    if let Some(env) = &env {
+        env.check().map_err(|e| anyhow::anyhow!(e))?;
+    }
     let one_shot = match (&args.test_input, &env) {
         (Some(text), _) => Some(text.clone()),
         (None, None) => match std::fs::read_to_string("test_input.json") {

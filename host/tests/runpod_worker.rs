@@ -252,6 +252,110 @@ async fn a_job_stopped_by_the_platform_gets_no_result_and_the_worker_takes_the_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_stop_poll_delays_neither_progress_nor_the_result_nor_the_next_take() {
+    let h = start(opts()).await;
+    // The platform holds the stop channel's long poll; here far longer than the jobs take.
+    h.fake.hold_stop_polls(Duration::from_secs(30));
+    h.fake
+        .push_take(TakeAnswer::Job(job("held-1", "a portrait", 64, 4)));
+    h.fake
+        .push_take(TakeAnswer::Job(job("held-2", "another", 64, 2)));
+    h.fake
+        .wait_for("both results", |f| {
+            !f.finals("held-1").is_empty() && !f.finals("held-2").is_empty()
+        })
+        .await;
+    let fake = h.fake.clone();
+    h.finish().await;
+    let first_stop_answer = fake.stop_answers().first().copied();
+    let progress = fake
+        .seen_path("/job-done/w1/held-1")
+        .into_iter()
+        .filter(|s| s.json().get("status").is_some())
+        .count();
+    assert!(progress > 0, "no progress was posted");
+    // Everything happened while the first stop poll was still held.
+    if let Some(answered) = first_stop_answer {
+        for s in fake.seen_path("/job-done/") {
+            assert!(
+                s.at < answered,
+                "{} {} waited for the stop poll",
+                s.path,
+                s.body
+            );
+        }
+    }
+    assert!(
+        !fake.seen_path("/job-stop/w1").is_empty(),
+        "the stop channel was never polled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_ids_are_escaped_in_the_result_url() {
+    let h = start(opts()).await;
+    h.fake.push_take(TakeAnswer::Job(
+        json!({ "id": "q?isStream=true&a=/../x", "input": { "prompt": "p", "user_id": "u1", "width": 64, "height": 64 } }),
+    ));
+    h.fake
+        .wait_for("the result", |f| !f.seen_path("/job-done/w1/q").is_empty())
+        .await;
+    let (fake, _) = h.finish().await;
+    let posts = fake.seen_path("/job-done/w1/q");
+    assert_eq!(
+        posts.len(),
+        1,
+        "{:?}",
+        posts.iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        posts[0].path,
+        "/v2/ep/job-done/w1/q%3FisStream%3Dtrue%26a%3D%2F..%2Fx"
+    );
+    assert_eq!(posts[0].query, "gpu=T&isStream=false");
+    // The id is not one the worker accepts: the platform hears why.
+    assert!(
+        posts[0].body.contains("invalid job id"),
+        "{}",
+        posts[0].body
+    );
+}
+
+#[test]
+fn webhook_variables_are_checked_before_the_first_take() {
+    let env = |pairs: &[(&str, &str)]| {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        RunpodEnv::from_vars(move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+            .unwrap()
+    };
+    let take = (
+        "RUNPOD_WEBHOOK_GET_JOB",
+        "http://h/v2/ep/job-take/$ID?gpu=T",
+    );
+    let done = (
+        "RUNPOD_WEBHOOK_POST_OUTPUT",
+        "http://h/v2/ep/job-done/$RUNPOD_POD_ID/$ID?gpu=T",
+    );
+    assert_eq!(env(&[take, done]).check(), Ok(()));
+    let e = env(&[take]).check().unwrap_err();
+    assert!(e.contains("RUNPOD_WEBHOOK_POST_OUTPUT is unset"), "{e}");
+    let e = env(&[("RUNPOD_WEBHOOK_GET_JOB", "not a url"), done])
+        .check()
+        .unwrap_err();
+    assert!(e.contains("RUNPOD_WEBHOOK_GET_JOB is not a URL"), "{e}");
+    let e = env(&[take, done, ("RUNPOD_WEBHOOK_PING", "ftp://h/ping")])
+        .check()
+        .unwrap_err();
+    assert!(
+        e.contains("RUNPOD_WEBHOOK_PING must be an http(s) URL"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_during_a_job_posts_its_result_and_takes_nothing_more() {
     let h = start(opts()).await;
     h.fake

@@ -63,10 +63,14 @@ impl RunpodEnv {
         let ping_url = get("RUNPOD_WEBHOOK_PING")
             .filter(|v| !v.is_empty())
             .map(|u| u.replace("$RUNPOD_POD_ID", &worker_id));
-        let ping_interval = get("RUNPOD_PING_INTERVAL")
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(10_000)
-            .max(100);
+        let ping_interval = match get("RUNPOD_PING_INTERVAL") {
+            None => 10_000,
+            Some(raw) => raw.trim().parse::<u64>().unwrap_or_else(|_| {
+                tracing::warn!(value = %raw, "RUNPOD_PING_INTERVAL is not a whole number of milliseconds; pinging every 10000 ms");
+                10_000
+            }),
+        }
+        .max(100);
         let stop_url = take_url
             .contains("/job-take/")
             .then(|| take_url.replace("/job-take/", "/job-stop/"));
@@ -82,6 +86,55 @@ impl RunpodEnv {
             stop_url,
         })
     }
+}
+
+impl RunpodEnv {
+    /// Checks the webhook URLs before the first job is taken: a worker that cannot post its
+    /// results must say which variable is wrong at start, not lose every result later.
+    pub fn check(&self) -> Result<(), String> {
+        let parses = |var: &str, url: &str| -> Result<(), String> {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
+                Ok(u) => Err(format!(
+                    "{var} must be an http(s) URL, got scheme `{}`",
+                    u.scheme()
+                )),
+                Err(e) => Err(format!("{var} is not a URL ({e}): `{url}`")),
+            }
+        };
+        parses("RUNPOD_WEBHOOK_GET_JOB", &self.take_url)?;
+        if self.done_url == "JOB_DONE_URL" {
+            return Err(
+                "RUNPOD_WEBHOOK_POST_OUTPUT is unset: results would have nowhere to go".into(),
+            );
+        }
+        parses(
+            "RUNPOD_WEBHOOK_POST_OUTPUT",
+            &self.done_url.replace("$ID", "job"),
+        )?;
+        if let Some(url) = &self.stream_url {
+            parses("RUNPOD_WEBHOOK_POST_STREAM", &url.replace("$ID", "job"))?;
+        }
+        if let Some(url) = &self.ping_url {
+            parses("RUNPOD_WEBHOOK_PING", url)?;
+        }
+        Ok(())
+    }
+}
+
+/// `s` with every byte outside RFC 3986's unreserved set percent-encoded, for a job id put
+/// into a URL's path or query: an id is the platform's, but one holding `/` or `?` must not
+/// reach another route or add a parameter.
+pub fn escape_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Appends `query` (`k=v&...`) with `?` or `&` as the URL needs.
@@ -437,8 +490,12 @@ impl Worker {
     /// Forwards progress while the job runs and watches the stop channel; returns the final
     /// record (None when the job was stopped by the platform: nothing is posted for it).
     async fn follow(&self, id: &str, poster: &Arc<Mutex<()>>) -> Option<JobRecord> {
-        let mut stop_poll = tokio::time::interval(self.opts.stop_poll_interval);
         let mut progress_tick = tokio::time::interval(self.opts.progress_interval);
+        // The stop channel is a long poll the platform may hold for 90 s. It runs beside the
+        // job, kept across the loop's turns: awaited inside a turn, it held back every
+        // progress post, the result and the next take until it answered.
+        let stop_watch = self.watch_stop(id);
+        tokio::pin!(stop_watch);
         let mut stopped_by_platform = false;
         loop {
             tokio::select! {
@@ -455,12 +512,10 @@ impl Worker {
                     return Some(rec);
                 }
                 _ = progress_tick.tick() => self.forward_progress(id, poster).await,
-                _ = stop_poll.tick(), if self.env.stop_url.is_some() && !stopped_by_platform => {
-                    if self.stop_requested(id).await {
-                        stopped_by_platform = true;
-                        tracing::info!(job = %id, "the platform stopped this job");
-                        let _ = self.service.cancel(id);
-                    }
+                () = &mut stop_watch, if !stopped_by_platform => {
+                    stopped_by_platform = true;
+                    tracing::info!(job = %id, "the platform stopped this job");
+                    let _ = self.service.cancel(id);
                 }
             }
         }
@@ -478,6 +533,20 @@ impl Worker {
             let req = self.done_request(&url, id, Duration::from_secs(30), body);
             if let Err(e) = req.send().await {
                 tracing::warn!(job = %id, error = %e, "progress update failed");
+            }
+        }
+    }
+
+    /// Resolves when the platform asks to stop job `id`; never without a stop channel.
+    async fn watch_stop(&self, id: &str) {
+        if self.env.stop_url.is_none() {
+            return std::future::pending().await;
+        }
+        let mut poll = tokio::time::interval(self.opts.stop_poll_interval);
+        loop {
+            poll.tick().await;
+            if self.stop_requested(id).await {
+                return;
             }
         }
     }
@@ -505,7 +574,10 @@ impl Worker {
 
     /// The job-done URL for job `id`.
     fn done_url(&self, id: &str) -> String {
-        with_query(&self.env.done_url.replace("$ID", id), "isStream=false")
+        with_query(
+            &self.env.done_url.replace("$ID", &escape_component(id)),
+            "isStream=false",
+        )
     }
 
     /// A POST to the job-done URL as the platform expects it (progress and final results).
@@ -602,6 +674,7 @@ fn start_heartbeat(
                 let ids = in_flight.ids();
                 let mut q = format!("runpod_version={WORKER_VERSION}");
                 if !ids.is_empty() {
+                    let ids: Vec<String> = ids.iter().map(|id| escape_component(id)).collect();
                     q = format!("job_id={}&{q}", ids.join(","));
                 }
                 let mut req = http.get(with_query(&url, &q));

@@ -53,6 +53,10 @@ struct Inner {
     takes: VecDeque<TakeAnswer>,
     done_statuses: std::collections::HashMap<String, VecDeque<u16>>,
     stop: Vec<String>,
+    /// How long a job-stop poll is held when nothing is to stop (the platform holds it).
+    stop_hold: Duration,
+    /// When each job-stop poll was answered.
+    stop_answers: Vec<Instant>,
     seen: Vec<Seen>,
 }
 
@@ -65,6 +69,7 @@ pub struct FakeRunpod {
 impl FakeRunpod {
     pub async fn start() -> Self {
         let mut fake = FakeRunpod::default();
+        fake.hold_stop_polls(Duration::from_secs(1));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         fake.addr = Some(listener.local_addr().unwrap());
         let app = Router::new().fallback(handle).with_state(fake.clone());
@@ -121,6 +126,17 @@ impl FakeRunpod {
 
     pub fn stop_job(&self, id: &str) {
         self.inner.lock().unwrap().stop.push(id.into());
+    }
+
+    /// Holds each job-stop poll this long unless a stop arrives meanwhile (as the platform
+    /// does, up to 90 s); 1 s by default.
+    pub fn hold_stop_polls(&self, hold: Duration) {
+        self.inner.lock().unwrap().stop_hold = hold;
+    }
+
+    /// When each job-stop poll was answered.
+    pub fn stop_answers(&self) -> Vec<Instant> {
+        self.inner.lock().unwrap().stop_answers.clone()
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -205,7 +221,18 @@ async fn handle(State(fake): State<FakeRunpod>, req: Request) -> Response {
             .unwrap()
             .into_response()
     } else if path.contains("/job-stop/") {
-        let stop: Vec<String> = std::mem::take(&mut fake.inner.lock().unwrap().stop);
+        let held = Instant::now();
+        let stop = loop {
+            let (stop, hold) = {
+                let mut inner = fake.inner.lock().unwrap();
+                (std::mem::take(&mut inner.stop), inner.stop_hold)
+            };
+            if !stop.is_empty() || held.elapsed() >= hold {
+                break stop;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        fake.inner.lock().unwrap().stop_answers.push(Instant::now());
         if stop.is_empty() {
             StatusCode::NO_CONTENT.into_response()
         } else {
