@@ -55,8 +55,6 @@ struct Inner {
     stop: Vec<String>,
     /// How long a job-stop poll is held when nothing is to stop (the platform holds it).
     stop_hold: Duration,
-    /// When each job-stop poll was answered.
-    stop_answers: Vec<Instant>,
     seen: Vec<Seen>,
 }
 
@@ -132,11 +130,6 @@ impl FakeRunpod {
     /// does, up to 90 s); 1 s by default.
     pub fn hold_stop_polls(&self, hold: Duration) {
         self.inner.lock().unwrap().stop_hold = hold;
-    }
-
-    /// When each job-stop poll was answered.
-    pub fn stop_answers(&self) -> Vec<Instant> {
-        self.inner.lock().unwrap().stop_answers.clone()
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -232,7 +225,6 @@ async fn handle(State(fake): State<FakeRunpod>, req: Request) -> Response {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        fake.inner.lock().unwrap().stop_answers.push(Instant::now());
         if stop.is_empty() {
             StatusCode::NO_CONTENT.into_response()
         } else {
