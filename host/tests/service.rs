@@ -167,6 +167,18 @@ async fn cancel_a_queued_and_a_running_job() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+    // Both cancellations count, the queued one too: /metrics agrees with /health.
+    let metrics = c
+        .get(admin(&r, "/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let needle = "headshot_job_errors_total{error_type=\"cancelled\"} 2";
+    assert!(metrics.contains(needle), "{needle} not in {metrics}");
     r.shutdown().await;
 }
 

@@ -563,6 +563,8 @@ impl JobService {
             );
             finish(&mut rec, JobStatus::Cancelled, None, Some(err));
             i.jobs.put(&rec, true).map_err(internal)?;
+            // Counted like any job that ends: /metrics agrees with /health.
+            i.metrics.observe(&rec);
             i.live.finish(id);
         }
         Ok(Some(rec))
@@ -659,6 +661,7 @@ impl JobService {
                 Value::Null,
             );
             finish(&mut rec, JobStatus::Cancelled, None, Some(err));
+            i.metrics.observe(&rec);
             return i.jobs.put(&rec, true).map_err(internal);
         }
         rec.status = JobStatus::InProgress;
