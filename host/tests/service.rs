@@ -471,7 +471,8 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
         "headshot_jobs{status=\"completed\"} 3",
         "headshot_job_stage_milliseconds_count{stage=\"generate\"} 3",
         "headshot_job_errors_total{error_type=\"validation_error\"} 1",
-        "headshot_policy_call_microseconds_count{slot=\"validator\"}",
+        "headshot_policy_call_microseconds_count{slot=\"validator\",sha256=\"",
+        "headshot_policy_calls_total{slot=\"validator\",sha256=\"",
         "headshot_memory_bytes{kind=\"process_rss\"}",
         "headshot_queue_depth 0",
     ] {

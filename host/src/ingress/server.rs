@@ -339,14 +339,17 @@ pub fn metrics_text(service: &JobService) -> String {
     );
 
     // One registry read serves the three policy families (the last two only when it worked).
+    // Each series is one loaded version (slot and sha256): its counts start when it is loaded
+    // and its series ends when it is swapped out, so a counter never goes down within one
+    // series (unlabelled by version, a swap read as a drop).
     let slots = service.registry().status().ok();
-    let per_slot = |f: fn(&_) -> u64| {
-        slots
-            .iter()
-            .flatten()
-            .map(move |s| (label("slot", s.kind), f(s)))
+    let version = |s: &crate::policy::SlotStatus| {
+        format!("{{slot=\"{}\",sha256=\"{}\"}}", s.kind, s.active.sha256)
     };
-    let help = Some("Policy calls on the active version.");
+    let per_slot = |f: fn(&_) -> u64| slots.iter().flatten().map(move |s| (version(s), f(s)));
+    let help = Some(
+        "Policy calls on the active version of each slot since it was loaded, its conformance cases included.",
+    );
     family(
         &mut out,
         "headshot_policy_calls_total",
@@ -405,8 +408,8 @@ pub fn metrics_text(service: &JobService) -> String {
     if let Some(slots) = &slots {
         let rows = slots
             .iter()
-            .map(|s| (label("slot", s.kind), s.total_micros.to_string(), s.calls));
-        let help = "Policy call time on the active version.";
+            .map(|s| (version(s), s.total_micros.to_string(), s.calls));
+        let help = "Policy call time on the active version of each slot since it was loaded.";
         summary(&mut out, "headshot_policy_call_microseconds", help, rows);
     }
 
