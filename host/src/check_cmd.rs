@@ -16,12 +16,12 @@ fn mib(b: u64) -> u64 {
 /// Runs the checks and prints a report.
 pub fn run(config: &Config) -> Result<()> {
     let mut problems: Vec<String> = Vec::new();
-    println!("config: ok (defaults < file < HEADSHOT__* < flags)");
-    println!("data dir: {}", config.data_dir.display());
+    outln!("config: ok (defaults < file < HEADSHOT__* < flags)");
+    outln!("data dir: {}", config.data_dir.display());
 
     let m = &config.model;
     match &m.source {
-        ModelSource::Demo => println!(
+        ModelSource::Demo => outln!(
             "model: demo (tiny generated weights, abstract images), {}",
             m.variant.as_str()
         ),
@@ -29,7 +29,7 @@ pub fn run(config: &Config) -> Result<()> {
             let token = std::env::var("HF_TOKEN")
                 .map(|t| !t.is_empty())
                 .unwrap_or(false);
-            println!(
+            outln!(
                 "model: hub:{repo}@{} ({}), HF_TOKEN {}",
                 revision.as_deref().unwrap_or("main"),
                 m.variant.as_str(),
@@ -59,20 +59,20 @@ pub fn run(config: &Config) -> Result<()> {
                     missing.join(", ")
                 ));
             } else {
-                println!("model: dir:{} ({})", path.display(), m.variant.as_str());
+                outln!("model: dir:{} ({})", path.display(), m.variant.as_str());
             }
         }
     }
 
     let probe = SystemProbe::new(m.device.is_cuda(), m.device.cuda_index());
     let r = probe.read();
-    println!(
+    outln!(
         "memory: {} MiB available of {} MiB",
         mib(r.system_available_bytes),
         mib(r.system_total_bytes)
     );
     match (&r.gpu, m.device.is_cuda()) {
-        (Some(g), _) => println!(
+        (Some(g), _) => outln!(
             "gpu: {} with {} MiB free of {} MiB",
             g.name,
             mib(g.free_bytes),
@@ -82,7 +82,7 @@ pub fn run(config: &Config) -> Result<()> {
             "gpu: model.device wants CUDA but no GPU is readable ({})",
             r.gpu_unavailable.as_deref().unwrap_or("unknown")
         )),
-        (None, false) => println!(
+        (None, false) => outln!(
             "gpu: none used ({})",
             r.gpu_unavailable.as_deref().unwrap_or("cpu")
         ),
@@ -102,18 +102,18 @@ pub fn run(config: &Config) -> Result<()> {
     };
     match storage {
         Ok(store) => match runtime.block_on(store.health()) {
-            Ok(()) => println!("storage: {} reachable", store.name()),
+            Ok(()) => outln!("storage: {} reachable", store.name()),
             Err(e) => problems.push(format!("storage ({}): {e}", store.name())),
         },
         Err(e) => problems.push(format!("storage: {e}")),
     }
 
     if problems.is_empty() {
-        println!("ok: ready to serve");
+        outln!("ok: ready to serve");
         return Ok(());
     }
     for p in &problems {
-        println!("problem: {p}");
+        outln!("problem: {p}");
     }
     bail!("{} problem(s) found", problems.len())
 }

@@ -7,6 +7,26 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+/// `println!` for command output that stops quietly when its reader has gone
+/// (`headshot check | head -1`): Rust ignores SIGPIPE, and `println!` panicked on the closed
+/// pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::print_line(format_args!($($arg)*))
+    };
+}
+
+/// One line of command output (see [`outln!`]); other write errors are said on stderr.
+fn print_line(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n"))
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: writing to stdout: {e}");
+    }
+}
+
 mod check_cmd;
 mod policy_cmd;
 mod runpod_log;
@@ -293,10 +313,10 @@ fn generate(mut config: Config, args: GenerateArgs) -> Result<()> {
             "timings_ms": t,
             "model": pipeline.status(),
         });
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         for (path, img) in &written {
-            println!(
+            outln!(
                 "wrote {} ({}x{}, seed {})",
                 path.display(),
                 img.width,
@@ -305,7 +325,7 @@ fn generate(mut config: Config, args: GenerateArgs) -> Result<()> {
             );
         }
         let per_step = t.step_ms.iter().sum::<f64>() / t.step_ms.len().max(1) as f64;
-        println!(
+        outln!(
             "timings: encode {:.1} ms, denoise {:.1} ms ({} steps, {:.1} ms/step), decode {:.1} ms, png {:.1} ms, total {:.1} ms",
             t.encode_ms,
             t.denoise_ms,
@@ -341,7 +361,7 @@ fn serve(mut config: Config, args: ServeArgs) -> Result<()> {
     async_runtime()?.block_on(async move {
         let running = headshot_host::ingress::server::start(config).await?;
         // One line on stdout that scripts (and tests) can read.
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "api": format!("http://{}", running.api_addr),
@@ -417,7 +437,7 @@ fn worker(config: Config, args: WorkerArgs) -> Result<()> {
                 (None, Some(err)) => serde_json::json!({ "error": err }),
                 (None, None) => serde_json::json!({ "status": record.status }),
             };
-            println!("{}", serde_json::to_string(&result)?);
+            outln!("{}", serde_json::to_string(&result)?);
             if record.status != headshot_host::state::JobStatus::Completed {
                 bail!("job {id} ended {}", record.status.as_str());
             }

@@ -83,10 +83,10 @@ pub fn run(config: &Config, command: PolicyCommand) -> Result<()> {
             match test_component(&settings, &cache_dir(config), kind, &bytes) {
                 Ok(report) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
+                        outln!("{}", serde_json::to_string_pretty(&report)?);
                     } else {
                         let p = &report.policy;
-                        println!(
+                        outln!(
                             "{} {} (sdk {}, sha256 {}, {} bytes): compiled in {:.1} ms",
                             p.name,
                             p.version,
@@ -96,9 +96,9 @@ pub fn run(config: &Config, command: PolicyCommand) -> Result<()> {
                             report.compile_ms
                         );
                         for c in &report.cases {
-                            println!("  ok   {} ({} µs)", c.name, c.micros);
+                            outln!("  ok   {} ({} µs)", c.name, c.micros);
                         }
-                        println!(
+                        outln!(
                             "passed: {} conformance cases for the {kind} slot",
                             report.cases.len()
                         );
@@ -112,11 +112,11 @@ pub fn run(config: &Config, command: PolicyCommand) -> Result<()> {
             let registry = open_registry(config)?;
             let status = registry.status()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                outln!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 for s in status {
                     let a = &s.active;
-                    println!(
+                    outln!(
                         "{:<10} {} {} ({:?}, sha256 {}, {} bytes), {} earlier version(s)",
                         s.kind.as_str(),
                         a.name,
@@ -136,7 +136,7 @@ pub fn run(config: &Config, command: PolicyCommand) -> Result<()> {
             let (upload, activation) = registry
                 .push(kind, &bytes)
                 .map_err(|e| anyhow::anyhow!("{} refused: {e}", file.display()))?;
-            println!(
+            outln!(
                 "activated {} {} as the {kind} policy (sha256 {}); {} conformance cases passed; activation {:.1} ms",
                 upload.policy.name,
                 upload.policy.version,
@@ -149,18 +149,22 @@ pub fn run(config: &Config, command: PolicyCommand) -> Result<()> {
         PolicyCommand::Activate { kind, sha256 } => {
             let registry = open_registry(config)?;
             let report = registry.activate(kind, &sha256)?;
-            println!(
+            outln!(
                 "{kind}: active {} {} (sha256 {})",
-                report.active.name, report.active.version, report.active.sha256
+                report.active.name,
+                report.active.version,
+                report.active.sha256
             );
             Ok(())
         }
         PolicyCommand::Rollback { kind } => {
             let registry = open_registry(config)?;
             let report = registry.rollback(kind)?;
-            println!(
+            outln!(
                 "{kind}: rolled back to {} {} (sha256 {})",
-                report.active.name, report.active.version, report.active.sha256
+                report.active.name,
+                report.active.version,
+                report.active.sha256
             );
             Ok(())
         }

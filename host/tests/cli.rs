@@ -199,6 +199,28 @@ fn worker_serving_the_local_api_takes_an_admin_port_too() {
 }
 
 #[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `headshot check | head -0`: the reader is gone before the first line.
+    let tmp = tempfile::tempdir().unwrap();
+    for args in [&["check"][..], &["policy", "list"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_headshot"))
+            .arg("--data-dir")
+            .arg(tmp.path())
+            .args(args)
+            .env("HEADSHOT_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = text(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
+    }
+}
+
+#[test]
 fn config_errors_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_headshot"))
