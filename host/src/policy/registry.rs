@@ -225,12 +225,15 @@ impl Registry {
         Ok((upload, activation))
     }
 
-    /// Makes the stored version `sha256` active in `kind`'s slot.
+    /// Makes the stored version `sha256` active in `kind`'s slot. The hash is hex in either
+    /// case, as tools print it.
     pub fn activate(
         &self,
         kind: PolicyKind,
         sha256: &str,
     ) -> Result<ActivationReport, UploadError> {
+        let sha256 = sha256.to_ascii_lowercase();
+        let sha256 = sha256.as_str();
         let start = Instant::now();
         let _guard = self
             .change

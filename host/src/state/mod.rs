@@ -34,6 +34,15 @@ pub enum StateError {
         /// sled's error.
         source: sled::Error,
     },
+    /// Another process holds the database's lock (one process owns a data dir).
+    #[error(
+        "the state database at {} is in use by another headshot process (a running `serve` or `worker`?): stop it first, or make the change through its admin API",
+        path.display()
+    )]
+    InUse {
+        /// Database folder.
+        path: PathBuf,
+    },
     /// A read or write failed.
     #[error("state database: {0}")]
     Sled(#[from] sled::Error),
@@ -75,9 +84,17 @@ impl StateDb {
             // sled caches pages up to this size (default 1 GiB): bounded, so resident memory
             // does not grow with the job history.
             .cache_capacity(CACHE_BYTES);
-        let db = open_waiting_for_lock(&config, LOCK_WAIT).map_err(|source| StateError::Open {
-            path: dir.to_path_buf(),
-            source,
+        let db = open_waiting_for_lock(&config, LOCK_WAIT).map_err(|source| {
+            if is_lock_contention(&source) {
+                StateError::InUse {
+                    path: dir.to_path_buf(),
+                }
+            } else {
+                StateError::Open {
+                    path: dir.to_path_buf(),
+                    source,
+                }
+            }
         })?;
         let meta = db.open_tree("meta")?;
         match meta.get("schema_version")? {
@@ -187,6 +204,17 @@ mod tests {
         let second = StateDb::open(dir.path());
         release.join().unwrap();
         assert!(second.is_ok(), "{:?}", second.err());
+    }
+
+    #[test]
+    fn a_lock_held_past_the_wait_is_named_as_another_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = StateDb::open(dir.path()).unwrap();
+        let err = match StateDb::open(dir.path()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("opened a locked database"),
+        };
+        assert!(err.contains("in use by another headshot process"), "{err}");
     }
 
     #[test]
