@@ -390,6 +390,16 @@ fn worker(config: Config, args: WorkerArgs) -> Result<()> {
     if let Some(env) = &env {
         env.check().map_err(|e| anyhow::anyhow!(e))?;
     }
+    // The local store's signed URLs are served by the local API, which this mode does not
+    // run: a client would get links to nothing.
+    if config.storage.backend == headshot_host::config::StorageBackend::Local
+        && config.server.output == headshot_host::config::OutputMode::Url
+    {
+        tracing::warn!(
+            base = %format!("http://{}:{}", config.server.host, config.server.port),
+            "images go to the local folder and their URLs point at a local API that `headshot worker` does not serve; set storage.backend = \"supabase\" or server.output = \"base64\" for URLs or images a client can use"
+        );
+    }
     let one_shot = match (&args.test_input, &env) {
         (Some(text), _) => Some(text.clone()),
         (None, None) => match std::fs::read_to_string("test_input.json") {

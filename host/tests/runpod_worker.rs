@@ -467,6 +467,15 @@ fn one_shot_mode_runs_test_input_with_the_sdk_exit_codes() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
+    // The default local store's URLs point at a local API this mode does not serve: said.
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("does not serve")),
+        "{lines:?}"
+    );
     let finished = lines
         .iter()
         .find(|l| {
