@@ -472,12 +472,16 @@ pub struct DemoBenchOptions {
 
 /// Per-stage timings of demo-model generations, so regressions in the pipeline's own code show.
 pub fn demo(opts: &DemoBenchOptions, out: &mut dyn Write) -> Result<(), BenchError> {
+    if opts.iters == 0 {
+        // Medians of no samples would print as NaN.
+        return Err(BenchError::Usage("iters must be at least 1".into()));
+    }
     let t = Instant::now();
     let mut pipeline = FluxPipeline::load(&opts.load)?;
     let status = pipeline.status();
     writeln!(
         out,
-        "demo pipeline: variant {} device {} dtype {} weights {} bytes, loaded in {:.1} ms ({:.1} ms with first-use weight generation)",
+        "demo pipeline: variant {} device {} dtype {} weights {} bytes, loaded in {:.1} ms ({:.1} ms in all, which includes writing the demo weights when they were not on disk yet)",
         status.variant,
         status.device,
         status.dtype,

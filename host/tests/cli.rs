@@ -262,6 +262,15 @@ fn bench_demo_reports_each_stage() {
             "{stage}: {stdout}"
         );
     }
+    // No samples, no medians: refused rather than printed as NaN.
+    let out = headshot(tmp.path(), &["bench", "demo", "--iters", "0"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("iters must be at least 1"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!text(&out.stdout).contains("NaN"));
 }
 
 #[test]
