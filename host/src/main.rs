@@ -312,6 +312,7 @@ fn generate(mut config: Config, args: GenerateArgs) -> Result<()> {
             "guidance": generation.params.guidance,
             "timings_ms": t,
             "model": pipeline.status(),
+            "prompt_truncated_tokens": { "t5": generation.t5_truncated, "clip": generation.clip_truncated },
         });
         outln!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -322,6 +323,13 @@ fn generate(mut config: Config, args: GenerateArgs) -> Result<()> {
                 img.width,
                 img.height,
                 img.seed
+            );
+        }
+        if generation.t5_truncated + generation.clip_truncated > 0 {
+            outln!(
+                "note: the prompt is longer than the encoders' windows: {} T5 and {} CLIP tokens were cut",
+                generation.t5_truncated,
+                generation.clip_truncated
             );
         }
         let per_step = t.step_ms.iter().sum::<f64>() / t.step_ms.len().max(1) as f64;

@@ -63,6 +63,8 @@ fn generate_writes_a_png_of_the_requested_size() {
         stdout.contains("seed 1234") && stdout.contains("timings:"),
         "{stdout}"
     );
+    // The corporate template runs past the demo CLIP's window: said in the output.
+    assert!(stdout.contains("CLIP tokens were cut"), "{stdout}");
     let png = std::fs::read(out_dir.join("headshot-1234-0.png")).unwrap();
     let reader = png::Decoder::new(std::io::Cursor::new(png))
         .read_info()
@@ -99,6 +101,7 @@ fn generate_json_reports_every_image_and_the_model() {
     assert_eq!(images[1]["seed"].as_u64().unwrap(), s0 + 1);
     assert_eq!(v["model"]["components"].as_array().unwrap().len(), 4);
     assert_eq!(v["timings_ms"]["step_ms"].as_array().unwrap().len(), 4);
+    assert_eq!(v["prompt_truncated_tokens"]["clip"], 0, "{v}");
 }
 
 #[test]

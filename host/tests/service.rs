@@ -19,6 +19,16 @@ async fn runsync_returns_a_signed_url_whose_download_is_the_png() {
     let images = v["output"]["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
     assert!(v["output"]["seed"].as_u64().is_some());
+    // The corporate template makes the prompt longer than the demo CLIP's window: the cut is
+    // in the answer, not only in the log.
+    let cut = &v["output"]["prompt_truncated_tokens"];
+    assert!(cut["clip"].as_u64().unwrap() > 0, "{cut}");
+    assert!(cut["t5"].as_u64().is_some(), "{cut}");
+    let short = runsync(&c, &r, "a cat").await;
+    assert_eq!(
+        short["output"]["prompt_truncated_tokens"]["clip"], 0,
+        "{short}"
+    );
     let url = images[0]["url"].as_str().unwrap();
     let resp = c.get(url).send().await.unwrap();
     assert_eq!(resp.status(), 200);

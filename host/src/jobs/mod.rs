@@ -925,6 +925,9 @@ impl JobService {
             "guidance": r.guidance,
             "style": request.style,
             "prompt": request.prompt,
+            // Tokens past each encoder's window are cut; a caller sees how much of the
+            // prompt (with its style template) the image could not follow.
+            "prompt_truncated_tokens": { "t5": generation.t5_truncated, "clip": generation.clip_truncated },
         }))
     }
 }
