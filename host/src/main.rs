@@ -412,6 +412,9 @@ fn worker(config: Config, args: WorkerArgs) -> Result<()> {
         (Some(text), _) => Some(text.clone()),
         (None, None) => match std::fs::read_to_string("test_input.json") {
             Ok(text) => Some(text),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                bail!("reading ./test_input.json: {e}");
+            }
             Err(_) => {
                 tracing::warn!("test_input.json not found, exiting.");
                 bail!(

@@ -437,6 +437,13 @@ fn one_shot_mode_runs_test_input_with_the_sdk_exit_codes() {
     // Missing file → exit 1; then ./test_input.json is used.
     let out = headshot(dir.path(), &["worker"]);
     assert_eq!(out.status.code(), Some(1));
+    // One that is there but unreadable is named with the reason, not called missing.
+    std::fs::create_dir(dir.path().join("test_input.json")).unwrap();
+    let out = headshot(dir.path(), &["worker"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reading ./test_input.json"), "{err}");
+    std::fs::remove_dir(dir.path().join("test_input.json")).unwrap();
     std::fs::write(
         dir.path().join("test_input.json"),
         ok.replace("a portrait", "from the file"),
