@@ -347,9 +347,15 @@ fn webhook_variables_are_checked_before_the_first_take() {
         .check()
         .unwrap_err();
     assert!(e.contains("RUNPOD_WEBHOOK_GET_JOB is not a URL"), "{e}");
-    let e = env(&[take, done, ("RUNPOD_WEBHOOK_PING", "ftp://h/ping")])
-        .check()
-        .unwrap_err();
+    let e = env(&[
+        take,
+        done,
+        ("RUNPOD_WEBHOOK_PING", "ftp://h/ping"),
+        ("RUNPOD_AI_API_KEY", "k"),
+        ("RUNPOD_POD_ID", "w1"),
+    ])
+    .check()
+    .unwrap_err();
     assert!(
         e.contains("RUNPOD_WEBHOOK_PING must be an http(s) URL"),
         "{e}"

@@ -48,9 +48,9 @@ impl RunpodEnv {
     /// mode).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Option<Self> {
         let take = get("RUNPOD_WEBHOOK_GET_JOB").filter(|v| !v.is_empty())?;
-        let worker_id = get("RUNPOD_POD_ID")
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| format!("headshot-{}", crate::jobs::new_job_id()));
+        let pod_id = get("RUNPOD_POD_ID").filter(|v| !v.is_empty());
+        let has_pod_id = pod_id.is_some();
+        let worker_id = pod_id.unwrap_or_else(|| format!("headshot-{}", crate::jobs::new_job_id()));
         let take_url = take
             .replace("$RUNPOD_POD_ID", &worker_id)
             .replace("$ID", &worker_id);
@@ -60,8 +60,17 @@ impl RunpodEnv {
         let stream_url =
             get("RUNPOD_WEBHOOK_POST_STREAM").map(|u| u.replace("$RUNPOD_POD_ID", &worker_id));
         let api_key = get("RUNPOD_AI_API_KEY").filter(|v| !v.is_empty());
+        // As the SDK: the heartbeat runs only with a key and a pod id to report (a made-up
+        // id would ping for a worker the platform does not know).
         let ping_url = get("RUNPOD_WEBHOOK_PING")
             .filter(|v| !v.is_empty())
+            .filter(|_| {
+                let usable = api_key.is_some() && has_pod_id;
+                if !usable {
+                    tracing::warn!("RUNPOD_WEBHOOK_PING is set but RUNPOD_AI_API_KEY or RUNPOD_POD_ID is not: no heartbeat");
+                }
+                usable
+            })
             .map(|u| u.replace("$RUNPOD_POD_ID", &worker_id));
         let ping_interval = match get("RUNPOD_PING_INTERVAL") {
             None => 10_000,
@@ -738,6 +747,20 @@ mod tests {
         );
         assert_eq!(e.ping_interval, Duration::from_millis(200));
         assert!(RunpodEnv::from_vars(vars(&[])).is_none());
+        // No heartbeat without a key or a pod id, as the SDK.
+        for missing in ["RUNPOD_AI_API_KEY", "RUNPOD_POD_ID"] {
+            let pairs: Vec<(&str, &str)> = [
+                ("RUNPOD_WEBHOOK_GET_JOB", "http://h/v2/ep/job-take/$ID"),
+                ("RUNPOD_WEBHOOK_PING", "http://h/v2/ep/ping/$RUNPOD_POD_ID"),
+                ("RUNPOD_AI_API_KEY", "k"),
+                ("RUNPOD_POD_ID", "w1"),
+            ]
+            .into_iter()
+            .filter(|(k, _)| *k != missing)
+            .collect();
+            let e = RunpodEnv::from_vars(vars(&pairs)).unwrap();
+            assert_eq!(e.ping_url, None, "without {missing}");
+        }
         assert_eq!(with_query("http://h/x", "a=1"), "http://h/x?a=1");
         assert_eq!(with_query("http://h/x?g=T", "a=1"), "http://h/x?g=T&a=1");
     }
