@@ -322,6 +322,50 @@ async fn job_ids_are_escaped_in_the_result_url() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_stop_channel_is_polled_after_the_back_off() {
+    let h = start(opts()).await;
+    h.fake.answer_stop_polls_with(429);
+    h.fake
+        .push_take(TakeAnswer::Job(job("slow", "a long portrait", 256, 30)));
+    h.fake
+        .wait_for("the result", |f| !f.finals("slow").is_empty())
+        .await;
+    let (fake, _) = h.finish().await;
+    let polls = fake.seen_path("/job-stop/w1");
+    assert!(!polls.is_empty(), "the stop channel was never polled");
+    // opts(): polls 100 ms apart, 400 ms after a 429.
+    for w in polls.windows(2) {
+        let gap = w[1].at.duration_since(w[0].at);
+        assert!(
+            gap >= Duration::from_millis(400),
+            "polled again after {gap:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_id_that_cannot_be_a_path_segment_gets_no_post_elsewhere() {
+    let h = start(opts()).await;
+    h.fake.push_take(TakeAnswer::Job(
+        json!({ "id": "..", "input": { "prompt": "p", "user_id": "u1", "width": 64, "height": 64 } }),
+    ));
+    h.fake
+        .push_take(TakeAnswer::Job(job("after-dots", "p", 64, 2)));
+    h.fake
+        .wait_for("the next job's result", |f| {
+            !f.finals("after-dots").is_empty()
+        })
+        .await;
+    let (fake, _) = h.finish().await;
+    for s in fake.seen_path("/job-done/") {
+        assert_eq!(
+            s.path, "/v2/ep/job-done/w1/after-dots",
+            "a post went elsewhere"
+        );
+    }
+}
+
 #[test]
 fn webhook_variables_are_checked_before_the_first_take() {
     let env = |pairs: &[(&str, &str)]| {

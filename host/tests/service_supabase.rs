@@ -172,6 +172,14 @@ async fn a_reset_breaker_lets_jobs_through_once_storage_recovers() {
             "{err}"
         );
     }
+    // The model breaker only records the loader's attempts: forcing it would change nothing.
+    let resp = c
+        .post(admin(&r, "/admin/breakers/model/force-open"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
     let listed = get_admin_json(&c, admin(&r, "/admin/breakers")).await;
     let names: Vec<&str> = listed["breakers"]
         .as_array()

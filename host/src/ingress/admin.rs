@@ -14,7 +14,7 @@ use serde_json::json;
 use super::reply::{ApiError, JsonQuery, json_error, no_route, read_body, wrong_method};
 use crate::error::{ErrorResponse, ErrorType};
 use crate::jobs::upload;
-use crate::jobs::{BREAKERS, JobService};
+use crate::jobs::{BREAKERS, GATING_BREAKERS, JobService};
 use crate::policy::{PolicyKind, UploadError};
 use crate::state::{JobFilter, JobStatus};
 use headshot_plugin_sdk::rules::request::FieldError;
@@ -380,6 +380,19 @@ async fn breaker_reset(State(s): State<AdminState>, Path(name): Path<String>) ->
 async fn breaker_force_open(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
     if let Err(r) = breaker_name(&name) {
         return r;
+    }
+    if !GATING_BREAKERS.contains(&name.as_str()) {
+        return json_error(
+            StatusCode::CONFLICT,
+            ErrorResponse::new(
+                ErrorType::ValidationError,
+                format!(
+                    "the {name} breaker only records attempts and no call waits on it, so forcing it open would change nothing; the breakers that can be forced open are {}",
+                    GATING_BREAKERS.join(", ")
+                ),
+                json!({ "breakers": GATING_BREAKERS }),
+            ),
+        );
     }
     match upload::force_open(s.service.breakers(), &name) {
         Ok(b) => axum::Json(json!({ "name": name, "state": b.state })).into_response(),

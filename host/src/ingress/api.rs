@@ -379,10 +379,12 @@ async fn readyz(State(state): State<ApiState>) -> Response {
         .breakers()
         .get(crate::jobs::upload::STORAGE_BREAKER)
         .map(|b| b.state);
-    let forced_open = matches!(
-        breaker,
-        Ok(headshot_plugin_sdk::rules::breaker::State::ForcedOpen)
-    );
+    // Only where jobs store through it: inline (base64) output never consults it.
+    let forced_open = state.service.config().server.output == crate::config::OutputMode::Url
+        && matches!(
+            breaker,
+            Ok(headshot_plugin_sdk::rules::breaker::State::ForcedOpen)
+        );
     if forced_open {
         problems.push(
             "storage: its circuit breaker is forced open (POST /admin/breakers/storage/reset)"

@@ -121,9 +121,7 @@ impl RunpodEnv {
             "RUNPOD_WEBHOOK_POST_OUTPUT",
             &self.done_url.replace("$ID", "job"),
         )?;
-        if let Some(url) = &self.stream_url {
-            parses("RUNPOD_WEBHOOK_POST_STREAM", &url.replace("$ID", "job"))?;
-        }
+        // RUNPOD_WEBHOOK_POST_STREAM is not checked: this worker posts progress to job-done.
         if let Some(url) = &self.ping_url {
             parses("RUNPOD_WEBHOOK_PING", url)?;
         }
@@ -536,7 +534,9 @@ impl Worker {
             return;
         }
         let _guard = poster.lock().await;
-        let url = self.done_url(id);
+        let Some(url) = self.done_url(id) else {
+            return;
+        };
         for chunk in chunks {
             let body = json!({ "status": "IN_PROGRESS", "output": chunk }).to_string();
             let req = self.done_request(&url, id, Duration::from_secs(30), body);
@@ -551,42 +551,61 @@ impl Worker {
         if self.env.stop_url.is_none() {
             return std::future::pending().await;
         }
+        // At most one poll per interval however long the last was held: the default
+        // behaviour would fire every tick missed during a 90 s hold at once.
         let mut poll = tokio::time::interval(self.opts.stop_poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             poll.tick().await;
-            if self.stop_requested(id).await {
-                return;
+            match self.stop_requested(id).await {
+                StopAnswer::Stop => return,
+                StopAnswer::Keep => {}
+                StopAnswer::RateLimited => tokio::time::sleep(self.opts.backoff_429).await,
             }
         }
     }
 
-    async fn stop_requested(&self, id: &str) -> bool {
+    async fn stop_requested(&self, id: &str) -> StopAnswer {
         let Some(url) = &self.env.stop_url else {
-            return false;
+            return StopAnswer::Keep;
         };
         let req = self
             .auth(self.http.get(url))
             .timeout(self.opts.poll_timeout);
         let Ok(resp) = req.send().await else {
-            return false;
+            return StopAnswer::Keep;
         };
-        if resp.status().as_u16() != 200 {
-            return false;
+        match resp.status().as_u16() {
+            200 => {}
+            429 => return StopAnswer::RateLimited,
+            _ => return StopAnswer::Keep,
         }
         let Ok(v) = resp.json::<Value>().await else {
-            return false;
+            return StopAnswer::Keep;
         };
-        v.get("jobsToStop")
+        let listed = v
+            .get("jobsToStop")
             .and_then(|l| l.as_array())
-            .is_some_and(|l| l.iter().any(|x| x.as_str() == Some(id)))
+            .is_some_and(|l| l.iter().any(|x| x.as_str() == Some(id)));
+        if listed {
+            StopAnswer::Stop
+        } else {
+            StopAnswer::Keep
+        }
     }
 
-    /// The job-done URL for job `id`.
-    fn done_url(&self, id: &str) -> String {
-        with_query(
+    /// The job-done URL for job `id`; none for an id that cannot be a path segment (empty,
+    /// `.` or `..`, which URL parsing folds into the parent path even percent-encoded): a post
+    /// there would reach another route, so the job's answer is logged instead.
+    fn done_url(&self, id: &str) -> Option<String> {
+        if matches!(id, "" | "." | "..") {
+            tracing::error!(job = %id, "a job id that cannot be put in the job-done URL; its result is not posted");
+            return None;
+        }
+        Some(with_query(
             &self.env.done_url.replace("$ID", &escape_component(id)),
             "isStream=false",
-        )
+        ))
     }
 
     /// A POST to the job-done URL as the platform expects it (progress and final results).
@@ -610,7 +629,9 @@ impl Worker {
 
     /// Posts a final result; retries 5xx and connection errors (3 attempts in all).
     async fn post_done(&self, id: &str, body: String) {
-        let url = self.done_url(id);
+        let Some(url) = self.done_url(id) else {
+            return;
+        };
         let mut delays = self.opts.done_retry_delays.iter();
         loop {
             let req = self.done_request(&url, id, Duration::from_secs(600), body.clone());
@@ -635,6 +656,16 @@ impl Worker {
             }
         }
     }
+}
+
+/// What one poll of the stop channel said.
+enum StopAnswer {
+    /// This job is to stop.
+    Stop,
+    /// Nothing for this job (or the poll failed): poll again.
+    Keep,
+    /// 429: wait the take loop's back-off before polling again.
+    RateLimited,
 }
 
 fn synthetic_failure(id: &str, err: ErrorResponse) -> JobRecord {

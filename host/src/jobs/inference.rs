@@ -52,6 +52,8 @@ pub struct ModelState {
     pub loads: u32,
     /// Failed loads so far.
     pub load_failures: u32,
+    /// The last load failed in a way no retry fixes (a device this binary cannot drive).
+    pub permanent_error: bool,
 }
 
 type Progress = Box<dyn FnMut(StepProgress) + Send>;
@@ -167,6 +169,7 @@ fn ensure_loaded(
             set(state, |s| {
                 s.loaded = true;
                 s.last_error = None;
+                s.permanent_error = false;
                 s.status = Some(status);
                 s.loads += 1;
             });
@@ -175,14 +178,16 @@ fn ensure_loaded(
         Err(e) => {
             let msg = format!("{e:#}");
             tracing::error!(error = %msg, "model load failed");
+            let permanent = e.is_permanent();
             set(state, |s| {
                 s.loaded = false;
                 s.last_error = Some(msg.clone());
                 s.load_failures += 1;
+                s.permanent_error = permanent;
             });
             Err(InferError::Load {
                 message: msg,
-                permanent: e.is_permanent(),
+                permanent,
             })
         }
     }

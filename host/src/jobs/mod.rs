@@ -110,8 +110,8 @@ struct Inner {
     dispatcher: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     monitor: Arc<Monitor>,
     supervising: std::sync::atomic::AtomicBool,
-    /// When the supervisor tries loading again (Unix ms; 0 before its first wait): the
-    /// retry-after a job refused meanwhile is told.
+    /// When the supervisor tries loading again (Unix ms; 0 before its first wait, and past
+    /// while it loads): the retry-after a job refused meanwhile is told.
     next_load_ms: std::sync::atomic::AtomicU64,
     metrics: JobMetrics,
 }
@@ -160,9 +160,13 @@ impl JobMetrics {
 /// Name of the model-loading breaker in the `breakers` tree.
 pub const MODEL_BREAKER: &str = "model";
 
-/// Every breaker the worker consults. The admin API resets or forces open only these: a
-/// mistyped name must be an error, not a new breaker that nothing reads.
+/// Every breaker the worker keeps. The admin API resets only these: a mistyped name must be
+/// an error, not a new breaker that nothing reads.
 pub const BREAKERS: [&str; 2] = [upload::STORAGE_BREAKER, MODEL_BREAKER];
+
+/// The breakers that calls wait on, and so the ones forcing open means something for. The
+/// model breaker only records the background loader's attempts.
+pub const GATING_BREAKERS: [&str; 1] = [upload::STORAGE_BREAKER];
 
 /// The job service; cheap to clone.
 #[derive(Clone)]
@@ -272,7 +276,6 @@ impl JobService {
                 (0u32, 0u64, Instant::now());
             loop {
                 attempt += 1;
-                i.next_load_ms.store(0, Ordering::Release);
                 let t = Instant::now();
                 let result = i.inference.load(false).await;
                 upload::record(
@@ -753,16 +756,24 @@ impl JobService {
             upload::admit(&i.registry, &i.breakers, upload::STORAGE_BREAKER)?;
         }
         let model = i.inference.state();
+        if model.permanent_error {
+            // Said as the load said it, before the supervisor has noticed and stopped.
+            return Err(infer_error(InferError::Load {
+                message: model.last_error.unwrap_or_default(),
+                permanent: true,
+            }));
+        }
         if !model.loaded && i.supervising.load(Ordering::Acquire) {
             let why = model
                 .last_error
                 .unwrap_or_else(|| "the model is loading".into());
-            // The supervisor's next try, when it is waiting for one; else (loading now) a
-            // short wait.
-            let retry_after_ms = match i.next_load_ms.load(Ordering::Acquire) {
-                0 => 5000,
-                at => at.saturating_sub(now_ms()).max(1000),
-            };
+            // The supervisor's next try (a second at least: it may be loading now, or about
+            // to be).
+            let retry_after_ms = i
+                .next_load_ms
+                .load(Ordering::Acquire)
+                .saturating_sub(now_ms())
+                .max(1000);
             return Err(ErrorResponse::new(
                 ErrorType::InitializationError,
                 format!("the model is not ready: {why}"),

@@ -55,6 +55,8 @@ struct Inner {
     stop: Vec<String>,
     /// How long a job-stop poll is held when nothing is to stop (the platform holds it).
     stop_hold: Duration,
+    /// A status every job-stop poll gets instead (429, say).
+    stop_status: Option<u16>,
     seen: Vec<Seen>,
 }
 
@@ -124,6 +126,11 @@ impl FakeRunpod {
 
     pub fn stop_job(&self, id: &str) {
         self.inner.lock().unwrap().stop.push(id.into());
+    }
+
+    /// Answers every job-stop poll with `status` (and no body).
+    pub fn answer_stop_polls_with(&self, status: u16) {
+        self.inner.lock().unwrap().stop_status = Some(status);
     }
 
     /// Holds each job-stop poll this long unless a stop arrives meanwhile (as the platform
@@ -214,6 +221,9 @@ async fn handle(State(fake): State<FakeRunpod>, req: Request) -> Response {
             .unwrap()
             .into_response()
     } else if path.contains("/job-stop/") {
+        if let Some(s) = fake.inner.lock().unwrap().stop_status {
+            return StatusCode::from_u16(s).unwrap().into_response();
+        }
         let held = Instant::now();
         let stop = loop {
             let (stop, hold) = {
