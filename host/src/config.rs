@@ -448,6 +448,8 @@ impl Config {
                 "SUPABASE_BUCKET" => Some("HEADSHOT__STORAGE__SUPABASE__BUCKET"),
                 _ => None,
             };
+            // Errors name the variable as the operator set it (SUPABASE_URL, not its mapping).
+            let origin = format!("environment variable {name}");
             let name = match well_known {
                 Some(mapped) => mapped.to_string(),
                 None => name,
@@ -457,13 +459,7 @@ impl Config {
             };
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             let layer = env_layer(&merged, &path, &raw, &name)?;
-            merge_into(
-                &mut merged,
-                layer,
-                "",
-                &format!("environment variable {name}"),
-                &mut origins,
-            )?;
+            merge_into(&mut merged, layer, "", &origin, &mut origins)?;
         }
         let config = Config::deserialize(Value::Table(merged))
             .map_err(|e| deserialize_error(&e.to_string(), &origins))?;
@@ -784,10 +780,21 @@ fn deserialize_error(message: &str, origins: &Origins) -> ConfigError {
     }
 }
 
-/// Names the layer that set an invalid key, when one did (a default has no layer to name).
+/// Names the layer that set an invalid key, when one did (a default has no layer to name). A
+/// key inside a table set whole (a freeform one) takes the table's layer.
 fn with_origin(error: ConfigError, origins: &Origins) -> ConfigError {
+    let origin_of = |key: &str| {
+        let mut at = Some(key);
+        while let Some(k) = at {
+            if let Some(origin) = origins.get(k) {
+                return Some(origin);
+            }
+            at = k.rsplit_once('.').map(|(parent, _)| parent);
+        }
+        None
+    };
     match error {
-        ConfigError::Invalid { key, message } => match origins.get(&key) {
+        ConfigError::Invalid { key, message } => match origin_of(&key) {
             Some(origin) => ConfigError::InvalidFrom {
                 key,
                 origin: origin.clone(),
@@ -1167,6 +1174,7 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key), "{toml}: {e}");
+            assert!(e.contains("(from f.toml)"), "{toml}: {e}");
         }
     }
 

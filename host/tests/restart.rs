@@ -32,22 +32,25 @@ fn jobs_accepted_before_a_sigkill_complete_after_the_restart() {
         ids.push(v["id"].as_str().unwrap().to_string());
     }
     // Kill the moment the first job is seen running, before any progress may have been
-    // flushed: its start must already be on disk.
+    // flushed: its start must already be on disk. (Seen done already on a very fast machine,
+    // it cannot count as interrupted.)
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let interrupted = loop {
         let v: Value = c
             .get(format!("{}/v2/local/status/crash-0", api))
             .send()
             .unwrap()
             .json()
             .unwrap();
-        if v["status"] == "IN_PROGRESS" {
-            break;
+        match v["status"].as_str() {
+            Some("IN_QUEUE") => {}
+            Some("IN_PROGRESS") => break true,
+            Some("COMPLETED") => break false,
+            _ => panic!("crash-0: {v}"),
         }
-        assert_eq!(v["status"], "IN_QUEUE", "{v}");
         assert!(Instant::now() < deadline, "crash-0 never started: {v}");
         std::thread::sleep(Duration::from_millis(2));
-    }
+    };
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
@@ -77,7 +80,9 @@ fn jobs_accepted_before_a_sigkill_complete_after_the_restart() {
         .unwrap()
         .json()
         .unwrap();
-    assert_eq!(health["jobs"]["retried"], 1, "{health}");
+    if interrupted {
+        assert_eq!(health["jobs"]["retried"], 1, "{health}");
+    }
     // Each image exists exactly once under its job key.
     for id in &ids {
         let files: Vec<_> = std::fs::read_dir(dir.path().join("images/u1").join(id))

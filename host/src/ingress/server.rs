@@ -340,8 +340,9 @@ pub fn metrics_text(service: &JobService) -> String {
 
     // One registry read serves the three policy families (the last two only when it worked).
     // Each series is one loaded version (slot and sha256): its counts start when it is loaded
-    // and its series ends when it is swapped out, so a counter never goes down within one
-    // series (unlabelled by version, a swap read as a drop).
+    // and its series ends when it is swapped out (unlabelled by version, a swap read as a
+    // drop in one counter). A version activated again starts from zero, which Prometheus
+    // reads as a counter reset, as after a restart.
     let slots = service.registry().status().ok();
     let version = |s: &crate::policy::SlotStatus| {
         format!("{{slot=\"{}\",sha256=\"{}\"}}", s.kind, s.active.sha256)
