@@ -193,6 +193,51 @@ async fn cancel_a_queued_and_a_running_job() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_racing_the_dispatcher_end_each_job_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = serve(test_config(dir.path())).await;
+    let c = client();
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let mut inp = input(&format!("race {i}"), 64);
+        inp["steps"] = json!(1);
+        let v: Value = post_json(&c, api(&r, "/v2/local/run"), &json!({ "input": inp })).await;
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    // Every cancel at once, while the dispatcher takes the queue's head.
+    let cancels = ids.iter().map(|id| {
+        let (c, url) = (c.clone(), api(&r, &format!("/v2/local/cancel/{id}")));
+        tokio::spawn(async move { c.post(url).send().await.unwrap().status() })
+    });
+    for h in cancels.collect::<Vec<_>>() {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    let mut ended = std::collections::BTreeMap::new();
+    for id in &ids {
+        let v = wait_done(&c, &r, id).await;
+        *ended
+            .entry(v["status"].as_str().unwrap().to_string())
+            .or_insert(0u64) += 1;
+    }
+    let health: Value = get_json(&c, api(&r, "/v2/local/health")).await;
+    let metrics = c
+        .get(admin(&r, "/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let cancelled = ended.get("CANCELLED").copied().unwrap_or(0);
+    assert!(cancelled > 0, "{ended:?}");
+    assert_eq!(health["jobs"]["cancelled"], cancelled, "{health} {ended:?}");
+    let line = format!("headshot_job_errors_total{{error_type=\"cancelled\"}} {cancelled}\n");
+    assert!(metrics.contains(&line), "{line} not in {metrics}");
+    r.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_job_id_returns_the_recorded_result_without_generating_again() {
     let dir = tempfile::tempdir().unwrap();
     let r = serve(test_config(dir.path())).await;

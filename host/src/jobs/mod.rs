@@ -550,7 +550,7 @@ impl JobService {
     /// record (unchanged when already finished), or `None` for an unknown id.
     pub fn cancel(&self, id: &str) -> Result<Option<JobRecord>, ErrorResponse> {
         let i = &self.inner;
-        let Some(mut rec) = i.jobs.get(id).map_err(internal)? else {
+        let Some((mut rec, read)) = i.jobs.get_versioned(id).map_err(internal)? else {
             return Ok(None);
         };
         if rec.status.is_terminal() {
@@ -565,7 +565,11 @@ impl JobService {
                 Value::Null,
             );
             finish(&mut rec, JobStatus::Cancelled, None, Some(err));
-            i.jobs.put(&rec, true).map_err(internal)?;
+            if !i.jobs.replace(&read, &rec, true).map_err(internal)? {
+                // The dispatcher started it since the read: the flag set above stops it at
+                // its next step, and the run records (and counts) the end.
+                return i.jobs.get(id).map_err(internal);
+            }
             // Counted like any job that ends: /metrics agrees with /health.
             i.metrics.observe(&rec);
             i.live.finish(id);
@@ -650,7 +654,7 @@ impl JobService {
     /// Runs one job to its end and records the result.
     async fn run(&self, id: &str) -> Result<(), ErrorResponse> {
         let i = &self.inner;
-        let Some(mut rec) = i.jobs.get(id).map_err(internal)? else {
+        let Some((mut rec, read)) = i.jobs.get_versioned(id).map_err(internal)? else {
             return Ok(());
         };
         if rec.status.is_terminal() {
@@ -658,14 +662,18 @@ impl JobService {
         }
         let live = i.live.entry(id);
         if live.cancel.load(Ordering::Acquire) {
+            // A cancel is recording this job's end, or has: whichever of the two writes
+            // first, the job ends (and is counted) once.
             let err = ErrorResponse::new(
                 ErrorType::Cancelled,
                 "cancelled before it started",
                 Value::Null,
             );
             finish(&mut rec, JobStatus::Cancelled, None, Some(err));
-            i.metrics.observe(&rec);
-            return i.jobs.put(&rec, true).map_err(internal);
+            if i.jobs.replace(&read, &rec, true).map_err(internal)? {
+                i.metrics.observe(&rec);
+            }
+            return Ok(());
         }
         rec.status = JobStatus::InProgress;
         rec.attempts += 1;
@@ -677,7 +685,10 @@ impl JobService {
         );
         // Flushed, as is the request with its seed below: a run that a crash or a power loss
         // interrupts counts as an attempt and reruns with the same seed (two fsyncs per job).
-        i.jobs.put(&rec, true).map_err(internal)?;
+        // Only over the record as read: a cancel that recorded the job's end since wins.
+        if !i.jobs.replace(&read, &rec, true).map_err(internal)? {
+            return Ok(());
+        }
         let t0 = Instant::now();
         let outcome = self.stages(&mut rec, &live).await;
         rec.timings.insert("total_ms".into(), ms(t0.elapsed()));

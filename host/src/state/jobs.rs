@@ -92,6 +92,11 @@ pub struct JobRecord {
     pub queue_seq: Option<u64>,
 }
 
+/// The stored form of a job as it was read: what [`JobStore::replace`] compares. (The bytes,
+/// not a re-encoding: a float read back from JSON may print differently.)
+#[derive(Clone, Debug)]
+pub struct Version(sled::IVec);
+
 /// A history query.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct JobFilter {
@@ -132,16 +137,51 @@ impl JobStore {
 
     /// A job by id.
     pub fn get(&self, id: &str) -> Result<Option<JobRecord>, StateError> {
+        Ok(self.get_versioned(id)?.map(|(record, _)| record))
+    }
+
+    /// A job by id with the stored bytes it was read from, for [`JobStore::replace`].
+    pub fn get_versioned(&self, id: &str) -> Result<Option<(JobRecord, Version)>, StateError> {
         self.jobs
             .get(id)?
             .map(|raw| {
-                serde_json::from_slice(&raw).map_err(|e| StateError::Corrupt {
-                    tree: "jobs",
-                    key: id.into(),
-                    message: e.to_string(),
-                })
+                serde_json::from_slice(&raw)
+                    .map(|record| (record, Version(raw)))
+                    .map_err(|e| StateError::Corrupt {
+                        tree: "jobs",
+                        key: id.into(),
+                        message: e.to_string(),
+                    })
             })
             .transpose()
+    }
+
+    /// Stores `record` only if its stored bytes are still those of `read` (nobody wrote the
+    /// job since): a cancel and the dispatcher starting the same queued job cannot both win.
+    /// Returns whether it was stored.
+    pub fn replace(
+        &self,
+        read: &Version,
+        record: &JobRecord,
+        durable: bool,
+    ) -> Result<bool, StateError> {
+        let swapped = self.jobs.compare_and_swap(
+            record.id.as_bytes(),
+            Some(read.0.clone()),
+            Some(encode(record)?),
+        )?;
+        if swapped.is_err() {
+            return Ok(false);
+        }
+        if record.status.is_terminal()
+            && let Some(seq) = record.queue_seq
+        {
+            self.queue.remove(seq.to_be_bytes())?;
+        }
+        if durable {
+            self.db.flush()?;
+        }
+        Ok(true)
     }
 
     /// Stores a new job as IN_QUEUE and flushes, unless the id exists: then returns the
@@ -394,6 +434,29 @@ mod tests {
         );
         finish(&s, "a", JobStatus::Completed);
         assert_eq!(s.unfinished().unwrap(), vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn replace_stores_only_over_the_record_as_read() {
+        let (_d, s) = store();
+        s.accept("r", serde_json::json!({"timing": 0.1 + 0.2}), 1)
+            .unwrap()
+            .unwrap();
+        let (mut started, read) = s.get_versioned("r").unwrap().unwrap();
+        let (mut cancelled, same_read) = s.get_versioned("r").unwrap().unwrap();
+        started.status = JobStatus::InProgress;
+        started.timings.insert("queue_ms".into(), 1.0 / 3.0);
+        assert!(s.replace(&read, &started, false).unwrap());
+        // The second writer read the same bytes and loses.
+        cancelled.status = JobStatus::Cancelled;
+        assert!(!s.replace(&same_read, &cancelled, true).unwrap());
+        assert_eq!(s.get("r").unwrap().unwrap().status, JobStatus::InProgress);
+        assert_eq!(s.unfinished().unwrap(), vec!["r".to_string()]);
+        // A record with floats read back still matches its own bytes.
+        let (mut done, read) = s.get_versioned("r").unwrap().unwrap();
+        done.status = JobStatus::Completed;
+        assert!(s.replace(&read, &done, true).unwrap());
+        assert!(s.unfinished().unwrap().is_empty());
     }
 
     #[test]
