@@ -105,8 +105,10 @@ def main(out_dir):
                 failed.append(f"{header}: {c.group(1)} {c.group(2)}{c.group(3)}(bound {c.group(4)})")
             if line.startswith("CHECK ") and " where: " in line:
                 failed.append("    " + line.strip())
-            if "CHECK stopped" in line or "panicked" in line:
-                failed.append(f"{header}: {line.strip()}")
+            # Why a run ended: a panic nobody caught, or the error the CLI printed (a panic
+            # caught on the way, cudarc's for one, is in it).
+            if "CHECK stopped" in line or "panicked" in line or line.startswith("error: "):
+                failed.append(f"{header}: {line.strip()[:400]}")
         # A run that failed or ran out of time has no table row: say so. Every run the script
         # starts ends with an `exit N` line; one without it was cut off with the device call.
         # (run-bench.sh's own output, read from vs-torch/, has none.)
