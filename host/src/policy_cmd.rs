@@ -126,6 +126,9 @@ pub fn run(config: &Config, command: PolicyCommand) -> Result<()> {
                         a.size_bytes,
                         s.previous.len()
                     );
+                    if let Some(why) = &s.fallback {
+                        outln!("{:<10} standing in: {why}", "");
+                    }
                 }
             }
             Ok(())

@@ -152,3 +152,37 @@ async fn modules_that_always_misbehave_are_refused_at_upload() {
         r.shutdown().await;
     }
 }
+
+/// The hostile module activated, then a restart with settings under which it fails its start:
+/// the built-in stands in, the worker serves, and `/readyz` says so without calling the
+/// worker unready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_fails_its_start_is_stood_in_for_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let hostile = std::fs::read(env!("HEADSHOT_TEST_HOSTILE_WASM")).unwrap();
+    let r = serve(test_config(dir.path())).await;
+    let (got, body) = upload(&c, &r, "validator", hostile).await;
+    assert_eq!(got, 201, "{body}");
+    r.shutdown().await;
+
+    let mut cfg = test_config(dir.path());
+    cfg.policies
+        .validator
+        .custom
+        .insert("always".into(), "loop".into());
+    cfg.policies.validator.deadline_ms = 200;
+    let r = serve(cfg).await;
+    let ready = c.get(api(&r, "/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let ready: Value = ready.json().await.unwrap();
+    let warning = ready["warnings"][0].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("validator policy") && warning.contains("does not load"),
+        "{ready}"
+    );
+    assert!(ready["policies"][0]["fallback"].is_string(), "{ready}");
+    let v: Value = runsync(&c, &r, "a portrait").await;
+    assert_eq!(v["status"], "COMPLETED", "{v}");
+    r.shutdown().await;
+}

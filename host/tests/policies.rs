@@ -487,3 +487,60 @@ fn restart_keeps_the_active_version_and_its_history() {
         PolicySource::Builtin
     );
 }
+
+#[test]
+fn a_stored_version_that_does_not_load_at_start_is_stood_in_for_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let hostile = read(HOSTILE);
+    let sha = sha256_hex(&hostile);
+    let reopen = |s: PolicySettings| {
+        let state = StateDb::open(&state_dir).unwrap();
+        let registry = Registry::open(s, &state, &shared_cache()).unwrap();
+        (state, registry)
+    };
+    {
+        let (_state, registry) = reopen(settings());
+        registry.push(PolicyKind::Validator, &hostile).unwrap();
+    }
+    // Settings under which the active version fails its start (it attacks every call).
+    let mut attacking = settings();
+    attacking.slots[PolicyKind::Validator.index()].custom = serde_json::json!({ "always": "loop" });
+    attacking.slots[PolicyKind::Validator.index()].deadline = Duration::from_millis(200);
+    {
+        let (_state, registry) = reopen(attacking.clone());
+        let active = registry.active(PolicyKind::Validator);
+        assert_eq!(active.meta().source, PolicySource::Builtin);
+        let status = registry.status().unwrap();
+        let why = status[0]
+            .fallback
+            .as_deref()
+            .expect("the stand-in is reported");
+        assert!(why.contains(&sha) && why.contains("does not load"), "{why}");
+        assert!(
+            registry
+                .validate(&request("a portrait", 512, 512))
+                .0
+                .is_ok()
+        );
+    }
+    // Settings fixed: the operator's version is back, with no stand-in.
+    {
+        let (_state, registry) = reopen(settings());
+        assert_eq!(registry.active(PolicyKind::Validator).meta().sha256, sha);
+        assert_eq!(registry.status().unwrap()[0].fallback, None);
+    }
+    // Standing in, activating the built-in is a change that is kept.
+    {
+        let (_state, registry) = reopen(attacking);
+        let builtin = registry.active(PolicyKind::Validator).meta().sha256.clone();
+        let report = registry.activate(PolicyKind::Validator, &builtin).unwrap();
+        assert!(!report.unchanged);
+        assert_eq!(registry.status().unwrap()[0].fallback, None);
+    }
+    let (_state, registry) = reopen(settings());
+    assert_eq!(
+        registry.active(PolicyKind::Validator).meta().source,
+        PolicySource::Builtin
+    );
+}

@@ -360,9 +360,21 @@ async fn healthz() -> Response {
 async fn readyz(State(state): State<ApiState>) -> Response {
     let model = state.service.inference().state();
     let storage = state.service.store().health().await;
-    let policies = state.service.registry().status().map(|s| {
+    let slots = state.service.registry().status();
+    // A built-in standing in for a stored version that did not load: the worker serves, but
+    // not with the policy the operator activated.
+    let warnings: Vec<String> = slots
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            p.fallback
+                .as_ref()
+                .map(|why| format!("{} policy: {why}", p.kind))
+        })
+        .collect();
+    let policies = slots.map(|s| {
         s.into_iter()
-            .map(|p| json!({ "kind": p.kind, "name": p.active.name, "sha256": p.active.sha256 }))
+            .map(|p| json!({ "kind": p.kind, "name": p.active.name, "sha256": p.active.sha256, "fallback": p.fallback }))
             .collect::<Vec<_>>()
     });
     let mut problems = Vec::new();
@@ -397,6 +409,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     let body = json!({
         "ready": problems.is_empty(),
         "problems": problems,
+        "warnings": warnings,
         "model": { "loaded": model.loaded, "busy": model.busy, "last_error": model.last_error, "load_failures": model.load_failures },
         "storage": { "backend": state.service.store().name(), "ok": storage.is_ok() && !forced_open, "breaker": breaker.ok() },
         "policies": policies.unwrap_or_default(),

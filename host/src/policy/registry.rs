@@ -113,6 +113,9 @@ pub struct SlotStatus {
     pub on_error: OnError,
     /// Per-call deadline, ms.
     pub deadline_ms: u64,
+    /// Why the built-in serves in place of the stored active version, when it does (the
+    /// stored one failed to load at start); cleared by the next activation or rollback.
+    pub fallback: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -137,6 +140,9 @@ pub struct Registry {
     recent: Mutex<HashMap<String, Arc<LoadedPolicy>>>,
     change: Mutex<()>,
     native_sanitizer: sanitize::Sanitizer,
+    /// Per slot, why the built-in stands in for the stored active version (see
+    /// [`SlotStatus::fallback`]).
+    fallbacks: Mutex<[Option<String>; 3]>,
 }
 
 impl Registry {
@@ -154,6 +160,7 @@ impl Registry {
         let compiler = Compiler::new(Arc::clone(&engine), cache_dir)?;
         let store = state.policies()?;
         let mut loaded = Vec::with_capacity(3);
+        let mut fallbacks: [Option<String>; 3] = Default::default();
         let mut partial = Partial {
             engine: &engine,
             compiler: &compiler,
@@ -161,7 +168,9 @@ impl Registry {
             settings: &settings,
         };
         for kind in PolicyKind::ALL {
-            loaded.push(partial.restore(kind)?);
+            let (policy, fallback) = partial.restore(kind)?;
+            loaded.push(policy);
+            fallbacks[kind.index()] = fallback;
         }
         let [v, s, r]: [Arc<LoadedPolicy>; 3] = loaded
             .try_into()
@@ -180,6 +189,7 @@ impl Registry {
             recent: Mutex::new(recent),
             change: Mutex::new(()),
             native_sanitizer: sanitize::Sanitizer::new(settings_sanitizer),
+            fallbacks: Mutex::new(fallbacks),
         })
     }
 
@@ -240,7 +250,14 @@ impl Registry {
             .lock()
             .map_err(|_| UploadError::Start("activation lock poisoned".into()))?;
         let current = self.active(kind);
-        if current.meta().sha256 == sha256 {
+        let standing_in = self
+            .fallbacks
+            .lock()
+            .map(|f| f[kind.index()].is_some())
+            .unwrap_or(false);
+        // While the built-in stands in, activating it is a change: it becomes the stored
+        // active version too.
+        if current.meta().sha256 == sha256 && !standing_in {
             return Ok(ActivationReport {
                 kind,
                 active: current.meta().clone(),
@@ -288,6 +305,9 @@ impl Registry {
 
     fn swap(&self, kind: PolicyKind, next: Arc<LoadedPolicy>, start: Instant) -> ActivationReport {
         let old = self.slots[kind.index()].swap(Arc::clone(&next));
+        if let Ok(mut fallbacks) = self.fallbacks.lock() {
+            fallbacks[kind.index()] = None;
+        }
         let activation_ms = ms(start.elapsed());
         let drained_ms = old.drain(Duration::from_secs(1)).map(ms);
         tracing::info!(kind = %kind, from = %old.meta().sha256, to = %next.meta().sha256, activation_ms, "policy activated");
@@ -366,6 +386,11 @@ impl Registry {
                     last_error: p.stats.last_error.lock().ok().and_then(|e| e.clone()),
                     on_error: slot.on_error,
                     deadline_ms: slot.deadline.as_millis() as u64,
+                    fallback: self
+                        .fallbacks
+                        .lock()
+                        .ok()
+                        .and_then(|f| f[kind.index()].clone()),
                 })
             })
             .collect()
@@ -533,11 +558,19 @@ impl Partial<'_> {
         Ok((report, loaded))
     }
 
-    /// The version to serve at startup.
-    fn restore(&mut self, kind: PolicyKind) -> Result<Arc<LoadedPolicy>, UploadError> {
+    /// The version to serve at startup, and why the built-in stands in for the stored active
+    /// version when it does. A stored version that fails to load (settings its `configure`
+    /// refuses today, say) stays the stored active one, so the next start tries it again:
+    /// recording the built-in in its place would switch the operator's policy off for good
+    /// on one bad start.
+    fn restore(
+        &mut self,
+        kind: PolicyKind,
+    ) -> Result<(Arc<LoadedPolicy>, Option<String>), UploadError> {
         let builtin = builtin_bytes(kind);
         let builtin_sha = sha256_hex(builtin);
         let record = self.store.active(kind)?;
+        let mut fallback = None;
         if let Some(rec) = &record {
             let upgraded_builtin =
                 rec.current.source == PolicySource::Builtin && rec.current.sha256 != builtin_sha;
@@ -554,19 +587,32 @@ impl Partial<'_> {
                         rec.current.source,
                         false,
                     ) {
-                        Ok((_, loaded)) => return Ok(loaded),
-                        Err(e) => tracing::error!(
-                            kind = %kind, sha256 = %rec.current.sha256, error = %e,
-                            "the stored active policy no longer loads; serving the built-in instead"
-                        ),
+                        Ok((_, loaded)) => return Ok((loaded, None)),
+                        Err(e) => {
+                            tracing::error!(
+                                kind = %kind, sha256 = %rec.current.sha256, error = %e,
+                                "the stored active policy does not load; the built-in serves until it does (next start) or another version is activated"
+                            );
+                            fallback = Some(format!(
+                                "the active version {} does not load ({e}); the built-in serves until it loads at a later start or another version is activated",
+                                rec.current.sha256
+                            ));
+                        }
                     },
                     None => {
-                        tracing::error!(kind = %kind, sha256 = %rec.current.sha256, "the active policy's bytes are missing; serving the built-in")
+                        tracing::error!(kind = %kind, sha256 = %rec.current.sha256, "the active policy's bytes are missing; serving the built-in");
+                        fallback = Some(format!(
+                            "the active version {}'s bytes are missing from the state database; the built-in serves until another version is activated",
+                            rec.current.sha256
+                        ));
                     }
                 }
             }
         }
         let (_, loaded) = self.upload(kind, builtin, PolicySource::Builtin)?;
+        if fallback.is_some() {
+            return Ok((loaded, fallback));
+        }
         if record.as_ref().map(|r| r.current.sha256.as_str()) != Some(builtin_sha.as_str()) {
             self.store.activate(
                 kind,
@@ -577,7 +623,7 @@ impl Partial<'_> {
                 },
             )?;
         }
-        Ok(loaded)
+        Ok((loaded, None))
     }
 }
 
