@@ -33,6 +33,15 @@ pub enum CallError {
     /// The engine itself could not be set up.
     #[error("policy engine: {0}")]
     Engine(String),
+    /// The canned call every new instance gets before it serves failed: named as such, or a
+    /// module that fails only in `validate` read as refusing its configuration.
+    #[error("policy failed the warm-up call each instance gets before it serves ({call}): {error}")]
+    WarmUp {
+        /// The call and its input.
+        call: &'static str,
+        /// How it failed.
+        error: Box<CallError>,
+    },
 }
 
 impl CallError {
@@ -48,6 +57,7 @@ impl CallError {
             Self::Capacity(_) => "capacity",
             Self::Configure(_) => "configure",
             Self::Engine(_) => "engine",
+            Self::WarmUp { error, .. } => error.label(),
         }
     }
 }
@@ -90,8 +100,9 @@ pub enum UploadError {
         /// What wasmtime found missing or mistyped.
         message: String,
     },
-    /// `configure` refused the slot's settings, or instantiation failed.
-    #[error("policy could not start with this worker's settings: {0}")]
+    /// `configure` refused the slot's settings, instantiation failed, or the warm-up call
+    /// did (the message says which).
+    #[error("policy could not start: {0}")]
     Start(String),
     /// One or more conformance cases failed.
     #[error("policy failed {} conformance case(s): {}", failed.len(), failed.join("; "))]

@@ -144,19 +144,26 @@ impl Core {
         // One canned call (no request data) touches the pages a real call needs — stack,
         // heap growth, lazily initialised tables — so the request that gets this instance
         // does not pay for page faults. The instance has still served no request.
-        let warmed = match &bound {
-            Bound::Validator(b) => b
-                .headshot_policy_validation()
-                .call_validate(&mut store, WARM_INPUT)
-                .map(drop),
-            Bound::Sanitizer(b) => b
-                .headshot_policy_sanitization()
-                .call_sanitize(&mut store, WARM_PROMPT)
-                .map(drop),
-            Bound::Resilience(_) => Ok(()),
+        let (call, warmed) = match &bound {
+            Bound::Validator(b) => (
+                "validate of a standard 512x512 request",
+                b.headshot_policy_validation()
+                    .call_validate(&mut store, WARM_INPUT)
+                    .map(drop),
+            ),
+            Bound::Sanitizer(b) => (
+                "sanitize of a short portrait prompt",
+                b.headshot_policy_sanitization()
+                    .call_sanitize(&mut store, WARM_PROMPT)
+                    .map(drop),
+            ),
+            Bound::Resilience(_) => ("none", Ok(())),
         };
         if let Err(e) = warmed {
-            return Err(classify(&e));
+            return Err(CallError::WarmUp {
+                call,
+                error: Box::new(classify(&e)),
+            });
         }
         Ok(Ready { store, bound })
     }
