@@ -233,7 +233,7 @@ fn hostile_guest_is_contained_per_call_and_the_slot_keeps_serving() {
         .push(PolicyKind::Validator, &read(HOSTILE))
         .unwrap();
     type Expect = fn(&CallError) -> bool;
-    let cases: [(&str, Expect); 5] = [
+    let cases: [(&str, Expect); 6] = [
         ("loop", |e| *e == CallError::Deadline),
         ("memory", |e| *e == CallError::Memory),
         ("recursion", |e| *e == CallError::StackOverflow),
@@ -244,6 +244,11 @@ fn hostile_guest_is_contained_per_call_and_the_slot_keeps_serving() {
             )
         }),
         ("trap", |e| matches!(e, CallError::Trap(_))),
+        // The SDK's panic hook logs the message; the host puts it in the error.
+        (
+            "panic",
+            |e| matches!(e, CallError::Trap(t) if t.contains("a hostile panic with its reason") && t.contains("src/lib.rs")),
+        ),
     ];
     for (attack, expected) in cases {
         let start = Instant::now();
@@ -275,7 +280,7 @@ fn hostile_guest_is_contained_per_call_and_the_slot_keeps_serving() {
             .is_ok()
     );
     let status = f.registry.status().unwrap();
-    assert_eq!(status[0].failures, 5);
+    assert_eq!(status[0].failures, 6);
 }
 
 #[test]

@@ -59,6 +59,8 @@ pub struct HostState {
     log_left: u32,
     log_dropped: u32,
     log_line_bytes: usize,
+    /// The panic message the SDK's panic hook logged in this call, for the trap's error.
+    panic_line: Option<String>,
 }
 
 impl HostState {
@@ -72,6 +74,14 @@ impl bindings::validator::headshot::policy::types::Host for HostState {}
 
 impl bindings::validator::headshot::policy::host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
+        if level == Level::Error && message.starts_with("panicked at ") && self.panic_line.is_none()
+        {
+            let mut end = message.len().min(self.log_line_bytes);
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.panic_line = Some(message[..end].to_string());
+        }
         if self.log_left == 0 {
             self.log_dropped = self.log_dropped.saturating_add(1);
             return;
@@ -217,6 +227,7 @@ impl PolicyEngine {
                 log_left: self.limits.log_lines_per_call,
                 log_dropped: 0,
                 log_line_bytes: self.limits.log_line_bytes,
+                panic_line: None,
             },
         );
         store.limiter(|s| &mut s.limits);
@@ -264,6 +275,15 @@ impl Drop for PolicyEngine {
 }
 
 /// Names the limit a failed call ran into.
+/// As [`classify`], with the panic message the guest logged (the SDK's panic hook) in front of
+/// a trap, so the error says what the policy's code said and where.
+pub fn classify_in(err: &wasmtime::Error, state: &HostState) -> CallError {
+    match (classify(err), &state.panic_line) {
+        (CallError::Trap(trap), Some(panic)) => CallError::Trap(format!("{panic} ({trap})")),
+        (other, _) => other,
+    }
+}
+
 pub fn classify(err: &wasmtime::Error) -> CallError {
     if let Some(trap) = err.downcast_ref::<Trap>() {
         return match trap {

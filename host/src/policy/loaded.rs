@@ -17,7 +17,7 @@ use wasmtime::component::Component;
 
 use super::bindings::{resilience, sanitizer, validator};
 use super::convert::{self, OutputLimits};
-use super::engine::{HostState, PolicyEngine, classify};
+use super::engine::{HostState, PolicyEngine, classify, classify_in};
 use super::error::{CallError, UploadError};
 use super::kind::PolicyKind;
 
@@ -139,7 +139,7 @@ impl Core {
         match configured {
             Ok(Ok(())) => {}
             Ok(Err(message)) => return Err(CallError::Configure(message)),
-            Err(e) => return Err(classify(&e)),
+            Err(e) => return Err(classify_in(&e, store.data())),
         }
         // One canned call (no request data) touches the pages a real call needs — stack,
         // heap growth, lazily initialised tables — so the request that gets this instance
@@ -162,7 +162,7 @@ impl Core {
         if let Err(e) = warmed {
             return Err(CallError::WarmUp {
                 call,
-                error: Box::new(classify(&e)),
+                error: Box::new(classify_in(&e, store.data())),
             });
         }
         Ok(Ready { store, bound })
@@ -381,7 +381,8 @@ impl LoadedPolicy {
         self.core
             .engine
             .arm(&mut ready.store, self.core.settings.deadline)?;
-        let result = f(&mut ready.store, &ready.bound).map_err(|e| classify(&e));
+        let result =
+            f(&mut ready.store, &ready.bound).map_err(|e| classify_in(&e, ready.store.data()));
         // Dropping a store returns its slot to the pool allocator (memory reset): off the
         // request path.
         self.core.engine.chore(Box::new(move || drop(ready)));

@@ -35,8 +35,23 @@ fn with_stored<R>(f: impl FnOnce(&mut Stored) -> R) -> R {
     f(stored)
 }
 
+/// Sends a panic's message (with its location) to `host.log` at error level before the
+/// module aborts. Without it the text went to stderr, which the host stubs out, and the call
+/// failed as a bare trap; the host puts this line into the call's error. Installed by every
+/// `configure`, which each new instance runs first.
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            // "panicked at src/lib.rs:9:5:\nmessage", on one line.
+            super::log::error(&info.to_string().replace('\n', " "));
+        }));
+    });
+}
+
 #[doc(hidden)]
 pub fn configure_validator(json: &str) -> Result<(), String> {
+    install_panic_hook();
     let env = envelope::parse::<ValidatorConfig>(json, ValidatorConfig::check)?;
     with_stored(|s| {
         s.validator = Some(env.standard);
@@ -47,6 +62,7 @@ pub fn configure_validator(json: &str) -> Result<(), String> {
 
 #[doc(hidden)]
 pub fn configure_sanitizer(json: &str) -> Result<(), String> {
+    install_panic_hook();
     let env = envelope::parse::<SanitizerConfig>(json, SanitizerConfig::check)?;
     with_stored(|s| {
         s.sanitizer = Some(PreparedSanitizer::new(env.standard));
@@ -57,6 +73,7 @@ pub fn configure_sanitizer(json: &str) -> Result<(), String> {
 
 #[doc(hidden)]
 pub fn configure_resilience(json: &str) -> Result<(), String> {
+    install_panic_hook();
     let env = envelope::parse::<ResilienceConfig>(json, ResilienceConfig::check)?;
     with_stored(|s| {
         s.resilience = Some(env.standard);

@@ -10,7 +10,7 @@ use headshot_plugin_sdk::{FieldError, GenerationRequest, Validator, standard_req
 
 static ALWAYS: AtomicU8 = AtomicU8::new(0);
 
-const ATTACKS: &[&str] = &["none", "loop", "memory", "recursion", "huge-output", "trap", "reject-all", "log-spam"];
+const ATTACKS: &[&str] = &["none", "loop", "memory", "recursion", "huge-output", "trap", "reject-all", "log-spam", "panic"];
 
 fn attack_code(name: &str) -> u8 {
     ATTACKS.iter().position(|a| *a == name).unwrap_or(0) as u8
@@ -46,6 +46,7 @@ fn run_attack(code: u8, req: GenerationRequest) -> Result<GenerationRequest, Vec
         }
         "huge-output" => Err(vec![FieldError::new("/input/prompt", "huge", "x".repeat(16 << 20))]),
         "trap" => std::process::abort(),
+        "panic" => panic!("a hostile panic with its reason"),
         "reject-all" => Err(vec![FieldError::new("/input", "rejected", "this policy rejects everything")]),
         "log-spam" => {
             for i in 0..2_000 {
