@@ -186,3 +186,31 @@ async fn a_policy_that_fails_its_start_is_stood_in_for_and_reported() {
     assert_eq!(v["status"], "COMPLETED", "{v}");
     r.shutdown().await;
 }
+
+/// Under fail_open a failing validator leaves the decision to the built-in rules: the job
+/// record says so beside the version it called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_open_fallback_is_recorded_with_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.policies.validator.on_error = headshot_host::policy::OnError::FailOpen;
+    let r = serve(cfg).await;
+    let c = client();
+    let hostile = std::fs::read(env!("HEADSHOT_TEST_HOSTILE_WASM")).unwrap();
+    let (got, body) = upload(&c, &r, "validator", hostile).await;
+    assert_eq!(got, 201, "{body}");
+    for (prompt, fell_back) in [("attack:trap", true), ("a portrait", false)] {
+        let v: Value = runsync(&c, &r, prompt).await;
+        assert_eq!(v["status"], "COMPLETED", "{v}");
+        let id = v["id"].as_str().unwrap();
+        let job = get_admin_json(&c, admin(&r, &format!("/admin/jobs/{id}"))).await;
+        let policies = &job["job"]["policies"];
+        assert!(policies["validator"].is_string(), "{job}");
+        assert_eq!(
+            policies["validator_fallback"].is_string(),
+            fell_back,
+            "{prompt}: {job}"
+        );
+    }
+    r.shutdown().await;
+}

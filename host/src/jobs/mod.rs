@@ -25,7 +25,7 @@ use crate::error::{ErrorResponse, ErrorType};
 use crate::pipeline::rng::Rng;
 use crate::pipeline::style::apply_style;
 use crate::pipeline::{GenerateError, GenerationParams, LoadOptions};
-use crate::policy::{PolicyKind, Registry, ValidateError};
+use crate::policy::{Registry, ValidateError};
 use crate::resources::{AdmissionConfig, Monitor, SystemProbe};
 use crate::state::{BreakerStore, JobFilter, JobRecord, JobStatus, JobStore, StateDb};
 use crate::storage::{ImageStore, ObjectKey, Store};
@@ -718,8 +718,7 @@ impl JobService {
             None => {
                 let input = rec.input.to_string();
                 let (result, used) = i.registry.validate(&input);
-                rec.policies
-                    .insert(PolicyKind::Validator.as_str().into(), used.sha256);
+                record_used(rec, used);
                 let mut req = match result {
                     Ok(r) => r,
                     Err(ValidateError::Invalid(fields)) => {
@@ -734,8 +733,7 @@ impl JobService {
                 // sanitize
                 let t = Instant::now();
                 let (result, used) = i.registry.sanitize(&req.prompt);
-                rec.policies
-                    .insert(PolicyKind::Sanitizer.as_str().into(), used.sha256);
+                record_used(rec, used);
                 match result {
                     Ok(Sanitized::Unchanged) => {}
                     Ok(Sanitized::Cleaned { text, changes }) => {
@@ -952,6 +950,20 @@ impl JobService {
             "prompt_truncated_tokens": { "t5": generation.t5_truncated, "clip": generation.clip_truncated },
         }))
     }
+}
+
+/// Records which version of a slot a job called. Under `on_error = "fail_open"` a version
+/// that failed leaves the answer to the native built-in rules: recorded beside it
+/// (`"<slot>_fallback"`), or the record would credit the decision to the version that failed.
+fn record_used(rec: &mut JobRecord, used: crate::policy::Used) {
+    let slot = used.kind.as_str();
+    if used.fallback {
+        rec.policies.insert(
+            format!("{slot}_fallback"),
+            "the version failed; the native built-in rules answered (on_error = fail_open)".into(),
+        );
+    }
+    rec.policies.insert(slot.into(), used.sha256);
 }
 
 fn finish(
