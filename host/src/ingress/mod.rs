@@ -7,6 +7,7 @@
 pub mod admin;
 #[allow(clippy::result_large_err)]
 pub mod api;
+pub mod http_serve;
 pub mod openapi;
 pub mod reply;
 pub mod runpod;

@@ -227,12 +227,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             let graceful = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(graceful)
-                .await
-            {
-                tracing::error!(server = name, error = %e, "server stopped with an error");
-            }
+            super::http_serve::serve(listener, app, graceful).await;
+            tracing::debug!(server = name, "server stopped");
         }));
     }
     tracing::info!(api = %api_local, admin = %admin_local, "serving");
