@@ -44,7 +44,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/headshot /usr/local/bin/headshot
 COPY --from=weights /models /models
-COPY config/default.toml /etc/headshot/default.toml
+# The defaults are built into the binary; this copy documents every key and is the file the
+# worker reads (CMD below), so an image built FROM this one, or a mount over it, can change
+# them. HEADSHOT__* variables override it.
+COPY config/default.toml /etc/headshot/headshot.toml
 COPY test_input.json /app/test_input.json
 WORKDIR /app
 # Baked weights: HEADSHOT__MODEL__SOURCE=dir:/models/flux. Otherwise the hub, cached in
@@ -55,4 +58,6 @@ ENV HEADSHOT__MODEL__SOURCE=hub:black-forest-labs/FLUX.1-schnell \
     HF_HOME=/runpod-volume/hf \
     HEADSHOT_LOG_FORMAT=json
 # Runpod sets RUNPOD_WEBHOOK_GET_JOB & co.; without them the worker runs ./test_input.json once.
-CMD ["headshot", "worker"]
+# (On Runpod, RUNPOD_ENDPOINT_ID switches the logs to Runpod's line format whatever
+# HEADSHOT_LOG_FORMAT says; the JSON setting serves elsewhere.)
+CMD ["headshot", "--config", "/etc/headshot/headshot.toml", "worker"]

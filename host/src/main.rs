@@ -101,10 +101,10 @@ struct WorkerArgs {
     #[arg(long = "rp_serve_api", alias = "rp-serve-api")]
     rp_serve_api: bool,
     /// Local API host with --rp_serve_api.
-    #[arg(long = "rp_api_host", alias = "rp-api-host")]
+    #[arg(long = "rp_api_host", alias = "rp-api-host", requires = "rp_serve_api")]
     rp_api_host: Option<String>,
     /// Local API port with --rp_serve_api.
-    #[arg(long = "rp_api_port", alias = "rp-api-port")]
+    #[arg(long = "rp_api_port", alias = "rp-api-port", requires = "rp_serve_api")]
     rp_api_port: Option<u16>,
     /// Admin API port with --rp_serve_api, which serves the admin API too (0 = any free
     /// port); overrides server.admin_port.
@@ -129,12 +129,12 @@ struct GenerateArgs {
     /// Device: auto, cpu, cuda or cuda:N; overrides model.device.
     #[arg(long)]
     device: Option<String>,
-    /// Image width in pixels (multiple of 16).
-    #[arg(long, default_value_t = 1024)]
-    width: u32,
-    /// Image height in pixels (multiple of 16).
-    #[arg(long, default_value_t = 1024)]
-    height: u32,
+    /// Image width in pixels (multiple of 16; default: model.default_width).
+    #[arg(long)]
+    width: Option<u32>,
+    /// Image height in pixels (multiple of 16; default: model.default_height).
+    #[arg(long)]
+    height: Option<u32>,
     /// Denoising steps (default: 4 for schnell, 28 for dev).
     #[arg(long)]
     steps: Option<u32>,
@@ -227,11 +227,27 @@ enum BenchCommand {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("HEADSHOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // A malformed setting is said once logging is up, not dropped silently.
+    let mut unheeded = Vec::new();
+    let filter = match std::env::var("HEADSHOT_LOG") {
+        Err(_) => EnvFilter::new("info"),
+        Ok(raw) => EnvFilter::try_new(&raw).unwrap_or_else(|e| {
+            unheeded.push(format!(
+                "HEADSHOT_LOG `{raw}` is not a log filter ({e}); logging at info"
+            ));
+            EnvFilter::new("info")
+        }),
+    };
     let json = match std::env::var("HEADSHOT_LOG_FORMAT").ok().as_deref() {
         Some("json") => true,
         Some("pretty") => false,
-        _ => !std::io::stderr().is_terminal(),
+        None => !std::io::stderr().is_terminal(),
+        Some(other) => {
+            unheeded.push(format!(
+                "HEADSHOT_LOG_FORMAT `{other}` is neither json nor pretty; choosing by the terminal"
+            ));
+            !std::io::stderr().is_terminal()
+        }
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -242,6 +258,9 @@ fn init_tracing() {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
+    }
+    for warning in unheeded {
+        tracing::warn!("{warning}");
     }
 }
 
@@ -273,8 +292,8 @@ fn generate(mut config: Config, args: GenerateArgs) -> Result<()> {
     let prompt = apply_style(&config.styles, args.style.as_deref(), &args.prompt)?;
     let params = GenerationParams {
         prompt,
-        width: args.width,
-        height: args.height,
+        width: args.width.unwrap_or(config.model.default_width),
+        height: args.height.unwrap_or(config.model.default_height),
         steps: args.steps,
         guidance: args.guidance,
         seed: args.seed,
@@ -387,6 +406,11 @@ fn serve(mut config: Config, args: ServeArgs) -> Result<()> {
 fn worker(config: Config, args: WorkerArgs) -> Result<()> {
     use headshot_host::ingress::runpod::{RunpodEnv, Worker, WorkerOptions};
     if args.rp_serve_api {
+        // Checked here, not as a clap conflict: a conflict would lift the other worker flags'
+        // `requires = "rp_serve_api"`.
+        if args.test_input.is_some() {
+            bail!("--test-input runs one job and exits; it cannot be combined with --rp_serve_api");
+        }
         let serve_args = ServeArgs {
             host: args.rp_api_host,
             port: args.rp_api_port,

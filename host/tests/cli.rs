@@ -224,6 +224,66 @@ fn output_into_a_closed_pipe_ends_quietly() {
 }
 
 #[test]
+fn generate_takes_its_default_size_from_the_config_and_flags_without_effect_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+    let out = headshot_env(
+        tmp.path(),
+        &[
+            "generate",
+            "--prompt",
+            "x",
+            "--seed",
+            "7",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &[
+            ("HEADSHOT__MODEL__DEFAULT_WIDTH", "96"),
+            ("HEADSHOT__MODEL__DEFAULT_HEIGHT", "64"),
+            ("HEADSHOT_LOG_FORMAT", "colourful"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let png = std::fs::read(out_dir.join("headshot-7-0.png")).unwrap();
+    let reader = png::Decoder::new(std::io::Cursor::new(png))
+        .read_info()
+        .unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (96, 64));
+    // A log setting it cannot use is said, not dropped.
+    assert!(
+        text(&out.stderr).contains("HEADSHOT_LOG_FORMAT `colourful`"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Worker flags that only mean something with --rp_serve_api are refused without it.
+    for args in [
+        &["worker", "--rp_api_port", "9", "--test-input", "{}"][..],
+        &["worker", "--rp_api_host", "0.0.0.0", "--test-input", "{}"][..],
+        &["worker", "--admin-port", "0", "--test-input", "{}"][..],
+    ] {
+        let out = headshot(tmp.path(), args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(text(&out.stderr).contains("--rp_serve_api"), "{args:?}");
+    }
+    let out = headshot(
+        tmp.path(),
+        &["worker", "--rp_serve_api", "--test-input", "{}"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot be combined"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn config_errors_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_headshot"))
