@@ -183,8 +183,17 @@ impl JobService {
         registry: Arc<Registry>,
         store: Arc<Store>,
     ) -> Result<Self, ErrorResponse> {
-        let on_gpu = config.model.device.is_cuda();
-        let probe = Arc::new(SystemProbe::new(on_gpu, config.model.device.cuda_index()));
+        let device = config.model.device;
+        let probe = Arc::new(SystemProbe::new(device.is_cuda(), device.cuda_index()));
+        // With `auto` a CUDA build runs the model on the CPU when it finds no GPU: account
+        // for memory where the model will run. Counted on a GPU nobody can read, every
+        // request was admitted unchecked.
+        let on_gpu = match device {
+            crate::pipeline::device::DeviceSpec::Auto => {
+                device.is_cuda() && crate::resources::Probe::read(probe.as_ref()).gpu.is_some()
+            }
+            other => other.is_cuda(),
+        };
         let monitor = Arc::new(Monitor::new(probe, admission_config(&config), on_gpu));
         Self::start_with_monitor(config, state, registry, store, monitor)
     }
