@@ -93,8 +93,24 @@ pub fn run(config: &Config) -> Result<()> {
         .build()?;
     let storage = match config.storage.backend {
         StorageBackend::Local => {
-            let base = format!("http://{}:{}", config.server.host, config.server.port);
-            LocalStore::new(config.data_dir.join("images"), base, vec![0u8; 32]).map(Store::Local)
+            // The configured key and URL base are checked as `serve` checks them. An empty key
+            // is generated at the first start; a stand-in serves here (check writes nothing).
+            let local = &config.storage.local;
+            let base = if local.public_base_url.is_empty() {
+                format!("http://{}:{}", config.server.host, config.server.port)
+            } else {
+                local.public_base_url.clone()
+            };
+            let key = if local.signing_key.is_empty() {
+                Ok(vec![0u8; 32])
+            } else {
+                LocalStore::load_or_create_key(
+                    &local.signing_key,
+                    &config.data_dir.join("signing.key"),
+                )
+            };
+            key.and_then(|key| LocalStore::new(config.data_dir.join("images"), base, key))
+                .map(Store::Local)
         }
         StorageBackend::Supabase => {
             SupabaseStore::new(&config.storage.supabase).map(Store::Supabase)

@@ -624,4 +624,26 @@ fn check_reports_a_good_setup_and_lists_every_problem_of_a_broken_one() {
         "{}",
         text(&out.stderr)
     );
+
+    // The local store's own settings are checked as serve checks them.
+    for (var, value, says) in [
+        (
+            "HEADSHOT__STORAGE__LOCAL__SIGNING_KEY",
+            "short",
+            "signing_key must be at least",
+        ),
+        (
+            "HEADSHOT__STORAGE__LOCAL__PUBLIC_BASE_URL",
+            "ftp://x",
+            "public_base_url must be",
+        ),
+    ] {
+        let out = headshot_env(tmp.path(), &["check"], &[(var, value)]);
+        assert!(!out.status.success(), "{var}");
+        assert!(
+            text(&out.stdout).contains(says),
+            "{var}: {}",
+            text(&out.stdout)
+        );
+    }
 }
