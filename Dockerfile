@@ -60,4 +60,6 @@ ENV HEADSHOT__MODEL__SOURCE=hub:black-forest-labs/FLUX.1-schnell \
 # Runpod sets RUNPOD_WEBHOOK_GET_JOB & co.; without them the worker runs ./test_input.json once.
 # (On Runpod, RUNPOD_ENDPOINT_ID switches the logs to Runpod's line format whatever
 # HEADSHOT_LOG_FORMAT says; the JSON setting serves elsewhere.)
-CMD ["headshot", "--config", "/etc/headshot/headshot.toml", "worker"]
+# The config file is in the entrypoint, so it is read whatever command replaces CMD.
+ENTRYPOINT ["headshot", "--config", "/etc/headshot/headshot.toml"]
+CMD ["worker"]

@@ -14,9 +14,11 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 /// How long a connection may take to send a request's headers, the first request's or the
-/// next one's on a kept-alive connection. A client's headers arrive in one packet. Idle
-/// connections are closed after it, as are slow ones.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// next one's on a kept-alive connection: hyper's timer runs whenever it waits for headers,
+/// so this is also how long an idle kept-alive connection stays open. 75 s, longer than the
+/// 60 s idle timeout of common proxies (ALB, nginx upstreams), so a proxy never reuses a
+/// connection this server is closing; a client's headers arrive in one packet.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
 
 /// How long shutdown waits for requests in flight before it stops waiting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,10 +47,19 @@ pub async fn serve_with(
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,
+            // A client that gave up before its connection was accepted: nothing to do.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue;
+            }
             Err(e) => {
-                // Out of file descriptors, say: wait a moment rather than spin.
-                tracing::warn!(error = %e, "accepting a connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of file descriptors, say: wait rather than spin (and log) on it.
+                tracing::warn!(error = %e, "accepting a connection failed; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };

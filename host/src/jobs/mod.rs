@@ -574,13 +574,15 @@ impl JobService {
                 Value::Null,
             );
             finish(&mut rec, JobStatus::Cancelled, None, Some(err));
-            if !i.jobs.replace(&read, &rec, true).map_err(internal)? {
+            if !i.jobs.replace(&read, &rec, false).map_err(internal)? {
                 // The dispatcher started it since the read: the flag set above stops it at
                 // its next step, and the run records (and counts) the end.
                 return i.jobs.get(id).map_err(internal);
             }
-            // Counted like any job that ends: /metrics agrees with /health.
+            // Counted like any job that ends, before the flush: /metrics agrees with /health
+            // as soon as the record reads CANCELLED.
             i.metrics.observe(&rec);
+            i.jobs.flush_now().map_err(internal)?;
             i.live.finish(id);
         }
         Ok(Some(rec))
@@ -679,8 +681,9 @@ impl JobService {
                 Value::Null,
             );
             finish(&mut rec, JobStatus::Cancelled, None, Some(err));
-            if i.jobs.replace(&read, &rec, true).map_err(internal)? {
+            if i.jobs.replace(&read, &rec, false).map_err(internal)? {
                 i.metrics.observe(&rec);
+                i.jobs.flush_now().map_err(internal)?;
             }
             return Ok(());
         }
@@ -966,11 +969,15 @@ impl JobService {
 /// (`"<slot>_fallback"`), or the record would credit the decision to the version that failed.
 fn record_used(rec: &mut JobRecord, used: crate::policy::Used) {
     let slot = used.kind.as_str();
+    let marker = format!("{slot}_fallback");
     if used.fallback {
         rec.policies.insert(
-            format!("{slot}_fallback"),
+            marker,
             "the version failed; the native built-in rules answered (on_error = fail_open)".into(),
         );
+    } else {
+        // A rerun after a crash replaces what the earlier attempt recorded.
+        rec.policies.remove(&marker);
     }
     rec.policies.insert(slot.into(), used.sha256);
 }

@@ -274,7 +274,6 @@ impl Drop for PolicyEngine {
     }
 }
 
-/// Names the limit a failed call ran into.
 /// As [`classify`], with the panic message the guest logged (the SDK's panic hook) in front of
 /// a trap, so the error says what the policy's code said and where.
 pub fn classify_in(err: &wasmtime::Error, state: &HostState) -> CallError {
@@ -284,6 +283,7 @@ pub fn classify_in(err: &wasmtime::Error, state: &HostState) -> CallError {
     }
 }
 
+/// Names the limit a failed call ran into.
 pub fn classify(err: &wasmtime::Error) -> CallError {
     if let Some(trap) = err.downcast_ref::<Trap>() {
         return match trap {

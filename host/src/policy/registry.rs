@@ -268,14 +268,19 @@ impl Registry {
             });
         }
         let next = self.version(kind, sha256)?;
-        self.store.activate(
-            kind,
-            PolicyEntry {
-                sha256: sha256.into(),
-                source: next.meta().source,
-                activated_at_ms: now_ms(),
-            },
-        )?;
+        // Standing in, the stored active version may be the one asked for (it loads now): it
+        // is served again without a history entry pointing at itself.
+        let stored_current = self.store.active(kind)?.map(|r| r.current.sha256);
+        if stored_current.as_deref() != Some(sha256) {
+            self.store.activate(
+                kind,
+                PolicyEntry {
+                    sha256: sha256.into(),
+                    source: next.meta().source,
+                    activated_at_ms: now_ms(),
+                },
+            )?;
+        }
         Ok(self.swap(kind, next, start))
     }
 
@@ -309,7 +314,12 @@ impl Registry {
             fallbacks[kind.index()] = None;
         }
         let activation_ms = ms(start.elapsed());
-        let drained_ms = old.drain(Duration::from_secs(1)).map(ms);
+        // The same version again (a stand-in made the stored one active): nothing to drain.
+        let drained_ms = if Arc::ptr_eq(&old, &next) {
+            Some(0.0)
+        } else {
+            old.drain(Duration::from_secs(1)).map(ms)
+        };
         tracing::info!(kind = %kind, from = %old.meta().sha256, to = %next.meta().sha256, activation_ms, "policy activated");
         ActivationReport {
             kind,
