@@ -62,26 +62,54 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Reads a request body up to `limit` bytes; a larger one is a 413 naming the limit.
+/// How long a request body may take to arrive in full: the header read timeout bounds a
+/// client that never finishes its headers, this one a client that trickles its body.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reads a request body up to `limit` bytes; a larger one is a 413 naming the limit, one that
+/// takes longer than [`BODY_READ_TIMEOUT`] a 408.
 pub async fn read_body(
     body: axum::body::Body,
     limit: usize,
 ) -> Result<axum::body::Bytes, Response> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        // The rest of the body is never read, so the connection cannot carry another
-        // request: say so, or a keep-alive client reuses it and fails its next request.
-        let mut resp = json_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorResponse::new(
-                ErrorType::ValidationError,
-                format!("the request body is larger than the limit of {limit} bytes"),
-                serde_json::json!({ "limit_bytes": limit }),
+    read_body_within(body, limit, BODY_READ_TIMEOUT).await
+}
+
+/// [`read_body`] with another time limit (tests).
+pub async fn read_body_within(
+    body: axum::body::Body,
+    limit: usize,
+    within: std::time::Duration,
+) -> Result<axum::body::Bytes, Response> {
+    let (status, error) =
+        match tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await {
+            Ok(Ok(bytes)) => return Ok(bytes),
+            Ok(Err(_)) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorResponse::new(
+                    ErrorType::ValidationError,
+                    format!("the request body is larger than the limit of {limit} bytes"),
+                    serde_json::json!({ "limit_bytes": limit }),
+                ),
             ),
-        );
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        resp
-    })
+            Err(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorResponse::new(
+                    ErrorType::ValidationError,
+                    format!(
+                        "the request body did not arrive within {} s",
+                        within.as_secs_f64()
+                    ),
+                    serde_json::json!({ "timeout_ms": within.as_millis() as u64 }),
+                ),
+            ),
+        };
+    // The rest of the body is never read, so the connection cannot carry another request:
+    // say so, or a keep-alive client reuses it and fails its next request.
+    let mut resp = json_error(status, error);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Err(resp)
 }
 
 /// 404 for routes that do not exist, as JSON.
@@ -155,6 +183,43 @@ mod tests {
             .await
             .unwrap();
         serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_body_that_trickles_past_the_limit_gets_a_408_and_a_closed_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(|body: axum::body::Body| async move {
+                match read_body_within(body, 1 << 10, std::time::Duration::from_millis(300)).await {
+                    Ok(bytes) => bytes.len().to_string().into_response(),
+                    Err(resp) => resp,
+                }
+            }),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(super::super::http_serve::serve(listener, app, async {
+            let _ = stopped.await;
+        }));
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_to_string(&mut answer),
+        )
+        .await
+        .expect("the server answered and closed")
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("did not arrive within"), "{answer}");
+        stop.send(()).unwrap();
+        server.await.unwrap();
     }
 
     #[tokio::test]
