@@ -554,3 +554,44 @@ fn a_stored_version_that_does_not_load_at_start_is_stood_in_for_not_replaced() {
         PolicySource::Builtin
     );
 }
+
+#[test]
+fn a_version_is_activated_by_a_prefix_of_its_hash() {
+    let f = open(settings());
+    let example = read(EXAMPLE);
+    let sha = sha256_hex(&example);
+    let builtin = f
+        .registry
+        .active(PolicyKind::Validator)
+        .meta()
+        .sha256
+        .clone();
+    f.registry.push(PolicyKind::Validator, &example).unwrap();
+    // The built-in back by the first 12 hex digits, upper case as some tools print them.
+    let report = f
+        .registry
+        .activate(PolicyKind::Validator, &builtin[..12].to_ascii_uppercase())
+        .unwrap();
+    assert_eq!(report.active.sha256, builtin);
+    let report = f
+        .registry
+        .activate(PolicyKind::Validator, &sha[..8])
+        .unwrap();
+    assert_eq!(report.active.sha256, sha);
+    // A prefix nothing starts with, and one too short to mean anything, are unknown hashes.
+    let other = if sha.starts_with('f') {
+        "0000000000"
+    } else {
+        "ffffffffff"
+    };
+    for given in [other, &sha[..7]] {
+        let err = f
+            .registry
+            .activate(PolicyKind::Validator, given)
+            .unwrap_err();
+        assert!(
+            matches!(err, UploadError::UnknownHash { .. }),
+            "{given}: {err}"
+        );
+    }
+}

@@ -118,6 +118,16 @@ pub enum UploadError {
         /// The hash asked for.
         sha256: String,
     },
+    /// A shortened hash that more than one stored version starts with.
+    #[error("sha256 prefix {prefix} matches {} stored {kind} versions ({}); give more of it", matches.len(), matches.join(", "))]
+    AmbiguousHash {
+        /// Slot.
+        kind: PolicyKind,
+        /// The prefix asked for.
+        prefix: String,
+        /// The versions it matches.
+        matches: Vec<String>,
+    },
     /// Nothing to roll back to.
     #[error("the {0} slot has no previous version to roll back to")]
     NoPrevious(PolicyKind),

@@ -242,7 +242,7 @@ impl Registry {
         kind: PolicyKind,
         sha256: &str,
     ) -> Result<ActivationReport, UploadError> {
-        let sha256 = sha256.to_ascii_lowercase();
+        let sha256 = self.resolve(kind, &sha256.to_ascii_lowercase())?;
         let sha256 = sha256.as_str();
         let start = Instant::now();
         let _guard = self
@@ -282,6 +282,34 @@ impl Registry {
             )?;
         }
         Ok(self.swap(kind, next, start))
+    }
+
+    /// The full hash of the stored `kind` version that `given` names: the whole hash, or a
+    /// prefix of at least 8 hex digits that one stored version starts with (as `policy list`
+    /// and logs show hashes, and as people copy them).
+    fn resolve(&self, kind: PolicyKind, given: &str) -> Result<String, UploadError> {
+        if given.len() >= 64 || given.len() < 8 || !given.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(given.to_string());
+        }
+        let mut matches: Vec<String> = self
+            .store
+            .stored(kind)?
+            .into_iter()
+            .map(|(sha, _)| sha)
+            .filter(|sha| sha.starts_with(given))
+            .collect();
+        match matches.len() {
+            1 => Ok(matches.remove(0)),
+            0 => Err(UploadError::UnknownHash {
+                kind,
+                sha256: given.to_string(),
+            }),
+            _ => Err(UploadError::AmbiguousHash {
+                kind,
+                prefix: given.to_string(),
+                matches,
+            }),
+        }
     }
 
     /// Returns `kind`'s slot to the version active before the current one.
