@@ -8,15 +8,21 @@ fn headshot(data_dir: &std::path::Path, args: &[&str]) -> Output {
 
 /// [`headshot`] with `envs` set for the process.
 fn headshot_env(data_dir: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_headshot"))
+    let mut command = headshot_command(data_dir, args);
+    command.envs(envs.iter().copied());
+    command.output().expect("headshot runs")
+}
+
+/// The `headshot` command the helpers above run, for tests that spawn it.
+fn headshot_command(data_dir: &std::path::Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_headshot"));
+    command
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)
         .env("HEADSHOT_LOG", "warn")
-        .env_remove("HEADSHOT__MODEL__SOURCE")
-        .envs(envs.iter().copied())
-        .output()
-        .expect("headshot runs")
+        .env_remove("HEADSHOT__MODEL__SOURCE");
+    command
 }
 
 /// `headshot bench gpu --tiny --device cpu` with `extra` arguments.
@@ -162,22 +168,22 @@ fn a_busy_port_is_named_once_with_the_flags_that_move_it() {
 fn worker_serving_the_local_api_takes_an_admin_port_too() {
     use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_headshot"))
-        .arg("--data-dir")
-        .arg(tmp.path())
-        .args([
+    let mut child = headshot_command(
+        tmp.path(),
+        &[
             "worker",
             "--rp_serve_api",
             "--rp_api_port",
             "0",
             "--admin-port",
             "0",
-        ])
-        .env("HEADSHOT_LOG", "error")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        ],
+    )
+    .env("HEADSHOT_LOG", "error")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -206,11 +212,7 @@ fn output_into_a_closed_pipe_ends_quietly() {
     // `headshot check | head -0`: the reader is gone before the first line.
     let tmp = tempfile::tempdir().unwrap();
     for args in [&["check"][..], &["policy", "list"][..]] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_headshot"))
-            .arg("--data-dir")
-            .arg(tmp.path())
-            .args(args)
-            .env("HEADSHOT_LOG", "warn")
+        let mut child = headshot_command(tmp.path(), args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

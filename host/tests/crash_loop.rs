@@ -11,7 +11,7 @@ mod process;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use process::spawn_serve;
+use process::{get_json, spawn_serve};
 
 use serde_json::{Value, json};
 
@@ -71,12 +71,7 @@ fn every_acknowledged_job_completes_exactly_once_across_sigkills() {
     let until = Instant::now() + Duration::from_secs(300);
     for id in &acknowledged {
         loop {
-            let v: Value = c
-                .get(format!("{api}/v2/local/status/{id}"))
-                .send()
-                .unwrap()
-                .json()
-                .unwrap();
+            let v: Value = get_json(&c, &format!("{api}/v2/local/status/{id}"));
             match v["status"].as_str() {
                 Some("COMPLETED") => {
                     let images = v["output"]["images"].as_array().unwrap();
@@ -93,12 +88,7 @@ fn every_acknowledged_job_completes_exactly_once_across_sigkills() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let health: Value = c
-        .get(format!("{api}/v2/local/health"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let health: Value = get_json(&c, &format!("{api}/v2/local/health"));
     eprintln!(
         "after {kills} kills: {} jobs acknowledged, health {health}",
         acknowledged.len()

@@ -12,19 +12,25 @@ use headshot_plugin_sdk::rules::retry::Jitter;
 use serde_json::Value;
 use support::*;
 
+/// Loads at start, one attempt per load, and the background loader retries every `delay_ms`
+/// (no jitter) for 50 tries.
+fn eager_with_steady_retries(cfg: &mut headshot_host::config::Config, delay_ms: u64) {
+    cfg.model.load = LoadMode::Eager;
+    cfg.model.load_attempts = 1;
+    let r = &mut cfg.policies.resilience.retry;
+    r.initial_delay_ms = delay_ms;
+    r.max_delay_ms = delay_ms;
+    r.jitter = Jitter::None;
+    r.max_attempts = 50;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_that_fails_twice_then_loads_becomes_ready_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
     let mut cfg = test_config(dir.path());
     cfg.model.source = ModelSource::Dir(model_dir.clone());
-    cfg.model.load = LoadMode::Eager;
-    cfg.model.load_attempts = 1;
-    let r = &mut cfg.policies.resilience.retry;
-    r.initial_delay_ms = 150;
-    r.max_delay_ms = 150;
-    r.jitter = Jitter::None;
-    r.max_attempts = 50;
+    eager_with_steady_retries(&mut cfg, 150);
     let server = serve(cfg).await;
     let c = client();
 
@@ -122,13 +128,7 @@ async fn a_device_the_binary_cannot_drive_is_not_retried() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path());
     cfg.model.device = "cuda".parse().unwrap();
-    cfg.model.load = LoadMode::Eager;
-    cfg.model.load_attempts = 1;
-    let r = &mut cfg.policies.resilience.retry;
-    r.initial_delay_ms = 20;
-    r.max_delay_ms = 20;
-    r.jitter = Jitter::None;
-    r.max_attempts = 50;
+    eager_with_steady_retries(&mut cfg, 20);
     let server = serve(cfg).await;
     let c = client();
     let failures = || async {

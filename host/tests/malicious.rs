@@ -31,6 +31,18 @@ async fn upload(
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// The hostile validator, built from `policies/testing/hostile`.
+fn hostile() -> Vec<u8> {
+    std::fs::read(env!("HEADSHOT_TEST_HOSTILE_WASM")).unwrap()
+}
+
+/// Uploads and activates the hostile validator (it passes conformance: it attacks only on
+/// `attack:` prompts or under `custom.always`).
+async fn activate_hostile(c: &reqwest::Client, r: &headshot_host::ingress::server::Running) {
+    let (got, body) = upload(c, r, "validator", hostile()).await;
+    assert_eq!(got, 201, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_uploads_are_refused_and_hostile_calls_contained() {
     let dir = tempfile::tempdir().unwrap();
@@ -39,7 +51,6 @@ async fn hostile_uploads_are_refused_and_hostile_calls_contained() {
     cfg.policies.validator.deadline_ms = 20;
     let r = serve(cfg).await;
     let c = client();
-    let hostile = std::fs::read(env!("HEADSHOT_TEST_HOSTILE_WASM")).unwrap();
     let forbidden = std::fs::read(env!("HEADSHOT_TEST_FORBIDDEN_IMPORT_WASM")).unwrap();
     let sanitizer =
         headshot_host::policy::builtin_bytes(headshot_host::policy::PolicyKind::Sanitizer).to_vec();
@@ -80,8 +91,7 @@ async fn hostile_uploads_are_refused_and_hostile_calls_contained() {
 
     // A module that passes conformance but attacks on some inputs: activated, then contained
     // per call; each attack costs one job, never the worker.
-    let (got, body) = upload(&c, &r, "validator", hostile).await;
-    assert_eq!(got, 201, "{body}");
+    activate_hostile(&c, &r).await;
     for attack in ["loop", "memory", "recursion", "huge-output", "trap"] {
         let before = rss(&r);
         let t = Instant::now();
@@ -99,12 +109,7 @@ async fn hostile_uploads_are_refused_and_hostile_calls_contained() {
         assert_eq!(ok["status"], "COMPLETED", "after {attack}: {ok}");
     }
     // Roll back to the built-in.
-    let resp = c
-        .post(admin(&r, "/admin/policies/validator/rollback"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let resp = admin_post(&c, &r, "/admin/policies/validator/rollback").await;
     assert!(resp.status().is_success());
     let v: Value = runsync(&c, &r, "attack:loop").await;
     assert_eq!(
@@ -127,13 +132,7 @@ async fn modules_that_always_misbehave_are_refused_at_upload() {
         let c = client();
         let before = rss(&r);
         let t = Instant::now();
-        let (got, body) = upload(
-            &c,
-            &r,
-            "validator",
-            std::fs::read(env!("HEADSHOT_TEST_HOSTILE_WASM")).unwrap(),
-        )
-        .await;
+        let (got, body) = upload(&c, &r, "validator", hostile()).await;
         eprintln!(
             "RESULT malicious always-{attack}: HTTP {got} in {:.1} ms, RSS {:+.1} MiB: {}",
             t.elapsed().as_secs_f64() * 1e3,
@@ -160,10 +159,8 @@ async fn modules_that_always_misbehave_are_refused_at_upload() {
 async fn a_policy_that_fails_its_start_is_stood_in_for_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let c = client();
-    let hostile = std::fs::read(env!("HEADSHOT_TEST_HOSTILE_WASM")).unwrap();
     let r = serve(test_config(dir.path())).await;
-    let (got, body) = upload(&c, &r, "validator", hostile).await;
-    assert_eq!(got, 201, "{body}");
+    activate_hostile(&c, &r).await;
     r.shutdown().await;
 
     let mut cfg = test_config(dir.path());
@@ -196,9 +193,7 @@ async fn a_fail_open_fallback_is_recorded_with_the_job() {
     cfg.policies.validator.on_error = headshot_host::policy::OnError::FailOpen;
     let r = serve(cfg).await;
     let c = client();
-    let hostile = std::fs::read(env!("HEADSHOT_TEST_HOSTILE_WASM")).unwrap();
-    let (got, body) = upload(&c, &r, "validator", hostile).await;
-    assert_eq!(got, 201, "{body}");
+    activate_hostile(&c, &r).await;
     for (prompt, fell_back) in [("attack:trap", true), ("a portrait", false)] {
         let v: Value = runsync(&c, &r, prompt).await;
         assert_eq!(v["status"], "COMPLETED", "{v}");

@@ -6,7 +6,7 @@ mod process;
 
 use std::time::{Duration, Instant};
 
-use process::spawn_serve;
+use process::{get_json, spawn_serve};
 
 use serde_json::{Value, json};
 
@@ -36,12 +36,7 @@ fn jobs_accepted_before_a_sigkill_complete_after_the_restart() {
     // it cannot count as interrupted.)
     let deadline = Instant::now() + Duration::from_secs(60);
     let interrupted = loop {
-        let v: Value = c
-            .get(format!("{}/v2/local/status/crash-0", api))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let v: Value = get_json(&c, &format!("{}/v2/local/status/crash-0", api));
         match v["status"].as_str() {
             Some("IN_QUEUE") => {}
             Some("IN_PROGRESS") => break true,
@@ -58,12 +53,7 @@ fn jobs_accepted_before_a_sigkill_complete_after_the_restart() {
     let deadline = Instant::now() + Duration::from_secs(120);
     for id in &ids {
         loop {
-            let v: Value = c
-                .get(format!("{}/v2/local/status/{id}", api))
-                .send()
-                .unwrap()
-                .json()
-                .unwrap();
+            let v: Value = get_json(&c, &format!("{}/v2/local/status/{id}", api));
             match v["status"].as_str() {
                 Some("COMPLETED") => break,
                 Some("FAILED" | "CANCELLED") => panic!("{id}: {v}"),
@@ -74,12 +64,7 @@ fn jobs_accepted_before_a_sigkill_complete_after_the_restart() {
         }
     }
     // The interrupted run counts as a retry.
-    let health: Value = c
-        .get(format!("{}/v2/local/health", api))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let health: Value = get_json(&c, &format!("{}/v2/local/health", api));
     if interrupted {
         assert_eq!(health["jobs"]["retried"], 1, "{health}");
     }

@@ -90,11 +90,7 @@ async fn takes_posts_results_and_progress_in_order_with_heartbeats_and_no_overta
         .push_take(TakeAnswer::Job(job("j1", "a ünïcode portrait ✓", 128, 12)));
     h.fake
         .push_take(TakeAnswer::Job(job("j2", "a second portrait", 64, 4)));
-    h.fake
-        .wait_for("both results", |f| {
-            !f.finals("j1").is_empty() && !f.finals("j2").is_empty()
-        })
-        .await;
+    h.fake.wait_for_results(&["j1", "j2"]).await;
     let (fake, exit) = h.finish().await;
     assert_eq!(exit, WorkerExit::Shutdown);
 
@@ -175,9 +171,7 @@ async fn failures_are_reported_like_the_sdk_and_done_posts_are_retried_on_5xx_on
         .push_take(TakeAnswer::Job(job("refused", "a portrait", 64, 2)));
     h.fake
         .push_take(TakeAnswer::Job(job("after", "a portrait", 64, 2)));
-    h.fake
-        .wait_for("the last result", |f| !f.finals("after").is_empty())
-        .await;
+    h.fake.wait_for_results(&["after"]).await;
     let (fake, _) = h.finish().await;
 
     let bad = fake.finals("bad")[0].json();
@@ -211,9 +205,7 @@ async fn oversize_results_become_error_results() {
     let h = start(o).await;
     h.fake
         .push_take(TakeAnswer::Job(job("big", "a portrait", 64, 2)));
-    h.fake
-        .wait_for("the result", |f| !f.finals("big").is_empty())
-        .await;
+    h.fake.wait_for_results(&["big"]).await;
     let (fake, _) = h.finish().await;
     let body = fake.finals("big")[0].json();
     assert!(body.get("output").is_none(), "{body}");
@@ -236,9 +228,7 @@ async fn a_job_stopped_by_the_platform_gets_no_result_and_the_worker_takes_the_n
         })
         .await;
     h.fake.stop_job("A");
-    h.fake
-        .wait_for("B's result", |f| !f.finals("B").is_empty())
-        .await;
+    h.fake.wait_for_results(&["B"]).await;
     let rec = h.service.jobs().get("A").unwrap().unwrap();
     let (fake, _) = h.finish().await;
     assert!(
@@ -266,13 +256,8 @@ async fn a_held_stop_poll_delays_neither_progress_nor_the_result_nor_the_next_ta
         .push_take(TakeAnswer::Job(job("held-1", "a portrait", 64, 4)));
     h.fake
         .push_take(TakeAnswer::Job(job("held-2", "another", 64, 2)));
-    h.fake
-        .wait_for("both results", |f| {
-            !f.finals("held-1").is_empty() && !f.finals("held-2").is_empty()
-        })
-        .await;
-    let fake = h.fake.clone();
-    h.finish().await;
+    h.fake.wait_for_results(&["held-1", "held-2"]).await;
+    let (fake, _) = h.finish().await;
     let progress = fake
         .seen_path("/job-done/w1/held-1")
         .into_iter()
@@ -328,9 +313,7 @@ async fn a_rate_limited_stop_channel_is_polled_after_the_back_off() {
     h.fake.answer_stop_polls_with(429);
     h.fake
         .push_take(TakeAnswer::Job(job("slow", "a long portrait", 256, 30)));
-    h.fake
-        .wait_for("the result", |f| !f.finals("slow").is_empty())
-        .await;
+    h.fake.wait_for_results(&["slow"]).await;
     let (fake, _) = h.finish().await;
     let polls = fake.seen_path("/job-stop/w1");
     assert!(!polls.is_empty(), "the stop channel was never polled");
@@ -352,11 +335,7 @@ async fn a_job_id_that_cannot_be_a_path_segment_gets_no_post_elsewhere() {
     ));
     h.fake
         .push_take(TakeAnswer::Job(job("after-dots", "p", 64, 2)));
-    h.fake
-        .wait_for("the next job's result", |f| {
-            !f.finals("after-dots").is_empty()
-        })
-        .await;
+    h.fake.wait_for_results(&["after-dots"]).await;
     let (fake, _) = h.finish().await;
     for s in fake.seen_path("/job-done/") {
         assert_eq!(
@@ -441,9 +420,7 @@ async fn rate_limited_takes_back_off() {
     h.fake.push_take(TakeAnswer::Status(429));
     h.fake
         .push_take(TakeAnswer::Job(job("late", "a portrait", 64, 2)));
-    h.fake
-        .wait_for("the result", |f| !f.finals("late").is_empty())
-        .await;
+    h.fake.wait_for_results(&["late"]).await;
     let (fake, _) = h.finish().await;
     let takes = fake.seen_path("/job-take/");
     // The worker may poll once (204) before the 429 is scripted: look for the pause anywhere.

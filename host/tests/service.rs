@@ -178,15 +178,7 @@ async fn cancel_a_queued_and_a_running_job() {
         .unwrap();
     assert_eq!(unknown.status(), 404);
     // Both cancellations count, the queued one too: /metrics agrees with /health.
-    let metrics = c
-        .get(admin(&r, "/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&c, &r).await;
     let needle = "headshot_job_errors_total{error_type=\"cancelled\"} 2";
     assert!(metrics.contains(needle), "{needle} not in {metrics}");
     r.shutdown().await;
@@ -220,15 +212,7 @@ async fn cancels_racing_the_dispatcher_end_each_job_once() {
             .or_insert(0u64) += 1;
     }
     let health: Value = get_json(&c, api(&r, "/v2/local/health")).await;
-    let metrics = c
-        .get(admin(&r, "/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&c, &r).await;
     let cancelled = ended.get("CANCELLED").copied().unwrap_or(0);
     assert!(cancelled > 0, "{ended:?}");
     assert_eq!(health["jobs"]["cancelled"], cancelled, "{health} {ended:?}");
@@ -465,12 +449,7 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
         ("limit=abc", "?limit"),
         ("since_ms=-1", "?since_ms"),
     ] {
-        let resp = c
-            .get(admin(&r, &format!("/admin/jobs?{query}")))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap();
+        let resp = admin_get(&c, &r, &format!("/admin/jobs?{query}")).await;
         assert_eq!(resp.status(), 422, "{query}");
         let err: Value = resp.json().await.unwrap();
         assert_eq!(
@@ -478,21 +457,11 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
             "{query}: {err}"
         );
     }
-    let resp = c
-        .get(admin(&r, "/admin/jobs?foo=bar"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let resp = admin_get(&c, &r, "/admin/jobs?foo=bar").await;
     assert_eq!(resp.status(), 422);
     let err: Value = resp.json().await.unwrap();
     assert!(err["message"].as_str().unwrap().contains("foo"), "{err}");
-    let resp = c
-        .get(admin(&r, "/admin/breakers/storage/reset"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let resp = admin_get(&c, &r, "/admin/breakers/storage/reset").await;
     assert_eq!(resp.status(), 405);
     assert_eq!(
         resp.json::<Value>().await.unwrap()["error_type"],
@@ -513,15 +482,7 @@ async fn admin_api_requires_the_token_on_every_route_and_answers_history_queries
         job["job"]["timings"]["total_ms"].as_f64().is_some(),
         "{job}"
     );
-    let metrics = c
-        .get(admin(&r, "/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&c, &r).await;
     for needle in [
         "headshot_jobs{status=\"completed\"} 3",
         "headshot_job_stage_milliseconds_count{stage=\"generate\"} 3",
@@ -610,12 +571,7 @@ async fn a_policy_swapped_through_the_admin_api_while_jobs_run_fails_no_job() {
             .contains("not a WebAssembly component"),
         "{err}"
     );
-    let resp = c
-        .post(admin(&r, "/admin/policies/validator/rollback"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let resp = admin_post(&c, &r, "/admin/policies/validator/rollback").await;
     assert!(resp.status().is_success());
     r.shutdown().await;
 }

@@ -113,12 +113,7 @@ async fn storage_down_keeps_images_opens_the_breaker_and_the_breaker_survives_a_
     assert_eq!(job_error(&v)["error_type"], "circuit_open", "{v}");
 
     // An operator closes it; with storage healthy again, jobs complete.
-    let resp = c
-        .post(admin(&r, "/admin/breakers/storage/reset"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let resp = admin_post(&c, &r, "/admin/breakers/storage/reset").await;
     assert!(resp.status().is_success());
     r.shutdown().await;
 }
@@ -129,12 +124,7 @@ async fn a_reset_breaker_lets_jobs_through_once_storage_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let r = serve(config(dir.path(), &fake)).await;
     let c = client();
-    let forced = c
-        .post(admin(&r, "/admin/breakers/storage/force-open"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let forced = admin_post(&c, &r, "/admin/breakers/storage/force-open").await;
     assert!(forced.status().is_success());
     let v = runsync(&c, &r, "refused while forced open").await;
     let err = job_error(&v);
@@ -158,12 +148,7 @@ async fn a_reset_breaker_lets_jobs_through_once_storage_recovers() {
     // Only the worker's own breakers can be forced or reset: a mistyped name is a 404 naming
     // them, and creates nothing.
     for action in ["force-open", "reset"] {
-        let resp = c
-            .post(admin(&r, &format!("/admin/breakers/storge/{action}")))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap();
+        let resp = admin_post(&c, &r, &format!("/admin/breakers/storge/{action}")).await;
         assert_eq!(resp.status(), 404, "{action}");
         let err: Value = resp.json().await.unwrap();
         assert_eq!(
@@ -173,12 +158,7 @@ async fn a_reset_breaker_lets_jobs_through_once_storage_recovers() {
         );
     }
     // The model breaker only records the loader's attempts: forcing it would change nothing.
-    let resp = c
-        .post(admin(&r, "/admin/breakers/model/force-open"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let resp = admin_post(&c, &r, "/admin/breakers/model/force-open").await;
     assert_eq!(resp.status(), 409);
     let listed = get_admin_json(&c, admin(&r, "/admin/breakers")).await;
     let names: Vec<&str> = listed["breakers"]
@@ -188,12 +168,7 @@ async fn a_reset_breaker_lets_jobs_through_once_storage_recovers() {
         .map(|b| b["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["storage", "model"], "{listed}");
-    let reset = c
-        .post(admin(&r, "/admin/breakers/storage/reset"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let reset = admin_post(&c, &r, "/admin/breakers/storage/reset").await;
     assert!(reset.status().is_success());
     let ready = c.get(api(&r, "/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);

@@ -82,6 +82,37 @@ pub async fn serve_with(
     }
 }
 
+/// `app` served on a loopback port by [`serve_with`], for unit tests that talk raw TCP to it.
+#[cfg(test)]
+pub(crate) struct TestServer {
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[cfg(test)]
+impl TestServer {
+    pub async fn start(app: Router, header_read_timeout: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(serve_with(listener, app, shutdown, header_read_timeout));
+        Self { addr, stop, task }
+    }
+
+    /// Shuts the server down and waits for it (10 s at most).
+    pub async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,18 +120,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_never_finishes_its_headers_is_cut_off_and_others_are_served() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_with(
-            listener,
-            app,
-            async {
-                let _ = stopped.await;
-            },
-            Duration::from_millis(300),
-        ));
+        let server = TestServer::start(app, Duration::from_millis(300)).await;
+        let addr = server.addr;
         let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
         slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
             .await
@@ -130,10 +152,6 @@ mod tests {
             rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
             "{rest}"
         );
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .unwrap()
-            .unwrap();
+        server.stop().await;
     }
 }

@@ -188,8 +188,6 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_trickles_past_the_limit_gets_a_408_and_a_closed_connection() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let app = axum::Router::new().route(
             "/",
             axum::routing::post(|body: axum::body::Body| async move {
@@ -199,11 +197,12 @@ mod tests {
                 }
             }),
         );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(super::super::http_serve::serve(listener, app, async {
-            let _ = stopped.await;
-        }));
-        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let server = super::super::http_serve::TestServer::start(
+            app,
+            super::super::http_serve::HEADER_READ_TIMEOUT,
+        )
+        .await;
+        let mut client = tokio::net::TcpStream::connect(server.addr).await.unwrap();
         client
             .write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123")
             .await
@@ -218,8 +217,7 @@ mod tests {
         .unwrap();
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(answer.contains("did not arrive within"), "{answer}");
-        stop.send(()).unwrap();
-        server.await.unwrap();
+        server.stop().await;
     }
 
     #[tokio::test]

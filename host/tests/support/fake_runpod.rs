@@ -158,6 +158,13 @@ impl FakeRunpod {
             .collect()
     }
 
+    /// Waits until each of `jobs` has had its final job-done post.
+    pub async fn wait_for_results(&self, jobs: &[&str]) {
+        let what = format!("the results of {jobs:?}");
+        self.wait_for(&what, |f| jobs.iter().all(|j| !f.finals(j).is_empty()))
+            .await;
+    }
+
     pub async fn wait_for(&self, what: &str, mut f: impl FnMut(&FakeRunpod) -> bool) {
         let start = Instant::now();
         while !f(self) {

@@ -27,3 +27,11 @@ pub fn spawn_serve(data: &Path) -> (Child, String) {
         .unwrap_or_else(|e| panic!("the worker did not start cleanly ({e}): {line:?}"));
     (child, v["api"].as_str().expect("api").to_string())
 }
+
+/// The JSON answer of a GET to `url` (the tests' blocking client).
+pub fn get_json(c: &reqwest::blocking::Client, url: &str) -> Value {
+    c.get(url)
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}

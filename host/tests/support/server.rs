@@ -144,3 +144,30 @@ pub async fn get_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value 
 pub async fn get_admin_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> Value {
     json_answer(c.get(url).bearer_auth(ADMIN_TOKEN)).await
 }
+
+/// A GET to the admin API's `path` with the test token, whatever its status.
+pub async fn admin_get(c: &reqwest::Client, r: &Running, path: &str) -> reqwest::Response {
+    c.get(admin(r, path))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("admin request")
+}
+
+/// A POST without a body to the admin API's `path` with the test token, whatever its status.
+pub async fn admin_post(c: &reqwest::Client, r: &Running, path: &str) -> reqwest::Response {
+    c.post(admin(r, path))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("admin request")
+}
+
+/// The Prometheus text of `/metrics`.
+pub async fn metrics(c: &reqwest::Client, r: &Running) -> String {
+    admin_get(c, r, "/metrics")
+        .await
+        .text()
+        .await
+        .expect("metrics text")
+}
