@@ -485,10 +485,9 @@ impl JobService {
                 json!({ "retry_after_ms": 1000 }),
             ));
         }
-        // Kept to compare with a record that a concurrent submission of this id stored first.
-        let submitted = input.clone();
         match i.jobs.accept(&id, input, now_ms()).map_err(internal)? {
-            Err(existing) => reused(existing, &submitted),
+            // A concurrent submission of this id stored first.
+            Err(taken) => reused(taken.existing, &taken.input),
             Ok(record) => {
                 i.live.entry(&id);
                 i.queued.fetch_add(1, Ordering::AcqRel);

@@ -92,6 +92,16 @@ pub struct JobRecord {
     pub queue_seq: Option<u64>,
 }
 
+/// What [`JobStore::accept`] answers for an id already taken: the stored job, and the input
+/// it was asked to store, so the caller can compare the two without a copy made beforehand.
+#[derive(Debug)]
+pub struct Taken {
+    /// The job stored under the id.
+    pub existing: JobRecord,
+    /// The input that was not stored.
+    pub input: serde_json::Value,
+}
+
 /// The stored form of a job as it was read: what [`JobStore::replace`] compares. (The bytes,
 /// not a re-encoding: a float read back from JSON may print differently.)
 #[derive(Clone, Debug)]
@@ -185,16 +195,15 @@ impl JobStore {
     }
 
     /// Stores a new job as IN_QUEUE and flushes, unless the id exists: then returns the
-    /// existing record (idempotency) and writes nothing.
+    /// existing record (idempotency) with the input handed back, and writes nothing.
     pub fn accept(
         &self,
         id: &str,
         input: serde_json::Value,
         now_ms: u64,
-    ) -> Result<Result<JobRecord, JobRecord>, StateError> {
-        if let Some(existing) = self.get(id)? {
-            return Ok(Err(existing));
-        }
+    ) -> Result<Result<JobRecord, Taken>, StateError> {
+        // No read first: the insert below is conditional, and callers have usually just read
+        // the id themselves (the job service does, to answer a repeat before its queue check).
         let seq = self.db.generate_id()?;
         let record = JobRecord {
             record_version: 1,
@@ -217,7 +226,8 @@ impl JobStore {
             queue_seq: Some(seq),
         };
         let raw = encode(&record)?;
-        // Insert only if absent, so two concurrent submissions of one id cannot both win.
+        // Insert only if absent, so an id taken before, or by a concurrent submission, keeps
+        // its job.
         match self
             .jobs
             .compare_and_swap(id, None as Option<&[u8]>, Some(raw))?
@@ -225,7 +235,10 @@ impl JobStore {
             Ok(()) => {}
             Err(_) => {
                 return match self.get(id)? {
-                    Some(existing) => Ok(Err(existing)),
+                    Some(existing) => Ok(Err(Taken {
+                        existing,
+                        input: record.input,
+                    })),
                     None => Err(StateError::Corrupt {
                         tree: "jobs",
                         key: id.into(),
@@ -425,8 +438,9 @@ mod tests {
         let again = s
             .accept("a", serde_json::json!({"other": true}), 11)
             .unwrap();
-        let existing = again.unwrap_err();
-        assert_eq!(existing.input, serde_json::json!({"user_id": "u"}));
+        let taken = again.unwrap_err();
+        assert_eq!(taken.existing.input, serde_json::json!({"user_id": "u"}));
+        assert_eq!(taken.input, serde_json::json!({"other": true}));
         s.accept("b", serde_json::json!({}), 12).unwrap().unwrap();
         assert_eq!(
             s.unfinished().unwrap(),
