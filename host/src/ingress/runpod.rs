@@ -27,8 +27,6 @@ pub struct RunpodEnv {
     pub take_url: String,
     /// Job-done URL template with `$ID` left for the job id.
     pub done_url: String,
-    /// Job-stream URL template (unused by this non-generator handler, kept for completeness).
-    pub stream_url: Option<String>,
     /// Heartbeat URL, worker id substituted.
     pub ping_url: Option<String>,
     /// Sent verbatim in `Authorization`.
@@ -57,8 +55,6 @@ impl RunpodEnv {
         let done_url = get("RUNPOD_WEBHOOK_POST_OUTPUT")
             .unwrap_or_else(|| "JOB_DONE_URL".into())
             .replace("$RUNPOD_POD_ID", &worker_id);
-        let stream_url =
-            get("RUNPOD_WEBHOOK_POST_STREAM").map(|u| u.replace("$RUNPOD_POD_ID", &worker_id));
         let api_key = get("RUNPOD_AI_API_KEY").filter(|v| !v.is_empty());
         // As the SDK: the heartbeat runs only with a key and a pod id to report (a made-up
         // id would ping for a worker the platform does not know).
@@ -86,7 +82,6 @@ impl RunpodEnv {
         Some(Self {
             take_url,
             done_url,
-            stream_url,
             ping_url,
             api_key,
             worker_id,
@@ -121,7 +116,7 @@ impl RunpodEnv {
             "RUNPOD_WEBHOOK_POST_OUTPUT",
             &self.done_url.replace("$ID", "job"),
         )?;
-        // RUNPOD_WEBHOOK_POST_STREAM is not checked: this worker posts progress to job-done.
+        // RUNPOD_WEBHOOK_POST_STREAM is not read: this worker posts progress to job-done.
         if let Some(url) = &self.ping_url {
             parses("RUNPOD_WEBHOOK_PING", url)?;
         }
