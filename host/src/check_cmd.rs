@@ -96,11 +96,7 @@ pub fn run(config: &Config) -> Result<()> {
             // The configured key and URL base are checked as `serve` checks them. An empty key
             // is generated at the first start; a stand-in serves here (check writes nothing).
             let local = &config.storage.local;
-            let base = if local.public_base_url.is_empty() {
-                format!("http://{}:{}", config.server.host, config.server.port)
-            } else {
-                local.public_base_url.clone()
-            };
+            let base = format!("http://{}:{}", config.server.host, config.server.port);
             let key = if local.signing_key.is_empty() {
                 Ok(vec![0u8; 32])
             } else {
@@ -109,8 +105,10 @@ pub fn run(config: &Config) -> Result<()> {
                     &config.data_dir.join("signing.key"),
                 )
             };
-            key.and_then(|key| LocalStore::new(config.data_dir.join("images"), base, key))
-                .map(Store::Local)
+            key.and_then(|key| {
+                LocalStore::from_config(local, config.data_dir.join("images"), base, key)
+            })
+            .map(Store::Local)
         }
         StorageBackend::Supabase => {
             SupabaseStore::new(&config.storage.supabase).map(Store::Supabase)

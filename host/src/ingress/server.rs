@@ -133,23 +133,11 @@ pub fn open_service(
     let data = config.data_dir.clone();
     let store = match config.storage.backend {
         StorageBackend::Local => {
-            let base = if config.storage.local.public_base_url.is_empty() {
-                default_base_url
-            } else {
-                config
-                    .storage
-                    .local
-                    .public_base_url
-                    .trim_end_matches('/')
-                    .to_string()
-            };
-            let key = LocalStore::load_or_create_key(
-                &config.storage.local.signing_key,
-                &data.join("signing.key"),
-            )
-            .map_err(|e| ServeError::Other(e.to_string()))?;
+            let local = &config.storage.local;
+            let key = LocalStore::load_or_create_key(&local.signing_key, &data.join("signing.key"))
+                .map_err(|e| ServeError::Other(e.to_string()))?;
             Store::Local(
-                LocalStore::new(data.join("images"), base, key)
+                LocalStore::from_config(local, data.join("images"), default_base_url, key)
                     .map_err(|e| ServeError::Other(e.to_string()))?,
             )
         }

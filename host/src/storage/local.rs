@@ -87,6 +87,22 @@ impl std::fmt::Debug for LocalStore {
 }
 
 impl LocalStore {
+    /// Opens the store as `[storage.local]` sets it: URLs on its `public_base_url`, else on
+    /// `default_base_url` (the local API's own address); `signing_key` as for [`LocalStore::new`].
+    pub fn from_config(
+        config: &crate::config::LocalStorageConfig,
+        root: PathBuf,
+        default_base_url: String,
+        signing_key: Vec<u8>,
+    ) -> Result<Self, StorageError> {
+        let base = if config.public_base_url.is_empty() {
+            default_base_url
+        } else {
+            config.public_base_url.clone()
+        };
+        Self::new(root, base, signing_key)
+    }
+
     /// Opens (creating it if needed) the image folder `root`. `public_base_url` is what
     /// clients use to reach the local API (`http://host:port`, a trailing `/` is dropped);
     /// `signing_key` comes from [`LocalStore::load_or_create_key`] so URLs survive restarts.
@@ -487,6 +503,26 @@ mod tests {
             KEY.to_vec(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn urls_use_the_configured_base_else_the_local_apis_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::LocalStorageConfig {
+            public_base_url: String::new(),
+            signing_key: String::new(),
+        };
+        let own = "http://127.0.0.1:8000".to_string();
+        let open = |c: &crate::config::LocalStorageConfig| {
+            LocalStore::from_config(c, dir.path().join("images"), own.clone(), KEY.to_vec())
+                .unwrap()
+        };
+        assert_eq!(open(&config).public_base_url(), "http://127.0.0.1:8000");
+        config.public_base_url = "https://images.example.com/".into();
+        assert_eq!(
+            open(&config).public_base_url(),
+            "https://images.example.com"
+        );
     }
 
     fn key(user: &str, job: &str, n: u32) -> ObjectKey {
