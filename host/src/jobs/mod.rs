@@ -567,21 +567,11 @@ impl JobService {
         let live = i.live.entry(id);
         live.cancel.store(true, Ordering::Release);
         if rec.status == JobStatus::InQueue {
-            let err = ErrorResponse::new(
-                ErrorType::Cancelled,
-                "cancelled before it started",
-                Value::Null,
-            );
-            finish(&mut rec, JobStatus::Cancelled, None, Some(err));
-            if !i.jobs.replace(&read, &rec, false).map_err(internal)? {
+            if !self.end_before_start(&mut rec, &read)? {
                 // The dispatcher started it since the read: the flag set above stops it at
                 // its next step, and the run records (and counts) the end.
                 return i.jobs.get(id).map_err(internal);
             }
-            // Counted like any job that ends, before the flush: /metrics agrees with /health
-            // as soon as the record reads CANCELLED.
-            i.metrics.observe(&rec);
-            i.jobs.flush_now().map_err(internal)?;
             i.live.finish(id);
         }
         Ok(Some(rec))
@@ -661,6 +651,30 @@ impl JobService {
         }
     }
 
+    /// Ends a queued job as cancelled before it started, over the record as `read`: returns
+    /// false, writing nothing, when someone wrote the job since (the dispatcher started it, or
+    /// a cancel ended it). Counted in `/metrics` before the flush, so `/metrics` agrees with
+    /// `/health` as soon as the record reads CANCELLED.
+    fn end_before_start(
+        &self,
+        rec: &mut JobRecord,
+        read: &crate::state::Version,
+    ) -> Result<bool, ErrorResponse> {
+        let i = &self.inner;
+        let err = ErrorResponse::new(
+            ErrorType::Cancelled,
+            "cancelled before it started",
+            Value::Null,
+        );
+        finish(rec, JobStatus::Cancelled, None, Some(err));
+        if !i.jobs.replace(read, rec, false).map_err(internal)? {
+            return Ok(false);
+        }
+        i.metrics.observe(rec);
+        i.jobs.flush_now().map_err(internal)?;
+        Ok(true)
+    }
+
     /// Runs one job to its end and records the result.
     async fn run(&self, id: &str) -> Result<(), ErrorResponse> {
         let i = &self.inner;
@@ -674,16 +688,7 @@ impl JobService {
         if live.cancel.load(Ordering::Acquire) {
             // A cancel is recording this job's end, or has: whichever of the two writes
             // first, the job ends (and is counted) once.
-            let err = ErrorResponse::new(
-                ErrorType::Cancelled,
-                "cancelled before it started",
-                Value::Null,
-            );
-            finish(&mut rec, JobStatus::Cancelled, None, Some(err));
-            if i.jobs.replace(&read, &rec, false).map_err(internal)? {
-                i.metrics.observe(&rec);
-                i.jobs.flush_now().map_err(internal)?;
-            }
+            self.end_before_start(&mut rec, &read)?;
             return Ok(());
         }
         rec.status = JobStatus::InProgress;
