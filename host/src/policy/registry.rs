@@ -250,14 +250,12 @@ impl Registry {
             .lock()
             .map_err(|_| UploadError::Start("activation lock poisoned".into()))?;
         let current = self.active(kind);
-        let standing_in = self
-            .fallbacks
-            .lock()
-            .map(|f| f[kind.index()].is_some())
-            .unwrap_or(false);
-        // While the built-in stands in, activating it is a change: it becomes the stored
-        // active version too.
-        if current.meta().sha256 == sha256 && !standing_in {
+        // Served and stored active differ only while the built-in stands in (see `restore`).
+        let stored_current = self.store.active(kind)?.map(|r| r.current.sha256);
+        let stored = stored_current.as_deref() == Some(sha256);
+        // Unchanged only when the version is both served and stored: standing in, activating
+        // the built-in makes it the stored active version too.
+        if current.meta().sha256 == sha256 && stored {
             return Ok(ActivationReport {
                 kind,
                 active: current.meta().clone(),
@@ -270,8 +268,7 @@ impl Registry {
         let next = self.version(kind, sha256)?;
         // Standing in, the stored active version may be the one asked for (it loads now): it
         // is served again without a history entry pointing at itself.
-        let stored_current = self.store.active(kind)?.map(|r| r.current.sha256);
-        if stored_current.as_deref() != Some(sha256) {
+        if !stored {
             self.store.activate(
                 kind,
                 PolicyEntry {
