@@ -578,6 +578,11 @@ fn a_version_is_activated_by_a_prefix_of_its_hash() {
         .activate(PolicyKind::Validator, &sha[..8])
         .unwrap();
     assert_eq!(report.active.sha256, sha);
+    // The active version again: nothing changes, and no history entry is added.
+    let depth = f.registry.status().unwrap()[0].previous.len();
+    let again = f.registry.activate(PolicyKind::Validator, &sha).unwrap();
+    assert!(again.unchanged);
+    assert_eq!(f.registry.status().unwrap()[0].previous.len(), depth);
     // A prefix nothing starts with, and one too short to mean anything, are unknown hashes.
     let other = if sha.starts_with('f') {
         "0000000000"
