@@ -16,7 +16,7 @@ use crate::error::{ErrorResponse, ErrorType};
 use crate::jobs::upload;
 use crate::jobs::{BREAKERS, GATING_BREAKERS, JobService};
 use crate::policy::{PolicyKind, UploadError};
-use crate::state::{JobFilter, JobStatus};
+use crate::state::{Cursor, JobFilter, JobStatus};
 use headshot_plugin_sdk::rules::request::FieldError;
 
 /// Shared state of the admin API.
@@ -287,21 +287,21 @@ async fn jobs(State(s): State<AdminState>, JsonQuery(q): JsonQuery<JobsQuery>) -
         )
         .into_response();
     }
-    if let Some(cursor) = q.cursor.as_deref()
-        && !crate::state::cursor_is_valid(cursor)
-    {
-        // Read as "from the start" or "past the end", a mistyped cursor would page wrongly
-        // without a word.
-        return ApiError(ErrorResponse::validation(
-            "invalid cursor",
-            &[FieldError::new(
-                "?cursor",
-                "invalid",
-                "pass the `next_cursor` of the previous page as it came",
-            )],
-        ))
-        .into_response();
-    }
+    let cursor = match q.cursor.as_deref().map(|c| Cursor::parse(c).ok_or(c)) {
+        None => None,
+        Some(Ok(cursor)) => Some(cursor),
+        Some(Err(_)) => {
+            return ApiError(ErrorResponse::validation(
+                "invalid cursor",
+                &[FieldError::new(
+                    "?cursor",
+                    "invalid",
+                    "pass the `next_cursor` of the previous page as it came",
+                )],
+            ))
+            .into_response();
+        }
+    };
     let filter = JobFilter {
         status,
         user_id: q.user_id,
@@ -309,7 +309,7 @@ async fn jobs(State(s): State<AdminState>, JsonQuery(q): JsonQuery<JobsQuery>) -
         until_ms: q.until_ms,
     };
     let service = s.service.clone();
-    match blocking(move || service.list(&filter, q.cursor.as_deref(), limit)).await {
+    match blocking(move || service.list(&filter, cursor.as_ref(), limit)).await {
         Ok(Ok((jobs, next))) => {
             axum::Json(json!({ "jobs": jobs, "next_cursor": next })).into_response()
         }

@@ -610,7 +610,7 @@ impl JobService {
     pub fn list(
         &self,
         filter: &JobFilter,
-        cursor: Option<&str>,
+        cursor: Option<&crate::state::Cursor>,
         limit: usize,
     ) -> Result<(Vec<JobRecord>, Option<String>), ErrorResponse> {
         self.inner

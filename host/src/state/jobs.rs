@@ -289,11 +289,11 @@ impl JobStore {
     pub fn list(
         &self,
         filter: &JobFilter,
-        cursor: Option<&str>,
+        cursor: Option<&Cursor>,
         limit: usize,
     ) -> Result<(Vec<JobRecord>, Option<String>), StateError> {
-        let upper: Vec<u8> = match cursor.and_then(decode_cursor) {
-            Some(key) => key,
+        let upper: Vec<u8> = match cursor {
+            Some(Cursor(key)) => key.clone(),
             None => filter.until_ms.unwrap_or(u64::MAX).to_be_bytes().to_vec(),
         };
         let lower = filter.since_ms.unwrap_or(0).to_be_bytes().to_vec();
@@ -396,9 +396,19 @@ fn encode_cursor(key: &[u8]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Whether `s` is a cursor `list` handed out: hex of a creation time and a job id.
-pub fn cursor_is_valid(s: &str) -> bool {
-    decode_cursor(s).is_some_and(|key| key.len() > 8 && std::str::from_utf8(&key[8..]).is_ok())
+/// A place in the history to page on from: a `next_cursor` that [`JobStore::list`] handed
+/// out, read back. A type rather than text, so text `list` never handed out cannot reach it
+/// and be read as "from the start" or "past the end" without a word.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cursor(Vec<u8>);
+
+impl Cursor {
+    /// Reads a `next_cursor` (hex of a creation time and a job id); `None` for any other text.
+    pub fn parse(s: &str) -> Option<Self> {
+        decode_cursor(s)
+            .filter(|key| key.len() > 8 && std::str::from_utf8(&key[8..]).is_ok())
+            .map(Self)
+    }
 }
 
 fn decode_cursor(s: &str) -> Option<Vec<u8>> {
@@ -492,12 +502,14 @@ mod tests {
             page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
             ["j4", "j3"]
         );
-        let (page, next2) = s.list(&JobFilter::default(), next.as_deref(), 2).unwrap();
+        let next = next.map(|c| Cursor::parse(&c).unwrap());
+        let (page, next2) = s.list(&JobFilter::default(), next.as_ref(), 2).unwrap();
         assert_eq!(
             page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
             ["j2", "j1"]
         );
-        let (page, _) = s.list(&JobFilter::default(), next2.as_deref(), 2).unwrap();
+        let next2 = next2.map(|c| Cursor::parse(&c).unwrap());
+        let (page, _) = s.list(&JobFilter::default(), next2.as_ref(), 2).unwrap();
         assert_eq!(page.len(), 1);
         let evens = JobFilter {
             user_id: Some("even".into()),
@@ -523,7 +535,9 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["j2", "j1"]
         );
-        assert!(s.list(&JobFilter::default(), Some("zz-not-hex"), 2).is_ok());
+        for not_handed_out in ["zz-not-hex", "00", "", "0011223344556677ff"] {
+            assert_eq!(Cursor::parse(not_handed_out), None, "{not_handed_out}");
+        }
     }
 
     #[test]

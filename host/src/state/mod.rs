@@ -7,7 +7,7 @@ mod jobs;
 mod policies;
 
 pub use breakers::BreakerStore;
-pub use jobs::{JobFilter, JobRecord, JobStatus, JobStore, Taken, Version, cursor_is_valid};
+pub use jobs::{Cursor, JobFilter, JobRecord, JobStatus, JobStore, Taken, Version};
 pub use policies::{ActiveRecord, BlobMeta, PolicyEntry, PolicyStore};
 
 use std::path::{Path, PathBuf};
