@@ -34,13 +34,12 @@ fn install_quiet_hook() {
     std::panic::set_hook(Box::new(move |info| {
         if CATCHING.with(Cell::get) > 0 {
             let location = info.location().map(|l| l.to_string()).unwrap_or_default();
-            // As the default hook would: a backtrace when RUST_BACKTRACE asks for one.
+            // As the default hook would: a backtrace when RUST_BACKTRACE asks for one (an
+            // absent field otherwise).
             let backtrace = std::backtrace::Backtrace::capture();
-            if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-                tracing::warn!(%location, message = %message(info.payload()), %backtrace, "caught a panic; it becomes an error");
-            } else {
-                tracing::warn!(%location, message = %message(info.payload()), "caught a panic; it becomes an error");
-            }
+            let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+                .then(|| backtrace.to_string());
+            tracing::warn!(%location, message = %message(info.payload()), backtrace = backtrace.as_deref(), "caught a panic; it becomes an error");
         } else {
             previous(info);
         }
