@@ -162,6 +162,18 @@ fn a_busy_port_is_named_once_with_the_flags_that_move_it() {
     );
     assert!(err.contains("--rp_api_port / --admin-port"), "{err}");
     assert_eq!(err.matches("os error").count(), 1, "{err}");
+    // The same through a config error's cause (the CLI prints each cause once).
+    let out = headshot(
+        tmp.path(),
+        &["--config", "/nonexistent/headshot.toml", "check"],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("reading config file /nonexistent/headshot.toml"),
+        "{err}"
+    );
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
 }
 
 #[test]

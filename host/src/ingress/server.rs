@@ -20,24 +20,24 @@ use crate::storage::{LocalStore, Store, SupabaseStore};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Data dir, token file, key file.
-    #[error("{what} ({}): {error}", path.display())]
+    #[error("{what} ({}): {source}", path.display())]
     Io {
         /// What was being done.
         what: &'static str,
         /// The path involved.
         path: PathBuf,
-        /// The I/O error (in the message, not a `source`: an error chain would print it twice).
-        error: std::io::Error,
+        /// The I/O error.
+        source: std::io::Error,
     },
     /// A port could not be bound.
     #[error(
-        "cannot listen on {addr}: {error} (set server.port / server.admin_port, or the command's --port / --admin-port; `worker --rp_serve_api` takes --rp_api_port / --admin-port)"
+        "cannot listen on {addr}: {source} (set server.port / server.admin_port, or the command's --port / --admin-port; `worker --rp_serve_api` takes --rp_api_port / --admin-port)"
     )]
     Bind {
         /// Address.
         addr: String,
-        /// Why (in the message, not a `source`, as above).
-        error: std::io::Error,
+        /// Why.
+        source: std::io::Error,
     },
     /// Anything else, with its message.
     #[error("{0}")]
@@ -76,10 +76,10 @@ impl Running {
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ServeError + 'a {
-    move |error| ServeError::Io {
+    move |source| ServeError::Io {
         what,
         path: path.to_path_buf(),
-        error,
+        source,
     }
 }
 
@@ -177,13 +177,13 @@ async fn bind(
     let addr = format!("{host}:{port}");
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
-        .map_err(|error| ServeError::Bind {
+        .map_err(|source| ServeError::Bind {
             addr: addr.clone(),
-            error,
+            source,
         })?;
     let local = listener
         .local_addr()
-        .map_err(|error| ServeError::Bind { addr, error })?;
+        .map_err(|source| ServeError::Bind { addr, source })?;
     Ok((listener, local))
 }
 
