@@ -745,6 +745,13 @@ mod tests {
     }
 
     #[test]
+    fn job_ids_are_escaped_byte_by_byte_outside_the_unreserved_set() {
+        assert_eq!(escape_component("job-1_a.b~c"), "job-1_a.b~c");
+        assert_eq!(escape_component("a b/c?d&e"), "a%20b%2Fc%3Fd%26e");
+        assert_eq!(escape_component("é,"), "%C3%A9%2C");
+    }
+
+    #[test]
     fn env_substitution_follows_the_sdk() {
         let e = RunpodEnv::from_vars(vars(&[
             (
