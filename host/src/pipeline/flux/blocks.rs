@@ -8,8 +8,8 @@ use candle_transformers::models::flux::model::Config;
 use super::attention::Resolved;
 use super::embed::RopeTable;
 use super::layers::{
-    Activation, Dense, FeedForward, Modulation, Modulator, PlainLayerNorm, Projections,
-    ScaledRmsNorm, WeightSize,
+    Activation, Dense, FeedForward, Modulation, PlainLayerNorm, Projections, ScaledRmsNorm,
+    WeightSize,
 };
 use super::stage_profile::mark;
 
@@ -86,7 +86,6 @@ pub fn joined_qkv(
 /// One stream's half of a double block.
 #[derive(Debug, Clone)]
 struct Stream {
-    modulator: Modulator,
     norm: PlainLayerNorm,
     qkv: Dense,
     q_norm: ScaledRmsNorm,
@@ -101,7 +100,6 @@ impl Stream {
         let head_dim = h / cfg.num_heads;
         let attn = vb.pp(format!("{prefix}_attn"));
         Ok(Self {
-            modulator: Modulator::new(h, 2, vb.pp(format!("{prefix}_mod")))?,
             norm: PlainLayerNorm::new(h, vb)?,
             qkv: Dense::load(h, 3 * h, cfg.qkv_bias, how, attn.pp("qkv"))?,
             q_norm: ScaledRmsNorm::new(head_dim, attn.pp("norm.query_norm"))?,
@@ -141,18 +139,32 @@ impl DoubleBlock {
         self.img.weight_size() + self.txt.weight_size()
     }
 
-    /// Updates image and text tokens; `rope` covers text tokens first, then image tokens.
+    /// Where this block's two modulation projections sit under its `vb` (image stream, then
+    /// text), each making two modulations: loaded by the model's [`ModulationBank`].
+    ///
+    /// [`ModulationBank`]: super::modulation_bank::ModulationBank
+    pub fn modulation_sources<'a>(vb: &VarBuilder<'a>) -> [(VarBuilder<'a>, usize); 2] {
+        [(vb.pp("img_mod"), 2), (vb.pp("txt_mod"), 2)]
+    }
+
+    /// Updates image and text tokens with the stream's modulations (attention, then MLP,
+    /// from the model's [`ModulationBank`](super::modulation_bank::ModulationBank)); `rope`
+    /// covers text tokens first, then image tokens.
     pub fn forward(
         &self,
         img: &Tensor,
         txt: &Tensor,
-        silu_vec: &Tensor,
+        (img_mod, txt_mod): (&[Modulation], &[Modulation]),
         rope: &RopeTable,
         attention: Resolved,
     ) -> Result<(Tensor, Tensor)> {
-        let img_mod = self.img.modulator.forward(silu_vec)?;
-        let txt_mod = self.txt.modulator.forward(silu_vec)?;
-        mark("double.modulation", silu_vec)?;
+        if img_mod.len() != 2 || txt_mod.len() != 2 {
+            candle_core::bail!(
+                "a double block takes two modulations per stream, got {} and {}",
+                img_mod.len(),
+                txt_mod.len()
+            );
+        }
         let qkv_of = |s: &Stream, x: &Tensor, m: &Modulation| {
             let input = m.norm_scale_shift_for(&s.norm, x, &s.qkv)?;
             s.qkv.apply(&input, Activation::Identity)
@@ -184,8 +196,8 @@ impl DoubleBlock {
             Ok::<_, candle_core::Error>(x)
         };
         Ok((
-            finish(&self.img, img, &img_attn, &img_mod)?,
-            finish(&self.txt, txt, &txt_attn, &txt_mod)?,
+            finish(&self.img, img, &img_attn, img_mod)?,
+            finish(&self.txt, txt, &txt_attn, txt_mod)?,
         ))
     }
 }
@@ -208,7 +220,6 @@ pub struct SingleBlock {
     q_norm: ScaledRmsNorm,
     k_norm: ScaledRmsNorm,
     norm: PlainLayerNorm,
-    modulator: Modulator,
     hidden: usize,
     heads: usize,
 }
@@ -244,7 +255,6 @@ impl SingleBlock {
             q_norm: ScaledRmsNorm::new(h / cfg.num_heads, vb.pp("norm.query_norm"))?,
             k_norm: ScaledRmsNorm::new(h / cfg.num_heads, vb.pp("norm.key_norm"))?,
             norm: PlainLayerNorm::new(h, &vb)?,
-            modulator: Modulator::new(h, 1, vb.pp("modulation"))?,
             hidden: h,
             heads: cfg.num_heads,
         })
@@ -259,19 +269,23 @@ impl SingleBlock {
         first + self.linear2.weight_size()
     }
 
-    /// Updates all tokens `x` (text first, then image).
+    /// Where this block's modulation projection sits under its `vb` (one modulation): loaded
+    /// by the model's [`ModulationBank`](super::modulation_bank::ModulationBank).
+    pub fn modulation_source<'a>(vb: &VarBuilder<'a>) -> (VarBuilder<'a>, usize) {
+        (vb.pp("modulation"), 1)
+    }
+
+    /// Updates all tokens `x` (text first, then image) with the block's modulation `m`.
     pub fn forward(
         &self,
         x: &Tensor,
-        silu_vec: &Tensor,
+        m: &Modulation,
         rope: &RopeTable,
         attention: Resolved,
     ) -> Result<Tensor> {
-        let m = self.modulator.forward(silu_vec)?;
-        mark("single.modulation", silu_vec)?;
         let (qkv, mlp) = match &self.linear1 {
             Linear1::Joint(linear1) => {
-                let h = linear1.forward(&m[0].norm_scale_shift(&self.norm, x)?)?;
+                let h = linear1.forward(&m.norm_scale_shift(&self.norm, x)?)?;
                 let rest = h.dim(D::Minus1)? - 3 * self.hidden;
                 let mlp = h.narrow(D::Minus1, 3 * self.hidden, rest)?.gelu()?;
                 (h.narrow(D::Minus1, 0, 3 * self.hidden)?, mlp)
@@ -279,7 +293,7 @@ impl SingleBlock {
             Linear1::Split { qkv, mlp } => {
                 // Both halves read the same input: for per-row FP8, quantized once, by the
                 // norm kernel itself.
-                let input = m[0].norm_scale_shift_for(&self.norm, x, qkv)?;
+                let input = m.norm_scale_shift_for(&self.norm, x, qkv)?;
                 (
                     qkv.apply(&input, Activation::Identity)?,
                     mlp.apply(&input, Activation::GeluTanh)?,
@@ -295,7 +309,7 @@ impl SingleBlock {
         // lie, and bf16 cuBLASLt multiplies each by its weight columns; elsewhere a copy joins.
         let joined = self.linear2.prepare(&[&attn, &mlp])?;
         let out = self.linear2.apply(&joined, Activation::Identity)?;
-        let x = m[0].gated_add(x, &out)?;
+        let x = m.gated_add(x, &out)?;
         mark("single.linear2+gated_add", &x)?;
         Ok(x)
     }

@@ -82,6 +82,22 @@ pub fn contiguous_view<'a, T: DeviceRepr>(
     }
 }
 
+/// Whether the switch `var` leaves a default-on CUDA path on: `off` (any case) turns it off,
+/// `on` or unset keeps it. Another value is logged as a warning naming the accepted ones and
+/// keeps the default, not silently taken as either. For paths that have passed `--check` on a
+/// GPU and beat the path before them there; callers read it once and keep the answer.
+pub fn opt_out(var: &str, on: &str, off: &str) -> bool {
+    match std::env::var(var) {
+        Ok(v) if v.eq_ignore_ascii_case(off) => false,
+        Ok(v) if v.eq_ignore_ascii_case(on) || v.is_empty() => true,
+        Ok(v) => {
+            tracing::warn!(%var, value = %v, accepted = %format!("{on}, {off}"), "unknown value; the path stays on (the default)");
+            true
+        }
+        Err(_) => true,
+    }
+}
+
 /// Whether the opt-in switch `var` is set to `on` (any case), for CUDA paths that stay off
 /// until verified on a GPU. Another value is not silently taken as "off": it is logged as a
 /// warning naming the one accepted. Callers read it once and keep the answer.

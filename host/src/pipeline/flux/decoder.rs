@@ -6,9 +6,10 @@
 //! And its steps can take faster paths per device: on an H100 candle's decode of a
 //! 1024×1024 image took 634 ms against diffusers' 91 ms (docs/BENCHMARKS.md), with group
 //! norms at ~31 GB/s among the costs. On CUDA with bf16 each group norm and the SiLU after it
-//! can run as one kernel pair (`group_norm_cuda.rs`, opt-in with `HEADSHOT_GROUP_NORM=fused`
-//! until it has passed `--check` on a GPU); otherwise the steps are candle ops, the same as
-//! candle's decoder (the test below holds the two to each other).
+//! runs as one kernel pair (`group_norm_cuda.rs`) and the convolutions take faster paths
+//! ([`DecoderPaths::conv_default`]), both checked on an H100 by `bench gpu --check`; elsewhere
+//! the steps are candle ops, the same as candle's decoder (the test below holds the two to each
+//! other).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder, conv2d};
@@ -51,9 +52,9 @@ pub struct DecoderPaths {
 }
 
 impl DecoderPaths {
-    /// The paths the environment turns on (`HEADSHOT_GROUP_NORM=fused`, `HEADSHOT_CONV=` a
-    /// comma-separated list, [`DecoderPaths::conv_from`]): opt-in until `--check` has passed on a
-    /// GPU. None without the `cuda` feature.
+    /// The paths the environment asks for: the fused norm unless `HEADSHOT_GROUP_NORM=candle`,
+    /// and `HEADSHOT_CONV`'s list ([`DecoderPaths::conv_from`]) or, unset,
+    /// [`DecoderPaths::conv_default`]. None without the `cuda` feature.
     pub fn from_env() -> Self {
         #[cfg(feature = "cuda")]
         {
@@ -112,7 +113,21 @@ impl DecoderPaths {
         })
     }
 
-    /// The convolution paths `HEADSHOT_CONV` names (`gemm`, `cudnn`, `cudnn_nhwc`: cuDNN in
+    /// The convolution paths taken when `HEADSHOT_CONV` is unset: the fastest that passed
+    /// `bench gpu --check` on an H100 (docs/BENCHMARKS.md). With cuDNN in the build, the
+    /// implicit path's prep pass with cuDNN convolving its image, cuDNN for the rest (a
+    /// 1024×1024 decode in 39.6 ms against diffusers' 91.2 ms and candle's 596 ms, same call);
+    /// without, our implicit kernel with the wide tile and the GEMMs for the rest (44.8 ms).
+    pub fn conv_default() -> Self {
+        if cfg!(feature = "cudnn") {
+            Self::conv_from("implicit_cudnn,cudnn")
+        } else {
+            Self::conv_from("implicit_wide,gemm")
+        }
+    }
+
+    /// The convolution paths `HEADSHOT_CONV` names (`candle`: none, candle's convolutions;
+    /// `gemm`, `cudnn`, `cudnn_nhwc`: cuDNN in
     /// NHWC, `implicit`, `implicit_wide`: the implicit one with the wide tile,
     /// `implicit_wgmma`: with the Hopper kernel, `implicit_cudnn`: with cuDNN convolving the
     /// prep pass's image; comma-separated, any case). A word it does not know is logged as a warning naming the
@@ -120,7 +135,9 @@ impl DecoderPaths {
     pub fn conv_from(value: &str) -> Self {
         let mut paths = Self::default();
         for word in value.split(',').map(str::trim).filter(|w| !w.is_empty()) {
-            if word.eq_ignore_ascii_case("gemm") {
+            if word.eq_ignore_ascii_case("candle") {
+                continue;
+            } else if word.eq_ignore_ascii_case("gemm") {
                 paths.conv_gemm = true;
             } else if word.eq_ignore_ascii_case("cudnn") || word.eq_ignore_ascii_case("cudnn_nhwc")
             {
@@ -155,8 +172,8 @@ impl DecoderPaths {
                 tracing::warn!(
                     var = "HEADSHOT_CONV",
                     value = %word,
-                    accepted = "gemm, cudnn, cudnn_nhwc, implicit, implicit_wide, implicit_wgmma, \
-                                implicit_cudnn",
+                    accepted = "candle, gemm, cudnn, cudnn_nhwc, implicit, implicit_wide, \
+                                implicit_wgmma, implicit_cudnn",
                     "unknown convolution path; it stays off"
                 );
             }
@@ -165,12 +182,13 @@ impl DecoderPaths {
     }
 }
 
-/// `HEADSHOT_CONV`'s paths, read once.
+/// `HEADSHOT_CONV`'s paths, or the defaults where it is unset or blank; read once.
 #[cfg(feature = "cuda")]
 fn conv_paths_from_env() -> DecoderPaths {
     static PATHS: std::sync::OnceLock<DecoderPaths> = std::sync::OnceLock::new();
-    *PATHS.get_or_init(|| {
-        DecoderPaths::conv_from(&std::env::var("HEADSHOT_CONV").unwrap_or_default())
+    *PATHS.get_or_init(|| match std::env::var("HEADSHOT_CONV") {
+        Ok(v) if !v.trim().is_empty() => DecoderPaths::conv_from(&v),
+        _ => DecoderPaths::conv_default(),
     })
 }
 
@@ -844,6 +862,16 @@ mod tests {
         assert_eq!(paths.conv_implicit, cfg!(feature = "cudnn"));
         assert_eq!(paths.conv_implicit_cudnn, cfg!(feature = "cudnn"));
         assert!(!paths.conv_cudnn);
+        // `candle` asks for none of them, explicitly (unset means the defaults).
+        assert_eq!(DecoderPaths::conv_from("Candle"), DecoderPaths::default());
+        // The defaults: the implicit prep pass on cuDNN in cuDNN builds, else the wide tile
+        // with the GEMMs; either way the implicit path with a path for what it does not take.
+        let d = DecoderPaths::conv_default();
+        assert!(d.conv_implicit && !d.conv_implicit_wgmma && !d.fused_norm);
+        assert_eq!(d.conv_implicit_cudnn, cfg!(feature = "cudnn"));
+        assert_eq!(d.conv_cudnn, cfg!(feature = "cudnn"));
+        assert_eq!(d.conv_implicit_wide, !cfg!(feature = "cudnn"));
+        assert_eq!(d.conv_gemm, !cfg!(feature = "cudnn"));
     }
 
     #[test]

@@ -25,13 +25,13 @@ const MAX_CHUNKS: usize = 32;
 /// (A 4096² image with 128 channels in 32 groups has 2²⁶.)
 const MAX_GROUP_LEN: usize = u32::MAX as usize;
 
-/// Whether the decoder runs its group norms through these kernels: `HEADSHOT_GROUP_NORM=fused`
-/// turns them on. Off by default until `headshot bench gpu --check` (which compares them with
-/// candle's group norm whatever this says) has passed on a GPU: they were written in a session
-/// without one. Read once.
+/// Whether the decoder runs its group norms through these kernels: on by default since they
+/// passed `headshot bench gpu --check` on an H100 (which compares them with candle's group norm
+/// whatever this says) and beat candle's norm there; `HEADSHOT_GROUP_NORM=candle` turns them
+/// off (`fused` is the default). Read once.
 pub fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| super::cuda_util::opt_in("HEADSHOT_GROUP_NORM", "fused"))
+    *ENABLED.get_or_init(|| super::cuda_util::opt_out("HEADSHOT_GROUP_NORM", "fused", "candle"))
 }
 
 /// Whether the kernels take `x`: bf16 `(batch, channels, height, width)` on CUDA, channels

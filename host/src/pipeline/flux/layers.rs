@@ -606,6 +606,12 @@ impl Modulation {
         Self { shift, scale, gate }
     }
 
+    /// Shift, scale and gate, for tests that compare modulations.
+    #[cfg(test)]
+    pub fn parts(&self) -> [&Tensor; 3] {
+        [&self.shift, &self.scale, &self.gate]
+    }
+
     /// `x · (1 + scale) + shift`.
     pub fn scale_shift(&self, x: &Tensor) -> Result<Tensor> {
         x.broadcast_mul(&(&self.scale + 1.0)?)?
@@ -648,39 +654,6 @@ impl Modulation {
             return super::adaln_cuda::gated_residual(residual, x, &self.gate);
         }
         residual + x.broadcast_mul(&self.gate)?
-    }
-}
-
-/// The projection producing `count` modulations from the conditioning vector.
-#[derive(Debug, Clone)]
-pub struct Modulator {
-    lin: Dense,
-    count: usize,
-}
-
-impl Modulator {
-    /// Loads `lin` (hidden → 3 × count × hidden: shift, scale and gate per modulation).
-    pub fn new(hidden: usize, count: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            lin: Dense::new(hidden, 3 * count * hidden, true, vb.pp("lin"))?,
-            count,
-        })
-    }
-
-    /// Modulations from `silu(vec)` (computed once per forward pass by the caller).
-    pub fn forward(&self, silu_vec: &Tensor) -> Result<Vec<Modulation>> {
-        let out = self.lin.forward(silu_vec)?.unsqueeze(1)?;
-        let width = out.dim(D::Minus1)? / (3 * self.count);
-        (0..self.count)
-            .map(|m| {
-                let part = |i: usize| out.narrow(D::Minus1, (3 * m + i) * width, width);
-                Ok(Modulation {
-                    shift: part(0)?,
-                    scale: part(1)?,
-                    gate: part(2)?,
-                })
-            })
-            .collect()
     }
 }
 

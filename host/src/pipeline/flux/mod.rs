@@ -31,6 +31,7 @@ pub mod group_norm_cuda;
 pub mod layers;
 pub mod mismatch;
 pub mod model;
+pub mod modulation_bank;
 #[cfg(feature = "cuda")]
 pub mod norm_rope_cuda;
 mod pipeline;

@@ -14,6 +14,7 @@ use super::blocks::{DoubleBlock, SingleBlock};
 use super::embed::{RopeTable, timestep_embedding};
 use super::layers::{Dense, FinalLayer, MlpEmbedder};
 use super::layers::{GemmKernel, Projections, WeightFormat, WeightSize};
+use super::modulation_bank::ModulationBank;
 use super::stage_profile;
 
 /// Width of the sinusoidal timestep/guidance embedding.
@@ -60,6 +61,9 @@ pub struct FluxModel {
     guidance_in: Option<MlpEmbedder>,
     double_blocks: Vec<DoubleBlock>,
     single_blocks: Vec<SingleBlock>,
+    /// Every block's modulation projection, joined (double blocks' image and text streams in
+    /// block order, then the single blocks).
+    modulations: ModulationBank,
     final_layer: FinalLayer,
     axes_dim: Vec<usize>,
     theta: f64,
@@ -89,7 +93,16 @@ impl FluxModel {
         }
         let double = vb.pp("double_blocks");
         let single = vb.pp("single_blocks");
+        let mut sources = Vec::with_capacity(2 * cfg.depth + cfg.depth_single_blocks);
+        for i in 0..cfg.depth {
+            sources.extend(DoubleBlock::modulation_sources(&double.pp(i)));
+        }
+        for i in 0..cfg.depth_single_blocks {
+            sources.push(SingleBlock::modulation_source(&single.pp(i)));
+        }
+        let modulations = ModulationBank::load(h, &sources)?;
         Ok(Self {
+            modulations,
             img_in: Dense::new(cfg.in_channels, h, true, vb.pp("img_in"))?,
             txt_in: Dense::new(cfg.context_in_dim, h, true, vb.pp("txt_in"))?,
             time_in: MlpEmbedder::new(TIME_EMBED_DIM, h, vb.pp("time_in"))?,
@@ -174,17 +187,34 @@ impl FluxModel {
         }
         let vec = (vec + self.vector_in.forward(y)?)?;
         let silu_vec = vec.silu()?;
+        let modulations = self.modulations.forward(&silu_vec)?;
+        let (double_mods, single_mods) = modulations.split_at(2 * self.double_blocks.len());
+        if single_mods.len() != self.single_blocks.len() {
+            candle_core::bail!(
+                "{} modulations for {} double and {} single blocks",
+                modulations.len(),
+                self.double_blocks.len(),
+                self.single_blocks.len()
+            );
+        }
+        stage_profile::mark("modulations", &silu_vec)?;
 
         let mut txt = self.txt_in.forward(txt)?;
         let mut img = self.img_in.forward(img)?;
         stage_profile::mark("embed", &img)?;
-        for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, &silu_vec, rope, self.attention)?;
+        for (block, mods) in self.double_blocks.iter().zip(double_mods.chunks(2)) {
+            let [img_mod, txt_mod] = mods else {
+                candle_core::bail!("a double block's modulations come in pairs");
+            };
+            (img, txt) = block.forward(&img, &txt, (img_mod, txt_mod), rope, self.attention)?;
         }
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
         stage_profile::mark("join txt+img", &x)?;
-        for block in &self.single_blocks {
-            x = block.forward(&x, &silu_vec, rope, self.attention)?;
+        for (block, mods) in self.single_blocks.iter().zip(single_mods) {
+            let [m] = mods.as_slice() else {
+                candle_core::bail!("a single block takes one modulation");
+            };
+            x = block.forward(&x, m, rope, self.attention)?;
         }
         let out = self
             .final_layer
