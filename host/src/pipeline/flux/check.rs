@@ -444,6 +444,17 @@ pub fn run_into(
         &rows_out,
         1e-6,
     )?);
+    // The quantized input widened back to bf16 (the path of shapes cuBLASLt refuses with
+    // per-row scales, `fp8_widen.rs`) against the input: e4m3's rounding only.
+    #[cfg(feature = "cuda")]
+    if let super::layers::ProjectionInput::Fp8Rows(q) = rows_layer.prepare(&[&x])? {
+        out.push(compare(
+            "fp8_rows_widened_vs_input",
+            &q.widen()?,
+            &x,
+            FP8_TOLERANCE,
+        )?);
+    }
     // The norm kernel quantizing its own output for a per-row FP8 projection, against its
     // bf16 output quantized afterwards: the prepared inputs (on CUDA the e4m3 bytes and row
     // scales) equal bit for bit.

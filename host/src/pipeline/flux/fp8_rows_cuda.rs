@@ -8,8 +8,8 @@
 //! each FP8 GEMM. A token's scale no longer depends on the largest value elsewhere in the
 //! image either, so the rounding error follows each token's own range.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, DeviceRepr};
@@ -30,6 +30,9 @@ pub struct QuantizedRows {
     width: usize,
     /// The input's dimensions but the last (a projection's output keeps them).
     lead: Vec<usize>,
+    /// The rows widened to bf16, made on first need: a weight's, kept for the shapes
+    /// cuBLASLt refuses with per-row scales ([`linear`]).
+    widened: Arc<OnceLock<Tensor>>,
 }
 
 /// Byte offset of the scales in a packed buffer (256-byte aligned, as cuBLASLt prefers).
@@ -132,6 +135,7 @@ impl QuantizedRows {
             rows,
             width: a_width + b_width,
             lead: lead.to_vec(),
+            widened: Arc::default(),
         })
     }
 
@@ -152,6 +156,7 @@ impl QuantizedRows {
             rows,
             width,
             lead: lead.to_vec(),
+            widened: Arc::default(),
         })
     }
 
@@ -168,6 +173,29 @@ impl QuantizedRows {
             .packed
             .narrow(0, scales_offset(self.rows, self.width), 4 * self.rows)?;
         Tensor::cat(&[&values, &scales], 0)
+    }
+
+    /// The rows in bf16 (values times their row's scale), shaped as the input was.
+    pub fn widen(&self) -> Result<Tensor> {
+        let mut dims = self.lead.clone();
+        dims.push(self.width);
+        super::fp8_widen::widen_packed_rows(
+            &self.packed,
+            self.rows,
+            self.width,
+            scales_offset(self.rows, self.width),
+            DType::BF16,
+        )?
+        .reshape(dims)
+    }
+
+    /// [`QuantizedRows::widen`], kept after the first call (for weights).
+    fn widened(&self) -> Result<Tensor> {
+        if let Some(t) = self.widened.get() {
+            return Ok(t.clone());
+        }
+        let t = self.widen()?;
+        Ok(self.widened.get_or_init(|| t).clone())
     }
 
     /// Values held (rows × width).
@@ -376,7 +404,56 @@ pub fn linear(x: &QuantizedRows, w: &QuantizedRows, b: &Tensor, act: Activation)
         k: x.width,
         out_shape: Shape::from(out),
     };
-    x.packed.apply_op3_no_bwd(&w.packed, &b.contiguous()?, &op)
+    let shape = (x.packed.device().location(), op.m, op.n, op.k, act as u32);
+    if !refused().lock().is_ok_and(|r| r.contains(&shape)) {
+        match x.packed.apply_op3_no_bwd(&w.packed, &b.contiguous()?, &op) {
+            Err(e) if super::gemm_algo_cuda::is_refusal(&e) => {
+                tracing::warn!(
+                    m = op.m,
+                    n = op.n,
+                    k = op.k,
+                    error = %e,
+                    "cuBLASLt refuses this projection's shape with per-row FP8 scales; it runs \
+                     widened to bf16 (weight kept widened, ~2 bytes a weight more)"
+                );
+                if let Ok(mut r) = refused().lock() {
+                    r.insert(shape);
+                }
+            }
+            other => return other,
+        }
+    }
+    widened_linear(x, w, b, act)
+}
+
+/// A per-row FP8 GEMM's device, m, n, k and activation.
+type GemmShape = (candle_core::DeviceLocation, usize, usize, usize, u32);
+
+/// Shapes cuBLASLt refused with per-row scales: asked once each.
+fn refused() -> &'static Mutex<HashSet<GemmShape>> {
+    static REFUSED: OnceLock<Mutex<HashSet<GemmShape>>> = OnceLock::new();
+    REFUSED.get_or_init(Default::default)
+}
+
+/// [`linear`] on the rows widened back to bf16 (the weight's kept), through the bf16
+/// cuBLASLt GEMM with the bias and activation in its epilogue: the same numbers the FP8 GEMM
+/// multiplies, summed in f32 from bf16 products.
+fn widened_linear(
+    x: &QuantizedRows,
+    w: &QuantizedRows,
+    b: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
+    use super::gemm_cuda;
+    let (x, w) = (x.widen()?, w.widened()?);
+    if gemm_cuda::supports(&x) && gemm_cuda::aligned(&w) && gemm_cuda::aligned(b) {
+        return gemm_cuda::linear(&x, &w, b, act);
+    }
+    let y = x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?;
+    match act {
+        Activation::Identity => Ok(y),
+        Activation::GeluTanh => y.gelu(),
+    }
 }
 
 /// Whether this GPU runs the per-row FP8 GEMM, and runs it right: checked once per GPU on a

@@ -66,6 +66,16 @@ fn tuned() -> &'static Mutex<HashMap<TuneKey, Algo>> {
     TUNED.get_or_init(Default::default)
 }
 
+/// How an error from [`choose`] starts when cuBLASLt has no algorithm for a GEMM's shape
+/// and settings (as opposed to a failed launch or a fault).
+const NO_ALGORITHM: &str = "no cuBLASLt algorithm for this GEMM's shape";
+
+/// Whether `e` says cuBLASLt refused a GEMM's shape and settings ([`NO_ALGORITHM`]): the
+/// caller may take another path; nothing was enqueued.
+pub fn is_refusal(e: &candle_core::Error) -> bool {
+    e.to_string().contains(NO_ALGORITHM)
+}
+
 /// Up to `count` algorithms for the GEMM `desc` describes, best-ranked first.
 ///
 /// # Safety
@@ -102,10 +112,10 @@ unsafe fn heuristics(
         )
     };
     if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        candle_core::bail!("no cuBLASLt algorithm for this GEMM's shape: {status:?}");
+        candle_core::bail!("{NO_ALGORITHM}: {status:?}");
     }
     if returned <= 0 {
-        candle_core::bail!("cuBLASLt offered no algorithm for this GEMM's shape");
+        candle_core::bail!("{NO_ALGORITHM}: none offered");
     }
     Ok(results
         .into_iter()
@@ -163,7 +173,7 @@ pub(super) unsafe fn choose(
         return first
             .into_iter()
             .next()
-            .ok_or_else(|| candle_core::Error::Msg("cuBLASLt offered no usable algorithm".into()));
+            .ok_or_else(|| candle_core::Error::Msg(format!("{NO_ALGORITHM}: none usable")));
     };
     let lock = || {
         tuned()
@@ -176,7 +186,7 @@ pub(super) unsafe fn choose(
     // SAFETY: the caller's contract.
     let candidates = unsafe { heuristics(handle, desc, layouts, pref, CANDIDATES) }?;
     let Some(first) = candidates.first() else {
-        candle_core::bail!("cuBLASLt offered no usable algorithm");
+        candle_core::bail!("{NO_ALGORITHM}: none usable");
     };
     // The heuristic's pick must run (it is what an untuned process uses); the others may not.
     let first_ms = time(stream, run, first)?;

@@ -22,6 +22,7 @@ pub mod flash_cpu;
 pub mod flash_cuda;
 #[cfg(feature = "cuda")]
 pub mod fp8_rows_cuda;
+pub mod fp8_widen;
 #[cfg(feature = "cuda")]
 pub mod gemm_algo_cuda;
 #[cfg(feature = "cuda")]
