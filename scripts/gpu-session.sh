@@ -41,6 +41,17 @@ run() {
   echo "exit $rc" | tee -a "$out/session.txt"
 }
 
+# CONFIRM=1: the defaults alone, for a short call after defaults changed: every check, ours
+# vs diffusers (bf16 step and decode), the FP8 step.
+if [ -n "${CONFIRM:-}" ]; then
+  run 120 bench gpu --device cuda --check --attention fused
+  echo "== vs torch (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
+  TORCH_ARGS="--iters 3 --warmup 1" WHEELS=$carry/wheels OUT=$out/vs-torch timeout $(( $(left) < 200 ? $(left) : 200 )) bash $carry/run-bench.nostubs.sh /tmp/headshot \
+    bench gpu --device cuda --attention fused --iters 3 --warmup 1 | tee -a "$out/session.txt"
+  run 40 bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae --fp8
+  "$py" scripts/gpu-summary.py "$out" | tee "$out/summary.txt"
+  exit 0
+fi
 # Session 8 measured every opt-in path (docs/BENCHMARKS.md); this run follows up what it
 # changed: the decoder's new defaults, the joined modulation projections, the per-row FP8
 # widening where cuBLASLt refuses a shape, then the remaining opt-in paths on top.

@@ -373,7 +373,8 @@ pub struct ModelConfig {
     pub attention: crate::pipeline::flux::attention::AttentionKernel,
     /// FP8 e4m3 weights for the transformer blocks' projections.
     pub fp8: bool,
-    /// How FP8 weights and activations are scaled: per tensor or per row.
+    /// How FP8 weights and activations are scaled: per tensor, per row, or `auto` (per row
+    /// with `fp8`).
     pub fp8_scale: crate::pipeline::flux::layers::Fp8Scale,
     /// GEMM implementation of the transformer blocks' projections.
     pub gemm: crate::pipeline::flux::layers::GemmKernel,
@@ -539,10 +540,11 @@ impl Config {
             return Err(invalid("model.load_attempts", "must be at least 1".into()));
         }
         // A scaling for FP8 weights that are not FP8 would be silently ignored: say so.
-        if !m.fp8 && m.fp8_scale != crate::pipeline::flux::layers::Fp8Scale::Tensor {
+        if !m.fp8 && m.fp8_scale != crate::pipeline::flux::layers::Fp8Scale::Auto {
             return Err(invalid(
                 "model.fp8_scale",
-                "\"row\" scales FP8 weights: set model.fp8 = true, or leave fp8_scale out".into(),
+                "it scales FP8 weights: set model.fp8 = true, or leave fp8_scale at \"auto\""
+                    .into(),
             ));
         }
         // FP8 weights on a GPU run only in the FP8 GEMM (bf16 activations, `gemm = "auto"`).
@@ -1097,6 +1099,7 @@ mod tests {
                 "model.dtype",
             ),
             ("[model]\nfp8_scale = \"row\"\n", "model.fp8_scale"),
+            ("[model]\nfp8_scale = \"tensor\"\n", "model.fp8_scale"),
         ] {
             let e = Config::from_layers(Some((toml, "f.toml")), env(&[]))
                 .unwrap_err()
@@ -1150,7 +1153,7 @@ mod tests {
         assert!(!d.model.fp8);
         assert_eq!(
             d.model.fp8_scale,
-            crate::pipeline::flux::layers::Fp8Scale::Tensor
+            crate::pipeline::flux::layers::Fp8Scale::Auto
         );
     }
 

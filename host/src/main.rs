@@ -211,9 +211,10 @@ enum BenchCommand {
         /// FP8 e4m3 weights for the transformer blocks' projections.
         #[arg(long)]
         fp8: bool,
-        /// FP8 scaling with --fp8: tensor (one scale per tensor) or row (per output channel
-        /// and per token; on CUDA where cuBLASLt runs it, else tensor with a warning).
-        #[arg(long, default_value = "tensor", requires = "fp8")]
+        /// FP8 scaling with --fp8: row (per output channel and per token; on CUDA where
+        /// cuBLASLt runs it, else tensor with a warning), tensor (one scale per tensor) or
+        /// auto (row, the default).
+        #[arg(long, default_value = "auto", requires = "fp8")]
         fp8_scale: String,
         /// Time the model's ops one by one (attention kernels, GEMMs, norms) instead of steps.
         #[arg(long, conflicts_with = "check")]

@@ -74,8 +74,10 @@ impl FlashKernel {
         Self::Wgmma,
         Self::WgmmaPipe,
     ];
-    /// The kernel the model runs unless `HEADSHOT_FLASH_KERNEL` names another.
-    pub const DEFAULT: FlashKernel = Self::Wide32;
+    /// The kernel the model runs unless `HEADSHOT_FLASH_KERNEL` names another: the fastest
+    /// that passed `bench gpu --check` on an H100, alone (288 TFLOP/s against `wide32`'s 258)
+    /// and in whole steps (156.7 ms against 160.8 in bf16, same call; docs/BENCHMARKS.md).
+    pub const DEFAULT: FlashKernel = Self::WideLazy;
 
     /// The model's kernel: `HEADSHOT_FLASH_KERNEL` (a [`FlashKernel::name`], read once; a
     /// benchmarking knob for comparing whole steps) or [`FlashKernel::DEFAULT`].

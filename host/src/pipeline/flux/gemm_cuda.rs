@@ -302,11 +302,12 @@ impl CustomOp3 for LtLinearParts {
     }
 }
 
-/// Whether the model's joined projection inputs go through [`linear_parts`]
-/// (`HEADSHOT_SPLIT_GEMM=on`): opt-in until `--check` (`gemm_bias_parts`) has passed on a GPU.
+/// Whether the model's joined projection inputs go through [`linear_parts`]: on unless
+/// `HEADSHOT_SPLIT_GEMM=off`, since `--check` (`gemm_bias_parts`) passed on an H100 and the
+/// bf16 step took 153.9 ms with it against 160.8 without (same call; docs/BENCHMARKS.md).
 pub fn split_gemm() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| super::cuda_util::opt_in("HEADSHOT_SPLIT_GEMM", "on"))
+    *ON.get_or_init(|| super::cuda_util::opt_out("HEADSHOT_SPLIT_GEMM", "on", "off"))
 }
 
 /// Whether [`linear_parts`] takes `x0` and `x1` for weight `w` and bias `b`: bf16 CUDA
