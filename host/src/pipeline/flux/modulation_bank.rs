@@ -3,13 +3,13 @@
 //!
 //! Each FLUX block projects the same conditioning vector `silu(vec)` (one row per image) to
 //! its shifts, scales and gates: 76 projections, ~3.2 B weights (a quarter of the model), all
-//! of one input. Run per block, each is a matrix-vector product too narrow to keep an H100's
-//! memory busy: the profile put the single blocks' modulations at ~0.38 ms each (~150 GB/s)
-//! and all of them at ~18 ms of a 162 ms step, where reading their 6.4 GB once takes ~2 ms.
-//! Here their weights are joined at load into a few tall matrices (each under 2³⁰ values,
-//! within 32-bit offsets) and every modulation of the pass comes from one product per
-//! matrix. The numbers are the same products, so a block sees the same modulation (the
-//! model is checked against candle's in tests and by `bench gpu --check`).
+//! of one input. Here their weights are joined at load into a few tall matrices (each under
+//! 2³⁰ values, within 32-bit offsets) and every modulation of a pass comes from one product
+//! per matrix, which reads the 6.4 GB at full memory bandwidth (~2.9 ms a step on an H100).
+//! Run per block, the profile had put them at ~18 ms of a 162 ms step; measured whole, the
+//! step went from 161.8 to 160.8 ms (docs/BENCHMARKS.md): most of the profile's figure was
+//! its own per-stage synchronization. The numbers are the same products, so a block sees the
+//! same modulation (the model is checked against candle's in tests and by `--check`).
 
 use candle_core::{D, Result, Tensor};
 use candle_nn::VarBuilder;
