@@ -371,8 +371,10 @@ fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
     }
     assert!(stdout.contains("decoded image [1, 3, 64, 64]"), "{stdout}");
     // One profiled step: each block stage summed over the blocks (two double blocks, two
-    // streams each, two single blocks in the tiny config).
+    // streams each, two single blocks in the tiny config), and every block's modulations at
+    // once (the joined projections).
     for stage in [
+        "modulations ",
         "double.attention x2 ",
         "double.norm+mlp+gated_add x4 ",
         "single.linear2+gated_add x2 ",
@@ -384,7 +386,7 @@ fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
         );
     }
     assert!(
-        stdout.contains("PROFILE one_step sum of 15 stages: "),
+        stdout.contains("PROFILE one_step sum of 14 stages: "),
         "{stdout}"
     );
     let full_on_cpu = headshot(tmp.path(), &["bench", "gpu", "--device", "cpu"]);
