@@ -9,7 +9,8 @@
 # an older toolkit the worker keeps per-tensor scales (checked at load, logged).
 ARG CUDA_VERSION=12.9.1
 
-# --- build: Rust + CUDA toolkit, the worker with --features cuda ---------------------------
+# --- build: Rust + CUDA toolkit, the worker with --features cudnn (CUDA + cuDNN: the decoder's
+# fastest default path, 39.6 against 44.8 ms a 1024x1024 decode on an H100) ------------------
 FROM nvidia/cuda:${CUDA_VERSION}-cudnn-devel-ubuntu24.04 AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends curl ca-certificates build-essential pkg-config \
@@ -22,7 +23,7 @@ ARG CUDA_COMPUTE_CAP=90
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --features cuda -p headshot-host --bin headshot \
+RUN cargo build --release --locked --features cudnn -p headshot-host --bin headshot \
  && strip target/release/headshot
 
 # --- optional: bake the weights in ---------------------------------------------------------

@@ -6,8 +6,8 @@
 # Expects gpu-carry/ (git-ignored) to hold: headshot.xz (../shared/gpu/build-cuda.sh
 # --features cudnn, then strip + xz), run-bench.sh and flux_bench_torch.py from
 # ../shared/gpu/, and wheels/ with the diffusers wheel. Order: correctness first (cheap, and it
-# decides whether the timings mean anything), then every op alone, then our model next to the
-# diffusers twin in one call (same card), then the variants. A time budget (BUDGET seconds,
+# decides whether the timings mean anything), then our model next to the diffusers twin in
+# one call (same card), then the variants, then every op alone. A time budget (BUDGET seconds,
 # default 520; run it with timeout_s 580) skips what no longer fits, so the device call
 # returns its files in time.
 # Everything lands in $OUT (or ./gpu-out).
@@ -52,35 +52,39 @@ if [ -n "${CONFIRM:-}" ]; then
   "$py" scripts/gpu-summary.py "$out" | tee "$out/summary.txt"
   exit 0
 fi
-# Session 8 measured every opt-in path (docs/BENCHMARKS.md); this run follows up what it
-# changed: the decoder's new defaults, the joined modulation projections, the per-row FP8
-# widening where cuBLASLt refuses a shape, then the remaining opt-in paths on top.
-# 1. Every check at the default paths (and the fastest attention kernel alone, wide_lazy):
-#    per-row FP8 (it stopped session 8's --check), the split GEMM, the decoders.
-HEADSHOT_FLASH_KERNELS=wide_lazy run 120 bench gpu --device cuda --check --attention fused
+# Without CONFIRM: the defaults against what they replaced and the paths still opt-in, each
+# step against step 2's diffusers step (the second lending's figures: docs/BENCHMARKS.md).
+# 1. Every check at the defaults (and the previous attention kernel alone, wide32).
+HEADSHOT_FLASH_KERNELS=wide32 run 120 bench gpu --device cuda --check --attention fused
 # 2. Ours at the defaults and the diffusers twin, same card, same call.
 if [ "$(left)" -gt 60 ]; then
   echo "== vs torch (t=$((SECONDS - start))s)" | tee -a "$out/session.txt"
   TORCH_ARGS="--iters 3 --warmup 1" WHEELS=$carry/wheels OUT=$out/vs-torch timeout $(( $(left) < 200 ? $(left) : 200 )) bash $carry/run-bench.nostubs.sh /tmp/headshot \
     bench gpu --device cuda --attention fused --iters 3 --warmup 1 | tee -a "$out/session.txt"
 fi
-# 3. FP8, per tensor and per row, with and without GEMM tuning, then with the fastest
-#    attention kernel; each step against step 2's diffusers step.
 step=(bench gpu --device cuda --attention fused --iters 3 --warmup 1 --skip-vae)
+# 3. FP8: the default (per row), per tensor, each with GEMM tuning, the previous kernel.
 run 60 "${step[@]}" --fp8
-run 60 "${step[@]}" --fp8 --fp8-scale row
+run 60 "${step[@]}" --fp8 --fp8-scale tensor
 HEADSHOT_GEMM_TUNE=on run 60 "${step[@]}" --fp8
-HEADSHOT_GEMM_TUNE=on run 60 "${step[@]}" --fp8 --fp8-scale row
-HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wide_lazy run 60 "${step[@]}" --fp8 --fp8-scale row
-HEADSHOT_GEMM_TUNE=on HEADSHOT_FLASH_KERNEL=wide_lazy run 60 "${step[@]}" --fp8
-# 4. bf16: the split linear2, the lazy attention kernel, both.
-HEADSHOT_SPLIT_GEMM=on run 60 "${step[@]}"
-HEADSHOT_FLASH_KERNEL=wide_lazy run 60 "${step[@]}"
-HEADSHOT_SPLIT_GEMM=on HEADSHOT_FLASH_KERNEL=wide_lazy run 60 "${step[@]}"
-# 5. The decoder as it was before its defaults changed (candle's convolutions and norm).
-HEADSHOT_CONV=candle HEADSHOT_GROUP_NORM=candle run 45 bench gpu --device cuda --vae-only --iters 3 --warmup 1 --no-candle-vae
-# 6. The checks again with GEMM tuning on: a tuned algorithm must be as right as the heuristic's.
+HEADSHOT_GEMM_TUNE=on run 60 "${step[@]}" --fp8 --fp8-scale tensor
+HEADSHOT_FLASH_KERNEL=wide32 run 60 "${step[@]}" --fp8
+# 4. bf16 without the split linear2, with the previous kernel, both (the old defaults).
+HEADSHOT_SPLIT_GEMM=off run 60 "${step[@]}"
+HEADSHOT_FLASH_KERNEL=wide32 run 60 "${step[@]}"
+HEADSHOT_SPLIT_GEMM=off HEADSHOT_FLASH_KERNEL=wide32 run 60 "${step[@]}"
+# 5. The decoder: candle's convolutions and norm (the old default), the default of builds
+#    without cuDNN.
+vae_only=(bench gpu --device cuda --vae-only --iters 3 --warmup 1 --no-candle-vae)
+HEADSHOT_CONV=candle HEADSHOT_GROUP_NORM=candle run 45 "${vae_only[@]}"
+HEADSHOT_CONV=implicit_wide,gemm run 45 "${vae_only[@]}"
+# 6. The whole decoder at 1024x1024 on every path against candle's f32 ops, then the checks
+#    again with GEMM tuning on (a tuned algorithm must be as right as the heuristic's).
+HEADSHOT_CHECK_ONLY=decoder_full run 90 bench gpu --device cuda --check
 HEADSHOT_GEMM_TUNE=on run 90 bench gpu --device cuda --check --attention fused
+# 7. Each op alone: attention kernels, GEMMs (bf16, FP8 per tensor and per row), norms, the
+#    decoder's convolutions and memory-bound ops on every path.
+HEADSHOT_FLASH_KERNELS=wide_lazy,wide32 run 110 bench gpu --device cuda --ops --iters 10 --warmup 2
 echo "done at t=$((SECONDS - start))s" | tee -a "$out/session.txt"
 # Last, so it ends the call's output: ratios to diffusers, failed checks, fallbacks.
 "$py" scripts/gpu-summary.py "$out" | tee "$out/summary.txt"

@@ -234,21 +234,33 @@ def check_verdicts(session):
 
 def switch_keys(header):
     """The CHECK_ROWS keys a run's header turns on (HEADSHOT_CONV words, VAR=value, flags),
-    with the attention kernel it runs (wide32 unless HEADSHOT_FLASH_KERNEL names another)."""
-    keys, kernel = [], "wide32"
+    the defaults' own where no switch turns them off (the decoder's implicit_cudnn,cudnn with
+    the fused norm, the split GEMM, per-row FP8 with --fp8), with the attention kernel it runs
+    (wide_lazy unless HEADSHOT_FLASH_KERNEL names another)."""
+    keys, kernel = [], "wide_lazy"
     words = header.split()
+    conv, norm, split = ["implicit_cudnn", "cudnn"], True, True
     for w in words:
         if w.startswith("HEADSHOT_CONV="):
-            keys += w.split("=", 1)[1].split(",")
+            conv = [c for c in w.split("=", 1)[1].split(",") if c.lower() != "candle"]
         elif w.startswith("HEADSHOT_FLASH_KERNEL="):
             kernel = w.split("=", 1)[1]
+        elif w.startswith("HEADSHOT_GROUP_NORM="):
+            norm = w.split("=", 1)[1].lower() not in ("candle", "off", "0", "false")
+        elif w.startswith("HEADSHOT_SPLIT_GEMM="):
+            split = w.split("=", 1)[1].lower() not in ("off", "0", "false")
         elif w.startswith("HEADSHOT_"):
             keys.append(w)
-    if "--fp8" in words:
-        keys.append("--fp8")
-        scale = words.index("--fp8-scale") + 1 if "--fp8-scale" in words else len(words)
-        if words[scale:scale + 1] == ["row"]:
-            keys.append("row")
+    if "--skip-vae" not in words:
+        keys += conv + (["HEADSHOT_GROUP_NORM=fused"] if norm else [])
+    if "--vae-only" not in words:
+        if split and "--fp8" not in words:
+            keys.append("HEADSHOT_SPLIT_GEMM=on")
+        if "--fp8" in words:
+            keys.append("--fp8")
+            scale = words.index("--fp8-scale") + 1 if "--fp8-scale" in words else len(words)
+            if words[scale:scale + 1] != ["tensor"]:
+                keys.append("row")
     return keys, kernel
 
 

@@ -540,11 +540,16 @@ impl Config {
             return Err(invalid("model.load_attempts", "must be at least 1".into()));
         }
         // A scaling for FP8 weights that are not FP8 would be silently ignored: say so.
+        // (Before "auto" became the default, "tensor" was it and shipped in default.toml: a
+        // config copied from that file says so, and gets told what changed.)
         if !m.fp8 && m.fp8_scale != crate::pipeline::flux::layers::Fp8Scale::Auto {
             return Err(invalid(
                 "model.fp8_scale",
-                "it scales FP8 weights: set model.fp8 = true, or leave fp8_scale at \"auto\""
-                    .into(),
+                format!(
+                    "{:?} applies only with model.fp8 = true; set that, or remove the line (the \
+                     default is now \"auto\": per row with FP8 weights, nothing without)",
+                    m.fp8_scale.name()
+                ),
             ));
         }
         // FP8 weights on a GPU run only in the FP8 GEMM (bf16 activations, `gemm = "auto"`).
@@ -1106,6 +1111,16 @@ mod tests {
                 .to_string();
             assert!(e.contains(key), "{toml}: {e}");
         }
+        // A config copied from the old default.toml (which shipped "tensor") is told what
+        // changed, whichever layer set it.
+        let e = Config::from_layers(None, env(&[("HEADSHOT__MODEL__FP8_SCALE", "tensor")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"tensor\" applies only with model.fp8 = true")
+                && e.contains("now \"auto\""),
+            "{e}"
+        );
         // The same settings are fine on the CPU (weights widened for candle's matmul), and
         // FP8 with bf16 and the fused GEMM is fine on CUDA.
         for toml in [

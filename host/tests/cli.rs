@@ -386,7 +386,7 @@ fn bench_gpu_tiny_runs_the_harness_on_the_cpu() {
         );
     }
     assert!(
-        stdout.contains("PROFILE one_step sum of 14 stages: "),
+        stdout.contains("PROFILE one_step sum of 15 stages: "),
         "{stdout}"
     );
     let full_on_cpu = headshot(tmp.path(), &["bench", "gpu", "--device", "cpu"]);

@@ -177,7 +177,8 @@ pub(super) fn run(
             &|| dense.forward(&Tensor::cat(&[&attn_out, &wide], 2)?),
         )?;
     }
-    // bf16: one GEMM per part, the second accumulating (HEADSHOT_SPLIT_GEMM=on in the model).
+    // bf16: one GEMM per part, the second accumulating (the model's default; off with
+    // HEADSHOT_SPLIT_GEMM=off).
     #[cfg(feature = "cuda")]
     if crate::pipeline::flux::gemm_cuda::supports_parts(&attn_out, &wide, &w2, &b2) {
         time(out, "single_linear2_parts", Work::Flop(flop), &|| {

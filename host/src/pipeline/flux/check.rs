@@ -446,13 +446,23 @@ pub fn run_into(
     )?);
     // The quantized input widened back to bf16 (the path of shapes cuBLASLt refuses with
     // per-row scales, `fp8_widen.rs`) against the input: e4m3's rounding only.
+    // Then the projection on the widened rows against the FP8 GEMM on a shape it takes: the
+    // same e4m3 numbers, the widened ones rounded to bf16 once.
     #[cfg(feature = "cuda")]
-    if let super::layers::ProjectionInput::Fp8Rows(q) = rows_layer.prepare(&[&x])? {
+    if let (super::layers::ProjectionInput::Fp8Rows(q), Some((w, b))) =
+        (rows_layer.prepare(&[&x])?, rows_layer.fp8_rows_parts())
+    {
         out.push(compare(
             "fp8_rows_widened_vs_input",
             &q.widen()?,
             &x,
             FP8_TOLERANCE,
+        )?);
+        out.push(compare(
+            "fp8_rows_widened_linear_vs_fp8",
+            &super::fp8_rows_cuda::linear_widened(&q, w, b, Activation::Identity)?,
+            &rows_out,
+            tolerance,
         )?);
     }
     // The norm kernel quantizing its own output for a per-row FP8 projection, against its

@@ -82,16 +82,24 @@ pub fn contiguous_view<'a, T: DeviceRepr>(
     }
 }
 
-/// Whether the switch `var` leaves a default-on CUDA path on: `off` (any case) turns it off,
-/// `on` or unset keeps it. Another value is logged as a warning naming the accepted ones and
-/// keeps the default, not silently taken as either. For paths that have passed `--check` on a
-/// GPU and beat the path before them there; callers read it once and keep the answer.
+/// Whether the switch `var` leaves a default-on CUDA path on: `off` (the switch's word for
+/// the path before it), or `off`, `0`, `false` (any case) turn it off; `on` (its word for the
+/// path), `on`, `1`, `true` or unset keep it. Another value is logged as a warning naming the
+/// accepted ones and keeps the default, not silently taken as either. For paths that have
+/// passed `--check` on a GPU and beat the path before them there; callers read it once and
+/// keep the answer.
 pub fn opt_out(var: &str, on: &str, off: &str) -> bool {
+    let is = |v: &str, words: [&str; 4]| words.iter().any(|w| v.trim().eq_ignore_ascii_case(w));
     match std::env::var(var) {
-        Ok(v) if v.eq_ignore_ascii_case(off) => false,
-        Ok(v) if v.eq_ignore_ascii_case(on) || v.is_empty() => true,
+        Ok(v) if is(&v, [off, "off", "0", "false"]) => false,
+        Ok(v) if is(&v, [on, "on", "1", "true"]) || v.trim().is_empty() => true,
         Ok(v) => {
-            tracing::warn!(%var, value = %v, accepted = %format!("{on}, {off}"), "unknown value; the path stays on (the default)");
+            tracing::warn!(
+                %var,
+                value = %v,
+                accepted = %format!("{off}, off, 0, false (off); {on}, on, 1, true (on)"),
+                "unknown value; the path stays on (the default)"
+            );
             true
         }
         Err(_) => true,

@@ -385,7 +385,51 @@ impl CustomOp3 for RowScaledLinear {
 
 /// `act(x · wᵀ + b)` on FP8 tensor cores, x and w quantized by row ([`QuantizedRows`]; w's
 /// rows are its output channels), b bf16 `(n)`. The result keeps x's leading dimensions.
+/// A shape cuBLASLt refuses with per-row scales runs widened to bf16 instead (the weight's
+/// widening kept: 2 bytes a weight more), logged once per shape.
 pub fn linear(x: &QuantizedRows, w: &QuantizedRows, b: &Tensor, act: Activation) -> Result<Tensor> {
+    let op = row_scaled(x, w, b, act)?;
+    let shape = (x.packed.device().location(), op.m, op.n, op.k, act as u32);
+    if !refused().lock().is_ok_and(|r| r.contains(&shape)) {
+        match x.packed.apply_op3_no_bwd(&w.packed, &b.contiguous()?, &op) {
+            Err(e) if super::gemm_algo_cuda::is_refusal(&e) => {
+                tracing::warn!(
+                    m = op.m,
+                    n = op.n,
+                    k = op.k,
+                    error = %e.to_string().lines().next().unwrap_or_default(),
+                    "cuBLASLt refuses this projection's shape with per-row FP8 scales; it runs \
+                     widened to bf16 (the weight kept widened: 2 bytes a weight more)"
+                );
+                if let Ok(mut r) = refused().lock() {
+                    r.insert(shape);
+                }
+            }
+            other => return other,
+        }
+    }
+    linear_widened(x, w, b, act)
+}
+
+/// [`linear`] without the widened way out: cuBLASLt's refusal is an error. What the load-time
+/// probe asks, so a GPU that refuses per-row scales altogether keeps per-tensor ones.
+fn linear_fp8_only(
+    x: &QuantizedRows,
+    w: &QuantizedRows,
+    b: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
+    let op = row_scaled(x, w, b, act)?;
+    x.packed.apply_op3_no_bwd(&w.packed, &b.contiguous()?, &op)
+}
+
+/// The per-row FP8 GEMM op for these operands, their widths checked.
+fn row_scaled(
+    x: &QuantizedRows,
+    w: &QuantizedRows,
+    b: &Tensor,
+    act: Activation,
+) -> Result<RowScaledLinear> {
     if x.width != w.width || b.dims() != [w.rows] {
         candle_core::bail!(
             "per-row FP8 projection: input width {} against weight {}×{} and bias {:?}",
@@ -397,33 +441,13 @@ pub fn linear(x: &QuantizedRows, w: &QuantizedRows, b: &Tensor, act: Activation)
     }
     let mut out = x.lead.clone();
     out.push(w.rows);
-    let op = RowScaledLinear {
+    Ok(RowScaledLinear {
         act,
         m: x.rows,
         n: w.rows,
         k: x.width,
         out_shape: Shape::from(out),
-    };
-    let shape = (x.packed.device().location(), op.m, op.n, op.k, act as u32);
-    if !refused().lock().is_ok_and(|r| r.contains(&shape)) {
-        match x.packed.apply_op3_no_bwd(&w.packed, &b.contiguous()?, &op) {
-            Err(e) if super::gemm_algo_cuda::is_refusal(&e) => {
-                tracing::warn!(
-                    m = op.m,
-                    n = op.n,
-                    k = op.k,
-                    error = %e,
-                    "cuBLASLt refuses this projection's shape with per-row FP8 scales; it runs \
-                     widened to bf16 (weight kept widened, ~2 bytes a weight more)"
-                );
-                if let Ok(mut r) = refused().lock() {
-                    r.insert(shape);
-                }
-            }
-            other => return other,
-        }
-    }
-    widened_linear(x, w, b, act)
+    })
 }
 
 /// A per-row FP8 GEMM's device, m, n, k and activation.
@@ -437,8 +461,9 @@ fn refused() -> &'static Mutex<HashSet<GemmShape>> {
 
 /// [`linear`] on the rows widened back to bf16 (the weight's kept), through the bf16
 /// cuBLASLt GEMM with the bias and activation in its epilogue: the same numbers the FP8 GEMM
-/// multiplies, summed in f32 from bf16 products.
-fn widened_linear(
+/// multiplies, summed in f32 from bf16 products. Public for `--check`, which holds it to the
+/// FP8 GEMM on a shape cuBLASLt takes.
+pub fn linear_widened(
     x: &QuantizedRows,
     w: &QuantizedRows,
     b: &Tensor,
@@ -521,7 +546,7 @@ fn probe(device: &Device) -> Result<f32> {
     let plain = x.matmul(&w.t()?)?.broadcast_add(&b)?;
     let mut worst = 0f32;
     for act in [Activation::Identity, Activation::GeluTanh] {
-        let fast = linear(&xq, &wq, &b16, act)?.to_dtype(DType::F32)?;
+        let fast = linear_fp8_only(&xq, &wq, &b16, act)?.to_dtype(DType::F32)?;
         // candle's max skips NaN: a sum does not (w · 0 is 0 only for finite w).
         if (&fast * 0.0)?.abs()?.sum_all()?.to_scalar::<f32>()? != 0.0 {
             return Ok(f32::INFINITY);

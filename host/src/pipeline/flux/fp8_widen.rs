@@ -56,7 +56,7 @@ fn decode_e4m3(bytes: &Tensor) -> Result<Tensor> {
 }
 
 /// Positive normal little-endian f32s, one per row of 4 bytes, to an f32 column `(rows, 1)`.
-/// Every quantizer scale is one (max |row| / 448, or 1 for a zero row).
+/// Every quantizer scale is one: max |row| / 448, clamped below at 1e-12 / 448 (normal in f32).
 fn decode_f32_le(bytes: &Tensor) -> Result<Tensor> {
     let b = bytes.to_dtype(DType::F32)?;
     let byte = |i: usize| b.narrow(1, i, 1);

@@ -67,7 +67,8 @@ fn tuned() -> &'static Mutex<HashMap<TuneKey, Algo>> {
 }
 
 /// How an error from [`choose`] starts when cuBLASLt has no algorithm for a GEMM's shape
-/// and settings (as opposed to a failed launch or a fault).
+/// and settings (its heuristic answers "not supported" or offers none), as opposed to a
+/// failed launch or a fault.
 const NO_ALGORITHM: &str = "no cuBLASLt algorithm for this GEMM's shape";
 
 /// Whether `e` says cuBLASLt refused a GEMM's shape and settings ([`NO_ALGORITHM`]): the
@@ -111,8 +112,13 @@ unsafe fn heuristics(
             &mut returned,
         )
     };
-    if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+    // Only "not supported" is a refusal of the shape; any other status (invalid value, not
+    // initialized, allocation failed) is a fault, not a reason to take another path.
+    if status == lt_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
         candle_core::bail!("{NO_ALGORITHM}: {status:?}");
+    }
+    if status != lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        candle_core::bail!("cuBLASLt's algorithm heuristic failed: {status:?}");
     }
     if returned <= 0 {
         candle_core::bail!("{NO_ALGORITHM}: none offered");

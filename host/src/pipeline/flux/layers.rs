@@ -73,6 +73,17 @@ pub enum Fp8Scale {
     Row,
 }
 
+impl Fp8Scale {
+    /// The setting's value as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Tensor => "tensor",
+            Self::Row => "row",
+        }
+    }
+}
+
 impl std::str::FromStr for Fp8Scale {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -173,8 +184,8 @@ pub enum ProjectionInput {
     #[cfg(feature = "cuda")]
     Fp8Rows(super::fp8_rows_cuda::QuantizedRows),
     /// Two parts of a join left unjoined for a bf16 cuBLASLt layer, which multiplies each by
-    /// its block of weight columns ([`super::gemm_cuda::linear_parts`], opt-in by
-    /// `HEADSHOT_SPLIT_GEMM=on`).
+    /// its block of weight columns ([`super::gemm_cuda::linear_parts`]; the default, off with
+    /// `HEADSHOT_SPLIT_GEMM=off`).
     #[cfg(feature = "cuda")]
     Parts(Tensor, Tensor),
 }
@@ -364,6 +375,16 @@ impl Dense {
     #[cfg(feature = "cuda")]
     fn takes_fp8_rows(&self) -> bool {
         matches!(self.weight, Weight::Fp8GpuRows(_))
+    }
+
+    /// The per-row FP8 weight and the bias, for `--check`'s comparison of the GEMM's widened
+    /// way out with the GEMM itself.
+    #[cfg(feature = "cuda")]
+    pub(super) fn fp8_rows_parts(&self) -> Option<(&super::fp8_rows_cuda::QuantizedRows, &Tensor)> {
+        match (&self.weight, &self.bias) {
+            (Weight::Fp8GpuRows(w), Some(b)) => Some((w, b)),
+            _ => None,
+        }
     }
 
     /// Applies the layer, then `act`, to an input from [`Dense::prepare`].

@@ -187,6 +187,7 @@ impl FluxModel {
         }
         let vec = (vec + self.vector_in.forward(y)?)?;
         let silu_vec = vec.silu()?;
+        stage_profile::mark("conditioning", &silu_vec)?;
         let modulations = self.modulations.forward(&silu_vec)?;
         let (double_mods, single_mods) = modulations.split_at(2 * self.double_blocks.len());
         if single_mods.len() != self.single_blocks.len() {
