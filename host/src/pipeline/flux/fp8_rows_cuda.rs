@@ -459,26 +459,23 @@ fn refused() -> &'static Mutex<HashSet<GemmShape>> {
     REFUSED.get_or_init(Default::default)
 }
 
-/// [`linear`] on the rows widened back to bf16 (the weight's kept), through the bf16
-/// cuBLASLt GEMM with the bias and activation in its epilogue: the same numbers the FP8 GEMM
-/// multiplies, summed in f32 from bf16 products. Public for `--check`, which holds it to the
-/// FP8 GEMM on a shape cuBLASLt takes.
+/// [`linear`] on the rows widened back to bf16 (the weight's kept), as a full-precision
+/// [`Dense`](super::layers::Dense) layer runs it (the bf16 cuBLASLt GEMM with the bias and
+/// activation in its epilogue where it applies): the same numbers the FP8 GEMM multiplies,
+/// summed in f32 from bf16 products. Public for `--check`, which holds it to the FP8 GEMM on
+/// a shape cuBLASLt takes.
 pub fn linear_widened(
     x: &QuantizedRows,
     w: &QuantizedRows,
     b: &Tensor,
     act: Activation,
 ) -> Result<Tensor> {
-    use super::gemm_cuda;
-    let (x, w) = (x.widen()?, w.widened()?);
-    if gemm_cuda::supports(&x) && gemm_cuda::aligned(&w) && gemm_cuda::aligned(b) {
-        return gemm_cuda::linear(&x, &w, b, act);
-    }
-    let y = x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?;
-    match act {
-        Activation::Identity => Ok(y),
-        Activation::GeluTanh => y.gelu(),
-    }
+    let layer = super::layers::Dense::from_parts(
+        w.widened()?,
+        Some(b.clone()),
+        super::layers::Projections::default(),
+    )?;
+    layer.forward_act(&x.widen()?, act)
 }
 
 /// Whether this GPU runs the per-row FP8 GEMM, and runs it right: checked once per GPU on a

@@ -87,14 +87,12 @@ impl Fp8Scale {
 impl std::str::FromStr for Fp8Scale {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "tensor" => Ok(Self::Tensor),
-            "row" => Ok(Self::Row),
-            other => Err(format!(
-                "unknown FP8 scaling {other:?}: expected \"auto\", \"tensor\" or \"row\""
-            )),
-        }
+        [Self::Auto, Self::Tensor, Self::Row]
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| {
+                format!("unknown FP8 scaling {s:?}: expected \"auto\", \"tensor\" or \"row\"")
+            })
     }
 }
 

@@ -134,34 +134,34 @@ mod tests {
     /// Sources at `hidden` with the given counts, random weights in a fresh VarMap.
     fn sources(vm: &VarMap, hidden: usize, counts: &[usize]) -> Vec<(VarBuilder<'static>, usize)> {
         let vb = VarBuilder::from_varmap(vm, DType::F32, &Device::Cpu);
+        let randn = candle_nn::Init::Randn {
+            mean: 0.,
+            stdev: 1.,
+        };
         counts
             .iter()
             .enumerate()
             .map(|(i, &c)| {
                 let vb = vb.pp(format!("b{i}"));
                 // Touch the tensors so the VarMap holds random values.
-                let lin = vb.pp("lin");
-                lin.get_with_hints(
-                    (3 * c * hidden, hidden),
-                    "weight",
-                    candle_nn::Init::Randn {
-                        mean: 0.,
-                        stdev: 1.,
-                    },
-                )
-                .unwrap();
-                lin.get_with_hints(
-                    3 * c * hidden,
-                    "bias",
-                    candle_nn::Init::Randn {
-                        mean: 0.,
-                        stdev: 1.,
-                    },
-                )
-                .unwrap();
+                let (lin, rows) = (vb.pp("lin"), 3 * c * hidden);
+                lin.get_with_hints((rows, hidden), "weight", randn).unwrap();
+                lin.get_with_hints(rows, "bias", randn).unwrap();
                 (vb, c)
             })
             .collect()
+    }
+
+    /// Largest |a − b|.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -188,14 +188,7 @@ mod tests {
                 for (i, part) in modulation.parts().into_iter().enumerate() {
                     assert_eq!(part.dims(), [2, 1, hidden]);
                     let want = own.narrow(1, (3 * m + i) * hidden, hidden).unwrap();
-                    let diff = (part.squeeze(1).unwrap() - want)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let diff = max_diff(&part.squeeze(1).unwrap(), &want);
                     assert!(diff < 1e-5, "modulation {m} part {i}: off by {diff}");
                 }
             }
@@ -216,8 +209,7 @@ mod tests {
         let (a, b) = (whole.forward(&x).unwrap(), split.forward(&x).unwrap());
         for (ma, mb) in a.iter().flatten().zip(b.iter().flatten()) {
             for (pa, pb) in ma.parts().into_iter().zip(mb.parts()) {
-                let diff = (pa - pb).unwrap().abs().unwrap().max_all().unwrap();
-                assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+                assert!(max_diff(pa, pb) < 1e-5);
             }
         }
         assert_eq!(a.iter().flatten().count(), 7);
