@@ -93,22 +93,18 @@ pub fn run(config: &Config) -> Result<()> {
         .build()?;
     let storage = match config.storage.backend {
         StorageBackend::Local => {
-            // The configured key and URL base are checked as `serve` checks them. An empty key
-            // is generated at the first start; a stand-in serves here (check writes nothing).
+            // The configured key (its length) and URL base are checked as `serve` checks them,
+            // by the store itself. An empty key is generated at the first start; a stand-in
+            // serves here, so check writes no key file.
             let local = &config.storage.local;
             let base = format!("http://{}:{}", config.server.host, config.server.port);
             let key = if local.signing_key.is_empty() {
-                Ok(vec![0u8; 32])
+                vec![0u8; 32]
             } else {
-                LocalStore::load_or_create_key(
-                    &local.signing_key,
-                    &config.data_dir.join("signing.key"),
-                )
+                local.signing_key.as_bytes().to_vec()
             };
-            key.and_then(|key| {
-                LocalStore::from_config(local, config.data_dir.join("images"), base, key)
-            })
-            .map(Store::Local)
+            LocalStore::from_config(local, config.data_dir.join("images"), base, key)
+                .map(Store::Local)
         }
         StorageBackend::Supabase => {
             SupabaseStore::new(&config.storage.supabase).map(Store::Supabase)

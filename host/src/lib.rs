@@ -9,6 +9,7 @@ pub mod heap;
 pub mod ingress;
 pub mod jobs;
 pub mod panics;
+pub mod percent;
 pub mod pipeline;
 pub mod policy;
 pub mod resources;

@@ -66,7 +66,8 @@ fn read(file: &Path) -> Result<Vec<u8>> {
 }
 
 fn open_registry(config: &Config) -> Result<Registry> {
-    let state = StateDb::open(&config.data_dir.join("state"))?;
+    // A worker running on this data dir holds the lock for as long as it runs: say so now.
+    let state = StateDb::open_within(&config.data_dir.join("state"), std::time::Duration::ZERO)?;
     Ok(Registry::open(
         PolicySettings::from_config(config),
         &state,

@@ -153,6 +153,14 @@ pub struct Refusal {
     pub retry_after_ms: u64,
 }
 
+/// Whether requests for a model on `device` are admitted against GPU memory. With `auto` a
+/// CUDA build runs the model on the CPU when it finds no GPU: memory is counted where the
+/// model will run (counted on a GPU nobody can read, every request was admitted unchecked).
+pub fn admits_on_gpu(device: crate::pipeline::device::DeviceSpec, probe: &dyn Probe) -> bool {
+    use crate::pipeline::device::DeviceSpec;
+    device.is_cuda() && (device != DeviceSpec::Auto || probe.read().gpu.is_some())
+}
+
 /// Reads resources and decides admission.
 pub struct Monitor {
     probe: Arc<dyn Probe>,
@@ -240,6 +248,37 @@ mod tests {
                 process_rss_bytes: 1 << 30,
             }
         }
+    }
+
+    /// A machine with system memory and no readable GPU.
+    struct NoGpu;
+
+    impl Probe for NoGpu {
+        fn read(&self) -> Readings {
+            Readings {
+                gpu_unavailable: Some("no NVML".into()),
+                system_total_bytes: 64 << 30,
+                system_available_bytes: 32 << 30,
+                ..Readings::default()
+            }
+        }
+    }
+
+    #[test]
+    fn admission_counts_the_memory_where_the_model_will_run() {
+        use crate::pipeline::device::DeviceSpec;
+        let gpu = Scripted(AtomicU64::new(40 << 30));
+        // A named GPU is counted on the GPU, readable or not; the CPU never.
+        assert!(admits_on_gpu(DeviceSpec::Cuda(0), &gpu));
+        assert!(admits_on_gpu(DeviceSpec::Cuda(0), &NoGpu));
+        assert!(!admits_on_gpu(DeviceSpec::Cpu, &gpu));
+        // `auto` without a readable GPU runs on the CPU: counted there. With one, on the GPU
+        // in CUDA builds (a CPU build runs on the CPU whatever it finds).
+        assert!(!admits_on_gpu(DeviceSpec::Auto, &NoGpu));
+        assert_eq!(
+            admits_on_gpu(DeviceSpec::Auto, &gpu),
+            cfg!(feature = "cuda")
+        );
     }
 
     fn cfg() -> AdmissionConfig {

@@ -41,6 +41,10 @@ pub struct RunpodEnv {
     pub stop_url: Option<String>,
 }
 
+/// What `done_url` holds when `RUNPOD_WEBHOOK_POST_OUTPUT` is unset (the Runpod SDK's own
+/// placeholder); [`RunpodEnv::check`] refuses to start with it.
+const UNSET_DONE_URL: &str = "JOB_DONE_URL";
+
 impl RunpodEnv {
     /// Reads the environment through `get`; `None` when `RUNPOD_WEBHOOK_GET_JOB` is unset (local
     /// mode).
@@ -53,7 +57,7 @@ impl RunpodEnv {
             .replace("$RUNPOD_POD_ID", &worker_id)
             .replace("$ID", &worker_id);
         let done_url = get("RUNPOD_WEBHOOK_POST_OUTPUT")
-            .unwrap_or_else(|| "JOB_DONE_URL".into())
+            .unwrap_or_else(|| UNSET_DONE_URL.into())
             .replace("$RUNPOD_POD_ID", &worker_id);
         let api_key = get("RUNPOD_AI_API_KEY").filter(|v| !v.is_empty());
         // As the SDK: the heartbeat runs only with a key and a pod id to report (a made-up
@@ -107,7 +111,7 @@ impl RunpodEnv {
             }
         };
         parses("RUNPOD_WEBHOOK_GET_JOB", &self.take_url)?;
-        if self.done_url == "JOB_DONE_URL" {
+        if self.done_url == UNSET_DONE_URL {
             return Err(
                 "RUNPOD_WEBHOOK_POST_OUTPUT is unset: results would have nowhere to go".into(),
             );
@@ -128,15 +132,7 @@ impl RunpodEnv {
 /// into a URL's path or query: an id is the platform's, but one holding `/` or `?` must not
 /// reach another route or add a parameter.
 pub fn escape_component(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    crate::percent::percent_encode(s, b"-_.~")
 }
 
 /// Appends `query` (`k=v&...`) with `?` or `&` as the URL needs.
@@ -543,16 +539,16 @@ impl Worker {
 
     /// Resolves when the platform asks to stop job `id`; never without a stop channel.
     async fn watch_stop(&self, id: &str) {
-        if self.env.stop_url.is_none() {
+        let Some(url) = &self.env.stop_url else {
             return std::future::pending().await;
-        }
+        };
         // At most one poll per interval however long the last was held: the default
         // behaviour would fire every tick missed during a 90 s hold at once.
         let mut poll = tokio::time::interval(self.opts.stop_poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             poll.tick().await;
-            match self.stop_requested(id).await {
+            match self.stop_requested(url, id).await {
                 StopAnswer::Stop => return,
                 StopAnswer::Keep => {}
                 StopAnswer::RateLimited => tokio::time::sleep(self.opts.backoff_429).await,
@@ -560,10 +556,8 @@ impl Worker {
         }
     }
 
-    async fn stop_requested(&self, id: &str) -> StopAnswer {
-        let Some(url) = &self.env.stop_url else {
-            return StopAnswer::Keep;
-        };
+    /// One poll of the stop channel at `url`: whether it lists job `id`.
+    async fn stop_requested(&self, url: &str, id: &str) -> StopAnswer {
         let req = self
             .auth(self.http.get(url))
             .timeout(self.opts.poll_timeout);

@@ -185,15 +185,7 @@ impl JobService {
     ) -> Result<Self, ErrorResponse> {
         let device = config.model.device;
         let probe = Arc::new(SystemProbe::new(device.is_cuda(), device.cuda_index()));
-        // With `auto` a CUDA build runs the model on the CPU when it finds no GPU: account
-        // for memory where the model will run. Counted on a GPU nobody can read, every
-        // request was admitted unchecked.
-        let on_gpu = match device {
-            crate::pipeline::device::DeviceSpec::Auto => {
-                device.is_cuda() && crate::resources::Probe::read(probe.as_ref()).gpu.is_some()
-            }
-            other => other.is_cuda(),
-        };
+        let on_gpu = crate::resources::admits_on_gpu(device, probe.as_ref());
         let monitor = Arc::new(Monitor::new(probe, admission_config(&config), on_gpu));
         Self::start_with_monitor(config, state, registry, store, monitor)
     }

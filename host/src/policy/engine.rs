@@ -74,24 +74,21 @@ impl bindings::validator::headshot::policy::types::Host for HostState {}
 
 impl bindings::validator::headshot::policy::host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
+        // The line as kept and logged: at most `log_line_bytes`, cut at a character boundary.
+        let mut end = message.len().min(self.log_line_bytes);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let text = &message[..end];
         if level == Level::Error && message.starts_with("panicked at ") && self.panic_line.is_none()
         {
-            let mut end = message.len().min(self.log_line_bytes);
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            self.panic_line = Some(message[..end].to_string());
+            self.panic_line = Some(text.to_string());
         }
         if self.log_left == 0 {
             self.log_dropped = self.log_dropped.saturating_add(1);
             return;
         }
         self.log_left -= 1;
-        let mut end = message.len().min(self.log_line_bytes);
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        let text = &message[..end];
         let policy = &*self.policy;
         match level {
             Level::Debug => tracing::debug!(target: "policy", policy, "{text}"),

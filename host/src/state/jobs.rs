@@ -183,14 +183,7 @@ impl JobStore {
         if swapped.is_err() {
             return Ok(false);
         }
-        if record.status.is_terminal()
-            && let Some(seq) = record.queue_seq
-        {
-            self.queue.remove(seq.to_be_bytes())?;
-        }
-        if durable {
-            self.db.flush()?;
-        }
+        self.after_write(record, durable)?;
         Ok(true)
     }
 
@@ -257,6 +250,12 @@ impl JobStore {
     /// `durable` (acceptance and completion), not for intermediate states.
     pub fn put(&self, record: &JobRecord, durable: bool) -> Result<(), StateError> {
         self.jobs.insert(record.id.as_bytes(), encode(record)?)?;
+        self.after_write(record, durable)
+    }
+
+    /// What follows storing `record` ([`JobStore::put`], [`JobStore::replace`]): a terminal
+    /// job leaves the queue, and a durable write is flushed.
+    fn after_write(&self, record: &JobRecord, durable: bool) -> Result<(), StateError> {
         if record.status.is_terminal()
             && let Some(seq) = record.queue_seq
         {

@@ -76,15 +76,22 @@ pub struct StateDb {
 }
 
 impl StateDb {
-    /// Opens (or creates) the database in `dir` and checks the schema version.
+    /// Opens (or creates) the database in `dir` and checks the schema version, waiting up to
+    /// 10 s for its lock (a worker restarted in the same process).
     pub fn open(dir: &Path) -> Result<Self, StateError> {
+        Self::open_within(dir, LOCK_WAIT)
+    }
+
+    /// [`StateDb::open`], waiting at most `wait` for the lock: a command that finds a running
+    /// worker holding it answers at once.
+    pub fn open_within(dir: &Path, wait: std::time::Duration) -> Result<Self, StateError> {
         let config = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             // sled caches pages up to this size (default 1 GiB): bounded, so resident memory
             // does not grow with the job history.
             .cache_capacity(CACHE_BYTES);
-        let db = open_waiting_for_lock(&config, LOCK_WAIT).map_err(|source| {
+        let db = open_waiting_for_lock(&config, wait).map_err(|source| {
             if is_lock_contention(&source) {
                 StateError::InUse {
                     path: dir.to_path_buf(),
@@ -210,7 +217,7 @@ mod tests {
     fn a_lock_held_past_the_wait_is_named_as_another_process() {
         let dir = tempfile::tempdir().unwrap();
         let _held = StateDb::open(dir.path()).unwrap();
-        let err = match StateDb::open(dir.path()) {
+        let err = match StateDb::open_within(dir.path(), std::time::Duration::from_millis(100)) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("opened a locked database"),
         };

@@ -610,15 +610,7 @@ fn validate_bucket(bucket: &str) -> Result<(), StorageError> {
 
 /// Percent-encodes everything a URL path segment may not hold literally (RFC 3986 `pchar`).
 fn encode_segment(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for b in segment.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    crate::percent::percent_encode(segment, b"-._~!$&'()*+,;=:@")
 }
 
 /// A body fit for a one-line message: lossy UTF-8, whitespace collapsed, truncated.
