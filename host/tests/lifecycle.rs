@@ -47,10 +47,10 @@ async fn a_model_that_fails_twice_then_loads_becomes_ready_without_a_restart() {
             let job: Value = runsync(&c, &server, "early").await;
             let err = job_error(&job);
             assert_eq!(err["error_type"], "initialization_error", "{job}");
-            // The retry-after is the supervisor's next try (150 ms away here, floored at a
-            // second), not a fixed guess.
+            // The retry-after is the supervisor's next try, floored at a second: 150 ms away
+            // here, so the floor (the test below sees a later try).
             let after = err["details"]["retry_after_ms"].as_u64().unwrap();
-            assert!((1..=1000).contains(&after), "{err}");
+            assert_eq!(after, 1000, "{err}");
             break;
         }
         assert!(
@@ -78,6 +78,42 @@ async fn a_model_that_fails_twice_then_loads_becomes_ready_without_a_restart() {
     }
     let job: Value = runsync(&c, &server, "after recovery").await;
     assert_eq!(job["status"], "COMPLETED", "{job}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_load_tells_jobs_when_the_supervisor_tries_next_not_a_fixed_guess() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.model.source = ModelSource::Dir(dir.path().join("model"));
+    eager_with_steady_retries(&mut cfg, 5000);
+    let server = serve(cfg).await;
+    let c = client();
+    let start = Instant::now();
+    loop {
+        let v: Value = c
+            .get(api(&server, "/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["model"]["load_failures"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never saw a failed load: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let job: Value = runsync(&c, &server, "early").await;
+    let err = job_error(&job);
+    assert_eq!(err["error_type"], "initialization_error", "{job}");
+    // The next try is up to 5 s away: more than the floor, no more than the delay.
+    let after = err["details"]["retry_after_ms"].as_u64().unwrap();
+    assert!((1001..=5000).contains(&after), "{err}");
     server.shutdown().await;
 }
 
@@ -154,7 +190,7 @@ async fn a_device_the_binary_cannot_drive_is_not_retried() {
     );
     // With 20 ms between tries, a retrying supervisor would have failed many more times; the
     // job's own load attempt adds one.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(failures().await <= 2, "the load was retried");
     server.shutdown().await;
 }

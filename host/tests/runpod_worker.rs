@@ -313,6 +313,15 @@ async fn a_rate_limited_stop_channel_is_polled_after_the_back_off() {
     h.fake.answer_stop_polls_with(429);
     h.fake
         .push_take(TakeAnswer::Job(job("slow", "a long portrait", 256, 30)));
+    // Stop polls run only while the job runs: two of them, so the gap below is measured
+    // (a job that ended first would leave nothing to compare, and the wait fails).
+    // Stop polls run only while the job runs (~3 s here): two of them at least, so a gap is
+    // measured below (a job that ended first would leave nothing to compare; the wait fails).
+    h.fake
+        .wait_for("a poll after the back-off", |f| {
+            f.seen_path("/job-stop/w1").len() >= 2
+        })
+        .await;
     h.fake.wait_for_results(&["slow"]).await;
     let (fake, _) = h.finish().await;
     let polls = fake.seen_path("/job-stop/w1");

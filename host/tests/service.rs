@@ -215,7 +215,17 @@ async fn cancels_racing_the_dispatcher_end_each_job_once() {
     let metrics = metrics(&c, &r).await;
     let cancelled = ended.get("CANCELLED").copied().unwrap_or(0);
     assert!(cancelled > 0, "{ended:?}");
+    // A job the cancel lost to ran to its end: completed, never failed by the race.
+    assert!(
+        ended.keys().all(|s| s == "COMPLETED" || s == "CANCELLED"),
+        "{ended:?}"
+    );
     assert_eq!(health["jobs"]["cancelled"], cancelled, "{health} {ended:?}");
+    assert_eq!(
+        health["jobs"]["completed"],
+        ended.get("COMPLETED").copied().unwrap_or(0),
+        "{health} {ended:?}"
+    );
     let line = format!("headshot_job_errors_total{{error_type=\"cancelled\"}} {cancelled}\n");
     assert!(metrics.contains(&line), "{line} not in {metrics}");
     r.shutdown().await;
