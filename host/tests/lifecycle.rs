@@ -7,10 +7,29 @@ mod support;
 use std::time::{Duration, Instant};
 
 use headshot_host::config::LoadMode;
+use headshot_host::ingress::server::Running;
 use headshot_host::pipeline::ModelSource;
 use headshot_plugin_sdk::rules::retry::Jitter;
 use serde_json::Value;
 use support::*;
+
+/// `/readyz`'s status and body once the model has failed to load `n` times (30 s at most).
+async fn after_load_failures(c: &reqwest::Client, server: &Running, n: u64) -> (u16, Value) {
+    let start = Instant::now();
+    loop {
+        let resp = c.get(api(server, "/readyz")).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let v: Value = resp.json().await.unwrap();
+        if v["model"]["load_failures"].as_u64().unwrap_or(0) >= n {
+            return (status, v);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never saw {n} failed loads: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
 
 /// Loads at start, one attempt per load, and the background loader retries every `delay_ms`
 /// (no jitter) for 50 tries.
@@ -35,30 +54,18 @@ async fn a_model_that_fails_twice_then_loads_becomes_ready_without_a_restart() {
     let c = client();
 
     let start = Instant::now();
-    loop {
-        let resp = c.get(api(&server, "/readyz")).send().await.unwrap();
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap();
-        if v["model"]["load_failures"].as_u64().unwrap_or(0) >= 2 {
-            assert_eq!(status, 503);
-            let problems = v["problems"].to_string();
-            assert!(problems.contains("model"), "{problems}");
-            // While it is down, jobs fail fast and say why.
-            let job: Value = runsync(&c, &server, "early").await;
-            let err = job_error(&job);
-            assert_eq!(err["error_type"], "initialization_error", "{job}");
-            // The retry-after is the supervisor's next try, floored at a second: 150 ms away
-            // here, so the floor (the test below sees a later try).
-            let after = err["details"]["retry_after_ms"].as_u64().unwrap();
-            assert_eq!(after, 1000, "{err}");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "never saw two failed loads: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+    let (status, v) = after_load_failures(&c, &server, 2).await;
+    assert_eq!(status, 503);
+    let problems = v["problems"].to_string();
+    assert!(problems.contains("model"), "{problems}");
+    // While it is down, jobs fail fast and say why.
+    let job: Value = runsync(&c, &server, "early").await;
+    let err = job_error(&job);
+    assert_eq!(err["error_type"], "initialization_error", "{job}");
+    // The retry-after is the supervisor's next try, floored at a second: 150 ms away here,
+    // so the floor (the test below sees a later try).
+    let after = err["details"]["retry_after_ms"].as_u64().unwrap();
+    assert_eq!(after, 1000, "{err}");
     // The weights appear (a volume mounted late, a download finished).
     let staging = dir.path().join("staging");
     headshot_host::pipeline::demo::write_demo_weights(&staging).unwrap();
@@ -89,25 +96,7 @@ async fn a_failed_load_tells_jobs_when_the_supervisor_tries_next_not_a_fixed_gue
     eager_with_steady_retries(&mut cfg, 5000);
     let server = serve(cfg).await;
     let c = client();
-    let start = Instant::now();
-    loop {
-        let v: Value = c
-            .get(api(&server, "/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["model"]["load_failures"].as_u64().unwrap_or(0) >= 1 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "never saw a failed load: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+    after_load_failures(&c, &server, 1).await;
     let job: Value = runsync(&c, &server, "early").await;
     let err = job_error(&job);
     assert_eq!(err["error_type"], "initialization_error", "{job}");
